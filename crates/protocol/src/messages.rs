@@ -1,0 +1,156 @@
+//! The EIP-712 typed messages of the protocol (<https://eips.ethereum.org/EIPS/eip-712>).
+//!
+//! Each struct's Solidity definition is its EIP-712 type: field names and order are part of the
+//! type hash, so renaming a field invalidates every signature made before. Money is in integer
+//! micro-units; times are unix seconds.
+
+use alloy_sol_types::{sol, SolStruct};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+sol! {
+    /// An agent's request for inference, signed before the hub escrows its maximum cost.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct InferenceRequest {
+        /// SHA-256 of the model's GGUF file.
+        bytes32 model;
+        /// SHA-256 of the prompt (the messages as sent).
+        bytes32 promptHash;
+        /// Maximum tokens to generate.
+        uint32 maxTokens;
+        /// Maximum price per generated token, in micro-units.
+        uint64 maxPricePerToken;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the request is void.
+        uint64 expiry;
+    }
+
+    /// Registers an API key (by its hash) so plain OpenAI clients can spend from the wallet.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct ApiKeyRegistration {
+        /// SHA-256 of the API key; the key itself never leaves the agent.
+        bytes32 keyHash;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the registration is void.
+        uint64 expiry;
+    }
+
+    /// A provider's order to stake, unstake or withdraw unbonded stake.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct StakeOrder {
+        /// A [`StakeAction`] code: 0 stake, 1 unstake, 2 withdraw.
+        uint8 action;
+        /// Amount in micro-units (ignored by withdraw, which takes everything matured).
+        uint64 amount;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the order is void.
+        uint64 expiry;
+    }
+
+    /// An agent posts a task to the task market with a reward and a bond.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct TaskPosting {
+        /// SHA-256 of the task specification.
+        bytes32 taskHash;
+        /// Reward paid on completion, in micro-units.
+        uint64 reward;
+        /// Bond the poster locks, in micro-units.
+        uint64 bond;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the posting is void.
+        uint64 expiry;
+    }
+
+    /// A worker claims a posted task, locking a bond.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct TaskClaim {
+        /// The task's id as assigned by the hub.
+        bytes32 taskId;
+        /// Bond the claimer locks, in micro-units.
+        uint64 bond;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the claim is void.
+        uint64 expiry;
+    }
+
+    /// A provider announces a model it serves, its price and its capacity.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct ProviderRegistration {
+        /// SHA-256 of the model's GGUF file.
+        bytes32 model;
+        /// Price per generated token, in micro-units.
+        uint64 pricePerToken;
+        /// Concurrent jobs the provider accepts.
+        uint32 capacity;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the registration is void.
+        uint64 expiry;
+    }
+}
+
+/// A message type that can be signed: an EIP-712 struct with a nonce and an expiry.
+pub trait TypedMessage: SolStruct + Clone + Serialize + DeserializeOwned + Send + Sync {
+    /// The nonce, consumed once per signer and [`SolStruct::NAME`].
+    fn nonce(&self) -> u64;
+    /// Unix seconds after which the message is void.
+    fn expiry(&self) -> u64;
+}
+
+macro_rules! typed_message {
+    ($($ty:ty),*) => {$(
+        impl TypedMessage for $ty {
+            fn nonce(&self) -> u64 {
+                self.nonce
+            }
+            fn expiry(&self) -> u64 {
+                self.expiry
+            }
+        }
+    )*};
+}
+typed_message!(
+    InferenceRequest,
+    ApiKeyRegistration,
+    StakeOrder,
+    TaskPosting,
+    TaskClaim,
+    ProviderRegistration
+);
+
+/// What a [`StakeOrder`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum StakeAction {
+    /// Move balance into stake.
+    Stake = 0,
+    /// Start unbonding stake; it can be withdrawn after the unbonding period.
+    Unstake = 1,
+    /// Withdraw every matured unbonding back to the balance.
+    Withdraw = 2,
+}
+
+impl TryFrom<u8> for StakeAction {
+    type Error = Error;
+    fn try_from(code: u8) -> Result<Self> {
+        match code {
+            0 => Ok(Self::Stake),
+            1 => Ok(Self::Unstake),
+            2 => Ok(Self::Withdraw),
+            other => Err(Error::UnknownStakeAction(other)),
+        }
+    }
+}
+
+impl StakeOrder {
+    /// The order's action, or an error for an unknown code.
+    pub fn stake_action(&self) -> Result<StakeAction> {
+        StakeAction::try_from(self.action)
+    }
+}
