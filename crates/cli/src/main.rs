@@ -1,1 +1,127 @@
-fn main() {}
+//! `tessera`: the one command line of the network.
+
+mod bench;
+mod model_cmd;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tessera_engine::{Engine, GenerateOptions, Message, Role, SamplingParams};
+
+/// Tessera: verifiable inference of small language models on anyone's hardware.
+#[derive(Parser)]
+#[command(name = "tessera", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch and list models.
+    Model {
+        #[command(subcommand)]
+        command: model_cmd::ModelCommand,
+    },
+    /// Generate a chat answer locally and stream it to stdout.
+    Generate(GenerateArgs),
+    /// Benchmarks; each prints a table, or JSON with --json.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The user message.
+    prompt: String,
+    /// A known model name or a path to a .gguf file.
+    #[arg(long, default_value = "smollm2-135m")]
+    model: String,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k filter.
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Top-p (nucleus) filter.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop sequence (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Fetch the model if it is a known name and not cached.
+    #[arg(long)]
+    fetch: bool,
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.fetch && tessera_engine::registry::known(&args.model).is_some() {
+        tessera_engine::registry::fetch(&args.model)?;
+    }
+    let engine = Engine::load(&args.model, args.threads)?;
+    let mut messages = Vec::new();
+    if let Some(s) = args.system {
+        messages.push(Message::new(Role::System, s));
+    }
+    messages.push(Message::new(Role::User, args.prompt));
+    let prompt = engine.chat_prompt(&messages);
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        stop: args.stop,
+        ignore_eos: false,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out = engine.generate(&prompt, &options, |step| {
+        let _ = stdout.write_all(step.text.as_bytes());
+        let _ = stdout.flush();
+        true
+    })?;
+    writeln!(stdout)?;
+    tracing::info!(
+        prompt_tokens = out.prompt_tokens.len(),
+        tokens = out.tokens.len(),
+        finish = ?out.finish_reason,
+        tok_per_s = out.tokens.len() as f64 / out.elapsed,
+        "done"
+    );
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model { command } => model_cmd::run(command),
+        Command::Generate(args) => generate(args).context("generate"),
+        Command::Bench { command } => bench::run(command),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "tessera=info,tessera_engine=info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

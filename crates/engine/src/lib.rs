@@ -1,1 +1,30 @@
-//! placeholder
+//! `tessera-engine` runs small GGUF language models on the CPU: it reads the weights through candle's
+//! GGUF support, builds the tokenizer and chat template from the file's metadata, and runs a forward
+//! pass that serves generation (KV cache, continuous batching) and teacher-forced scoring (logits of
+//! every position in one pass) from the same code.
+//!
+//! ```no_run
+//! use tessera_engine::{Engine, GenerateOptions, Message, Role};
+//! let engine = Engine::load("smollm2-135m", None)?;
+//! let prompt = engine.chat_prompt(&[Message::new(Role::User, "What is the capital of France?")]);
+//! let out = engine.generate(&prompt, &GenerateOptions::default(), |_| true)?;
+//! println!("{}", out.text);
+//! # Ok::<(), tessera_engine::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod chat;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod quant;
+pub mod registry;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use chat::{ChatTemplate, Message, Role};
+pub use engine::{Engine, EngineService, Event, FinishReason, GenerateOptions, Generation, ModelInfo, Step};
+pub use error::{Error, Result};
+pub use sampling::SamplingParams;
+pub use tokenizer::Tokenizer;

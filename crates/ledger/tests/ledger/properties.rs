@@ -157,7 +157,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 128,
+        cases: 96,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

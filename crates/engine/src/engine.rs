@@ -1,0 +1,453 @@
+//! The engine: a loaded model with its tokenizer and template, generation (one or many sequences
+//! decoded together), teacher-forced scoring, and a service thread that owns the model and batches
+//! requests continuously as they arrive.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{ChatTemplate, Message, Segment};
+use crate::error::{Error, Result};
+use crate::gguf::{sha256_file, GgufFile};
+use crate::model::{Architecture, KvCache, SequenceStep, Transformer};
+use crate::registry;
+use crate::sampling::{self, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// What a loaded model is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The name it was loaded by (short name or path).
+    pub name: String,
+    /// The file.
+    pub path: PathBuf,
+    /// sha256 of the file: the model's identity.
+    pub sha256: String,
+    /// `llama` or `gemma3`.
+    pub architecture: String,
+    /// Context length.
+    pub context_length: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Number of blocks.
+    pub layers: usize,
+    /// Weight formats of the embedding and the blocks.
+    pub formats: Vec<String>,
+}
+
+/// Options of one generation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    /// Upper bound on new tokens.
+    pub max_tokens: usize,
+    /// Token selection.
+    #[serde(default)]
+    pub sampling: SamplingParams,
+    /// Stop when the text contains any of these (the stop text is not returned).
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-turn tokens (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { max_tokens: 128, sampling: SamplingParams::greedy(), stop: Vec::new(), ignore_eos: false }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn (EOS / end-of-turn token) or a stop sequence appeared.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+    /// The caller cancelled.
+    Cancelled,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Generation {
+    /// Prompt tokens.
+    pub prompt_tokens: Vec<u32>,
+    /// Generated tokens, including a final end-of-turn token if the model emitted one.
+    pub tokens: Vec<u32>,
+    /// Generated text (without control tokens and without a matched stop sequence).
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Seconds from start to the first generated token.
+    pub time_to_first_token: f64,
+    /// Seconds in total.
+    pub elapsed: f64,
+}
+
+/// What an observer sees for each generated token.
+pub struct Step<'a> {
+    /// Index of the request in the batch.
+    pub sequence: usize,
+    /// Index of this token among the generated ones.
+    pub index: usize,
+    /// Absolute position of the token in the sequence (prompt length + index).
+    pub position: usize,
+    /// The token.
+    pub token: u32,
+    /// The logits it was selected from.
+    pub logits: &'a [f32],
+    /// Text that became complete with this token.
+    pub text: &'a str,
+}
+
+/// A loaded model, ready to generate and score.
+pub struct Engine {
+    model: Transformer,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    info: ModelInfo,
+    stop_tokens: Vec<u32>,
+    pool: rayon::ThreadPool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("info", &self.info).finish()
+    }
+}
+
+/// Per-sequence state while decoding.
+struct Live {
+    cache: KvCache,
+    prompt: Vec<u32>,
+    pending: Vec<u32>,
+    options: GenerateOptions,
+    tokens: Vec<u32>,
+    text: String,
+    decoder: StreamDecoder,
+    finish: Option<FinishReason>,
+    started: Instant,
+    first_token: Option<f64>,
+}
+
+impl Engine {
+    /// Loads a model by known name (from the cache) or by path, with `threads` compute threads
+    /// (default: all cores).
+    pub fn load(name_or_path: &str, threads: Option<usize>) -> Result<Self> {
+        let path = registry::resolve(name_or_path)?;
+        let mut file = GgufFile::open(&path)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let model = Transformer::from_gguf(&mut file)?;
+        let config = model.config();
+        let arch = match config.architecture {
+            Architecture::Llama => "llama",
+            Architecture::Gemma3 => "gemma3",
+        };
+        let template = ChatTemplate::detect(file.string("tokenizer.chat_template").ok(), arch);
+        let mut stop_tokens: Vec<u32> = tokenizer.eos.into_iter().collect();
+        if let Some(id) = tokenizer.token_id(template.end_of_turn()) {
+            stop_tokens.push(id);
+        }
+        let info = ModelInfo {
+            name: name_or_path.to_owned(),
+            sha256: sha256_file(&path)?,
+            path,
+            architecture: arch.into(),
+            context_length: config.context_length,
+            vocab_size: config.vocab_size,
+            layers: config.layers,
+            formats: model.formats().into_iter().map(String::from).collect(),
+        };
+        let mut pool = rayon::ThreadPoolBuilder::new();
+        if let Some(n) = threads {
+            pool = pool.num_threads(n);
+        }
+        let pool = pool.build().map_err(|e| Error::InvalidRequest(format!("thread pool: {e}")))?;
+        tracing::info!(model = %info.name, sha256 = %info.sha256, threads = pool.current_num_threads(), "model loaded");
+        Ok(Self { model, tokenizer, template, info, stop_tokens, pool })
+    }
+
+    /// What was loaded.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Compute threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Tokens that end a turn.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
+    }
+
+    /// The prompt tokens of a conversation, ending with the assistant's turn opening.
+    pub fn chat_prompt(&self, messages: &[Message]) -> Vec<u32> {
+        let mut tokens = Vec::new();
+        for seg in self.template.render(messages) {
+            match seg {
+                Segment::Markup(m) => tokens.extend(self.tokenizer.encode_with_special(&m)),
+                Segment::Content(c) => tokens.extend(self.tokenizer.encode(&c)),
+            }
+        }
+        tokens
+    }
+
+    /// Tokens of a plain completion prompt (BOS first when the model wants it).
+    pub fn completion_prompt(&self, text: &str) -> Vec<u32> {
+        let mut tokens: Vec<u32> = if self.tokenizer.add_bos { self.tokenizer.bos.into_iter().collect() } else { Vec::new() };
+        tokens.extend(self.tokenizer.encode(text));
+        tokens
+    }
+
+    fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        let context = self.model.config().context_length;
+        if prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt.len() >= context {
+            return Err(Error::ContextOverflow { tokens: prompt.len() + 1, context });
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.model.config().vocab_size) {
+            return Err(Error::BadToken(t));
+        }
+        Ok(())
+    }
+
+    /// Generates for one prompt; `observer` sees every token and may return `false` to cancel.
+    pub fn generate(&self, prompt: &[u32], options: &GenerateOptions, mut observer: impl FnMut(&Step<'_>) -> bool) -> Result<Generation> {
+        let mut out = self.generate_batch(&[(prompt.to_vec(), options.clone())], |s| observer(s))?;
+        Ok(out.remove(0))
+    }
+
+    /// Generates for several prompts decoded together (one forward pass per step for all of them).
+    pub fn generate_batch(&self, requests: &[(Vec<u32>, GenerateOptions)], mut observer: impl FnMut(&Step<'_>) -> bool) -> Result<Vec<Generation>> {
+        let mut live = Vec::with_capacity(requests.len());
+        for (prompt, options) in requests {
+            live.push(self.start(prompt.clone(), options.clone())?);
+        }
+        while live.iter().any(|l| l.finish.is_none()) {
+            self.step(&mut live, &mut observer)?;
+        }
+        Ok(live.into_iter().map(Self::finish).collect())
+    }
+
+    fn start(&self, prompt: Vec<u32>, options: GenerateOptions) -> Result<Live> {
+        self.check_prompt(&prompt)?;
+        Ok(Live {
+            cache: KvCache::new(self.model.config()),
+            pending: prompt.clone(),
+            prompt,
+            options,
+            tokens: Vec::new(),
+            text: String::new(),
+            decoder: StreamDecoder::default(),
+            finish: None,
+            started: Instant::now(),
+            first_token: None,
+        })
+    }
+
+    fn finish(l: Live) -> Generation {
+        Generation {
+            prompt_tokens: l.prompt,
+            tokens: l.tokens,
+            text: l.text,
+            finish_reason: l.finish.unwrap_or(FinishReason::Length),
+            time_to_first_token: l.first_token.unwrap_or_default(),
+            elapsed: l.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// One forward pass over every unfinished sequence (prefilling new ones, decoding the others),
+    /// then one token selected for each.
+    fn step(&self, live: &mut [Live], observer: &mut dyn FnMut(&Step<'_>) -> bool) -> Result<()> {
+        let active: Vec<usize> = (0..live.len()).filter(|&i| live[i].finish.is_none()).collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        let logits = {
+            let mut steps: Vec<SequenceStep<'_>> = Vec::with_capacity(active.len());
+            let mut rest: &mut [Live] = live;
+            let mut base = 0;
+            for &i in &active {
+                let (_, tail) = rest.split_at_mut(i - base);
+                let (this, tail) = tail.split_first_mut().expect("index in range");
+                steps.push(SequenceStep { cache: &mut this.cache, tokens: &this.pending, all_logits: false });
+                rest = tail;
+                base = i + 1;
+            }
+            self.pool.install(|| self.model.forward(&mut steps))?
+        };
+        let context = self.model.config().context_length;
+        for (k, &i) in active.iter().enumerate() {
+            let l = &mut live[i];
+            let position = l.cache.len();
+            let token = sampling::select(&logits[k], &l.options.sampling, position as u64);
+            l.tokens.push(token);
+            if l.first_token.is_none() {
+                l.first_token = Some(l.started.elapsed().as_secs_f64());
+            }
+            let piece = if self.stop_tokens.contains(&token) { String::new() } else { l.decoder.push(&self.tokenizer, token) };
+            l.text.push_str(&piece);
+            let step = Step { sequence: i, index: l.tokens.len() - 1, position, token, logits: &logits[k], text: &piece };
+            if !observer(&step) {
+                l.finish = Some(FinishReason::Cancelled);
+            } else if self.stop_tokens.contains(&token) && !l.options.ignore_eos {
+                l.finish = Some(FinishReason::Stop);
+            } else if let Some(at) = l.options.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| l.text.find(s.as_str())).min() {
+                l.text.truncate(at);
+                l.finish = Some(FinishReason::Stop);
+            } else if l.tokens.len() >= l.options.max_tokens || position + 1 >= context {
+                l.finish = Some(FinishReason::Length);
+            }
+            l.pending = vec![token];
+        }
+        Ok(())
+    }
+
+    /// Teacher-forced scoring: one batched pass over `tokens`, returning the logits of every position
+    /// (`tokens.len() × vocab`, row `i` predicts token `i + 1`). Verification runs this.
+    pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_prompt(tokens)?;
+        let mut cache = KvCache::new(self.model.config());
+        let mut steps = [SequenceStep { cache: &mut cache, tokens, all_logits: true }];
+        let mut out = self.pool.install(|| self.model.forward(&mut steps))?;
+        Ok(out.remove(0))
+    }
+
+    /// Vocabulary size (width of a logits row).
+    pub fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+}
+
+/// An event streamed back to a caller of [`EngineService`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A generated token with the text it completed and (when requested) its logits.
+    Token {
+        /// The token id.
+        token: u32,
+        /// Text that became complete.
+        text: String,
+        /// Logits it was chosen from, if the request asked for them.
+        logits: Option<Vec<f32>>,
+    },
+    /// Generation finished.
+    Done(Generation),
+    /// Generation failed.
+    Failed(String),
+}
+
+/// A request to the service.
+pub struct ServiceRequest {
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Options.
+    pub options: GenerateOptions,
+    /// Whether each token event carries its logits (for commitments).
+    pub with_logits: bool,
+    /// Where events go; a dropped receiver cancels the request.
+    pub events: mpsc::Sender<Event>,
+}
+
+/// A thread that owns an [`Engine`] and decodes every in-flight request together, admitting new
+/// requests between steps (continuous batching). Callers never hold the model.
+#[derive(Clone)]
+pub struct EngineService {
+    requests: mpsc::Sender<ServiceRequest>,
+    info: ModelInfo,
+}
+
+impl EngineService {
+    /// Starts the service thread; at most `max_batch` sequences decode together.
+    pub fn spawn(engine: Engine, max_batch: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<ServiceRequest>();
+        let info = engine.info().clone();
+        std::thread::Builder::new()
+            .name("tessera-engine".into())
+            .spawn(move || Self::run(engine, rx, max_batch.max(1)))
+            .expect("spawn the engine thread");
+        Self { requests: tx, info }
+    }
+
+    /// The model served.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Submits a request; events arrive on the returned receiver.
+    pub fn submit(&self, prompt: Vec<u32>, options: GenerateOptions, with_logits: bool) -> Result<mpsc::Receiver<Event>> {
+        let (events, rx) = mpsc::channel();
+        self.requests.send(ServiceRequest { prompt, options, with_logits, events }).map_err(|_| Error::EngineStopped)?;
+        Ok(rx)
+    }
+
+    fn run(engine: Engine, rx: mpsc::Receiver<ServiceRequest>, max_batch: usize) {
+        let mut live: Vec<Live> = Vec::new();
+        let mut sinks: Vec<(mpsc::Sender<Event>, bool)> = Vec::new();
+        loop {
+            // Block only when idle; otherwise admit whatever has arrived.
+            if live.is_empty() {
+                match rx.recv() {
+                    Ok(r) => Self::admit(&engine, r, &mut live, &mut sinks),
+                    Err(_) => return,
+                }
+            }
+            while live.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(r) => Self::admit(&engine, r, &mut live, &mut sinks),
+                    Err(_) => break,
+                }
+            }
+            if live.is_empty() {
+                continue;
+            }
+            let mut observer = |s: &Step<'_>| {
+                let (sink, with_logits) = &sinks[s.sequence];
+                let logits = with_logits.then(|| s.logits.to_vec());
+                sink.send(Event::Token { token: s.token, text: s.text.to_owned(), logits }).is_ok()
+            };
+            if let Err(e) = engine.step(&mut live, &mut observer) {
+                for (sink, _) in sinks.drain(..) {
+                    let _ = sink.send(Event::Failed(e.to_string()));
+                }
+                live.clear();
+                continue;
+            }
+            let mut i = 0;
+            while i < live.len() {
+                if live[i].finish.is_some() {
+                    let l = live.remove(i);
+                    let (sink, _) = sinks.remove(i);
+                    let _ = sink.send(Event::Done(Engine::finish(l)));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    fn admit(engine: &Engine, r: ServiceRequest, live: &mut Vec<Live>, sinks: &mut Vec<(mpsc::Sender<Event>, bool)>) {
+        match engine.start(r.prompt, r.options) {
+            Ok(l) => {
+                live.push(l);
+                sinks.push((r.events, r.with_logits));
+            }
+            Err(e) => {
+                let _ = r.events.send(Event::Failed(e.to_string()));
+            }
+        }
+    }
+}

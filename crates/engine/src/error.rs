@@ -1,0 +1,76 @@
+//! Errors of the engine.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model name that is neither cached nor a path to a file.
+    #[error("model `{name}` is not available locally; fetch it with `tessera model fetch {name}` or pass a path to a .gguf file")]
+    ModelNotFound {
+        /// The name or path asked for.
+        name: String,
+    },
+    /// The file is not a readable GGUF file (truncated, corrupt, wrong magic).
+    #[error("{path}: not a valid GGUF file: {reason}")]
+    BadGguf {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A metadata key the architecture needs is missing or has the wrong type.
+    #[error("GGUF metadata key `{key}` is missing or invalid")]
+    MissingKey {
+        /// The key.
+        key: String,
+    },
+    /// A tensor that cannot be used.
+    #[error("tensor `{name}`: {reason}")]
+    BadTensor {
+        /// The tensor's GGUF name.
+        name: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The file's `general.architecture` is not one this engine runs.
+    #[error("unsupported model architecture `{0}` (supported: llama, gemma3)")]
+    UnsupportedArchitecture(String),
+    /// The prompt plus the requested tokens do not fit the context window.
+    #[error("{tokens} tokens exceed the model's context window of {context} tokens")]
+    ContextOverflow {
+        /// Tokens needed.
+        tokens: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    /// Invalid request parameters.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The tokenizer metadata is unusable.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Fetching a model failed.
+    #[error("fetching `{name}` failed: {reason}")]
+    Fetch {
+        /// The model name.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The engine thread has stopped.
+    #[error("the engine has shut down")]
+    EngineStopped,
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

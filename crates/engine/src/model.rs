@@ -1,0 +1,482 @@
+//! The transformer forward pass for the Llama and Gemma 3 architectures, read from GGUF.
+//!
+//! One [`Transformer::forward`] call runs any mix of sequences, each with its own KV cache and its own
+//! number of new tokens: a prompt being prefilled, a single decode token, or a whole prompt + answer
+//! being scored (teacher forcing). All rows of all sequences go through each weight matrix together
+//! (the matrix-matrix path), and attention is computed per row against that row's own cache. This is
+//! what makes continuous batching and all-position scoring the same code path.
+//!
+//! Differences between the architectures (Touvron et al. 2023; Gemma Team 2025):
+//! - RoPE: GGUF stores Llama's Q/K permuted so that adjacent pairs rotate (ggml "normal" mode); Gemma 3
+//!   rotates dimension `i` with `i + d/2` ("neox" mode).
+//! - Gemma 3 scales embeddings by `sqrt(width)`, normalises Q and K per head, normalises the output of
+//!   attention and of the MLP before the residual add, uses GELU (tanh) gating, and alternates five
+//!   sliding-window layers (RoPE base 10k) with one global layer (RoPE base from the file).
+//!   GGUF already stores Gemma's RMSNorm weights as `1 + w`.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::quant::{dot_f32, QMatrix};
+
+/// A supported architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama (SmolLM2 and friends).
+    Llama,
+    /// Gemma 3.
+    Gemma3,
+}
+
+/// Hyper-parameters read from GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Architecture.
+    pub architecture: Architecture,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// Number of blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// MLP width.
+    pub ffn: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// RoPE base of global layers.
+    pub rope_base: f32,
+    /// RoPE base of sliding-window layers.
+    pub rope_base_local: f32,
+    /// Sliding window, for architectures that have one.
+    pub sliding_window: Option<usize>,
+    /// Every `n`-th layer is global (the others slide).
+    pub global_every: usize,
+    /// Context length.
+    pub context_length: usize,
+    /// Attention scale.
+    pub attn_scale: f32,
+}
+
+impl Config {
+    /// Reads the configuration.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let arch = file.string("general.architecture")?.to_owned();
+        let architecture = match arch.as_str() {
+            "llama" => Architecture::Llama,
+            "gemma3" => Architecture::Gemma3,
+            other => return Err(Error::UnsupportedArchitecture(other.into())),
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = file.usize(&k("embedding_length"))?;
+        let heads = file.usize(&k("attention.head_count"))?;
+        let head_dim = file.usize_or(&k("attention.key_length"), hidden / heads);
+        let gemma = architecture == Architecture::Gemma3;
+        let vocab_size = file
+            .metadata()
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.len())
+            .ok_or_else(|| Error::MissingKey { key: "tokenizer.ggml.tokens".into() })?;
+        Ok(Self {
+            architecture,
+            vocab_size,
+            hidden,
+            layers: file.usize(&k("block_count"))?,
+            heads,
+            kv_heads: file.usize_or(&k("attention.head_count_kv"), heads),
+            head_dim,
+            ffn: file.usize(&k("feed_forward_length"))?,
+            eps: file.f32(&k("attention.layer_norm_rms_epsilon"))?,
+            rope_base: file.f32_or(&k("rope.freq_base"), if gemma { 1_000_000.0 } else { 10_000.0 }),
+            rope_base_local: 10_000.0,
+            sliding_window: if gemma { Some(file.usize_or(&k("attention.sliding_window"), 512)) } else { None },
+            global_every: if gemma { 6 } else { 1 },
+            context_length: file.usize_or(&k("context_length"), 2048),
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        })
+    }
+
+    fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && (layer + 1) % self.global_every != 0
+    }
+}
+
+/// Several projections applied to the same input; stored fused when their formats allow it.
+#[derive(Debug)]
+enum Projection {
+    Fused(QMatrix),
+    Separate(Vec<QMatrix>),
+}
+
+impl Projection {
+    fn new(parts: Vec<QMatrix>) -> Self {
+        match QMatrix::concat_rows(parts) {
+            Ok(m) => Projection::Fused(m),
+            Err(parts) => Projection::Separate(parts),
+        }
+    }
+
+    /// `n × (sum of widths)`, parts side by side in each row.
+    fn apply(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        match self {
+            Projection::Fused(m) => m.matmul(x, n),
+            Projection::Separate(parts) => {
+                let outs = parts.iter().map(|p| p.matmul(x, n)).collect::<Result<Vec<_>>>()?;
+                let width: usize = parts.iter().map(|p| p.rows()).sum();
+                let mut y = Vec::with_capacity(n * width);
+                for r in 0..n {
+                    for (p, o) in parts.iter().zip(&outs) {
+                        y.extend_from_slice(&o[r * p.rows()..(r + 1) * p.rows()]);
+                    }
+                }
+                Ok(y)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: Vec<f32>,
+    qkv: Projection,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    attn_out: QMatrix,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate_up: Projection,
+    down: QMatrix,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// The KV cache of one sequence. Truncating it rolls the sequence back (e.g. to reuse a prompt).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    kv_dim: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model.
+    pub fn new(config: &Config) -> Self {
+        Self { keys: vec![Vec::new(); config.layers], values: vec![Vec::new(); config.layers], kv_dim: config.kv_dim(), len: 0 }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops positions from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            for l in 0..self.keys.len() {
+                self.keys[l].truncate(len * self.kv_dim);
+                self.values[l].truncate(len * self.kv_dim);
+            }
+            self.len = len;
+        }
+    }
+}
+
+/// One sequence's part of a forward call.
+pub struct SequenceStep<'a> {
+    /// The sequence's cache; the new tokens are appended to it.
+    pub cache: &'a mut KvCache,
+    /// New tokens (at least one).
+    pub tokens: &'a [u32],
+    /// Return logits for every new token (scoring) instead of only the last one.
+    pub all_logits: bool,
+}
+
+/// Weights of a loaded model.
+#[derive(Debug)]
+pub struct Transformer {
+    config: Config,
+    embedding: QMatrix,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    /// `None` when the output head is tied to the embedding.
+    output: Option<QMatrix>,
+}
+
+impl Transformer {
+    /// Loads the weights of a validated GGUF file.
+    pub fn from_gguf(file: &mut GgufFile) -> Result<Self> {
+        let config = Config::from_gguf(file)?;
+        let gemma = config.architecture == Architecture::Gemma3;
+        let mat = |file: &mut GgufFile, name: &str| -> Result<QMatrix> { QMatrix::from_qtensor(name, file.tensor(name)?) };
+        let embedding = mat(file, "token_embd.weight")?;
+        if embedding.cols() != config.hidden || embedding.rows() != config.vocab_size {
+            return Err(Error::BadTensor { name: "token_embd.weight".into(), reason: "shape does not match the metadata".into() });
+        }
+        let mut blocks = Vec::with_capacity(config.layers);
+        for l in 0..config.layers {
+            let n = |s: &str| format!("blk.{l}.{s}.weight");
+            let q = mat(file, &n("attn_q"))?;
+            let k = mat(file, &n("attn_k"))?;
+            let v = mat(file, &n("attn_v"))?;
+            if q.rows() != config.q_dim() || k.rows() != config.kv_dim() || v.rows() != config.kv_dim() {
+                return Err(Error::BadTensor { name: n("attn_q"), reason: "attention shapes do not match the metadata".into() });
+            }
+            let gate = mat(file, &n("ffn_gate"))?;
+            let up = mat(file, &n("ffn_up"))?;
+            let opt = |file: &mut GgufFile, s: &str| -> Result<Option<Vec<f32>>> { if gemma { file.vector(&n(s)).map(Some) } else { Ok(None) } };
+            blocks.push(Block {
+                attn_norm: file.vector(&n("attn_norm"))?,
+                qkv: Projection::new(vec![q, k, v]),
+                q_norm: opt(file, "attn_q_norm")?,
+                k_norm: opt(file, "attn_k_norm")?,
+                attn_out: mat(file, &n("attn_output"))?,
+                post_attn_norm: opt(file, "post_attention_norm")?,
+                ffn_norm: file.vector(&n("ffn_norm"))?,
+                gate_up: Projection::new(vec![gate, up]),
+                down: mat(file, &n("ffn_down"))?,
+                post_ffn_norm: opt(file, "post_ffw_norm")?,
+            });
+        }
+        let output_norm = file.vector("output_norm.weight")?;
+        let output = if file.has_tensor("output.weight") { Some(mat(file, "output.weight")?) } else { None };
+        Ok(Self { config, embedding, blocks, output_norm, output })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Weight formats in use, for reports.
+    pub fn formats(&self) -> Vec<&'static str> {
+        let mut f = vec![self.embedding.format(), self.blocks[0].down.format()];
+        f.dedup();
+        f
+    }
+
+    /// Runs new tokens of several sequences through the model, appending them to their caches.
+    /// Returns per sequence `vocab` logits per requested position (the last, or all when scoring).
+    pub fn forward(&self, steps: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (d, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        // Where each row lives: (sequence, absolute position).
+        let mut rows = Vec::new();
+        for (s, step) in steps.iter().enumerate() {
+            if step.tokens.is_empty() {
+                return Err(Error::InvalidRequest("a sequence step needs at least one token".into()));
+            }
+            let end = step.cache.len() + step.tokens.len();
+            if end > c.context_length {
+                return Err(Error::ContextOverflow { tokens: end, context: c.context_length });
+            }
+            if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(Error::BadToken(t));
+            }
+            rows.extend((0..step.tokens.len()).map(|t| (s, step.cache.len() + t)));
+        }
+        let n = rows.len();
+        let mut x = vec![0f32; n * d];
+        let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        for (r, &tok) in tokens.iter().enumerate() {
+            self.embedding.row(tok as usize, &mut x[r * d..(r + 1) * d])?;
+        }
+        if c.architecture == Architecture::Gemma3 {
+            let scale = (d as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        let rope_global = Rope::new(c.head_dim, c.rope_base, &rows);
+        let rope_local = Rope::new(c.head_dim, c.rope_base_local, &rows);
+        let neox = c.architecture == Architecture::Gemma3;
+
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = rms_norm_rows(&x, &block.attn_norm, c.eps);
+            let mut qkv = block.qkv.apply(&h, n)?;
+            let rope = if c.is_sliding(l) { &rope_local } else { &rope_global };
+            let width = qd + 2 * kvd;
+            qkv.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+                let (q, rest) = row.split_at_mut(qd);
+                let k = &mut rest[..kvd];
+                for head in q.chunks_mut(c.head_dim) {
+                    if let Some(w) = &block.q_norm {
+                        rms_norm_in_place(head, w, c.eps);
+                    }
+                    rope.apply(r, head, neox);
+                }
+                for head in k.chunks_mut(c.head_dim) {
+                    if let Some(w) = &block.k_norm {
+                        rms_norm_in_place(head, w, c.eps);
+                    }
+                    rope.apply(r, head, neox);
+                }
+            });
+            for (r, &(s, _)) in rows.iter().enumerate() {
+                let row = &qkv[r * width..(r + 1) * width];
+                steps[s].cache.keys[l].extend_from_slice(&row[qd..qd + kvd]);
+                steps[s].cache.values[l].extend_from_slice(&row[qd + kvd..]);
+            }
+            let caches: Vec<&KvCache> = steps.iter().map(|s| &*s.cache).collect();
+            let window = if c.is_sliding(l) { c.sliding_window } else { None };
+            let mut attn = vec![0f32; n * qd];
+            attn.par_chunks_mut(qd).enumerate().for_each(|(r, out)| {
+                let (s, pos) = rows[r];
+                let cache = caches[s];
+                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                attend(c, &qkv[r * width..r * width + qd], &cache.keys[l], &cache.values[l], lo, pos + 1, out);
+            });
+            let mut o = block.attn_out.matmul(&attn, n)?;
+            if let Some(w) = &block.post_attn_norm {
+                o = rms_norm_rows(&o, w, c.eps);
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            let h = rms_norm_rows(&x, &block.ffn_norm, c.eps);
+            let gu = block.gate_up.apply(&h, n)?;
+            let mut act = vec![0f32; n * c.ffn];
+            act.par_chunks_mut(c.ffn).zip(gu.par_chunks(2 * c.ffn)).for_each(|(a, gu)| {
+                let (g, u) = gu.split_at(c.ffn);
+                for i in 0..c.ffn {
+                    let gated = if neox { gelu_tanh(g[i]) } else { silu(g[i]) };
+                    a[i] = gated * u[i];
+                }
+            });
+            let mut down = block.down.matmul(&act, n)?;
+            if let Some(w) = &block.post_ffn_norm {
+                down = rms_norm_rows(&down, w, c.eps);
+            }
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+        for step in steps.iter_mut() {
+            step.cache.len += step.tokens.len();
+        }
+
+        // Logits only for the rows asked for.
+        let mut selected = Vec::new();
+        let mut counts = Vec::with_capacity(steps.len());
+        let mut offset = 0;
+        for step in steps.iter() {
+            let len = step.tokens.len();
+            let take = if step.all_logits { offset..offset + len } else { offset + len - 1..offset + len };
+            counts.push(take.len());
+            selected.extend_from_slice(&x[take.start * d..take.end * d]);
+            offset += len;
+        }
+        let h = rms_norm_rows(&selected, &self.output_norm, c.eps);
+        let head = self.output.as_ref().unwrap_or(&self.embedding);
+        let logits = head.matmul(&h, h.len() / d)?;
+        let v = c.vocab_size;
+        let mut out = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for count in counts {
+            out.push(logits[at * v..(at + count) * v].to_vec());
+            at += count;
+        }
+        Ok(out)
+    }
+}
+
+/// Scaled dot-product attention of one query row against cached positions `lo..hi`.
+fn attend(c: &Config, q: &[f32], keys: &[f32], values: &[f32], lo: usize, hi: usize, out: &mut [f32]) {
+    let (hd, kvd) = (c.head_dim, c.kv_dim());
+    let group = c.heads / c.kv_heads;
+    let mut scores = vec![0f32; hi - lo];
+    for h in 0..c.heads {
+        let kvh = h / group;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (i, p) in (lo..hi).enumerate() {
+            let k = &keys[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+            scores[i] = dot_f32(qh, k) * c.attn_scale;
+            max = max.max(scores[i]);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let o = &mut out[h * hd..(h + 1) * hd];
+        o.fill(0.0);
+        for (i, p) in (lo..hi).enumerate() {
+            let w = scores[i] / sum;
+            let v = &values[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+            for (a, b) in o.iter_mut().zip(v) {
+                *a = w.mul_add(*b, *a);
+            }
+        }
+    }
+}
+
+/// Rotary position embedding tables for the rows of one forward call.
+struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    fn new(head_dim: usize, base: f32, rows: &[(usize, usize)]) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(rows.len() * half);
+        let mut sin = Vec::with_capacity(rows.len() * half);
+        for &(_, pos) in rows {
+            for i in 0..half {
+                let inv_freq = (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
+                let angle = pos as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    fn apply(&self, row: usize, x: &mut [f32], neox: bool) {
+        let (cos, sin) = (&self.cos[row * self.half..(row + 1) * self.half], &self.sin[row * self.half..(row + 1) * self.half]);
+        for i in 0..self.half {
+            let (a, b) = if neox { (i, i + self.half) } else { (2 * i, 2 * i + 1) };
+            let (x0, x1) = (x[a], x[b]);
+            x[a] = x0 * cos[i] - x1 * sin[i];
+            x[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let scale = 1.0 / (dot_f32(x, x) / x.len() as f32 + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(w) {
+        *v = *v * scale * w;
+    }
+}
+
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut y = x.to_vec();
+    y.par_chunks_mut(w.len()).for_each(|row| rms_norm_in_place(row, w, eps));
+    y
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
