@@ -5,7 +5,7 @@
 //! keeps those two formats in a structure-of-arrays layout (scales widened to f32 once, at load time,
 //! which is exact) and multiplies them against activations quantized to 8 bits per 32-block, the way
 //! llama.cpp does (`Q8_1`-style: a scale and the block sum). Other GGML formats (the K-quants of
-//! Gemma 3, `Q5_0`, ...) go through candle's `QMatMul`, which has SIMD paths for them.
+//! Gemma 3, `Q5_0`, ...) are widened to f32 at load time (see [`QMatrix::from_qtensor`]).
 //!
 //! Determinism matters more than usual here, because verification compares a provider's logits with a
 //! verifier's: every output element is computed by the same sequence of operations whatever the batch
@@ -13,8 +13,8 @@
 //! accumulation order is fixed, so an incremental (KV-cached) pass and a batched teacher-forced pass
 //! produce bitwise-identical products on the same machine.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
 use half::f16;
 use rayon::prelude::*;
 
@@ -86,8 +86,6 @@ enum Storage {
     Q8_0 { d: Vec<f32>, qs: Vec<[i8; 32]> },
     /// Plain f32, row-major.
     F32(Vec<f32>),
-    /// Any other GGML format, through candle.
-    Candle(QMatMul),
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -141,11 +139,14 @@ impl QMatrix {
                     Storage::Q8_0 { d, qs }
                 }
             }
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+            // Everything else (F16, the K-quants, Q5_0, ...) is widened to f32 once, exactly. candle's
+            // kernels for these quantize activations to 8 bits and take different paths for one row
+            // and many, which made Gemma's incremental and teacher-forced logits differ by up to 2.1;
+            // verification needs them to agree, so exactness wins over speed for these formats.
+            _ => {
                 let t = tensor.dequantize(&Device::Cpu)?.flatten_all()?;
                 Storage::F32(t.to_vec1::<f32>()?)
             }
-            _ => Storage::Candle(QMatMul::from_qtensor(tensor)?),
         };
         Ok(Self { rows, cols, storage })
     }
@@ -203,7 +204,6 @@ impl QMatrix {
             Storage::Q4_1 { .. } => "Q4_1",
             Storage::Q8_0 { .. } => "Q8_0",
             Storage::F32(_) => "F32",
-            Storage::Candle(_) => "ggml(candle)",
         }
     }
 
@@ -229,12 +229,6 @@ impl QMatrix {
                 }
             }
             Storage::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
-            Storage::Candle(m) => {
-                // Embedding look-up through candle: dequantize one row.
-                let ids = Tensor::new(&[r as u32], &Device::Cpu)?;
-                let row = m.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
-                out.copy_from_slice(&row);
-            }
         }
         Ok(())
     }
@@ -242,7 +236,7 @@ impl QMatrix {
     /// `y = x · Wᵀ` for `n` rows of `x` (`n × cols`), giving `n × rows`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), n * self.cols);
-        if std::env::var("TESSERA_EXACT_MATMUL").is_ok_and(|v| v == self.format() || v == "all") && !matches!(self.storage, Storage::Candle(_)) {
+        if std::env::var("TESSERA_EXACT_MATMUL").is_ok_and(|v| v == self.format() || v == "all") {
             return Ok(self.run_rows(n, |o, r0, out| {
                 let mut w = vec![0f32; self.cols];
                 self.row(o, &mut w).expect("row");
@@ -253,10 +247,6 @@ impl QMatrix {
             }));
         }
         match &self.storage {
-            Storage::Candle(m) => {
-                let t = Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?;
-                Ok(m.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
-            }
             Storage::F32(w) => Ok(self.run_rows(n, |o, r0, out| {
                 for (k, y) in out.iter_mut().enumerate() {
                     let r = r0 + k;
@@ -544,6 +534,7 @@ pub fn kernel_isa() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -591,6 +582,25 @@ mod tests {
     #[test]
     fn q8_0_matches_dequantized_product_and_is_batch_invariant() {
         check_format(GgmlDType::Q8_0);
+    }
+
+    #[test]
+    fn other_formats_match_dequantized_product() {
+        for dtype in [GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (rows, cols, n) = (8, 512, 3);
+            let w = rand_vec(rows * cols, 1);
+            let x = rand_vec(n * cols, 2);
+            let q = QTensor::quantize(&Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let m = QMatrix::from_qtensor("w", q).unwrap();
+            let y = m.matmul(&x, n).unwrap();
+            for r in 0..n {
+                for o in 0..rows {
+                    let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                    assert!((exact - y[r * rows + o]).abs() < 1e-4, "{dtype:?} {r} {o}: {exact} vs {}", y[r * rows + o]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -114,8 +114,13 @@ pub fn list_cached() -> Vec<CachedModel> {
 
 /// Resolves a model name or path to a local file, without fetching.
 pub fn resolve(name_or_path: &str) -> Result<PathBuf> {
+    resolve_in(&cache_dir(), name_or_path)
+}
+
+/// [`resolve`] against a given cache directory.
+pub fn resolve_in(cache: &Path, name_or_path: &str) -> Result<PathBuf> {
     if let Some(m) = known(name_or_path) {
-        let path = cache_dir().join(m.file);
+        let path = cache.join(m.file);
         return if path.is_file() { Ok(path) } else { Err(Error::ModelNotFound { name: name_or_path.into() }) };
     }
     let path = PathBuf::from(name_or_path);

@@ -1,0 +1,192 @@
+//! The engine on the real models: SmolLM2-135M (Q4_1) and Gemma 3 270M (Q4_K_M).
+
+mod support;
+
+use support::{gemma, smollm};
+use tessera_engine::{Engine, GenerateOptions, Message, Role, SamplingParams};
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions { max_tokens, ..Default::default() }
+}
+
+fn ask(engine: &Engine, question: &str, options: &GenerateOptions) -> tessera_engine::Generation {
+    let prompt = engine.chat_prompt(&[Message::new(Role::User, question)]);
+    engine.generate(&prompt, options, |_| true).unwrap()
+}
+
+#[test]
+fn smollm_answers_paris() {
+    let out = ask(smollm(), "What is the capital of France?", &greedy(32));
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+    assert_eq!(out.text, "The capital of France is Paris.");
+    assert_eq!(out.finish_reason, tessera_engine::FinishReason::Stop);
+}
+
+#[test]
+fn greedy_output_is_identical_across_runs() {
+    let a = ask(smollm(), "Name three colours.", &greedy(40));
+    let b = ask(smollm(), "Name three colours.", &greedy(40));
+    assert_eq!(a.tokens, b.tokens);
+}
+
+#[test]
+fn seeded_sampling_reproduces_and_seeds_differ() {
+    let opts = |seed| GenerateOptions { max_tokens: 40, sampling: SamplingParams::seeded(0.9, seed), ..Default::default() };
+    let a = ask(smollm(), "Tell me a story about a dragon.", &opts(7));
+    let b = ask(smollm(), "Tell me a story about a dragon.", &opts(7));
+    let c = ask(smollm(), "Tell me a story about a dragon.", &opts(8));
+    assert_eq!(a.tokens, b.tokens);
+    assert_ne!(a.tokens, c.tokens);
+}
+
+/// Teacher-forced logits (one batched pass) against the logits seen while decoding with the KV cache.
+fn teacher_forced_matches_incremental(engine: &Engine, question: &str, sampling: SamplingParams) -> f32 {
+    let prompt = engine.chat_prompt(&[Message::new(Role::User, question)]);
+    let mut seen: Vec<Vec<f32>> = Vec::new();
+    let opts = GenerateOptions { max_tokens: 48, sampling, ignore_eos: true, ..Default::default() };
+    let out = engine.generate(&prompt, &opts, |s| {
+        seen.push(s.logits.to_vec());
+        true
+    })
+    .unwrap();
+    let mut all = prompt.clone();
+    all.extend(&out.tokens);
+    let scored = engine.score(&all).unwrap();
+    let v = engine.vocab_size();
+    let mut max_diff = 0f32;
+    for (i, logits) in seen.iter().enumerate() {
+        let row = &scored[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
+        for (a, b) in logits.iter().zip(row) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    }
+    eprintln!("{}: max |incremental - teacher-forced| over {} positions = {max_diff:e}", engine.info().name, seen.len());
+    max_diff
+}
+
+#[test]
+fn smollm_teacher_forced_logits_match_incremental() {
+    let d = teacher_forced_matches_incremental(smollm(), "Explain photosynthesis briefly.", SamplingParams::seeded(0.8, 3));
+    // The kernels compute every row the same way whatever the batch: expected bitwise equal.
+    assert!(d <= 1e-4, "max difference {d}");
+}
+
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    let e = smollm();
+    let prompts: Vec<Vec<u32>> = ["Hi!", "What is 2+2?", "Name a fruit.", "Say something about the moon."]
+        .iter()
+        .map(|q| e.chat_prompt(&[Message::new(Role::User, *q)]))
+        .collect();
+    let opts = GenerateOptions { max_tokens: 24, sampling: SamplingParams::seeded(0.7, 11), ..Default::default() };
+    let batch: Vec<_> = prompts.iter().map(|p| (p.clone(), opts.clone())).collect();
+    let together = e.generate_batch(&batch, |_| true).unwrap();
+    for (p, t) in prompts.iter().zip(&together) {
+        let alone = e.generate(p, &opts, |_| true).unwrap();
+        assert_eq!(alone.tokens, t.tokens);
+    }
+}
+
+#[test]
+fn stop_sequences_and_max_tokens_end_generation() {
+    let e = smollm();
+    let out = ask(e, "What is the capital of France?", &GenerateOptions { stop: vec!["France".into()], ..greedy(32) });
+    assert_eq!(out.text, "The capital of ");
+    let out = ask(e, "Write a long essay about rivers.", &greedy(5));
+    assert_eq!(out.tokens.len(), 5);
+    assert_eq!(out.finish_reason, tessera_engine::FinishReason::Length);
+}
+
+#[test]
+fn streaming_callback_sees_every_token_and_can_cancel() {
+    let e = smollm();
+    let prompt = e.chat_prompt(&[Message::new(Role::User, "Count from one to twenty.")]);
+    let mut text = String::new();
+    let mut n = 0;
+    let out = e
+        .generate(&prompt, &greedy(64), |s| {
+            text.push_str(s.text);
+            n += 1;
+            n < 10
+        })
+        .unwrap();
+    assert_eq!(out.tokens.len(), 10);
+    assert_eq!(out.finish_reason, tessera_engine::FinishReason::Cancelled);
+    assert_eq!(text, out.text);
+}
+
+#[test]
+fn smollm_tokenizer_round_trips_unicode_and_knows_special_tokens() {
+    let t = smollm().tokenizer();
+    for text in ["Hello, world!", "naïve café – 東京 🚀 Ωμέγα", "  leading spaces\n\ttabs\r\n", "numbers 12345 and 3.14", "emoji 👩‍👩‍👧 zwj"] {
+        let ids = t.encode(text);
+        assert_eq!(t.decode(&ids, false), text);
+    }
+    // Digits are split one by one, no prefix space.
+    let ids = t.encode("2024");
+    assert_eq!(ids.len(), 4);
+    assert_eq!(t.encode("Hello")[0], t.token_id("Hello").unwrap());
+    let im_start = t.token_id("<|im_start|>").unwrap();
+    assert_eq!(t.encode_with_special("<|im_start|>user"), vec![im_start, t.token_id("user").unwrap()]);
+    // Plain encoding never produces a control token from user text.
+    assert!(!t.encode("<|im_start|>").contains(&im_start));
+}
+
+#[test]
+fn gemma_completes_sensibly() {
+    let e = gemma();
+    let p = e.completion_prompt("The Eiffel Tower is located in the city of");
+    let out = e.generate(&p, &greedy(8), |_| true).unwrap();
+    assert!(out.text.contains("Paris"), "{:?}", out.text);
+    let p = e.completion_prompt("1, 2, 3, 4, 5,");
+    let out = e.generate(&p, &greedy(8), |_| true).unwrap();
+    assert!(out.text.starts_with(" 6, 7"), "{:?}", out.text);
+}
+
+#[test]
+fn gemma_teacher_forced_logits_match_incremental() {
+    let d = teacher_forced_matches_incremental(gemma(), "Explain photosynthesis briefly.", SamplingParams::greedy());
+    assert!(d <= 1e-4, "max difference {d}");
+}
+
+#[test]
+fn gemma_tokenizer_round_trips_and_uses_its_template() {
+    let e = gemma();
+    let t = e.tokenizer();
+    for text in ["Hello, world!", "naïve café – 東京 🚀", "  two spaces\nnew line", "x = 12345"] {
+        assert_eq!(t.decode(&t.encode(text), false), text);
+    }
+    let p = e.chat_prompt(&[Message::new(Role::User, "Hi")]);
+    assert_eq!(p[0], t.token_id("<bos>").unwrap());
+    assert_eq!(p[1], t.token_id("<start_of_turn>").unwrap());
+    assert!(e.stop_tokens().contains(&t.token_id("<end_of_turn>").unwrap()));
+}
+
+#[test]
+fn model_identity_is_the_file_sha256() {
+    assert_eq!(smollm().info().sha256, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    assert_eq!(gemma().info().sha256, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818");
+}
+
+#[test]
+fn engine_service_serves_concurrent_requests_in_one_batch() {
+    let engine = Engine::load(&smollm().info().path.to_string_lossy(), None).unwrap();
+    let e = smollm();
+    let service = tessera_engine::EngineService::spawn(engine, 8);
+    let questions = ["What is the capital of France?", "Name a colour.", "What is 3+4?"];
+    let receivers: Vec<_> = questions
+        .iter()
+        .map(|q| service.submit(e.chat_prompt(&[Message::new(Role::User, *q)]), greedy(24), false).unwrap())
+        .collect();
+    for (q, rx) in questions.iter().zip(receivers) {
+        let done = rx
+            .iter()
+            .find_map(|ev| match ev {
+                tessera_engine::Event::Done(g) => Some(g),
+                tessera_engine::Event::Failed(err) => panic!("{err}"),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(done.tokens, ask(e, q, &greedy(24)).tokens);
+    }
+}
