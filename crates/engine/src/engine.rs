@@ -16,6 +16,27 @@ use crate::registry;
 use crate::sampling::{self, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Compute threads (default: all cores).
+    pub threads: Option<usize>,
+    /// The weights as in the file, or an altered copy (to simulate cheating providers).
+    pub variant: Variant,
+}
+
+/// Which weights run. Everything but `Faithful` exists to test verification.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Variant {
+    /// The file's weights.
+    #[default]
+    Faithful,
+    /// The file's `Q4_1` layers re-quantized to `Q4_0`.
+    RequantizedQ4_0,
+    /// The last `n` blocks skipped.
+    SkipLastLayers(usize),
+}
+
 /// What a loaded model is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -138,10 +159,21 @@ impl Engine {
     /// Loads a model by known name (from the cache) or by path, with `threads` compute threads
     /// (default: all cores).
     pub fn load(name_or_path: &str, threads: Option<usize>) -> Result<Self> {
+        Self::load_with(name_or_path, &LoadOptions { threads, ..Default::default() })
+    }
+
+    /// Loads a model with options, including the altered variants a cheating provider might run.
+    pub fn load_with(name_or_path: &str, options: &LoadOptions) -> Result<Self> {
+        let threads = options.threads;
         let path = registry::resolve(name_or_path)?;
         let mut file = GgufFile::open(&path)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let model = Transformer::from_gguf(&mut file)?;
+        let mut model = Transformer::from_gguf(&mut file)?;
+        match options.variant {
+            Variant::Faithful => {}
+            Variant::RequantizedQ4_0 => model.requantize_q4_0()?,
+            Variant::SkipLastLayers(n) => model.skip_last_layers(n),
+        }
         let config = model.config();
         let arch = match config.architecture {
             Architecture::Llama => "llama",
@@ -283,7 +315,7 @@ impl Engine {
             for &i in &active {
                 let (_, tail) = rest.split_at_mut(i - base);
                 let (this, tail) = tail.split_first_mut().expect("index in range");
-                steps.push(SequenceStep { cache: &mut this.cache, tokens: &this.pending, all_logits: false });
+                steps.push(SequenceStep { cache: &mut this.cache, tokens: &this.pending, logits_from: None });
                 rest = tail;
                 base = i + 1;
             }
@@ -319,9 +351,18 @@ impl Engine {
     /// Teacher-forced scoring: one batched pass over `tokens`, returning the logits of every position
     /// (`tokens.len() × vocab`, row `i` predicts token `i + 1`). Verification runs this.
     pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.score_from(tokens, 0)
+    }
+
+    /// Like [`Engine::score`], but returns only the rows from position `from` on
+    /// (`(tokens.len() - from) × vocab`): a verifier needs the answer's positions, not the prompt's.
+    pub fn score_from(&self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
         self.check_prompt(tokens)?;
+        if from >= tokens.len() {
+            return Err(Error::InvalidRequest(format!("scoring from position {from} of {} tokens", tokens.len())));
+        }
         let mut cache = KvCache::new(self.model.config());
-        let mut steps = [SequenceStep { cache: &mut cache, tokens, all_logits: true }];
+        let mut steps = [SequenceStep { cache: &mut cache, tokens, logits_from: Some(from) }];
         let mut out = self.pool.install(|| self.model.forward(&mut steps))?;
         Ok(out.remove(0))
     }

@@ -24,7 +24,7 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message, Role};
-pub use engine::{Engine, EngineService, Event, FinishReason, GenerateOptions, Generation, ModelInfo, Step};
+pub use engine::{Engine, EngineService, Event, FinishReason, GenerateOptions, Generation, LoadOptions, ModelInfo, Step, Variant};
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;

@@ -207,8 +207,8 @@ pub struct SequenceStep<'a> {
     pub cache: &'a mut KvCache,
     /// New tokens (at least one).
     pub tokens: &'a [u32],
-    /// Return logits for every new token (scoring) instead of only the last one.
-    pub all_logits: bool,
+    /// Return logits for the new tokens from this index on (scoring), instead of only the last one.
+    pub logits_from: Option<usize>,
 }
 
 /// Weights of a loaded model.
@@ -260,6 +260,33 @@ impl Transformer {
         let output_norm = file.vector("output_norm.weight")?;
         let output = if file.has_tensor("output.weight") { Some(mat(file, "output.weight")?) } else { None };
         Ok(Self { config, embedding, blocks, output_norm, output })
+    }
+
+    /// Replaces every `Q4_1` block matrix by a `Q4_0` re-quantization (a cheaper, lower-quality copy).
+    pub fn requantize_q4_0(&mut self) -> Result<()> {
+        fn requant(m: &mut QMatrix) -> Result<()> {
+            if m.format() == "Q4_1" {
+                *m = m.requantize_q4_0()?;
+            }
+            Ok(())
+        }
+        for b in &mut self.blocks {
+            for p in [&mut b.qkv, &mut b.gate_up] {
+                match p {
+                    Projection::Fused(m) => requant(m)?,
+                    Projection::Separate(ms) => ms.iter_mut().try_for_each(requant)?,
+                }
+            }
+            requant(&mut b.attn_out)?;
+            requant(&mut b.down)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the last `n` blocks (a cheaper, wrong model).
+    pub fn skip_last_layers(&mut self, n: usize) {
+        let keep = self.blocks.len().saturating_sub(n).max(1);
+        self.blocks.truncate(keep);
     }
 
     /// The configuration.
@@ -375,7 +402,8 @@ impl Transformer {
         let mut offset = 0;
         for step in steps.iter() {
             let len = step.tokens.len();
-            let take = if step.all_logits { offset..offset + len } else { offset + len - 1..offset + len };
+            let first = step.logits_from.map_or(len - 1, |f| f.min(len - 1));
+            let take = offset + first..offset + len;
             counts.push(take.len());
             selected.extend_from_slice(&x[take.start * d..take.end * d]);
             offset += len;

@@ -151,6 +151,28 @@ impl QMatrix {
         Ok(Self { rows, cols, storage })
     }
 
+    /// Re-quantizes this matrix to GGML `Q4_0` (4 bits, no minimum: a lower-quality copy of a `Q4_1`
+    /// model). `Q4_0`'s `w = d·(q − 8)` is stored exactly as `Q4_1` with `m = −8d`, so it runs on the
+    /// same kernel. Used to simulate a provider that serves a cheaper quantization.
+    pub fn requantize_q4_0(&self) -> Result<QMatrix> {
+        let mut w = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            self.row(r, &mut w[r * self.cols..(r + 1) * self.cols])?;
+        }
+        let t = candle_core::Tensor::from_slice(&w, (self.rows, self.cols), &Device::Cpu)?;
+        let q = QTensor::quantize(&t, GgmlDType::Q4_0)?;
+        let bytes = q.data()?;
+        let n = self.rows * self.cols / BLOCK;
+        let (mut d, mut m, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for blk in bytes.chunks_exact(18) {
+            let scale = f16_at(blk, 0);
+            d.push(scale);
+            m.push(-8.0 * scale);
+            qs.push(blk[2..18].try_into().expect("16 bytes"));
+        }
+        Ok(QMatrix { rows: self.rows, cols: self.cols, storage: Storage::Q4_1 { d, m, qs } })
+    }
+
     /// Stacks matrices with the same input width and format into one (e.g. Q, K and V projections),
     /// so one product replaces several. Returns `None` when the formats differ or are not ours.
     pub fn concat_rows(parts: Vec<QMatrix>) -> std::result::Result<QMatrix, Vec<QMatrix>> {
@@ -325,30 +347,62 @@ mod kernels {
     use super::QuantizedActivations;
 
     #[derive(Clone, Copy, PartialEq)]
+    #[repr(u8)]
     enum Isa {
         Avx512Vnni,
         Avx2,
         Portable,
     }
 
-    fn isa() -> Isa {
-        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
+    /// 0 = not chosen yet; otherwise `Isa as u8 + 1`. An atomic rather than a `OnceLock` so that
+    /// calibration can compare instruction sets within one process.
+    static CHOSEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("TESSERA_NO_AVX512").is_none()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
             {
-                if std::env::var_os("TESSERA_NO_AVX512").is_none()
-                    && std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512bw")
-                    && std::is_x86_feature_detected!("avx512vnni")
-                {
-                    return Isa::Avx512Vnni;
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    return Isa::Avx2;
-                }
+                return Isa::Avx512Vnni;
             }
-            Isa::Portable
-        })
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    fn isa() -> Isa {
+        let v = CHOSEN.load(std::sync::atomic::Ordering::Relaxed);
+        let isa = match v {
+            1 => Isa::Avx512Vnni,
+            2 => Isa::Avx2,
+            3 => Isa::Portable,
+            _ => {
+                let isa = detect();
+                CHOSEN.store(isa as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+                isa
+            }
+        };
+        isa
+    }
+
+    /// Uses a less capable instruction set than detected (`avx2`, `portable`), or back to the
+    /// detected one (`auto`). Returns false when the name is unknown or not supported here.
+    pub fn set_isa(name: &str) -> bool {
+        let best = detect();
+        let want = match name {
+            "auto" => best,
+            "avx512-vnni" if best == Isa::Avx512Vnni => Isa::Avx512Vnni,
+            "avx2" if best != Isa::Portable => Isa::Avx2,
+            "portable" => Isa::Portable,
+            _ => return false,
+        };
+        CHOSEN.store(want as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+        true
     }
 
     /// The instruction set the kernels use on this machine.
@@ -529,6 +583,12 @@ mod kernels {
 /// The instruction set the quantized kernels use on this machine (`avx512-vnni`, `avx2`, `portable`).
 pub fn kernel_isa() -> &'static str {
     kernels::isa_name()
+}
+
+/// Switches the kernels' instruction set for the whole process (`auto`, `avx512-vnni`, `avx2`,
+/// `portable`); used to calibrate verification across hardware. False if unsupported here.
+pub fn set_kernel_isa(name: &str) -> bool {
+    kernels::set_isa(name)
 }
 
 #[cfg(test)]

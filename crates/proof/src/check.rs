@@ -1,0 +1,285 @@
+//! The verifier's decision, as a pure function of the job, the claimed output, the commitment and
+//! the verifier's own teacher-forced logits.
+//!
+//! A response passes when (1) the commitment is well formed and bound to this job, (2) the committed
+//! values agree with the recomputed ones within calibrated thresholds, and (3) every emitted token is
+//! what the requested rule would pick under the verifier's logits, allowing near-ties: for greedy the
+//! token's logit is within `token_slack` of the maximum; for seeded sampling its Gumbel-perturbed score
+//! `logit/T + G(seed, position, token)` is within `token_slack / T` of the best candidate's, and it lies
+//! inside the top-k / top-p set up to the same slack at the boundary. (4) The claimed finish is true:
+//! `eos` needs an end-of-turn token last, `length` needs `max_tokens` tokens, and no end-of-turn token
+//! may appear earlier (that would be padding a bill).
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+use tessera_engine::sampling;
+
+use crate::commitment::{hash_stop, hash_tokens, position_values, Commitment, Finish, JobSpec, VALUES_PER_POSITION, VERSION};
+
+/// Decision thresholds, derived by calibration on honest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// Largest allowed |committed − recomputed| over all committed values of a job.
+    pub max_abs: f32,
+    /// Largest allowed mean |committed − recomputed| of a job.
+    pub mean_abs: f32,
+    /// Largest allowed score deficit of an emitted token (in logit units).
+    pub token_slack: f32,
+}
+
+impl Default for Thresholds {
+    /// Calibrated on SmolLM2-135M (`tessera verify calibrate`, see the README): honest variation
+    /// across thread counts, batch sizes, incremental vs teacher-forced and AVX2 vs AVX-512 kernels
+    /// was at most one f16 step; these leave a wide margin for other hardware.
+    fn default() -> Self {
+        Self { max_abs: 0.25, mean_abs: 0.05, token_slack: 0.25 }
+    }
+}
+
+/// Why a job failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reason {
+    /// The commitment cannot be read.
+    Malformed {
+        /// Details.
+        detail: String,
+    },
+    /// A format version this verifier does not know.
+    WrongVersion {
+        /// The version found.
+        found: u8,
+    },
+    /// Committed to another model than the job asked for.
+    WrongModel {
+        /// The model the job asked for.
+        expected: String,
+        /// The commitment's model.
+        found: String,
+    },
+    /// The commitment is for other prompt tokens.
+    PromptMismatch,
+    /// The commitment does not cover the delivered output.
+    OutputMismatch,
+    /// Sampling parameters, seed, token budget or stop strings differ from the request.
+    ParamsMismatch {
+        /// Which.
+        field: String,
+    },
+    /// The committed logits are not those of the requested model on this input.
+    LogitsDiverge {
+        /// Largest difference.
+        max_abs: f32,
+        /// Mean difference.
+        mean_abs: f32,
+    },
+    /// A token the requested rule would not have produced.
+    TokenInconsistent {
+        /// Index in the output.
+        index: usize,
+        /// Its score deficit (logit units).
+        deficit: f32,
+    },
+    /// The finish reason is false.
+    FalseFinish {
+        /// Details.
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Malformed { detail } => write!(f, "malformed commitment: {detail}"),
+            Reason::WrongVersion { found } => write!(f, "unsupported commitment version {found} (this verifier reads {VERSION})"),
+            Reason::WrongModel { expected, found } => write!(f, "committed to model {found}, job asked for {expected}"),
+            Reason::PromptMismatch => write!(f, "commitment is for a different prompt"),
+            Reason::OutputMismatch => write!(f, "commitment does not match the delivered output"),
+            Reason::ParamsMismatch { field } => write!(f, "commitment's {field} differs from the request"),
+            Reason::LogitsDiverge { max_abs, mean_abs } => {
+                write!(f, "committed logits diverge from the model's (max |Δ| {max_abs:.3}, mean |Δ| {mean_abs:.4})")
+            }
+            Reason::TokenInconsistent { index, deficit } => {
+                write!(f, "token {index} is not what the sampling rule selects (deficit {deficit:.3})")
+            }
+            Reason::FalseFinish { detail } => write!(f, "false finish reason: {detail}"),
+        }
+    }
+}
+
+/// Figures of one check.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckStats {
+    /// Positions compared.
+    pub positions: usize,
+    /// Largest |committed − recomputed|.
+    pub max_abs: f32,
+    /// Mean |committed − recomputed|.
+    pub mean_abs: f32,
+    /// Largest token score deficit.
+    pub worst_deficit: f32,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Whether the job passed.
+    pub passed: bool,
+    /// Why not, when it failed.
+    pub reason: Option<Reason>,
+    /// Figures.
+    pub stats: CheckStats,
+}
+
+impl Verdict {
+    fn fail(reason: Reason, stats: CheckStats) -> Self {
+        Self { passed: false, reason: Some(reason), stats }
+    }
+}
+
+/// The claimed result of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Output tokens as delivered.
+    pub output_tokens: Vec<u32>,
+    /// Whether the output text contains one of the stop strings (decided by the caller, who has the
+    /// tokenizer; only consulted for a `stop_sequence` finish).
+    #[serde(default)]
+    pub stop_sequence_seen: bool,
+}
+
+/// Checks the header of a commitment against the job and the delivered output.
+pub fn check_binding(spec: &JobSpec, claim: &Claim, c: &Commitment) -> Result<(), Reason> {
+    if c.version != VERSION {
+        return Err(Reason::WrongVersion { found: c.version });
+    }
+    if c.model_sha256 != spec.model_sha256 {
+        return Err(Reason::WrongModel { expected: spec.model_sha256.clone(), found: c.model_sha256.clone() });
+    }
+    if c.prompt_hash != hash_tokens(&spec.prompt_tokens) {
+        return Err(Reason::PromptMismatch);
+    }
+    if c.output_hash != hash_tokens(&claim.output_tokens) || c.positions as usize != claim.output_tokens.len() {
+        return Err(Reason::OutputMismatch);
+    }
+    let s = &spec.sampling;
+    let field = if c.sampling.temperature.to_bits() != s.temperature.to_bits() {
+        Some("temperature")
+    } else if c.sampling.seed != s.seed && !s.is_greedy() {
+        Some("seed")
+    } else if c.sampling.top_k != s.top_k {
+        Some("top_k")
+    } else if c.sampling.top_p.map(f32::to_bits) != s.top_p.map(f32::to_bits) {
+        Some("top_p")
+    } else if c.max_tokens != spec.max_tokens {
+        Some("max_tokens")
+    } else if c.stop_hash != hash_stop(&spec.stop) {
+        Some("stop")
+    } else {
+        None
+    };
+    if let Some(field) = field {
+        return Err(Reason::ParamsMismatch { field: field.into() });
+    }
+    if claim.output_tokens.len() > spec.max_tokens as usize {
+        return Err(Reason::FalseFinish { detail: format!("{} tokens exceed max_tokens {}", claim.output_tokens.len(), spec.max_tokens) });
+    }
+    Ok(())
+}
+
+/// Full check. `logits` are the verifier's teacher-forced logits for the output positions only:
+/// row `i` (of `vocab` values) is the distribution the `i`-th output token was drawn from, i.e. the
+/// rows from position `prompt_len − 1` of a pass over prompt + output. `stop_tokens` are the model's
+/// end-of-turn tokens.
+pub fn check(spec: &JobSpec, claim: &Claim, c: &Commitment, logits: &[f32], vocab: usize, stop_tokens: &[u32], t: &Thresholds) -> Verdict {
+    let mut stats = CheckStats::default();
+    if let Err(r) = check_binding(spec, claim, c) {
+        return Verdict::fail(r, stats);
+    }
+    let committed = match c.decode_values() {
+        Ok(v) => v,
+        Err(detail) => return Verdict::fail(Reason::Malformed { detail }, stats),
+    };
+    let n = claim.output_tokens.len();
+    if logits.len() != n * vocab {
+        return Verdict::fail(Reason::Malformed { detail: format!("verifier supplied {} logits for {n} positions", logits.len()) }, stats);
+    }
+    if committed.iter().flatten().any(|v| !v.is_finite()) {
+        return Verdict::fail(Reason::Malformed { detail: "non-finite committed value".into() }, stats);
+    }
+
+    // The finish reason.
+    let last = claim.output_tokens.last().copied();
+    let finish_problem = match c.finish {
+        Finish::Eos if !last.is_some_and(|t| stop_tokens.contains(&t)) => Some("claims an end-of-turn token but the output does not end with one".to_string()),
+        Finish::Length if n != spec.max_tokens as usize => Some(format!("claims the token budget was reached with {n} of {} tokens", spec.max_tokens)),
+        Finish::StopSequence if !claim.stop_sequence_seen => Some("claims a stop string that the output does not contain".to_string()),
+        _ => None,
+    };
+    if let Some(detail) = finish_problem {
+        return Verdict::fail(Reason::FalseFinish { detail }, stats);
+    }
+    if let Some(i) = claim.output_tokens[..n.saturating_sub(1)].iter().position(|t| stop_tokens.contains(t)) {
+        return Verdict::fail(Reason::FalseFinish { detail: format!("an end-of-turn token at {i} is followed by more output") }, stats);
+    }
+
+    // Committed values against recomputed ones (both rounded to f16, as committed).
+    let mut sum = 0f64;
+    let mut count = 0usize;
+    let params = &spec.sampling;
+    let position0 = spec.prompt_tokens.len() as u64;
+    let mut worst: Option<(usize, f32)> = None;
+    for (i, (&token, values)) in claim.output_tokens.iter().zip(&committed).enumerate() {
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        if token as usize >= vocab {
+            return Verdict::fail(Reason::TokenInconsistent { index: i, deficit: f32::INFINITY }, stats);
+        }
+        let mine = position_values(row, token);
+        for k in 0..VALUES_PER_POSITION {
+            let d = (f16::from_f32(mine[k]).to_f32() - values[k]).abs();
+            stats.max_abs = stats.max_abs.max(d);
+            sum += d as f64;
+            count += 1;
+        }
+        let deficit = token_deficit(row, params, position0 + i as u64, token);
+        stats.worst_deficit = stats.worst_deficit.max(deficit);
+        if deficit > t.token_slack && worst.is_none_or(|(_, d)| deficit > d) {
+            worst = Some((i, deficit));
+        }
+    }
+    stats.positions = n;
+    stats.mean_abs = if count > 0 { (sum / count as f64) as f32 } else { 0.0 };
+    if stats.max_abs > t.max_abs || stats.mean_abs > t.mean_abs {
+        let (max_abs, mean_abs) = (stats.max_abs, stats.mean_abs);
+        return Verdict::fail(Reason::LogitsDiverge { max_abs, mean_abs }, stats);
+    }
+    if let Some((index, deficit)) = worst {
+        return Verdict::fail(Reason::TokenInconsistent { index, deficit }, stats);
+    }
+    Verdict { passed: true, reason: None, stats }
+}
+
+/// How far (in logit units) an emitted token falls short of what the rule would pick.
+/// 0 when it is exactly the rule's choice.
+pub fn token_deficit(logits: &[f32], params: &sampling::SamplingParams, position: u64, token: u32) -> f32 {
+    let own = logits[token as usize];
+    if params.is_greedy() {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        return max - own;
+    }
+    let temperature = params.temperature;
+    let (boundary_deficit, candidates) = match sampling::candidates(logits, params) {
+        None => (0.0, None),
+        Some(ids) => {
+            let lowest = ids.iter().map(|&i| logits[i as usize]).fold(f32::INFINITY, f32::min);
+            (if ids.contains(&token) { 0.0 } else { (lowest - own).max(0.0) }, Some(ids))
+        }
+    };
+    let own_score = sampling::score(logits, params, position, token);
+    let best = match &candidates {
+        None => (0..logits.len() as u32).map(|i| sampling::score(logits, params, position, i)).fold(f32::NEG_INFINITY, f32::max),
+        Some(ids) => ids.iter().map(|&i| sampling::score(logits, params, position, i)).fold(f32::NEG_INFINITY, f32::max),
+    };
+    // Scores are logits / T plus noise: multiply back by T to compare in logit units.
+    boundary_deficit.max((best - own_score).max(0.0) * temperature)
+}
