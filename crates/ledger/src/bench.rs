@@ -32,7 +32,11 @@ pub async fn bench_settlements(url: &str, n: u64, concurrency: usize) -> Result<
     let ledger = Ledger::open(url, LedgerConfig::dev()).await?;
     let faucet = ledger.faucet().ok_or(Error::Corrupt("dev ledger without faucet".into()))?;
     let provider = Address::repeat_byte(0xfe);
-    let run = std::process::id();
+    // Unique per run, so a bench against a reused PostgreSQL database never replays old keys.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
     let mut agents = Vec::with_capacity(concurrency);
     for i in 0..concurrency {
         let mut bytes = [0u8; 20];

@@ -10,6 +10,7 @@
 
 mod account;
 mod audit;
+mod batch;
 mod bench;
 mod error;
 mod ops;
@@ -17,10 +18,11 @@ mod store;
 
 pub use account::{AccountId, SystemAccount};
 pub use audit::AuditReport;
+pub use batch::SettleRequest;
 pub use bench::{bench_settlements, BenchReport};
 pub use error::{Error, Result};
 pub use ops::{Capture, Escrow, Faucet, Hold, Release, Settlement, Slash, Unbonding};
-pub use store::{Backend, Ledger, LedgerConfig, Receipt, SlashSplit};
+pub use store::{Backend, BatchStats, Ledger, LedgerConfig, Receipt, SlashSplit};
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;

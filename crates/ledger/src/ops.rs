@@ -6,6 +6,7 @@ use sqlx::Row;
 use tessera_protocol::Address;
 
 use crate::{
+    batch::{PreparedSettle, SettleRequest},
     store::{free_account, micro, to_i64, to_u64, Leg},
     AccountId, Error, Ledger, Receipt, Result, SystemAccount,
 };
@@ -229,6 +230,10 @@ impl Ledger {
 
     /// Hold of `max_cost`, capture of `used` to `payee` and release of the rest, in one
     /// transaction: a job paid for in one step. The payer must have `max_cost` available.
+    ///
+    /// With `group_commit` (the default), concurrent calls are group-committed: a writer task settles whatever is queued
+    /// in one database transaction ([`Ledger::settle_many`]), and each call returns once its
+    /// batch is committed.
     pub async fn settle(
         &self,
         key: &str,
@@ -237,11 +242,30 @@ impl Ledger {
         max_cost: u64,
         used: u64,
     ) -> Result<Receipt<Settlement>> {
-        let (payer, payee) = (AccountId::from(payer).key(), AccountId::from(payee).key());
-        let max_i = micro(max_cost)?;
-        let used_i = to_i64(used)?;
+        let request = SettleRequest { key: key.to_owned(), payer, payee, max_cost, used };
+        match &self.settler {
+            Some(queue) => {
+                let prepared = self.prepare_settle(&request)?;
+                let (reply, receipt) = tokio::sync::oneshot::channel();
+                if queue.send((prepared.clone(), reply)).await.is_err() {
+                    return self.settle_prepared(&prepared).await;
+                }
+                match receipt.await {
+                    Ok(result) => result,
+                    Err(_) => self.settle_prepared(&prepared).await,
+                }
+            }
+            None => self.settle_prepared(&self.prepare_settle(&request)?).await,
+        }
+    }
+
+    /// Checks a settlement's arguments and works out its journal rows.
+    pub(crate) fn prepare_settle(&self, r: &SettleRequest) -> Result<PreparedSettle> {
+        let (payer, payee) = (AccountId::from(r.payer).key(), AccountId::from(r.payee).key());
+        let max_i = micro(r.max_cost)?;
+        let used_i = to_i64(r.used)?;
         if used_i > max_i {
-            return Err(Error::EscrowExceeded { escrow: None, remaining: max_cost, requested: used });
+            return Err(Error::EscrowExceeded { escrow: None, remaining: r.max_cost, requested: r.used });
         }
         let fee = bps(used_i, self.config.fee_bps);
         let (paid, refunded) = (used_i - fee, max_i - used_i);
@@ -254,12 +278,17 @@ impl Ledger {
             (ESCROW, -refunded),
             (&payer, refunded),
         ]);
-        let settlement =
+        let value =
             Settlement { escrow_id: None, paid: to_u64(paid)?, fee: to_u64(fee)?, refunded: to_u64(refunded)? };
-        let request = format!("{payer}>{payee}:{max_cost}:{used}");
-        self.execute(key, "settle", request, |_conn| {
-            let legs = legs.clone();
-            Box::pin(async move { Ok((legs, settlement)) })
+        let request = format!("{payer}>{payee}:{}:{}", r.max_cost, r.used);
+        Ok(PreparedSettle { key: r.key.clone(), request, payer, max: max_i, legs, value })
+    }
+
+    /// One settlement in its own transaction.
+    pub(crate) async fn settle_prepared(&self, p: &PreparedSettle) -> Result<Receipt<Settlement>> {
+        self.execute(&p.key, "settle", p.request.clone(), |_conn| {
+            let (legs, value) = (p.legs.clone(), p.value);
+            Box::pin(async move { Ok((legs, value)) })
         })
         .await
     }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod batches;
 mod concurrency;
 mod crash;
 mod operations;

@@ -1,0 +1,100 @@
+//! `tessera ledger audit` and `tessera bench ledger`.
+
+use anyhow::{bail, Context};
+use tessera_ledger::{bench_settlements, AuditReport, BenchReport, Ledger, LedgerConfig};
+
+/// `tessera ledger …`
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum LedgerCommand {
+    /// Prove the books: every transaction sums to zero, balances equal the journal, nothing is
+    /// negative, supply equals minted minus burned. Exits non-zero if any check fails.
+    Audit {
+        /// Ledger database URL (default: sqlite://~/.tessera/ledger.db).
+        #[arg(long, env = "TESSERA_LEDGER_URL")]
+        url: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a ledger subcommand.
+pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
+    match cmd {
+        LedgerCommand::Audit { url, json } => {
+            let url = url.unwrap_or_else(crate::wallet::default_ledger_url);
+            let ledger = Ledger::open(&url, LedgerConfig::default()).await.context("opening the ledger")?;
+            let report = ledger.audit().await.context("auditing")?;
+            ledger.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_audit(&report);
+            }
+            if !report.is_clean() {
+                bail!("ledger audit failed: {} problem(s)", report.problems().len());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_audit(report: &AuditReport) {
+    println!("transactions  {}", report.transactions);
+    println!("entries       {}", report.entries);
+    println!("accounts      {}", report.accounts);
+    println!("minted        {}", report.minted);
+    println!("burned        {}", report.burned);
+    println!("supply        {}", report.supply);
+    let problems = report.problems();
+    if problems.is_empty() {
+        println!("audit         clean");
+    } else {
+        for problem in problems {
+            println!("PROBLEM       {problem}");
+        }
+    }
+}
+
+/// `tessera bench ledger`: settlements per second (escrow hold + capture + release) on a fresh
+/// SQLite file, and on PostgreSQL when `postgres_url` is given (a database the bench may write
+/// to; it mints its own dev money there). Prints a table, or one JSON object with `json`.
+pub async fn bench(
+    json: bool,
+    settlements: u64,
+    concurrency: usize,
+    postgres_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let mut reports: Vec<BenchReport> = Vec::new();
+    reports.push(bench_settlements(&sqlite_url, settlements, concurrency).await.context("SQLite bench")?);
+    if let Some(url) = postgres_url {
+        reports.push(bench_settlements(url, settlements, concurrency).await.context("PostgreSQL bench")?);
+    }
+    if json {
+        let object = serde_json::json!({
+            "bench": "ledger_settlements",
+            "goal_per_second_sqlite": 5000,
+            "results": reports,
+        });
+        println!("{}", serde_json::to_string_pretty(&object)?);
+    } else {
+        println!("{:<10} {:>12} {:>11} {:>10} {:>14} {:>6}", "backend", "settlements", "concurrency", "seconds", "settlements/s", "audit");
+        for r in &reports {
+            println!(
+                "{:<10} {:>12} {:>11} {:>10.3} {:>14.0} {:>6}",
+                format!("{:?}", r.backend).to_lowercase(),
+                r.settlements,
+                r.concurrency,
+                r.seconds,
+                r.per_second,
+                if r.audit_clean { "clean" } else { "FAILED" }
+            );
+        }
+    }
+    if reports.iter().any(|r| !r.audit_clean) {
+        bail!("the ledger audit failed after the benchmark");
+    }
+    Ok(())
+}
