@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use clap::Subcommand;
 use serde::Serialize;
-use tessera_engine::{registry, Engine, GenerateOptions, Message, Role};
+use tessera_engine::{quant, registry, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams, Variant};
+use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines};
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -28,6 +29,144 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Verification: detection rate per adversary, false positives on honest jobs across provider
+    /// set-ups, commitment size, and the cost of a check relative to the generation it checks.
+    Verify {
+        /// Honest jobs (spread over threads 1/2, batch 1/8, AVX2/AVX-512 kernels).
+        #[arg(long, default_value_t = 1000)]
+        honest: usize,
+        /// Jobs per adversary.
+        #[arg(long, default_value_t = 200)]
+        per_adversary: usize,
+        /// Tokens per answer in the detection runs.
+        #[arg(long, default_value_t = 48)]
+        max_tokens: u32,
+        /// Sampling rate p used for the amortized overhead.
+        #[arg(long, default_value_t = 0.05)]
+        p: f64,
+        /// Thresholds file (default: calibrated or built-in).
+        #[arg(long)]
+        thresholds: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Serialize)]
+struct DetectionRow {
+    behaviour: String,
+    jobs: usize,
+    flagged: usize,
+    rate: f64,
+}
+
+#[derive(Serialize)]
+struct VerifyFigures {
+    thresholds: tessera_proof::Thresholds,
+    honest: DetectionRow,
+    honest_max_abs_delta: f32,
+    adversaries: Vec<DetectionRow>,
+    commitment_bytes_per_token: f64,
+    commitment_json_bytes_per_token: f64,
+    cost_prompt_tokens: usize,
+    cost_answer_tokens: usize,
+    generation_s: f64,
+    check_s: f64,
+    check_fraction_of_generation: f64,
+    sampling_rate_p: f64,
+    amortized_overhead: f64,
+}
+
+fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, thresholds: Option<std::path::PathBuf>) -> anyhow::Result<VerifyFigures> {
+    let thresholds = crate::verify_cmd::load_thresholds(thresholds.as_ref())?;
+    registry::fetch("smollm2-135m")?;
+    registry::fetch("gemma3-270m")?;
+    let verifier = Engine::load("smollm2-135m", None)?;
+    let one_thread = Engine::load_with("smollm2-135m", &LoadOptions { threads: Some(1), ..Default::default() })?;
+
+    // Honest jobs under four provider set-ups.
+    let set_ups: [(&Engine, usize, &str); 4] = [(&verifier, 8, "auto"), (&one_thread, 1, "auto"), (&verifier, 8, "avx2"), (&verifier, 1, "auto")];
+    let mut honest = DetectionRow { behaviour: "honest (false positives)".into(), jobs: 0, flagged: 0, rate: 0.0 };
+    let mut honest_max = 0f32;
+    for (i, (engine, batch, isa)) in set_ups.iter().enumerate() {
+        let n = honest_n / set_ups.len() + usize::from(i < honest_n % set_ups.len());
+        let specs: Vec<_> = tasks(n, max_tokens, 10_000 + i as u64).iter().map(|t| t.spec(engine)).collect();
+        quant::set_kernel_isa(isa);
+        let mut jobs = Vec::new();
+        for chunk in specs.chunks(*batch) {
+            jobs.extend(serve(engine, chunk)?);
+        }
+        quant::set_kernel_isa("auto");
+        for job in &jobs {
+            let v = verify(&verifier, job, &thresholds)?;
+            honest.jobs += 1;
+            honest.flagged += usize::from(!v.passed);
+            honest_max = honest_max.max(v.stats.max_abs);
+        }
+        tracing::info!(set_up = i, jobs = honest.jobs, flagged = honest.flagged, "honest jobs checked");
+    }
+    honest.rate = honest.flagged as f64 / honest.jobs.max(1) as f64;
+
+    let other = Engine::load("gemma3-270m", None)?;
+    let requantized = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::RequantizedQ4_0 })?;
+    let skipped = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::SkipLastLayers(2) })?;
+    let engines = CheatEngines { honest: &verifier, other: &other, requantized: &requantized, skipped: &skipped };
+    let mut adversaries = Vec::new();
+    for (k, adversary) in Adversary::ALL.into_iter().enumerate() {
+        let mut row = DetectionRow { behaviour: adversary.name().into(), jobs: 0, flagged: 0, rate: 0.0 };
+        let mut ts = tasks(per_adversary, max_tokens, 20_000 + k as u64);
+        if adversary.needs_sampling() {
+            for (i, t) in ts.iter_mut().enumerate() {
+                if t.sampling.is_greedy() {
+                    t.sampling = SamplingParams::seeded(0.8, i as u64);
+                }
+            }
+        }
+        for (c, chunk) in ts.chunks(8).enumerate() {
+            for job in cheat(adversary, &engines, chunk, c as u64)? {
+                let v = verify(&verifier, &job, &thresholds)?;
+                row.jobs += 1;
+                row.flagged += usize::from(!v.passed);
+            }
+        }
+        row.rate = row.flagged as f64 / row.jobs.max(1) as f64;
+        tracing::info!(adversary = adversary.name(), rate = row.rate, "adversary checked");
+        adversaries.push(row);
+    }
+
+    // Cost of one check against the generation it checks: 128-token prompt, 256-token answer.
+    let prompt = prompt_of(&verifier, 128);
+    let answer_tokens = 256;
+    let mut spec = tasks(1, answer_tokens, 1)[0].spec(&verifier);
+    spec.prompt_tokens = prompt;
+    spec.sampling = SamplingParams::seeded(0.8, 3);
+    let start = Instant::now();
+    let opts = GenerateOptions { max_tokens: answer_tokens as usize, sampling: spec.sampling.clone(), ignore_eos: true, ..Default::default() };
+    let g = verifier.generate(&spec.prompt_tokens, &opts, |_| true)?;
+    let generation_s = start.elapsed().as_secs_f64();
+    let mut all = spec.prompt_tokens.clone();
+    all.extend(&g.tokens);
+    let start = Instant::now();
+    verifier.score_from(&all[..all.len() - 1], spec.prompt_tokens.len() - 1)?;
+    let check_s = start.elapsed().as_secs_f64();
+    let job = serve(&verifier, std::slice::from_ref(&spec))?.remove(0);
+    let json_bytes = job.commitment.values.len() as f64 / job.commitment.positions.max(1) as f64;
+    let fraction = check_s / generation_s;
+    Ok(VerifyFigures {
+        thresholds,
+        honest,
+        honest_max_abs_delta: honest_max,
+        adversaries,
+        commitment_bytes_per_token: job.commitment.bytes_per_token(),
+        commitment_json_bytes_per_token: json_bytes,
+        cost_prompt_tokens: spec.prompt_tokens.len(),
+        cost_answer_tokens: g.tokens.len(),
+        generation_s,
+        check_s,
+        check_fraction_of_generation: fraction,
+        sampling_rate_p: p,
+        amortized_overhead: p * fraction,
+    })
 }
 
 #[derive(Serialize)]
@@ -143,6 +282,28 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                         f.time_to_first_token_ms, f.peak_rss_mib
                     );
                 }
+            }
+        }
+        BenchCommand::Verify { honest, per_adversary, max_tokens, p, thresholds, json } => {
+            let f = bench_verify(honest, per_adversary, max_tokens, p, thresholds)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&f)?);
+            } else {
+                println!("| behaviour | jobs | flagged | rate |");
+                println!("|---|---|---|---|");
+                for r in std::iter::once(&f.honest).chain(&f.adversaries) {
+                    println!("| {} | {} | {} | {:.1}% |", r.behaviour, r.jobs, r.flagged, 100.0 * r.rate);
+                }
+                println!();
+                println!("| figure | value |");
+                println!("|---|---|");
+                println!("| honest max abs Δ (f16) | {:.4} |", f.honest_max_abs_delta);
+                println!("| thresholds (max Δ / mean Δ / token slack) | {:.3} / {:.3} / {:.3} |", f.thresholds.max_abs, f.thresholds.mean_abs, f.thresholds.token_slack);
+                println!("| commitment bytes per token (binary / JSON base64) | {:.1} / {:.1} |", f.commitment_bytes_per_token, f.commitment_json_bytes_per_token);
+                println!("| generation, {} + {} tokens | {:.2} s |", f.cost_prompt_tokens, f.cost_answer_tokens, f.generation_s);
+                println!("| one check (teacher-forced pass) | {:.2} s |", f.check_s);
+                println!("| check / generation | {:.1}% |", 100.0 * f.check_fraction_of_generation);
+                println!("| amortized overhead at p = {} | {:.2}% |", f.sampling_rate_p, 100.0 * f.amortized_overhead);
             }
         }
     }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod model_cmd;
+mod verify_cmd;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     },
     /// Generate a chat answer locally and stream it to stdout.
     Generate(GenerateArgs),
+    /// Check a saved job's commitment by one teacher-forced pass; calibrate; write sample jobs.
+    Verify(verify_cmd::VerifyArgs),
     /// Benchmarks; each prints a table, or JSON with --json.
     Bench {
         #[command(subcommand)]
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model_cmd::run(command),
         Command::Generate(args) => generate(args).context("generate"),
+        Command::Verify(args) => verify_cmd::run(args),
         Command::Bench { command } => bench::run(command),
     }
 }

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 pub const BLOCK: usize = 32;
 
 /// Activation rows computed together against one weight row (the register tile).
-pub const GROUP: usize = 4;
+pub const GROUP: usize = 8;
 
 /// Activations quantized to signed 16 bits per 32-element block, with the block's exact f32 sum.
 ///
@@ -536,45 +536,48 @@ mod kernels {
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
         pub unsafe fn q4_1_rows_vnni(d: &[f32], m: &[f32], qs: &[[u8; 16]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
             let g = out.len();
-            {
-                let mut acc = [_mm512_setzero_ps(); GROUP];
-                let mut mins = [0f32; GROUP];
-                for b in 0..d.len() {
-                    let w = _mm512_cvtepu8_epi16(unpack_q4(&qs[b]));
-                    for k in 0..g {
-                        let (ad, asum, aq) = a.block(r0 + k, b);
-                        // SAFETY: 32 readable i16 values.
-                        let x = unsafe { _mm512_loadu_si512(aq.as_ptr() as *const _) };
-                        let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
-                        acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(d[b] * ad), _mm512_cvtepi32_ps(p), acc[k]);
-                        mins[k] = m[b].mul_add(asum, mins[k]);
-                    }
+            let bpr = d.len();
+            let mut acc = [_mm512_setzero_ps(); GROUP];
+            // Row k's blocks start at base + k * bpr; values are 32 i16 per block.
+            let base = r0 * bpr;
+            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
+            for b in 0..bpr {
+                let w = _mm512_cvtepu8_epi16(unpack_q4(&qs[b]));
+                for (k, acc) in acc.iter_mut().enumerate().take(g) {
+                    let i = base + k * bpr + b;
+                    // SAFETY: `i` indexes a block of the `g` rows starting at `r0`, all in range.
+                    let (ad, x) = unsafe { (*scales.add(i), _mm512_loadu_si512(values.add(i * 32) as *const _)) };
+                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d[b] * ad), _mm512_cvtepi32_ps(p), *acc);
                 }
-                for k in 0..g {
-                    out[k] = _mm512_reduce_add_ps(acc[k]) + mins[k];
-                }
+            }
+            for (k, y) in out.iter_mut().enumerate() {
+                let row = base + k * bpr;
+                // The minimum term, sum over blocks of m·sum(x), as one vectorised dot product.
+                *y = _mm512_reduce_add_ps(acc[k]) + crate::quant::dot_f32(m, &a.sums[row..row + bpr]);
             }
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
         pub unsafe fn q8_0_rows_vnni(d: &[f32], qs: &[[i8; 32]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
             let g = out.len();
-            {
-                let mut acc = [_mm512_setzero_ps(); GROUP];
-                for b in 0..d.len() {
-                    // SAFETY: 32 readable bytes.
-                    let w = _mm512_cvtepi8_epi16(unsafe { _mm256_loadu_si256(qs[b].as_ptr() as *const __m256i) });
-                    for k in 0..g {
-                        let (ad, _, aq) = a.block(r0 + k, b);
-                        // SAFETY: 32 readable i16 values.
-                        let x = unsafe { _mm512_loadu_si512(aq.as_ptr() as *const _) };
-                        let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
-                        acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(d[b] * ad), _mm512_cvtepi32_ps(p), acc[k]);
-                    }
+            let bpr = d.len();
+            let mut acc = [_mm512_setzero_ps(); GROUP];
+            let base = r0 * bpr;
+            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
+            for b in 0..bpr {
+                // SAFETY: 32 readable bytes.
+                let w = _mm512_cvtepi8_epi16(unsafe { _mm256_loadu_si256(qs[b].as_ptr() as *const __m256i) });
+                for (k, acc) in acc.iter_mut().enumerate().take(g) {
+                    let i = base + k * bpr + b;
+                    // SAFETY: `i` indexes a block of the `g` rows starting at `r0`, all in range.
+                    let (ad, x) = unsafe { (*scales.add(i), _mm512_loadu_si512(values.add(i * 32) as *const _)) };
+                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d[b] * ad), _mm512_cvtepi32_ps(p), *acc);
                 }
-                for k in 0..g {
-                    out[k] = _mm512_reduce_add_ps(acc[k]);
-                }
+            }
+            for (k, y) in out.iter_mut().enumerate() {
+                *y = _mm512_reduce_add_ps(acc[k]);
             }
         }
     }
