@@ -23,7 +23,9 @@ pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
     match cmd {
         LedgerCommand::Audit { url, json } => {
             let url = url.unwrap_or_else(crate::wallet::default_ledger_url);
-            let ledger = Ledger::open(&url, LedgerConfig::default()).await.context("opening the ledger")?;
+            let ledger = Ledger::open(&url, LedgerConfig::default())
+                .await
+                .context("opening the ledger")?;
             let report = ledger.audit().await.context("auditing")?;
             ledger.close().await;
             if json {
@@ -32,7 +34,10 @@ pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
                 print_audit(&report);
             }
             if !report.is_clean() {
-                bail!("ledger audit failed: {} problem(s)", report.problems().len());
+                bail!(
+                    "ledger audit failed: {} problem(s)",
+                    report.problems().len()
+                );
             }
         }
     }
@@ -68,9 +73,17 @@ pub async fn bench(
     let dir = tempfile::tempdir().context("temporary directory")?;
     let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let mut reports: Vec<BenchReport> = Vec::new();
-    reports.push(bench_settlements(&sqlite_url, settlements, concurrency).await.context("SQLite bench")?);
+    reports.push(
+        bench_settlements(&sqlite_url, settlements, concurrency)
+            .await
+            .context("SQLite bench")?,
+    );
     if let Some(url) = postgres_url {
-        reports.push(bench_settlements(url, settlements, concurrency).await.context("PostgreSQL bench")?);
+        reports.push(
+            bench_settlements(url, settlements, concurrency)
+                .await
+                .context("PostgreSQL bench")?,
+        );
     }
     if json {
         let object = serde_json::json!({
@@ -80,7 +93,10 @@ pub async fn bench(
         });
         println!("{}", serde_json::to_string_pretty(&object)?);
     } else {
-        println!("{:<10} {:>12} {:>11} {:>10} {:>14} {:>6}", "backend", "settlements", "concurrency", "seconds", "settlements/s", "audit");
+        println!(
+            "{:<10} {:>12} {:>11} {:>10} {:>14} {:>6}",
+            "backend", "settlements", "concurrency", "seconds", "settlements/s", "audit"
+        );
         for r in &reports {
             println!(
                 "{:<10} {:>12} {:>11} {:>10.3} {:>14.0} {:>6}",

@@ -48,7 +48,10 @@ pub enum WalletCommand {
 
 /// `~/.tessera`, or `./.tessera` without a home directory.
 pub fn tessera_home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".tessera")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".tessera")
 }
 
 /// The default ledger: SQLite in `~/.tessera/ledger.db`.
@@ -58,7 +61,9 @@ pub fn default_ledger_url() -> String {
 
 impl WalletArgs {
     fn dir(&self) -> PathBuf {
-        self.keystore_dir.clone().unwrap_or_else(|| tessera_home().join("keystore"))
+        self.keystore_dir
+            .clone()
+            .unwrap_or_else(|| tessera_home().join("keystore"))
     }
     fn keystore(&self) -> PathBuf {
         self.dir().join(format!("{}.json", self.name))
@@ -84,7 +89,8 @@ pub async fn run(cmd: WalletCommand) -> anyhow::Result<()> {
             refuse_overwrite(&args)?;
             let key = match std::env::var(PRIVATE_KEY_ENV) {
                 Ok(key) => key,
-                Err(_) => rpassword::prompt_password("Private key (hex): ").context("reading private key")?,
+                Err(_) => rpassword::prompt_password("Private key (hex): ")
+                    .context("reading private key")?,
             };
             let wallet = Wallet::from_private_key_hex(&key).context("importing private key")?;
             let password = new_password()?;
@@ -102,7 +108,9 @@ pub async fn run(cmd: WalletCommand) -> anyhow::Result<()> {
                     std::fs::create_dir_all(parent).ok();
                 }
             }
-            let ledger = Ledger::open(&url, LedgerConfig::default()).await.context("opening the ledger")?;
+            let ledger = Ledger::open(&url, LedgerConfig::default())
+                .await
+                .context("opening the ledger")?;
             let balance = match ledger.balance(address).await {
                 Ok(balance) => balance,
                 Err(tessera_ledger::Error::UnknownAccount(_)) => 0,
@@ -110,7 +118,11 @@ pub async fn run(cmd: WalletCommand) -> anyhow::Result<()> {
             };
             let staked = ledger.staked(address).await?;
             println!("address  {address}");
-            println!("balance  {} ({} micro-units)", format_units(balance), balance);
+            println!(
+                "balance  {} ({} micro-units)",
+                format_units(balance),
+                balance
+            );
             println!("staked   {} ({} micro-units)", format_units(staked), staked);
             ledger.close().await;
         }
@@ -125,7 +137,11 @@ pub fn format_units(micro: u64) -> String {
 
 fn refuse_overwrite(args: &WalletArgs) -> anyhow::Result<()> {
     if args.keystore().exists() {
-        bail!("wallet {:?} already exists at {}", args.name, args.keystore().display());
+        bail!(
+            "wallet {:?} already exists at {}",
+            args.name,
+            args.keystore().display()
+        );
     }
     Ok(())
 }
@@ -142,10 +158,17 @@ fn save(args: &WalletArgs, wallet: &Wallet, password: &str) -> anyhow::Result<()
 
 fn address(args: &WalletArgs) -> anyhow::Result<Address> {
     if let Ok(text) = std::fs::read_to_string(args.address_file()) {
-        return text.trim().parse().context("reading the wallet's address file");
+        return text
+            .trim()
+            .parse()
+            .context("reading the wallet's address file");
     }
     if !args.keystore().exists() {
-        bail!("no wallet {:?} in {} (create one with `tessera wallet new`)", args.name, args.dir().display());
+        bail!(
+            "no wallet {:?} in {} (create one with `tessera wallet new`)",
+            args.name,
+            args.dir().display()
+        );
     }
     let wallet = Wallet::load_keystore(&args.keystore(), &password("Password: ")?)
         .context("decrypting keystore (wrong password?)")?;

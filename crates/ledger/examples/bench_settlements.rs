@@ -8,7 +8,11 @@ async fn main() -> anyhow::Result<()> {
     let url = args
         .next()
         .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
-    let n = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20_000);
+    let n = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20_000);
     let concurrency = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16);
     let report = tessera_ledger::bench_settlements(&url, n, concurrency).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -27,8 +27,14 @@ pub enum SystemAccount {
 
 impl SystemAccount {
     /// Every system account.
-    pub const ALL: [SystemAccount; 6] =
-        [Self::Issuance, Self::Treasury, Self::Fees, Self::Escrow, Self::Stake, Self::Unbonding];
+    pub const ALL: [SystemAccount; 6] = [
+        Self::Issuance,
+        Self::Treasury,
+        Self::Fees,
+        Self::Escrow,
+        Self::Stake,
+        Self::Unbonding,
+    ];
 
     /// The account's id in the database, `system:<name>`.
     pub const fn id(self) -> &'static str {
@@ -87,7 +93,9 @@ impl FromStr for AccountId {
         if let Some(system) = SystemAccount::ALL.into_iter().find(|a| a.id() == s) {
             return Ok(Self::System(system));
         }
-        s.parse::<Address>().map(Self::Wallet).map_err(|_| Error::InvalidAccount(s.to_owned()))
+        s.parse::<Address>()
+            .map(Self::Wallet)
+            .map_err(|_| Error::InvalidAccount(s.to_owned()))
     }
 }
 
@@ -103,6 +111,9 @@ mod tests {
         let wallet = AccountId::Wallet(Address::repeat_byte(0xab));
         assert_eq!(wallet.key(), format!("0x{}", "ab".repeat(20)));
         assert_eq!(wallet.key().parse::<AccountId>().unwrap(), wallet);
-        assert!(matches!("system:nope".parse::<AccountId>(), Err(Error::InvalidAccount(_))));
+        assert!(matches!(
+            "system:nope".parse::<AccountId>(),
+            Err(Error::InvalidAccount(_))
+        ));
     }
 }

@@ -45,13 +45,17 @@ impl AuditReport {
             problems.push(format!("transaction {tx} sums to {sum}, not zero"));
         }
         for (account, stored, journal) in &self.balance_mismatches {
-            problems.push(format!("{account}: balance {stored} but journal sums to {journal}"));
+            problems.push(format!(
+                "{account}: balance {stored} but journal sums to {journal}"
+            ));
         }
         for (account, balance) in &self.negative_balances {
             problems.push(format!("{account}: negative balance {balance}"));
         }
         for (what, account, table) in &self.subledger_mismatches {
-            problems.push(format!("{what}: account holds {account} but its table sums to {table}"));
+            problems.push(format!(
+                "{what}: account holds {account} but its table sums to {table}"
+            ));
         }
         if Some(self.supply) != self.minted.checked_sub(self.burned) {
             problems.push(format!(
@@ -92,7 +96,9 @@ impl Ledger {
         .fetch_all(&mut *tx)
         .await?
         {
-            report.unbalanced_transactions.push((row.try_get(0)?, row.try_get(1)?));
+            report
+                .unbalanced_transactions
+                .push((row.try_get(0)?, row.try_get(1)?));
         }
         // Entries may only name existing accounts (a foreign key); a FULL view of both sides
         // still catches a journal row for an account whose row was deleted.
@@ -104,7 +110,9 @@ impl Ledger {
         .fetch_all(&mut *tx)
         .await?
         {
-            report.balance_mismatches.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
+            report
+                .balance_mismatches
+                .push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
         }
         for row in sqlx::query(
             "SELECT e.account, CAST(SUM(e.amount) AS BIGINT) FROM entries e \
@@ -123,7 +131,9 @@ impl Ledger {
         .fetch_all(&mut *tx)
         .await?
         {
-            report.negative_balances.push((row.try_get(0)?, row.try_get(1)?));
+            report
+                .negative_balances
+                .push((row.try_get(0)?, row.try_get(1)?));
         }
         let supply = sqlx::query("SELECT minted, burned FROM supply WHERE id = 1")
             .fetch_one(&mut *tx)
@@ -162,7 +172,9 @@ impl Ledger {
                 .fetch_one(&mut *tx)
                 .await?;
             if table != balance {
-                report.subledger_mismatches.push((what.to_owned(), balance, table));
+                report
+                    .subledger_mismatches
+                    .push((what.to_owned(), balance, table));
             }
         }
         tx.rollback().await?;

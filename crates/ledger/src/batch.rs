@@ -89,11 +89,15 @@ enum Slot {
 impl Ledger {
     /// Settles many jobs, in batches of one transaction each; results in request order.
     /// Each job behaves exactly as [`Ledger::settle`] would alone.
-    pub async fn settle_many(&self, requests: &[SettleRequest]) -> Vec<Result<Receipt<Settlement>>> {
+    pub async fn settle_many(
+        &self,
+        requests: &[SettleRequest],
+    ) -> Vec<Result<Receipt<Settlement>>> {
         let mut out = Vec::with_capacity(requests.len());
         for chunk in requests.chunks(MAX_BATCH) {
             let mut prepared = Vec::with_capacity(chunk.len());
-            let mut slots: Vec<Option<Result<Receipt<Settlement>>>> = Vec::with_capacity(chunk.len());
+            let mut slots: Vec<Option<Result<Receipt<Settlement>>>> =
+                Vec::with_capacity(chunk.len());
             for r in chunk {
                 match self.prepare_settle(r) {
                     Ok(p) => {
@@ -156,16 +160,29 @@ impl Ledger {
             query = query.bind(job.key.clone());
         }
         for row in query.fetch_all(&mut *tx).await? {
-            existing.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
+            existing.insert(
+                row.try_get(0)?,
+                (
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                    row.try_get(3)?,
+                    row.try_get(4)?,
+                ),
+            );
         }
 
         // Balances of every account the jobs touch, kept up to date as the batch is decided in
         // order: a payee credited by an earlier job may pay in a later one, as it could alone.
-        let mut payers: Vec<&str> =
-            jobs.iter().flat_map(|j| j.legs.iter().map(|leg| leg.account.as_str())).collect();
+        let mut payers: Vec<&str> = jobs
+            .iter()
+            .flat_map(|j| j.legs.iter().map(|leg| leg.account.as_str()))
+            .collect();
         payers.sort_unstable();
         payers.dedup();
-        let sql = format!("SELECT id, balance FROM accounts WHERE id IN ({})", placeholders(1, payers.len()));
+        let sql = format!(
+            "SELECT id, balance FROM accounts WHERE id IN ({})",
+            placeholders(1, payers.len())
+        );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for payer in &payers {
             query = query.bind(payer.to_string());
@@ -181,10 +198,16 @@ impl Ledger {
         for job in jobs {
             if let Some((id, kind, request, result)) = existing.get(&job.key) {
                 slots.push(Slot::Done(if kind != "settle" || *request != job.request {
-                    Err(Error::IdempotencyConflict { key: job.key.clone() })
+                    Err(Error::IdempotencyConflict {
+                        key: job.key.clone(),
+                    })
                 } else {
                     serde_json::from_str(result)
-                        .map(|value| Receipt { tx_id: *id, replayed: true, value })
+                        .map(|value| Receipt {
+                            tx_id: *id,
+                            replayed: true,
+                            value,
+                        })
                         .map_err(|e| Error::Corrupt(format!("stored result of {:?}: {e}", job.key)))
                 }));
                 continue;
@@ -193,7 +216,9 @@ impl Ledger {
                 slots.push(if *request == job.request {
                     Slot::SameAs(*first)
                 } else {
-                    Slot::Done(Err(Error::IdempotencyConflict { key: job.key.clone() }))
+                    Slot::Done(Err(Error::IdempotencyConflict {
+                        key: job.key.clone(),
+                    }))
                 });
                 continue;
             }
@@ -228,12 +253,19 @@ impl Ledger {
             }
             // Debits: one UPDATE guarded per row. (Not an upsert: SQLite checks the candidate
             // row's CHECK constraint before resolving the conflict.)
-            let debits: Vec<(&str, i64)> = net.iter().filter(|(_, n)| **n < 0).map(|(a, n)| (*a, *n)).collect();
+            let debits: Vec<(&str, i64)> = net
+                .iter()
+                .filter(|(_, n)| **n < 0)
+                .map(|(a, n)| (*a, *n))
+                .collect();
             if !debits.is_empty() {
                 let cases: String = (0..debits.len())
                     .map(|i| format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
                     .collect();
-                let ids = (0..debits.len()).map(|i| format!("${}", 2 * i + 1)).collect::<Vec<_>>().join(", ");
+                let ids = (0..debits.len())
+                    .map(|i| format!("${}", 2 * i + 1))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let sql = format!(
                     "UPDATE accounts SET balance = balance + (CASE id{cases} END) \
                      WHERE id IN ({ids}) AND balance + (CASE id{cases} END) >= 0 RETURNING id"
@@ -247,7 +279,11 @@ impl Ledger {
                 }
             }
             // Credits: one upsert (payees may be new accounts), guarded against overflow.
-            let credits: Vec<(&str, i64)> = net.iter().filter(|(_, n)| **n > 0).map(|(a, n)| (*a, *n)).collect();
+            let credits: Vec<(&str, i64)> = net
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(a, n)| (*a, *n))
+                .collect();
             if !credits.is_empty() {
                 let sql = format!(
                     "INSERT INTO accounts (id, balance) VALUES {} ON CONFLICT (id) DO UPDATE \
@@ -261,7 +297,9 @@ impl Ledger {
                     query = query.bind(account.to_string()).bind(*n);
                 }
                 if query.fetch_all(&mut *tx).await?.len() != credits.len() {
-                    return Err(Error::Corrupt("batch credit guard refused an update".into()));
+                    return Err(Error::Corrupt(
+                        "batch credit guard refused an update".into(),
+                    ));
                 }
             }
 
@@ -275,7 +313,12 @@ impl Ledger {
             for job in &fresh {
                 let result = serde_json::to_string(&job.value)
                     .map_err(|e| Error::Corrupt(format!("result not serialisable: {e}")))?;
-                query = query.bind(job.key.clone()).bind("settle").bind(job.request.clone()).bind(result).bind(now);
+                query = query
+                    .bind(job.key.clone())
+                    .bind("settle")
+                    .bind(job.request.clone())
+                    .bind(result)
+                    .bind(now);
             }
             for row in query.fetch_all(&mut *tx).await? {
                 ids.insert(row.try_get(1)?, row.try_get(0)?);
@@ -285,7 +328,10 @@ impl Ledger {
                 .iter()
                 .flat_map(|job| {
                     let id = ids.get(&job.key).copied().unwrap_or(-1);
-                    job.legs.iter().enumerate().map(move |(seq, leg)| (id, seq as i64, leg))
+                    job.legs
+                        .iter()
+                        .enumerate()
+                        .map(move |(seq, leg)| (id, seq as i64, leg))
                 })
                 .collect();
             if rows.iter().any(|(id, _, _)| *id < 0) {
@@ -297,7 +343,11 @@ impl Ledger {
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (id, seq, leg) in rows {
-                query = query.bind(id).bind(seq).bind(leg.account.clone()).bind(leg.amount);
+                query = query
+                    .bind(id)
+                    .bind(seq)
+                    .bind(leg.account.clone())
+                    .bind(leg.amount);
             }
             query.execute(&mut *tx).await?;
         }
@@ -305,14 +355,21 @@ impl Ledger {
 
         let receipts: Vec<Receipt<Settlement>> = fresh
             .iter()
-            .map(|job| Receipt { tx_id: ids[&job.key], replayed: false, value: job.value })
+            .map(|job| Receipt {
+                tx_id: ids[&job.key],
+                replayed: false,
+                value: job.value,
+            })
             .collect();
         Ok(slots
             .into_iter()
             .map(|slot| match slot {
                 Slot::Done(result) => result,
                 Slot::Fresh(i) => Ok(receipts[i].clone()),
-                Slot::SameAs(i) => Ok(Receipt { replayed: true, ..receipts[i].clone() }),
+                Slot::SameAs(i) => Ok(Receipt {
+                    replayed: true,
+                    ..receipts[i].clone()
+                }),
             })
             .collect())
     }
@@ -320,7 +377,10 @@ impl Ledger {
 
 /// `$first, $first+1, …` for `n` parameters.
 fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `n` tuples of `width` parameters each, numbered from `first`.

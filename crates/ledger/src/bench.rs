@@ -30,7 +30,9 @@ pub struct BenchReport {
 pub async fn bench_settlements(url: &str, n: u64, concurrency: usize) -> Result<BenchReport> {
     let concurrency = concurrency.max(1);
     let ledger = Ledger::open(url, LedgerConfig::dev()).await?;
-    let faucet = ledger.faucet().ok_or(Error::Corrupt("dev ledger without faucet".into()))?;
+    let faucet = ledger
+        .faucet()
+        .ok_or(Error::Corrupt("dev ledger without faucet".into()))?;
     let provider = Address::repeat_byte(0xfe);
     // Unique per run, so a bench against a reused PostgreSQL database never replays old keys.
     let run = std::time::SystemTime::now()
@@ -42,7 +44,9 @@ pub async fn bench_settlements(url: &str, n: u64, concurrency: usize) -> Result<
         let mut bytes = [0u8; 20];
         bytes[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
         let agent = Address::from(bytes);
-        faucet.mint(&format!("bench-{run}-fund-{i}"), agent, 1_000_000_000_000).await?;
+        faucet
+            .mint(&format!("bench-{run}-fund-{i}"), agent, 1_000_000_000_000)
+            .await?;
         agents.push(agent);
     }
     let per_task = n / concurrency as u64;
@@ -55,7 +59,9 @@ pub async fn bench_settlements(url: &str, n: u64, concurrency: usize) -> Result<
         tasks.spawn(async move {
             for j in 0..jobs {
                 let key = format!("bench-{run}-{i}-{j}");
-                ledger.settle(&key, agent, provider, 1_000, 100 + j % 900).await?;
+                ledger
+                    .settle(&key, agent, provider, 1_000, 100 + j % 900)
+                    .await?;
             }
             Ok::<_, Error>(())
         });

@@ -57,10 +57,11 @@ impl Ledger {
 
     /// A provider's bonded stake (zero if it never staked).
     pub async fn staked(&self, provider: Address) -> Result<u64> {
-        let staked: Option<i64> = sqlx::query_scalar("SELECT amount FROM stakes WHERE account = $1")
-            .bind(AccountId::from(provider).key())
-            .fetch_optional(&self.pool)
-            .await?;
+        let staked: Option<i64> =
+            sqlx::query_scalar("SELECT amount FROM stakes WHERE account = $1")
+                .bind(AccountId::from(provider).key())
+                .fetch_optional(&self.pool)
+                .await?;
         to_u64(staked.unwrap_or(0))
     }
 
@@ -77,7 +78,11 @@ impl Ledger {
             .fetch_optional(&self.pool)
             .await?;
         row.map(|row| {
-            Ok(TransactionRecord { id: row.try_get(0)?, kind: row.try_get(1)?, result: row.try_get(2)? })
+            Ok(TransactionRecord {
+                id: row.try_get(0)?,
+                kind: row.try_get(1)?,
+                result: row.try_get(2)?,
+            })
         })
         .transpose()
     }
@@ -101,7 +106,11 @@ impl Ledger {
         if self.consume_nonce(signer, scope, nonce).await? {
             Ok(())
         } else {
-            Err(Error::ReplayedNonce { signer: AccountId::from(signer).key(), scope: scope.to_owned(), nonce })
+            Err(Error::ReplayedNonce {
+                signer: AccountId::from(signer).key(),
+                scope: scope.to_owned(),
+                nonce,
+            })
         }
     }
 }

@@ -107,7 +107,10 @@ fn bps(amount: i64, bps: u32) -> i64 {
 }
 
 fn legs(raw: &[(&str, i64)]) -> Vec<Leg> {
-    raw.iter().filter(|(_, amount)| *amount != 0).map(|(a, amount)| Leg::new(*a, *amount)).collect()
+    raw.iter()
+        .filter(|(_, amount)| *amount != 0)
+        .map(|(a, amount)| Leg::new(*a, *amount))
+        .collect()
 }
 
 impl Ledger {
@@ -124,7 +127,12 @@ impl Ledger {
         let request = format!("{from}>{to}:{amount}");
         self.execute(key, "transfer", request, |_conn| {
             let (from, to) = (from.clone(), to.clone());
-            Box::pin(async move { Ok((vec![Leg::new(from, -amount_i), Leg::new(to, amount_i)], amount)) })
+            Box::pin(async move {
+                Ok((
+                    vec![Leg::new(from, -amount_i), Leg::new(to, amount_i)],
+                    amount,
+                ))
+            })
         })
         .await
     }
@@ -137,13 +145,17 @@ impl Ledger {
         self.execute(key, "hold", request, |conn| {
             let payer = payer.clone();
             Box::pin(async move {
-                let escrow_id: i64 =
-                    sqlx::query_scalar("INSERT INTO escrows (payer, held) VALUES ($1, $2) RETURNING id")
-                        .bind(&payer)
-                        .bind(amount_i)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                Ok((vec![Leg::new(payer, -amount_i), Leg::new(ESCROW, amount_i)], Hold { escrow_id, amount }))
+                let escrow_id: i64 = sqlx::query_scalar(
+                    "INSERT INTO escrows (payer, held) VALUES ($1, $2) RETURNING id",
+                )
+                .bind(&payer)
+                .bind(amount_i)
+                .fetch_one(&mut *conn)
+                .await?;
+                Ok((
+                    vec![Leg::new(payer, -amount_i), Leg::new(ESCROW, amount_i)],
+                    Hold { escrow_id, amount },
+                ))
             })
         })
         .await
@@ -169,7 +181,14 @@ impl Ledger {
                 let fee = bps(amount_i, fee_bps);
                 let paid = amount_i - fee;
                 let legs = legs(&[(ESCROW, -amount_i), (&payee, paid), (FEES, fee)]);
-                Ok((legs, Capture { escrow_id, paid: to_u64(paid)?, fee: to_u64(fee)? }))
+                Ok((
+                    legs,
+                    Capture {
+                        escrow_id,
+                        paid: to_u64(paid)?,
+                        fee: to_u64(fee)?,
+                    },
+                ))
             })
         })
         .await
@@ -181,7 +200,13 @@ impl Ledger {
             Box::pin(async move {
                 let (payer, refunded) = release_escrow(conn, escrow_id).await?;
                 let legs = legs(&[(ESCROW, -refunded), (&payer, refunded)]);
-                Ok((legs, Release { escrow_id, refunded: to_u64(refunded)? }))
+                Ok((
+                    legs,
+                    Release {
+                        escrow_id,
+                        refunded: to_u64(refunded)?,
+                    },
+                ))
             })
         })
         .await
@@ -242,7 +267,13 @@ impl Ledger {
         max_cost: u64,
         used: u64,
     ) -> Result<Receipt<Settlement>> {
-        let request = SettleRequest { key: key.to_owned(), payer, payee, max_cost, used };
+        let request = SettleRequest {
+            key: key.to_owned(),
+            payer,
+            payee,
+            max_cost,
+            used,
+        };
         match &self.settler {
             Some(queue) => {
                 let prepared = self.prepare_settle(&request)?;
@@ -261,11 +292,18 @@ impl Ledger {
 
     /// Checks a settlement's arguments and works out its journal rows.
     pub(crate) fn prepare_settle(&self, r: &SettleRequest) -> Result<PreparedSettle> {
-        let (payer, payee) = (AccountId::from(r.payer).key(), AccountId::from(r.payee).key());
+        let (payer, payee) = (
+            AccountId::from(r.payer).key(),
+            AccountId::from(r.payee).key(),
+        );
         let max_i = micro(r.max_cost)?;
         let used_i = to_i64(r.used)?;
         if used_i > max_i {
-            return Err(Error::EscrowExceeded { escrow: None, remaining: r.max_cost, requested: r.used });
+            return Err(Error::EscrowExceeded {
+                escrow: None,
+                remaining: r.max_cost,
+                requested: r.used,
+            });
         }
         let fee = bps(used_i, self.config.fee_bps);
         let (paid, refunded) = (used_i - fee, max_i - used_i);
@@ -278,10 +316,21 @@ impl Ledger {
             (ESCROW, -refunded),
             (&payer, refunded),
         ]);
-        let value =
-            Settlement { escrow_id: None, paid: to_u64(paid)?, fee: to_u64(fee)?, refunded: to_u64(refunded)? };
+        let value = Settlement {
+            escrow_id: None,
+            paid: to_u64(paid)?,
+            fee: to_u64(fee)?,
+            refunded: to_u64(refunded)?,
+        };
         let request = format!("{payer}>{payee}:{}:{}", r.max_cost, r.used);
-        Ok(PreparedSettle { key: r.key.clone(), request, payer, max: max_i, legs, value })
+        Ok(PreparedSettle {
+            key: r.key.clone(),
+            request,
+            payer,
+            max: max_i,
+            legs,
+            value,
+        })
     }
 
     /// One settlement in its own transaction.
@@ -314,17 +363,28 @@ impl Ledger {
                 if staked.is_none() {
                     return Err(Error::Overflow);
                 }
-                Ok((vec![Leg::new(provider, -amount_i), Leg::new(STAKE, amount_i)], amount))
+                Ok((
+                    vec![Leg::new(provider, -amount_i), Leg::new(STAKE, amount_i)],
+                    amount,
+                ))
             })
         })
         .await
     }
 
     /// Starts unbonding `amount` of stake; it can be withdrawn after the unbonding period.
-    pub async fn unstake(&self, key: &str, provider: Address, amount: u64) -> Result<Receipt<Unbonding>> {
+    pub async fn unstake(
+        &self,
+        key: &str,
+        provider: Address,
+        amount: u64,
+    ) -> Result<Receipt<Unbonding>> {
         let provider = AccountId::from(provider).key();
         let amount_i = micro(amount)?;
-        let release_at = self.now().checked_add(self.config.unbonding_secs).ok_or(Error::Overflow)?;
+        let release_at = self
+            .now()
+            .checked_add(self.config.unbonding_secs)
+            .ok_or(Error::Overflow)?;
         let release_at_i = to_i64(release_at)?;
         let request = format!("{provider}:{amount}");
         self.execute(key, "unstake", request, |conn| {
@@ -376,12 +436,17 @@ impl Ledger {
                 .await?;
                 let mut total = 0i64;
                 for row in rows {
-                    total = total.checked_add(row.try_get::<i64, _>(0)?).ok_or(Error::Overflow)?;
+                    total = total
+                        .checked_add(row.try_get::<i64, _>(0)?)
+                        .ok_or(Error::Overflow)?;
                 }
                 if total == 0 {
                     return Err(Error::NothingToWithdraw(provider));
                 }
-                Ok((vec![Leg::new(UNBONDING, -total), Leg::new(provider, total)], to_u64(total)?))
+                Ok((
+                    vec![Leg::new(UNBONDING, -total), Leg::new(provider, total)],
+                    to_u64(total)?,
+                ))
             })
         })
         .await
@@ -410,7 +475,11 @@ impl Ledger {
                 let staked = to_i64(staked_amount(conn, &provider).await?)?;
                 let take = amount_i.min(staked);
                 if take == 0 {
-                    return Err(Error::InsufficientStake { account: provider, needed: amount, staked: 0 });
+                    return Err(Error::InsufficientStake {
+                        account: provider,
+                        needed: amount,
+                        staked: 0,
+                    });
                 }
                 // Compare-and-set on the amount read: a concurrent unstake makes this a retry.
                 let updated = sqlx::query(
@@ -424,8 +493,16 @@ impl Ledger {
                 if updated.rows_affected() != 1 {
                     return Err(Error::Conflict);
                 }
-                let to_verifier = if verifier.is_some() { bps(take, split.verifier_bps) } else { 0 };
-                let to_agent = if agent.is_some() { bps(take, split.agent_bps) } else { 0 };
+                let to_verifier = if verifier.is_some() {
+                    bps(take, split.verifier_bps)
+                } else {
+                    0
+                };
+                let to_agent = if agent.is_some() {
+                    bps(take, split.agent_bps)
+                } else {
+                    0
+                };
                 let to_treasury = take - to_verifier - to_agent;
                 let mut raw = vec![(STAKE, -take), (TREASURY, to_treasury)];
                 if let Some(v) = &verifier {
@@ -447,7 +524,12 @@ impl Ledger {
     }
 
     /// Destroys `amount` of an account's money (counted in the supply's `burned`).
-    pub async fn burn(&self, key: &str, from: impl Into<AccountId>, amount: u64) -> Result<Receipt<u64>> {
+    pub async fn burn(
+        &self,
+        key: &str,
+        from: impl Into<AccountId>,
+        amount: u64,
+    ) -> Result<Receipt<u64>> {
         let from = free_account(from.into())?;
         let amount_i = micro(amount)?;
         let request = format!("{from}:{amount}");
@@ -496,7 +578,9 @@ impl Ledger {
 
     /// The development faucet, or `None` unless the ledger was opened with `dev_mode`.
     pub fn faucet(&self) -> Option<Faucet> {
-        self.config.dev_mode.then(|| Faucet { ledger: self.clone() })
+        self.config.dev_mode.then(|| Faucet {
+            ledger: self.clone(),
+        })
     }
 }
 
@@ -508,7 +592,12 @@ pub struct Faucet {
 
 impl Faucet {
     /// Mints `amount` micro-units to `to`.
-    pub async fn mint(&self, key: &str, to: impl Into<AccountId>, amount: u64) -> Result<Receipt<u64>> {
+    pub async fn mint(
+        &self,
+        key: &str,
+        to: impl Into<AccountId>,
+        amount: u64,
+    ) -> Result<Receipt<u64>> {
         self.ledger.mint(key, to.into(), amount).await
     }
 }
@@ -565,15 +654,18 @@ async fn release_escrow(conn: &mut sqlx::AnyConnection, escrow_id: i64) -> Resul
 }
 
 pub(crate) async fn escrow_row(conn: &mut sqlx::AnyConnection, escrow_id: i64) -> Result<Escrow> {
-    let row = sqlx::query("SELECT payer, held, captured, released, is_open FROM escrows WHERE id = $1")
-        .bind(escrow_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(Error::UnknownEscrow(escrow_id))?;
+    let row =
+        sqlx::query("SELECT payer, held, captured, released, is_open FROM escrows WHERE id = $1")
+            .bind(escrow_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or(Error::UnknownEscrow(escrow_id))?;
     let payer: String = row.try_get(0)?;
     Ok(Escrow {
         id: escrow_id,
-        payer: payer.parse().map_err(|_| Error::Corrupt(format!("escrow payer {payer:?}")))?,
+        payer: payer
+            .parse()
+            .map_err(|_| Error::Corrupt(format!("escrow payer {payer:?}")))?,
         held: to_u64(row.try_get(1)?)?,
         captured: to_u64(row.try_get(2)?)?,
         released: to_u64(row.try_get(3)?)?,

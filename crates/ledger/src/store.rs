@@ -16,9 +16,8 @@ use std::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sqlx::{
     any::AnyPoolOptions,
-    AnyConnection,
     migrate::{Migration, MigrationType, Migrator},
-    AnyPool, AssertSqlSafe, Row, SqlSafeStr,
+    AnyConnection, AnyPool, AssertSqlSafe, Row, SqlSafeStr,
 };
 
 use crate::{AccountId, Error, Result, SystemAccount};
@@ -58,7 +57,10 @@ pub struct SlashSplit {
 
 impl Default for SlashSplit {
     fn default() -> Self {
-        Self { verifier_bps: 2_000, agent_bps: 3_000 }
+        Self {
+            verifier_bps: 2_000,
+            agent_bps: 3_000,
+        }
     }
 }
 
@@ -97,7 +99,10 @@ impl Default for LedgerConfig {
 impl LedgerConfig {
     /// The default settings with the development faucet on.
     pub fn dev() -> Self {
-        Self { dev_mode: true, ..Self::default() }
+        Self {
+            dev_mode: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -121,7 +126,10 @@ pub(crate) struct Leg {
 
 impl Leg {
     pub fn new(account: impl Into<String>, amount: i64) -> Self {
-        Self { account: account.into(), amount }
+        Self {
+            account: account.into(),
+            amount,
+        }
     }
 }
 
@@ -158,7 +166,10 @@ pub struct BatchStats {
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ledger").field("backend", &self.backend).field("config", &self.config).finish()
+        f.debug_struct("Ledger")
+            .field("backend", &self.backend)
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -184,7 +195,11 @@ impl Ledger {
         let backend = Backend::from_url(url)?;
         let pool = match backend {
             Backend::Sqlite => {
-                let url = if url.contains('?') { url.to_owned() } else { format!("{url}?mode=rwc") };
+                let url = if url.contains('?') {
+                    url.to_owned()
+                } else {
+                    format!("{url}?mode=rwc")
+                };
                 AnyPoolOptions::new()
                     .max_connections(1)
                     .min_connections(1)
@@ -207,7 +222,10 @@ impl Ledger {
                     .await?
             }
             Backend::Postgres => {
-                AnyPoolOptions::new().max_connections(config.max_connections.max(1)).connect(url).await?
+                AnyPoolOptions::new()
+                    .max_connections(config.max_connections.max(1))
+                    .connect(url)
+                    .await?
             }
         };
         migrator(backend).run(&pool).await?;
@@ -312,22 +330,31 @@ impl Ledger {
         F: for<'c> Fn(&'c mut AnyConnection) -> OpFuture<'c, T>,
     {
         let mut tx = self.pool.begin().await?;
-        let existing = sqlx::query(
-            "SELECT id, kind, request, result FROM transactions WHERE idem_key = $1",
-        )
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let existing =
+            sqlx::query("SELECT id, kind, request, result FROM transactions WHERE idem_key = $1")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
         if let Some(row) = existing {
             tx.rollback().await?;
-            let (id, old_kind, old_request, result): (i64, String, String, String) =
-                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+            let (id, old_kind, old_request, result): (i64, String, String, String) = (
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            );
             if old_kind != kind || old_request != request {
-                return Err(Error::IdempotencyConflict { key: key.to_owned() });
+                return Err(Error::IdempotencyConflict {
+                    key: key.to_owned(),
+                });
             }
             let value = serde_json::from_str(&result)
                 .map_err(|e| Error::Corrupt(format!("stored result of {key:?}: {e}")))?;
-            return Ok(Receipt { tx_id: id, replayed: true, value });
+            return Ok(Receipt {
+                tx_id: id,
+                replayed: true,
+                value,
+            });
         }
 
         let (legs, value) = op(&mut tx).await?;
@@ -348,12 +375,19 @@ impl Ledger {
         insert_entries(&mut tx, tx_id, &legs).await?;
         tx.commit().await?;
         tracing::debug!(key, kind, tx_id, "committed");
-        Ok(Receipt { tx_id, replayed: false, value })
+        Ok(Receipt {
+            tx_id,
+            replayed: false,
+            value,
+        })
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A positive amount in the database's signed 64-bit micro-units.
@@ -376,9 +410,14 @@ pub(crate) fn to_u64(value: i64) -> Result<u64> {
 /// point of the sequence and that nothing overflows. Accounts are updated in id order so that
 /// concurrent PostgreSQL transactions lock rows in the same order and cannot deadlock.
 async fn apply_legs(conn: &mut AnyConnection, legs: &[Leg]) -> Result<()> {
-    let sum = legs.iter().try_fold(0i64, |acc, leg| acc.checked_add(leg.amount)).ok_or(Error::Overflow)?;
+    let sum = legs
+        .iter()
+        .try_fold(0i64, |acc, leg| acc.checked_add(leg.amount))
+        .ok_or(Error::Overflow)?;
     if sum != 0 {
-        return Err(Error::Corrupt(format!("unbalanced journal transaction: {legs:?}")));
+        return Err(Error::Corrupt(format!(
+            "unbalanced journal transaction: {legs:?}"
+        )));
     }
     // Per account: net change, and the lowest running total (how much must be there up front).
     let mut accounts: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
@@ -456,7 +495,10 @@ async fn insert_entries(conn: &mut AnyConnection, tx_id: i64, legs: &[Leg]) -> R
     }
     let mut query = sqlx::query(AssertSqlSafe(sql)).bind(tx_id);
     for (seq, leg) in legs.iter().enumerate() {
-        query = query.bind(seq as i64).bind(leg.account.clone()).bind(leg.amount);
+        query = query
+            .bind(seq as i64)
+            .bind(leg.account.clone())
+            .bind(leg.amount);
     }
     query.execute(&mut *conn).await?;
     Ok(())

@@ -1,11 +1,6 @@
 //! Signed envelopes and their verification (EIP-712 typed-data signatures).
 
-use std::{
-    borrow::Cow,
-    collections::HashSet,
-    future::Future,
-    sync::Mutex,
-};
+use std::{borrow::Cow, collections::HashSet, future::Future, sync::Mutex};
 
 use alloy_primitives::{address, Address, FixedBytes, Signature, B256, U256};
 use alloy_signer::SignerSync;
@@ -43,7 +38,10 @@ impl Default for Domain {
 impl Domain {
     /// The Tessera domain on `chain_id` with the fixed [`VERIFYING_CONTRACT`].
     pub const fn new(chain_id: u64) -> Self {
-        Self { chain_id, verifying_contract: VERIFYING_CONTRACT }
+        Self {
+            chain_id,
+            verifying_contract: VERIFYING_CONTRACT,
+        }
     }
 
     /// The full EIP-712 domain separator input.
@@ -136,7 +134,10 @@ impl NonceStore for MemoryNonceStore {
         scope: &'static str,
         nonce: u64,
     ) -> std::result::Result<bool, Self::Error> {
-        let mut used = self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut used = self
+            .used
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok(used.insert((signer, scope, nonce)))
     }
 }
@@ -176,7 +177,10 @@ impl Verifier {
         }
         let recovered = signed.recover()?;
         if recovered != signed.signer {
-            return Err(Error::WrongSigner { claimed: signed.signer, recovered });
+            return Err(Error::WrongSigner {
+                claimed: signed.signer,
+                recovered,
+            });
         }
         Ok(recovered)
     }
@@ -197,7 +201,11 @@ impl Verifier {
             .map_err(|e| Error::NonceStore(Box::new(e)))?;
         if !fresh {
             tracing::debug!(%signer, scope = T::NAME, nonce, "replayed nonce rejected");
-            return Err(Error::ReplayedNonce { signer, scope: T::NAME, nonce });
+            return Err(Error::ReplayedNonce {
+                signer,
+                scope: T::NAME,
+                nonce,
+            });
         }
         Ok(signer)
     }

@@ -18,14 +18,18 @@ pub struct Wallet {
 
 impl std::fmt::Debug for Wallet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wallet").field("address", &self.address()).finish_non_exhaustive()
+        f.debug_struct("Wallet")
+            .field("address", &self.address())
+            .finish_non_exhaustive()
     }
 }
 
 impl Wallet {
     /// A fresh random key from the operating system's CSPRNG.
     pub fn random() -> Self {
-        Self { signer: PrivateKeySigner::random() }
+        Self {
+            signer: PrivateKeySigner::random(),
+        }
     }
 
     /// A wallet from a hex private key (with or without `0x`).
@@ -78,6 +82,8 @@ impl Wallet {
 
     /// Decrypts the keystore at `path` with `password`; a wrong password is an error.
     pub fn load_keystore(path: &Path, password: &str) -> Result<Self> {
-        Ok(Self { signer: PrivateKeySigner::decrypt_keystore(path, password)? })
+        Ok(Self {
+            signer: PrivateKeySigner::decrypt_keystore(path, password)?,
+        })
     }
 }

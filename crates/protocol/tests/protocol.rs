@@ -23,19 +23,45 @@ fn inference_request() -> InferenceRequest {
     }
 }
 fn api_key_registration() -> ApiKeyRegistration {
-    ApiKeyRegistration { keyHash: hash(3), nonce: 1, expiry: NOW + 60 }
+    ApiKeyRegistration {
+        keyHash: hash(3),
+        nonce: 1,
+        expiry: NOW + 60,
+    }
 }
 fn stake_order() -> StakeOrder {
-    StakeOrder { action: StakeAction::Unstake as u8, amount: 5_000_000, nonce: 2, expiry: NOW + 60 }
+    StakeOrder {
+        action: StakeAction::Unstake as u8,
+        amount: 5_000_000,
+        nonce: 2,
+        expiry: NOW + 60,
+    }
 }
 fn task_posting() -> TaskPosting {
-    TaskPosting { taskHash: hash(4), reward: 1_000, bond: 100, nonce: 3, expiry: NOW + 60 }
+    TaskPosting {
+        taskHash: hash(4),
+        reward: 1_000,
+        bond: 100,
+        nonce: 3,
+        expiry: NOW + 60,
+    }
 }
 fn task_claim() -> TaskClaim {
-    TaskClaim { taskId: hash(5), bond: 100, nonce: 4, expiry: NOW + 60 }
+    TaskClaim {
+        taskId: hash(5),
+        bond: 100,
+        nonce: 4,
+        expiry: NOW + 60,
+    }
 }
 fn provider_registration() -> ProviderRegistration {
-    ProviderRegistration { model: hash(6), pricePerToken: 3, capacity: 8, nonce: 5, expiry: NOW + 60 }
+    ProviderRegistration {
+        model: hash(6),
+        pricePerToken: 3,
+        capacity: 8,
+        nonce: 5,
+        expiry: NOW + 60,
+    }
 }
 
 /// Sign, serialise through JSON, and recover the signer.
@@ -47,7 +73,10 @@ fn round_trip<T: TypedMessage + PartialEq + std::fmt::Debug>(message: T) {
     assert_eq!(back, signed);
     assert_eq!(back.message, message);
     assert_eq!(back.recover().unwrap(), wallet.address());
-    assert_eq!(Verifier::default().check(&back, NOW).unwrap(), wallet.address());
+    assert_eq!(
+        Verifier::default().check(&back, NOW).unwrap(),
+        wallet.address()
+    );
 }
 
 /// Any change to the signed contents must make the signature recover to someone else.
@@ -110,9 +139,14 @@ fn claimed_signer_that_did_not_sign_is_rejected() {
 
 #[test]
 fn expired_message_is_rejected() {
-    let signed = Wallet::random().sign(inference_request(), Domain::default()).unwrap();
+    let signed = Wallet::random()
+        .sign(inference_request(), Domain::default())
+        .unwrap();
     let expiry = signed.message.expiry;
-    assert!(Verifier::default().check(&signed, expiry).is_ok(), "valid through its expiry second");
+    assert!(
+        Verifier::default().check(&signed, expiry).is_ok(),
+        "valid through its expiry second"
+    );
     assert!(matches!(
         Verifier::default().check(&signed, expiry + 1),
         Err(Error::Expired { expiry: e, now }) if e == expiry && now == expiry + 1
@@ -121,31 +155,50 @@ fn expired_message_is_rejected() {
 
 #[test]
 fn wrong_chain_is_rejected() {
-    let signed = Wallet::random().sign(stake_order(), Domain::new(1)).unwrap();
+    let signed = Wallet::random()
+        .sign(stake_order(), Domain::new(1))
+        .unwrap();
     assert!(matches!(
         Verifier::new(Domain::new(31337)).check(&signed, NOW),
-        Err(Error::WrongDomain { expected_chain: 31337, got_chain: 1, .. })
+        Err(Error::WrongDomain {
+            expected_chain: 31337,
+            got_chain: 1,
+            ..
+        })
     ));
 }
 
 #[test]
 fn domain_relabelled_after_signing_is_rejected() {
     // Signed for chain 1, then the envelope is edited to claim chain 31337.
-    let mut signed = Wallet::random().sign(stake_order(), Domain::new(1)).unwrap();
+    let mut signed = Wallet::random()
+        .sign(stake_order(), Domain::new(1))
+        .unwrap();
     signed.domain = Domain::default();
-    assert!(matches!(Verifier::default().check(&signed, NOW), Err(Error::WrongSigner { .. })));
+    assert!(matches!(
+        Verifier::default().check(&signed, NOW),
+        Err(Error::WrongSigner { .. })
+    ));
 }
 
 #[test]
 fn wrong_verifying_contract_is_rejected() {
-    let domain = Domain { chain_id: 31337, verifying_contract: Address::repeat_byte(0xaa) };
+    let domain = Domain {
+        chain_id: 31337,
+        verifying_contract: Address::repeat_byte(0xaa),
+    };
     let signed = Wallet::random().sign(task_posting(), domain).unwrap();
-    assert!(matches!(Verifier::default().check(&signed, NOW), Err(Error::WrongDomain { .. })));
+    assert!(matches!(
+        Verifier::default().check(&signed, NOW),
+        Err(Error::WrongDomain { .. })
+    ));
 }
 
 #[test]
 fn malformed_signature_is_rejected() {
-    let mut signed = Wallet::random().sign(task_posting(), Domain::default()).unwrap();
+    let mut signed = Wallet::random()
+        .sign(task_posting(), Domain::default())
+        .unwrap();
     signed.signature.0[..64].fill(0);
     assert!(matches!(
         Verifier::default().check(&signed, NOW),
@@ -159,17 +212,29 @@ async fn replayed_nonce_is_rejected_and_scoped_per_type() {
     let store = MemoryNonceStore::default();
     let verifier = Verifier::default();
     let request = wallet.sign(inference_request(), Domain::default()).unwrap();
-    assert_eq!(verifier.verify(&request, NOW, &store).await.unwrap(), wallet.address());
+    assert_eq!(
+        verifier.verify(&request, NOW, &store).await.unwrap(),
+        wallet.address()
+    );
     assert!(matches!(
         verifier.verify(&request, NOW, &store).await,
-        Err(Error::ReplayedNonce { nonce: 7, scope: "InferenceRequest", .. })
+        Err(Error::ReplayedNonce {
+            nonce: 7,
+            scope: "InferenceRequest",
+            ..
+        })
     ));
     // The same nonce under another message type is a different scope.
-    let claim = TaskClaim { nonce: 7, ..task_claim() };
+    let claim = TaskClaim {
+        nonce: 7,
+        ..task_claim()
+    };
     let claim = wallet.sign(claim, Domain::default()).unwrap();
     verifier.verify(&claim, NOW, &store).await.unwrap();
     // Another signer may use nonce 7 too.
-    let other = Wallet::random().sign(inference_request(), Domain::default()).unwrap();
+    let other = Wallet::random()
+        .sign(inference_request(), Domain::default())
+        .unwrap();
     verifier.verify(&other, NOW, &store).await.unwrap();
 }
 
@@ -179,27 +244,46 @@ async fn rejected_message_does_not_burn_the_nonce() {
     let store = MemoryNonceStore::default();
     let signed = wallet.sign(inference_request(), Domain::default()).unwrap();
     let late = signed.message.expiry + 1;
-    assert!(Verifier::default().verify(&signed, late, &store).await.is_err());
-    Verifier::default().verify(&signed, NOW, &store).await.unwrap();
+    assert!(Verifier::default()
+        .verify(&signed, late, &store)
+        .await
+        .is_err());
+    Verifier::default()
+        .verify(&signed, NOW, &store)
+        .await
+        .unwrap();
 }
 
 #[test]
 fn stake_action_codes() {
     assert_eq!(stake_order().stake_action().unwrap(), StakeAction::Unstake);
-    let bad = StakeOrder { action: 9, ..stake_order() };
-    assert!(matches!(bad.stake_action(), Err(Error::UnknownStakeAction(9))));
+    let bad = StakeOrder {
+        action: 9,
+        ..stake_order()
+    };
+    assert!(matches!(
+        bad.stake_action(),
+        Err(Error::UnknownStakeAction(9))
+    ));
 }
 
 #[test]
 fn keystore_round_trip_and_wrong_password() {
     let dir = tempfile::tempdir().unwrap();
-    let (wallet, path) = Wallet::create_keystore(dir.path(), "agent.json", "correct horse").unwrap();
+    let (wallet, path) =
+        Wallet::create_keystore(dir.path(), "agent.json", "correct horse").unwrap();
     let json = std::fs::read_to_string(&path).unwrap();
     assert!(json.contains("\"crypto\""), "Web3 Secret Storage layout");
-    assert!(!json.contains(&format!("{:x}", wallet.signer().to_bytes())), "key stored in clear");
+    assert!(
+        !json.contains(&format!("{:x}", wallet.signer().to_bytes())),
+        "key stored in clear"
+    );
     let loaded = Wallet::load_keystore(&path, "correct horse").unwrap();
     assert_eq!(loaded.address(), wallet.address());
-    assert!(matches!(Wallet::load_keystore(&path, "wrong"), Err(Error::Keystore(_))));
+    assert!(matches!(
+        Wallet::load_keystore(&path, "wrong"),
+        Err(Error::Keystore(_))
+    ));
 }
 
 #[test]
@@ -209,8 +293,16 @@ fn private_key_import() {
     let wallet = Wallet::from_private_key_hex(key).unwrap();
     assert_eq!(
         wallet.address(),
-        "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266".parse::<Address>().unwrap()
+        "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+            .parse::<Address>()
+            .unwrap()
     );
-    assert!(matches!(Wallet::from_private_key_hex("0x1234"), Err(Error::InvalidKey(_))));
-    assert!(!format!("{wallet:?}").contains("ac0974"), "Debug must not leak the key");
+    assert!(matches!(
+        Wallet::from_private_key_hex("0x1234"),
+        Err(Error::InvalidKey(_))
+    ));
+    assert!(
+        !format!("{wallet:?}").contains("ac0974"),
+        "Debug must not leak the key"
+    );
 }

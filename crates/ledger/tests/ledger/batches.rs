@@ -2,7 +2,7 @@
 //! every job exactly as settling it alone would.
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use tessera_ledger::{Ledger, LedgerConfig, Result, Receipt, Settlement, SettleRequest};
+use tessera_ledger::{Ledger, LedgerConfig, Receipt, Result, SettleRequest, Settlement};
 
 use crate::{
     both_backends,
@@ -29,7 +29,11 @@ fn requests(seed: u64) -> Vec<SettleRequest> {
         let payer = wallet(rng.random_range(1..=7));
         let payee = wallet(rng.random_range(1..=8));
         let max_cost = rng.random_range(1..=4_000u64);
-        let used = if rng.random_bool(0.05) { max_cost + 1 } else { rng.random_range(0..=max_cost) };
+        let used = if rng.random_bool(0.05) {
+            max_cost + 1
+        } else {
+            rng.random_range(0..=max_cost)
+        };
         let request = match rng.random_range(0..10) {
             // Same key, same request, as an earlier job of this list.
             0 if !out.is_empty() => out[rng.random_range(0..out.len())].clone(),
@@ -41,8 +45,20 @@ fn requests(seed: u64) -> Vec<SettleRequest> {
                 r
             }
             // A key settled by an earlier call.
-            2 => SettleRequest { key: format!("earlier-{}", rng.random_range(0..5)), payer: wallet(1), payee: wallet(2), max_cost: 10, used: 5 },
-            _ => SettleRequest { key: format!("{seed}-{i}"), payer, payee, max_cost, used },
+            2 => SettleRequest {
+                key: format!("earlier-{}", rng.random_range(0..5)),
+                payer: wallet(1),
+                payee: wallet(2),
+                max_cost: 10,
+                used: 5,
+            },
+            _ => SettleRequest {
+                key: format!("{seed}-{i}"),
+                payer,
+                payee,
+                max_cost,
+                used,
+            },
         };
         out.push(request);
     }
@@ -52,18 +68,31 @@ fn requests(seed: u64) -> Vec<SettleRequest> {
 async fn fund(ledger: &Ledger) {
     let faucet = ledger.faucet().unwrap();
     for w in 1..=6u8 {
-        faucet.mint(&format!("fund-{w}"), wallet(w), u64::from(w) * 6_000).await.unwrap();
+        faucet
+            .mint(&format!("fund-{w}"), wallet(w), u64::from(w) * 6_000)
+            .await
+            .unwrap();
     }
     for k in 0..5 {
-        ledger.settle(&format!("earlier-{k}"), wallet(1), wallet(2), 10, 5).await.unwrap();
+        ledger
+            .settle(&format!("earlier-{k}"), wallet(1), wallet(2), 10, 5)
+            .await
+            .unwrap();
     }
 }
 
 pub async fn settle_many_matches_one_by_one(url: String) {
     let batched = Ledger::open(&url, LedgerConfig::dev()).await.unwrap();
     let alone_db = crate::support::sqlite();
-    let alone =
-        Ledger::open(&alone_db.url, LedgerConfig { group_commit: false, ..LedgerConfig::dev() }).await.unwrap();
+    let alone = Ledger::open(
+        &alone_db.url,
+        LedgerConfig {
+            group_commit: false,
+            ..LedgerConfig::dev()
+        },
+    )
+    .await
+    .unwrap();
     fund(&batched).await;
     fund(&alone).await;
     for seed in 0..4 {
@@ -72,9 +101,19 @@ pub async fn settle_many_matches_one_by_one(url: String) {
         assert_eq!(many.len(), requests.len());
         for (i, (request, got)) in requests.iter().zip(&many).enumerate() {
             let single = alone
-                .settle(&request.key, request.payer, request.payee, request.max_cost, request.used)
+                .settle(
+                    &request.key,
+                    request.payer,
+                    request.payee,
+                    request.max_cost,
+                    request.used,
+                )
                 .await;
-            assert_eq!(outcome(got), outcome(&single), "seed {seed}, job {i}: {request:?}");
+            assert_eq!(
+                outcome(got),
+                outcome(&single),
+                "seed {seed}, job {i}: {request:?}"
+            );
         }
         for w in 1..=8u8 {
             assert_eq!(
@@ -87,6 +126,9 @@ pub async fn settle_many_matches_one_by_one(url: String) {
         assert_clean(&alone).await;
     }
     let stats = batched.batch_stats();
-    assert_eq!(stats.fallbacks, 0, "the database refused a batch the ledger decided");
+    assert_eq!(
+        stats.fallbacks, 0,
+        "the database refused a batch the ledger decided"
+    );
     assert!(stats.batches >= 8, "settle_many did not batch: {stats:?}");
 }

@@ -28,10 +28,16 @@ pub async fn ten_thousand_operations(url: String) {
     let faucet = ledger.faucet().unwrap();
     // Hot accounts every task moves money between: contention on the same rows.
     for h in 0..HOT {
-        faucet.mint(&format!("fund-hot-{h}"), wallet(100 + h), START).await.unwrap();
+        faucet
+            .mint(&format!("fund-hot-{h}"), wallet(100 + h), START)
+            .await
+            .unwrap();
     }
     for t in 0..TASKS {
-        faucet.mint(&format!("fund-task-{t}"), wallet(t as u8 + 1), START).await.unwrap();
+        faucet
+            .mint(&format!("fund-task-{t}"), wallet(t as u8 + 1), START)
+            .await
+            .unwrap();
     }
     let provider = wallet(200);
     let fee_bps = i128::from(ledger.config().fee_bps);
@@ -63,7 +69,11 @@ pub async fn ten_thousand_operations(url: String) {
                     }
                     4..=6 => {
                         let used = rng.random_range(0..=1_000u64);
-                        let s = ledger.settle(&key, me, provider, 1_000, used).await.unwrap().value;
+                        let s = ledger
+                            .settle(&key, me, provider, 1_000, used)
+                            .await
+                            .unwrap()
+                            .value;
                         assert_eq!(i128::from(s.fee), i128::from(used) * fee_bps / 10_000);
                         *deltas.entry(me).or_default() -= i128::from(used);
                         *deltas.entry(provider).or_default() += i128::from(s.paid);
@@ -114,11 +124,18 @@ pub async fn ten_thousand_operations(url: String) {
 
     // No lost update: every balance is exactly what the acknowledged operations imply.
     for (account, delta) in &expected {
-        let start = if *account == provider { 0 } else { i128::from(START) };
+        let start = if *account == provider {
+            0
+        } else {
+            i128::from(START)
+        };
         let balance = ledger.balance(*account).await.unwrap();
         assert_eq!(i128::from(balance), start + delta, "balance of {account}");
     }
-    assert_eq!(i128::from(ledger.balance(SystemAccount::Fees).await.unwrap()), fees);
+    assert_eq!(
+        i128::from(ledger.balance(SystemAccount::Fees).await.unwrap()),
+        fees
+    );
     let report = assert_clean(&ledger).await;
     assert!(report.negative_balances.is_empty());
     // Exactly one journal transaction per committed operation plus the funding mints.

@@ -1,4 +1,4 @@
-//! Crash safety: a child process doing transfers is SIGKILLed at random points, 20 times.
+//! Crash safety: a child process doing transfers and settlements is SIGKILLed at random points, 20 times.
 //! After each kill the books must audit clean and every operation the child acknowledged
 //! (printed after its commit returned) must be in the journal.
 
@@ -31,8 +31,18 @@ async fn child_process_entry_point() {
     faucet.mint("seed-a", wallet(1), SEED).await.unwrap();
     faucet.mint("seed-b", wallet(2), SEED).await.unwrap();
     for i in start.. {
-        let (from, to) = if i % 2 == 0 { (wallet(1), wallet(2)) } else { (wallet(2), wallet(1)) };
-        ledger.transfer(&format!("op-{i}"), from, to, i % 7 + 1).await.unwrap();
+        let (from, to) = if i % 2 == 0 {
+            (wallet(1), wallet(2))
+        } else {
+            (wallet(2), wallet(1))
+        };
+        let key = format!("op-{i}");
+        if i % 3 == 2 {
+            // A settlement too, so the group-commit path is killed mid-batch as well.
+            ledger.settle(&key, from, to, 20, i % 21).await.unwrap();
+        } else {
+            ledger.transfer(&key, from, to, i % 7 + 1).await.unwrap();
+        }
         println!("ACK {i}");
     }
 }
@@ -47,7 +57,12 @@ async fn sigkill_at_random_points() {
     let mut next = 0u64;
     for round in 0..20 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash::child_process_entry_point", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash::child_process_entry_point",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_DB, &url)
             .env(CHILD_START, next.to_string())
             .stdout(Stdio::piped())
@@ -80,13 +95,24 @@ async fn sigkill_at_random_points() {
         let report = assert_clean(&ledger).await;
         for i in &acknowledged {
             assert!(
-                ledger.transaction(&format!("op-{i}")).await.unwrap().is_some(),
+                ledger
+                    .transaction(&format!("op-{i}"))
+                    .await
+                    .unwrap()
+                    .is_some(),
                 "round {round}: acknowledged op-{i} lost"
             );
         }
         if report.transactions > 0 {
-            // Conservation between the two wallets: transfers only move money.
-            let total = ledger.balance(wallet(1)).await.unwrap() + ledger.balance(wallet(2)).await.unwrap();
+            // Conservation: transfers and settlements only move money between the two wallets
+            // and the fees account.
+            let fees = ledger
+                .balance(tessera_ledger::SystemAccount::Fees)
+                .await
+                .unwrap();
+            let total = ledger.balance(wallet(1)).await.unwrap()
+                + ledger.balance(wallet(2)).await.unwrap()
+                + fees;
             assert_eq!(total, report.supply as u64);
         }
         ledger.close().await;
@@ -95,7 +121,10 @@ async fn sigkill_at_random_points() {
             next = last.saturating_sub(3);
         }
     }
-    assert!(acknowledged.len() > 20, "the child made too little progress to test anything");
+    assert!(
+        acknowledged.len() > 20,
+        "the child made too little progress to test anything"
+    );
     // Every op id is in the journal at most once and the count matches the distinct ids seen.
     let ledger = Ledger::open(&url, LedgerConfig::dev()).await.unwrap();
     let mut distinct = acknowledged.clone();

@@ -60,7 +60,10 @@ fn op() -> impl Strategy<Value = Op> {
 async fn state(ledger: &Ledger) -> Vec<(Option<u64>, u64)> {
     let mut out = Vec::new();
     for w in 1..=WALLETS {
-        out.push((ledger.balance(wallet(w)).await.ok(), ledger.staked(wallet(w)).await.unwrap()));
+        out.push((
+            ledger.balance(wallet(w)).await.ok(),
+            ledger.staked(wallet(w)).await.unwrap(),
+        ));
     }
     for s in SystemAccount::ALL {
         if s != SystemAccount::Issuance {
@@ -74,7 +77,13 @@ fn receipt<T>(r: tessera_ledger::Result<Receipt<T>>) -> tessera_ledger::Result<(
     r.map(|r| (r.tx_id, r.replayed))
 }
 
-async fn apply(ledger: &Ledger, clock: &ManualClock, escrows: &[i64], key: &str, op: &Op) -> tessera_ledger::Result<(i64, bool)> {
+async fn apply(
+    ledger: &Ledger,
+    clock: &ManualClock,
+    escrows: &[i64],
+    key: &str,
+    op: &Op,
+) -> tessera_ledger::Result<(i64, bool)> {
     let w = |n: &u8| -> Address { wallet(*n) };
     let escrow = |i: &usize| escrows.get(*i).copied().unwrap_or(1_000_000 + *i as i64);
     match op {
@@ -88,9 +97,11 @@ async fn apply(ledger: &Ledger, clock: &ManualClock, escrows: &[i64], key: &str,
         Op::Stake(p, a) => receipt(ledger.stake(key, w(p), *a).await),
         Op::Unstake(p, a) => receipt(ledger.unstake(key, w(p), *a).await),
         Op::Withdraw(p) => receipt(ledger.withdraw(key, w(p)).await),
-        Op::Slash(p, a, v, h) => {
-            receipt(ledger.slash(key, w(p), *a, v.as_ref().map(w), h.as_ref().map(w)).await)
-        }
+        Op::Slash(p, a, v, h) => receipt(
+            ledger
+                .slash(key, w(p), *a, v.as_ref().map(w), h.as_ref().map(w))
+                .await,
+        ),
         Op::Burn(p, a) => receipt(ledger.burn(key, w(p), *a).await),
         Op::Tick(s) => {
             clock.advance(*s);
@@ -130,7 +141,23 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let after = state(&ledger).await;
         match &result {
             Err(e) => {
-                prop_assert!(!committed.contains(&r), "retry of committed {:?} failed: {}", op, e);
+                // Refusals are typed business errors; a database error means a check was
+                // left to a constraint (or worse).
+                prop_assert!(
+                    !matches!(
+                        e,
+                        tessera_ledger::Error::Database(_) | tessera_ledger::Error::Corrupt(_)
+                    ),
+                    "{:?} failed with {}",
+                    op,
+                    e
+                );
+                prop_assert!(
+                    !committed.contains(&r),
+                    "retry of committed {:?} failed: {}",
+                    op,
+                    e
+                );
                 prop_assert_eq!(&before, &after, "refused {:?} ({}) changed state", op, e);
             }
             Ok((_, true)) => {
@@ -139,7 +166,12 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Ok((_, false)) => {
                 if !matches!(op, Op::Tick(_)) {
-                    prop_assert!(committed.insert(r), "{:?} under key {} applied twice", op, key);
+                    prop_assert!(
+                        committed.insert(r),
+                        "{:?} under key {} applied twice",
+                        op,
+                        key
+                    );
                 }
                 if let Op::Hold(..) = op {
                     let record = ledger.transaction(&key).await.unwrap().unwrap();
@@ -149,7 +181,12 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
         let report = ledger.audit().await.unwrap();
-        prop_assert!(report.is_clean(), "after {:?}: {:?}", ops[i], report.problems());
+        prop_assert!(
+            report.is_clean(),
+            "after {:?}: {:?}",
+            ops[i],
+            report.problems()
+        );
     }
     ledger.close().await;
     Ok(())

@@ -22,7 +22,10 @@ pub struct TestDb {
 pub fn sqlite() -> TestDb {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    TestDb { url, _dir: Some(dir) }
+    TestDb {
+        url,
+        _dir: Some(dir),
+    }
 }
 
 /// A fresh PostgreSQL database, or `None` (with a message) when no server is configured.
@@ -30,7 +33,9 @@ pub fn sqlite() -> TestDb {
 pub async fn postgres() -> Option<TestDb> {
     let Ok(base) = std::env::var(POSTGRES_ENV) else {
         if std::env::var_os("CI").is_some() {
-            panic!("{POSTGRES_ENV} is not set but CI is: run scripts/setup-postgres.sh and export it");
+            panic!(
+                "{POSTGRES_ENV} is not set but CI is: run scripts/setup-postgres.sh and export it"
+            );
         }
         eprintln!(
             "SKIPPED: PostgreSQL half of this test; set {POSTGRES_ENV} (see scripts/setup-postgres.sh)"
@@ -38,13 +43,18 @@ pub async fn postgres() -> Option<TestDb> {
         return None;
     };
     let name = format!("tessera_test_{:016x}", rand::random::<u64>());
-    let mut admin = sqlx::PgConnection::connect(&base).await.expect("connect to PostgreSQL");
+    let mut admin = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connect to PostgreSQL");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)
         .await
         .expect("create test database");
     admin.close().await.ok();
-    Some(TestDb { url: replace_database(&base, &name), _dir: None })
+    Some(TestDb {
+        url: replace_database(&base, &name),
+        _dir: None,
+    })
 }
 
 fn replace_database(url: &str, name: &str) -> String {
@@ -95,7 +105,10 @@ impl ManualClock {
 
 /// A dev-mode ledger with a 5% fee and a 100 s unbonding period.
 pub async fn open(url: &str) -> Ledger {
-    let config = LedgerConfig { unbonding_secs: 100, ..LedgerConfig::dev() };
+    let config = LedgerConfig {
+        unbonding_secs: 100,
+        ..LedgerConfig::dev()
+    };
     Ledger::open(url, config).await.expect("open ledger")
 }
 
@@ -107,6 +120,10 @@ pub fn wallet(n: u8) -> Address {
 /// Fails the test with the audit's problems unless the books are clean.
 pub async fn assert_clean(ledger: &Ledger) -> tessera_ledger::AuditReport {
     let report = ledger.audit().await.expect("audit runs");
-    assert!(report.is_clean(), "audit found problems: {:#?}", report.problems());
+    assert!(
+        report.is_clean(),
+        "audit found problems: {:#?}",
+        report.problems()
+    );
     report
 }
