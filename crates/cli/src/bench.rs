@@ -29,6 +29,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Ledger settlements per second (escrow hold + capture + release) on SQLite, and on
+    /// PostgreSQL when a URL is given.
+    Ledger {
+        #[arg(long, default_value_t = 20_000)]
+        settlements: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// PostgreSQL database to measure too.
+        #[arg(long, env = "TESSERA_TEST_POSTGRES_URL")]
+        postgres_url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Verification: detection rate per adversary, false positives on honest jobs across provider
     /// set-ups, commitment size, and the cost of a check relative to the generation it checks.
     Verify {
@@ -283,6 +296,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        BenchCommand::Ledger { settlements, concurrency, postgres_url, json } => {
+            crate::block_on(crate::ledger::bench(json, settlements, concurrency, postgres_url.as_deref()))?;
         }
         BenchCommand::Verify { honest, per_adversary, max_tokens, p, thresholds, json } => {
             let f = bench_verify(honest, per_adversary, max_tokens, p, thresholds)?;

@@ -1,8 +1,10 @@
 //! `tessera`: the one command line of the network.
 
 mod bench;
+mod ledger;
 mod model_cmd;
 mod verify_cmd;
+mod wallet;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -28,6 +30,16 @@ enum Command {
     },
     /// Generate a chat answer locally and stream it to stdout.
     Generate(GenerateArgs),
+    /// Wallets: Ethereum keys in encrypted keystores.
+    Wallet {
+        #[command(subcommand)]
+        command: wallet::WalletCommand,
+    },
+    /// The books.
+    Ledger {
+        #[command(subcommand)]
+        command: ledger::LedgerCommand,
+    },
     /// Check a saved job's commitment by one teacher-forced pass; calibrate; write sample jobs.
     Verify(verify_cmd::VerifyArgs),
     /// Benchmarks; each prints a table, or JSON with --json.
@@ -107,11 +119,18 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs an async command on a fresh multi-threaded runtime.
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model_cmd::run(command),
         Command::Generate(args) => generate(args).context("generate"),
         Command::Verify(args) => verify_cmd::run(args),
+        Command::Wallet { command } => block_on(wallet::run(command)),
+        Command::Ledger { command } => block_on(ledger::run(command)),
         Command::Bench { command } => bench::run(command),
     }
 }
