@@ -79,11 +79,28 @@ pub struct QMatrix {
     storage: Storage,
 }
 
+/// A GGML `Q4_1` block, byte for byte: `w = d·q + m`, `q` in 0..16, low nibbles are elements 0..16.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    d: f16,
+    m: f16,
+    qs: [u8; 16],
+}
+
+/// A GGML `Q8_0` block, byte for byte: `w = d·q`, `q` a signed byte.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    d: f16,
+    qs: [i8; 32],
+}
+
+/// Weights stay in GGML's own block layout (one contiguous stream, f16 scales): decoding one token
+/// is bound by memory bandwidth, so every byte read per weight counts.
 enum Storage {
-    /// `w = d·q + m`, `q` in 0..16; nibbles as GGML packs them (low nibbles are elements 0..16).
-    Q4_1 { d: Vec<f32>, m: Vec<f32>, qs: Vec<[u8; 16]> },
-    /// `w = d·q`, `q` a signed byte.
-    Q8_0 { d: Vec<f32>, qs: Vec<[i8; 32]> },
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
     /// Plain f32, row-major.
     F32(Vec<f32>),
 }
@@ -94,8 +111,8 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+fn f16_at(bytes: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
 
 impl QMatrix {
@@ -116,27 +133,26 @@ impl QMatrix {
                     if bytes.len() != n * 20 {
                         return Err(Error::BadTensor { name: name.into(), reason: "Q4_1 data has the wrong length".into() });
                     }
-                    let (mut d, mut m, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-                    for blk in bytes.chunks_exact(20) {
-                        d.push(f16_at(blk, 0));
-                        m.push(f16_at(blk, 2));
-                        qs.push(blk[4..20].try_into().expect("16 bytes"));
-                    }
-                    Storage::Q4_1 { d, m, qs }
+                    let blocks = bytes
+                        .chunks_exact(20)
+                        .map(|b| BlockQ4_1 { d: f16_at(b, 0), m: f16_at(b, 2), qs: b[4..20].try_into().expect("16 bytes") })
+                        .collect();
+                    Storage::Q4_1(blocks)
                 } else {
                     if bytes.len() != n * 34 {
                         return Err(Error::BadTensor { name: name.into(), reason: "Q8_0 data has the wrong length".into() });
                     }
-                    let (mut d, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n));
-                    for blk in bytes.chunks_exact(34) {
-                        d.push(f16_at(blk, 0));
-                        let mut q = [0i8; 32];
-                        for (o, b) in q.iter_mut().zip(&blk[2..34]) {
-                            *o = *b as i8;
-                        }
-                        qs.push(q);
-                    }
-                    Storage::Q8_0 { d, qs }
+                    let blocks = bytes
+                        .chunks_exact(34)
+                        .map(|b| {
+                            let mut qs = [0i8; 32];
+                            for (o, x) in qs.iter_mut().zip(&b[2..34]) {
+                                *o = *x as i8;
+                            }
+                            BlockQ8_0 { d: f16_at(b, 0), qs }
+                        })
+                        .collect();
+                    Storage::Q8_0(blocks)
                 }
             }
             // Everything else (F16, the K-quants, Q5_0, ...) is widened to f32 once, exactly. candle's
@@ -163,14 +179,16 @@ impl QMatrix {
         let q = QTensor::quantize(&t, GgmlDType::Q4_0)?;
         let bytes = q.data()?;
         let n = self.rows * self.cols / BLOCK;
-        let (mut d, mut m, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for blk in bytes.chunks_exact(18) {
-            let scale = f16_at(blk, 0);
-            d.push(scale);
-            m.push(-8.0 * scale);
-            qs.push(blk[2..18].try_into().expect("16 bytes"));
-        }
-        Ok(QMatrix { rows: self.rows, cols: self.cols, storage: Storage::Q4_1 { d, m, qs } })
+        let blocks: Vec<BlockQ4_1> = bytes
+            .chunks_exact(18)
+            .map(|b| {
+                let d = f16_at(b, 0);
+                // -8d is exact in f16 (a power-of-two multiple).
+                BlockQ4_1 { d, m: f16::from_f32(-8.0 * d.to_f32()), qs: b[2..18].try_into().expect("16 bytes") }
+            })
+            .collect();
+        debug_assert_eq!(blocks.len(), n);
+        Ok(QMatrix { rows: self.rows, cols: self.cols, storage: Storage::Q4_1(blocks) })
     }
 
     /// Stacks matrices with the same input width and format into one (e.g. Q, K and V projections),
@@ -178,34 +196,16 @@ impl QMatrix {
     pub fn concat_rows(parts: Vec<QMatrix>) -> std::result::Result<QMatrix, Vec<QMatrix>> {
         let cols = parts[0].cols;
         let same = parts.iter().all(|p| p.cols == cols)
-            && (parts.iter().all(|p| matches!(p.storage, Storage::Q4_1 { .. }))
-                || parts.iter().all(|p| matches!(p.storage, Storage::Q8_0 { .. })));
+            && (parts.iter().all(|p| matches!(p.storage, Storage::Q4_1(_))) || parts.iter().all(|p| matches!(p.storage, Storage::Q8_0(_))));
         if !same {
             return Err(parts);
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         let storage = match parts[0].storage {
-            Storage::Q4_1 { .. } => {
-                let (mut d, mut m, mut qs) = (vec![], vec![], vec![]);
-                for p in parts {
-                    if let Storage::Q4_1 { d: pd, m: pm, qs: pq } = p.storage {
-                        d.extend(pd);
-                        m.extend(pm);
-                        qs.extend(pq);
-                    }
-                }
-                Storage::Q4_1 { d, m, qs }
-            }
-            _ => {
-                let (mut d, mut qs) = (vec![], vec![]);
-                for p in parts {
-                    if let Storage::Q8_0 { d: pd, qs: pq } = p.storage {
-                        d.extend(pd);
-                        qs.extend(pq);
-                    }
-                }
-                Storage::Q8_0 { d, qs }
-            }
+            Storage::Q4_1(_) => Storage::Q4_1(
+                parts.into_iter().flat_map(|p| if let Storage::Q4_1(b) = p.storage { b } else { Vec::new() }).collect(),
+            ),
+            _ => Storage::Q8_0(parts.into_iter().flat_map(|p| if let Storage::Q8_0(b) = p.storage { b } else { Vec::new() }).collect()),
         };
         Ok(QMatrix { rows, cols, storage })
     }
@@ -223,8 +223,8 @@ impl QMatrix {
     /// The storage format, for reports.
     pub fn format(&self) -> &'static str {
         match &self.storage {
-            Storage::Q4_1 { .. } => "Q4_1",
-            Storage::Q8_0 { .. } => "Q8_0",
+            Storage::Q4_1(_) => "Q4_1",
+            Storage::Q8_0(_) => "Q8_0",
             Storage::F32(_) => "F32",
         }
     }
@@ -233,20 +233,20 @@ impl QMatrix {
     pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         let bpr = self.cols / BLOCK;
         match &self.storage {
-            Storage::Q4_1 { d, m, qs } => {
-                for b in 0..bpr {
-                    let i = r * bpr + b;
-                    for (j, byte) in qs[i].iter().enumerate() {
-                        out[b * BLOCK + j] = d[i] * (byte & 0x0F) as f32 + m[i];
-                        out[b * BLOCK + j + 16] = d[i] * (byte >> 4) as f32 + m[i];
+            Storage::Q4_1(blocks) => {
+                for (b, blk) in blocks[r * bpr..(r + 1) * bpr].iter().enumerate() {
+                    let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
+                    for (j, byte) in blk.qs.iter().enumerate() {
+                        out[b * BLOCK + j] = d * (byte & 0x0F) as f32 + m;
+                        out[b * BLOCK + j + 16] = d * (byte >> 4) as f32 + m;
                     }
                 }
             }
-            Storage::Q8_0 { d, qs } => {
-                for b in 0..bpr {
-                    let i = r * bpr + b;
-                    for (j, q) in qs[i].iter().enumerate() {
-                        out[b * BLOCK + j] = d[i] * *q as f32;
+            Storage::Q8_0(blocks) => {
+                for (b, blk) in blocks[r * bpr..(r + 1) * bpr].iter().enumerate() {
+                    let d = blk.d.to_f32();
+                    for (j, q) in blk.qs.iter().enumerate() {
+                        out[b * BLOCK + j] = d * *q as f32;
                     }
                 }
             }
@@ -275,21 +275,15 @@ impl QMatrix {
                     *y = dot_f32(&w[o * self.cols..(o + 1) * self.cols], &x[r * self.cols..(r + 1) * self.cols]);
                 }
             })),
-            Storage::Q4_1 { d, m, qs } => {
+            Storage::Q4_1(blocks) => {
                 let a = QuantizedActivations::quantize(x, n, self.cols);
                 let bpr = self.cols / BLOCK;
-                Ok(self.run_rows(n, |o, r0, out| {
-                    let s = o * bpr..(o + 1) * bpr;
-                    kernels::q4_1_rows(&d[s.clone()], &m[s.clone()], &qs[s], &a, r0, out)
-                }))
+                Ok(self.run_rows(n, |o, r0, out| kernels::q4_1_rows(&blocks[o * bpr..(o + 1) * bpr], &a, r0, out)))
             }
-            Storage::Q8_0 { d, qs } => {
+            Storage::Q8_0(blocks) => {
                 let a = QuantizedActivations::quantize(x, n, self.cols);
                 let bpr = self.cols / BLOCK;
-                Ok(self.run_rows(n, |o, r0, out| {
-                    let s = o * bpr..(o + 1) * bpr;
-                    kernels::q8_0_rows(&d[s.clone()], &qs[s], &a, r0, out)
-                }))
+                Ok(self.run_rows(n, |o, r0, out| kernels::q8_0_rows(&blocks[o * bpr..(o + 1) * bpr], &a, r0, out)))
             }
         }
     }
@@ -344,7 +338,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 mod kernels {
     //! Block dot products against 16-bit activations. A portable version, an AVX2 version and an
     //! AVX-512 VNNI version, chosen at run time; all sum the same exact integer products per block.
-    use super::QuantizedActivations;
+    use super::{BlockQ4_1, BlockQ8_0, QuantizedActivations};
 
     #[derive(Clone, Copy, PartialEq)]
     #[repr(u8)]
@@ -414,44 +408,45 @@ mod kernels {
         }
     }
 
-    /// One weight row in `Q4_1` against every activation row.
-    pub fn q4_1_rows(d: &[f32], m: &[f32], qs: &[[u8; 16]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
+    /// One weight row in `Q4_1` against the activation rows `r0..r0 + out.len()`.
+    pub fn q4_1_rows(w: &[BlockQ4_1], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         match isa() {
             // SAFETY: the features were detected by `isa()`.
-            Isa::Avx512Vnni => return unsafe { x86::q4_1_rows_vnni(d, m, qs, a, r0, out) },
-            Isa::Avx2 => return unsafe { x86::q4_1_rows_avx2(d, m, qs, a, r0, out) },
+            Isa::Avx512Vnni => return unsafe { x86::q4_1_rows_vnni(w, a, r0, out) },
+            Isa::Avx2 => return unsafe { x86::q4_1_rows_avx2(w, a, r0, out) },
             Isa::Portable => {}
         }
         for (r, y) in out.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for b in 0..d.len() {
+            let (mut acc, mut mins) = (0f32, 0f32);
+            for (b, blk) in w.iter().enumerate() {
                 let (ad, asum, aq) = a.block(r0 + r, b);
+                mins = blk.m.to_f32().mul_add(asum, mins);
                 let mut s = 0i32;
                 for j in 0..16 {
-                    s += (qs[b][j] & 0x0F) as i32 * aq[j] as i32 + (qs[b][j] >> 4) as i32 * aq[j + 16] as i32;
+                    s += (blk.qs[j] & 0x0F) as i32 * aq[j] as i32 + (blk.qs[j] >> 4) as i32 * aq[j + 16] as i32;
                 }
-                acc += d[b] * ad * s as f32 + m[b] * asum;
+                acc += blk.d.to_f32() * ad * s as f32;
             }
-            *y = acc;
+            *y = acc + mins;
         }
     }
 
-    /// One weight row in `Q8_0` against every activation row.
-    pub fn q8_0_rows(d: &[f32], qs: &[[i8; 32]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
+    /// One weight row in `Q8_0` against the activation rows `r0..r0 + out.len()`.
+    pub fn q8_0_rows(w: &[BlockQ8_0], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         match isa() {
             // SAFETY: the features were detected by `isa()`.
-            Isa::Avx512Vnni => return unsafe { x86::q8_0_rows_vnni(d, qs, a, r0, out) },
-            Isa::Avx2 => return unsafe { x86::q8_0_rows_avx2(d, qs, a, r0, out) },
+            Isa::Avx512Vnni => return unsafe { x86::q8_0_rows_vnni(w, a, r0, out) },
+            Isa::Avx2 => return unsafe { x86::q8_0_rows_avx2(w, a, r0, out) },
             Isa::Portable => {}
         }
         for (r, y) in out.iter_mut().enumerate() {
             let mut acc = 0f32;
-            for b in 0..d.len() {
+            for (b, blk) in w.iter().enumerate() {
                 let (ad, _, aq) = a.block(r0 + r, b);
-                let s: i32 = (0..32).map(|j| qs[b][j] as i32 * aq[j] as i32).sum();
-                acc += d[b] * ad * s as f32;
+                let s: i32 = (0..32).map(|j| blk.qs[j] as i32 * aq[j] as i32).sum();
+                acc += blk.d.to_f32() * ad * s as f32;
             }
             *y = acc;
         }
@@ -459,10 +454,9 @@ mod kernels {
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
-        use super::QuantizedActivations;
-        use std::arch::x86_64::*;
-
+        use super::{BlockQ4_1, BlockQ8_0, QuantizedActivations};
         use crate::quant::GROUP;
+        use std::arch::x86_64::*;
 
         #[inline]
         #[target_feature(enable = "avx2,fma")]
@@ -482,98 +476,108 @@ mod kernels {
             _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(raw), low), _mm_and_si128(raw, low))
         }
 
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q4_1_rows_avx2(d: &[f32], m: &[f32], qs: &[[u8; 16]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let g = out.len();
-            {
-                let mut acc = [_mm256_setzero_ps(); GROUP];
-                let mut mins = [0f32; GROUP];
-                for b in 0..d.len() {
-                    let w = unpack_q4(&qs[b]);
-                    let (w0, w1) = (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(w)));
-                    for k in 0..g {
-                        let (ad, asum, aq) = a.block(r0 + k, b);
-                        // SAFETY: 32 readable i16 values.
-                        let (x0, x1) = unsafe {
-                            (_mm256_loadu_si256(aq.as_ptr() as *const __m256i), _mm256_loadu_si256(aq.as_ptr().add(16) as *const __m256i))
-                        };
-                        let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * ad), _mm256_cvtepi32_ps(p), acc[k]);
-                        mins[k] = m[b].mul_add(asum, mins[k]);
-                    }
-                }
-                for k in 0..g {
-                    out[k] = hsum256(acc[k]) + mins[k];
-                }
-            }
+        /// Pointers to the scales and values of the activation rows; every index used is in range
+        /// because callers pass `r0 + out.len() <= rows` and `w.len() == blocks per row`.
+        #[inline]
+        fn act(a: &QuantizedActivations) -> (*const f32, *const i16) {
+            (a.scales.as_ptr(), a.values.as_ptr())
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q8_0_rows_avx2(d: &[f32], qs: &[[i8; 32]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let g = out.len();
-            {
-                let mut acc = [_mm256_setzero_ps(); GROUP];
-                for b in 0..d.len() {
-                    // SAFETY: 32 readable bytes.
-                    let w = unsafe { _mm256_loadu_si256(qs[b].as_ptr() as *const __m256i) };
-                    let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w)));
-                    for k in 0..g {
-                        let (ad, _, aq) = a.block(r0 + k, b);
-                        // SAFETY: 32 readable i16 values.
-                        let (x0, x1) = unsafe {
-                            (_mm256_loadu_si256(aq.as_ptr() as *const __m256i), _mm256_loadu_si256(aq.as_ptr().add(16) as *const __m256i))
-                        };
-                        let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * ad), _mm256_cvtepi32_ps(p), acc[k]);
-                    }
-                }
-                for k in 0..g {
-                    out[k] = hsum256(acc[k]);
-                }
-            }
-        }
-
-        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-        pub unsafe fn q4_1_rows_vnni(d: &[f32], m: &[f32], qs: &[[u8; 16]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let g = out.len();
-            let bpr = d.len();
-            let mut acc = [_mm512_setzero_ps(); GROUP];
-            // Row k's blocks start at base + k * bpr; values are 32 i16 per block.
-            let base = r0 * bpr;
-            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
-            for b in 0..bpr {
-                let w = _mm512_cvtepu8_epi16(unpack_q4(&qs[b]));
-                for (k, acc) in acc.iter_mut().enumerate().take(g) {
+        pub unsafe fn q4_1_rows_avx2(w: &[BlockQ4_1], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
+            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
+            let (scales, values) = act(a);
+            let sums = a.sums.as_ptr();
+            let mut mins = [0f32; GROUP];
+            let mut acc = [_mm256_setzero_ps(); GROUP];
+            for (b, blk) in w.iter().enumerate() {
+                let q = unpack_q4(&blk.qs);
+                let (w0, w1) = (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)));
+                let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
+                for (k, (acc, mins)) in acc.iter_mut().zip(mins.iter_mut()).enumerate().take(g) {
                     let i = base + k * bpr + b;
-                    // SAFETY: `i` indexes a block of the `g` rows starting at `r0`, all in range.
-                    let (ad, x) = unsafe { (*scales.add(i), _mm512_loadu_si512(values.add(i * 32) as *const _)) };
-                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d[b] * ad), _mm512_cvtepi32_ps(p), *acc);
+                    // SAFETY: see `act`.
+                    let (ad, x0, x1) = unsafe {
+                        let p = values.add(i * 32);
+                        (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                    };
+                    // SAFETY: as above.
+                    *mins = m.mul_add(unsafe { *sums.add(i) }, *mins);
+                    let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), *acc);
                 }
             }
             for (k, y) in out.iter_mut().enumerate() {
-                let row = base + k * bpr;
-                // The minimum term, sum over blocks of m·sum(x), as one vectorised dot product.
-                *y = _mm512_reduce_add_ps(acc[k]) + crate::quant::dot_f32(m, &a.sums[row..row + bpr]);
+                *y = hsum256(acc[k]) + mins[k];
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn q8_0_rows_avx2(w: &[BlockQ8_0], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
+            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
+            let (scales, values) = act(a);
+            let mut acc = [_mm256_setzero_ps(); GROUP];
+            for (b, blk) in w.iter().enumerate() {
+                // SAFETY: 32 readable bytes.
+                let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
+                let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
+                let d = blk.d.to_f32();
+                for (k, acc) in acc.iter_mut().enumerate().take(g) {
+                    let i = base + k * bpr + b;
+                    // SAFETY: see `act`.
+                    let (ad, x0, x1) = unsafe {
+                        let p = values.add(i * 32);
+                        (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                    };
+                    let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), *acc);
+                }
+            }
+            for (k, y) in out.iter_mut().enumerate() {
+                *y = hsum256(acc[k]);
             }
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-        pub unsafe fn q8_0_rows_vnni(d: &[f32], qs: &[[i8; 32]], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let g = out.len();
-            let bpr = d.len();
+        pub unsafe fn q4_1_rows_vnni(w: &[BlockQ4_1], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
+            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
+            let (scales, values) = act(a);
+            let sums = a.sums.as_ptr();
+            let mut mins = [0f32; GROUP];
             let mut acc = [_mm512_setzero_ps(); GROUP];
-            let base = r0 * bpr;
-            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
-            for b in 0..bpr {
+            for (b, blk) in w.iter().enumerate() {
+                let q = _mm512_cvtepu8_epi16(unpack_q4(&blk.qs));
+                let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
+                for (k, (acc, mins)) in acc.iter_mut().zip(mins.iter_mut()).enumerate().take(g) {
+                    let i = base + k * bpr + b;
+                    // SAFETY: see `act`.
+                    let (ad, x) = unsafe { (*scales.add(i), _mm512_loadu_si512(values.add(i * 32) as *const _)) };
+                    // SAFETY: as above.
+                    *mins = m.mul_add(unsafe { *sums.add(i) }, *mins);
+                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, x);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d * ad), _mm512_cvtepi32_ps(p), *acc);
+                }
+            }
+            for (k, y) in out.iter_mut().enumerate() {
+                *y = _mm512_reduce_add_ps(acc[k]) + mins[k];
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+        pub unsafe fn q8_0_rows_vnni(w: &[BlockQ8_0], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
+            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
+            let (scales, values) = act(a);
+            let mut acc = [_mm512_setzero_ps(); GROUP];
+            for (b, blk) in w.iter().enumerate() {
                 // SAFETY: 32 readable bytes.
-                let w = _mm512_cvtepi8_epi16(unsafe { _mm256_loadu_si256(qs[b].as_ptr() as *const __m256i) });
+                let q = _mm512_cvtepi8_epi16(unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) });
+                let d = blk.d.to_f32();
                 for (k, acc) in acc.iter_mut().enumerate().take(g) {
                     let i = base + k * bpr + b;
-                    // SAFETY: `i` indexes a block of the `g` rows starting at `r0`, all in range.
+                    // SAFETY: see `act`.
                     let (ad, x) = unsafe { (*scales.add(i), _mm512_loadu_si512(values.add(i * 32) as *const _)) };
-                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d[b] * ad), _mm512_cvtepi32_ps(p), *acc);
+                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, x);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d * ad), _mm512_cvtepi32_ps(p), *acc);
                 }
             }
             for (k, y) in out.iter_mut().enumerate() {
