@@ -1,6 +1,7 @@
 //! `tessera`: the one command line of the network.
 
 mod bench;
+mod demo;
 mod ledger;
 mod model_cmd;
 mod verify_cmd;
@@ -42,6 +43,12 @@ enum Command {
     },
     /// Check a saved job's commitment by one teacher-forced pass; calibrate; write sample jobs.
     Verify(verify_cmd::VerifyArgs),
+    /// A whole network on this machine: a hub, two honest nodes and a cheater, an agent's requests, a slash.
+    Demo(demo::DemoArgs),
+    /// Run the hub: OpenAI-compatible API, provider registry, settlement, verification.
+    Hub(tessera_hub::HubConfig),
+    /// Run a provider node that connects to a hub and serves a model.
+    Node(tessera_node::NodeConfig),
     /// Benchmarks; each prints a table, or JSON with --json.
     Bench {
         #[command(subcommand)]
@@ -119,6 +126,28 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on Ctrl-C or SIGTERM: how `tessera hub` and `tessera node` are asked to stop.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
 /// Runs an async command on a fresh multi-threaded runtime.
 pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
@@ -132,6 +161,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Wallet { command } => block_on(wallet::run(command)),
         Command::Ledger { command } => block_on(ledger::run(command)),
         Command::Bench { command } => bench::run(command),
+        Command::Demo(args) => demo::run(args),
+        Command::Hub(config) => block_on(async { Ok(tessera_hub::run(config, shutdown_signal()).await?) }).context("hub"),
+        Command::Node(config) => block_on(async { Ok(tessera_node::run(config, shutdown_signal()).await?) }).context("node"),
     }
 }
 

@@ -1,0 +1,306 @@
+//! `tessera demo`: a whole network on this machine. Starts a hub and three provider nodes (one of
+//! them cheating with re-quantized weights) as child processes, funds an agent, sends chat
+//! requests through the OpenAI-compatible API and shows the cheater being caught and slashed.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tessera_protocol::{ApiKeyRegistration, Domain, Wallet};
+
+/// `tessera demo` options.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Chat requests to send.
+    #[arg(long, default_value_t = 4)]
+    requests: usize,
+    /// Tokens per answer.
+    #[arg(long, default_value_t = 24)]
+    max_tokens: u32,
+    /// Probability that a job is verified.
+    #[arg(long, default_value_t = 1.0)]
+    verify_probability: f64,
+    /// Compute threads per node.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Keep the hub's database and logs here instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+/// Child processes, killed on drop.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn log(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
+    Ok(Stdio::from(std::fs::File::create(
+        dir.join(format!("{name}.log")),
+    )?))
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+/// Runs the demo.
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    let db = format!("sqlite://{}", dir.join("hub.db").display());
+    let addr_file = dir.join("hub.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut children = Children(Vec::new());
+    children.0.push(
+        Command::new(&exe)
+            .args([
+                "hub",
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                &db,
+                "--verify-probability",
+                &args.verify_probability.to_string(),
+            ])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::null())
+            .stderr(log(&dir, "hub")?)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break format!("http://{}", a.trim());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the hub did not start; see {}",
+                dir.join("hub.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("hub        {url}   (logs and ledger in {})", dir.display());
+    let nodes = [
+        ("honest-a", 10u64, None),
+        ("honest-b", 12, None),
+        ("cheater", 6, Some("requantized-q4-0")),
+    ];
+    let mut wallets = Vec::new();
+    for (name, price, cheat) in nodes {
+        let wallet = Wallet::random();
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "node",
+            "--hub",
+            &url,
+            "--price",
+            &price.to_string(),
+            "--threads",
+            &args.threads.to_string(),
+            "--dev-stake",
+        ])
+        .env(
+            "TESSERA_PRIVATE_KEY",
+            hex::encode(wallet.signer().to_bytes()),
+        )
+        .stdout(Stdio::null())
+        .stderr(log(&dir, name)?);
+        if let Some(cheat) = cheat {
+            cmd.args(["--cheat", cheat]);
+        }
+        children.0.push(cmd.spawn()?);
+        println!(
+            "node       {name:<9} {:#x}  price {price}/token{}",
+            wallet.address(),
+            if cheat.is_some() {
+                "  (cheats: Q4_0 weights)"
+            } else {
+                ""
+            }
+        );
+        wallets.push((name, wallet));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v: Value = http()
+            .get(format!("{url}/health"))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        if v["providers"].as_u64() == Some(3) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("nodes did not connect; see the logs in {}", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    let agent = Wallet::random();
+    http()
+        .post(format!("{url}/v1/dev/faucet"))
+        .send_json(json!({"address": agent.address(), "amount": 1_000_000}))?;
+    let key = format!("sk-demo-{}", hex::encode(agent.address()));
+    let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
+    let signed = agent.sign(
+        ApiKeyRegistration {
+            keyHash: <[u8; 32]>::from(Sha256::digest(key.as_bytes())).into(),
+            nonce: 1,
+            expiry,
+        },
+        Domain::default(),
+    )?;
+    http().post(format!("{url}/v1/keys")).send_json(&signed)?;
+    println!(
+        "agent      {:#x}  funded 1000000, API key {key}\n",
+        agent.address()
+    );
+
+    let questions = [
+        "What is the capital of France?",
+        "Name three primary colors.",
+        "What is 2 + 2?",
+        "Say hello in Spanish.",
+    ];
+    for i in 0..args.requests {
+        let q = questions[i % questions.len()];
+        let body = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": q}], "max_tokens": args.max_tokens, "temperature": 0});
+        let mut r = http()
+            .post(format!("{url}/v1/chat/completions"))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send_json(&body)?;
+        let v: Value = r.body_mut().read_json()?;
+        if r.status() != 200 {
+            println!("> {q}\n  error: {}", v["error"]["message"]);
+            continue;
+        }
+        let provider = v["tessera"]["provider"]
+            .as_str()
+            .unwrap_or("?")
+            .to_lowercase();
+        let name = wallets
+            .iter()
+            .find(|(_, w)| format!("{:#x}", w.address()) == provider)
+            .map_or("?", |(n, _)| n);
+        println!(
+            "> {q}\n  {}\n  served by {name}, cost {}, verification {}",
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .trim(),
+            v["tessera"]["cost"],
+            v["tessera"]["verification"]
+        );
+        // Let the verdict land, so the next job sees the cheater quarantined.
+        wait_verifications(&url, Duration::from_secs(120))?;
+    }
+
+    let providers: Value = http()
+        .get(format!("{url}/v1/providers"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    println!(
+        "\nverification p = {}, slash S = {}, a cheater's expected loss per job p·S = {}",
+        providers["verify_probability"],
+        providers["slash_amount"],
+        providers["cheater_expected_loss_per_job"]
+    );
+    println!(
+        "{:<9} {:>6} {:>5} {:>7} {:>7} {:>9} {:>10} {:>10}",
+        "node", "rep", "jobs", "passed", "failed", "slashed", "balance", "stake"
+    );
+    for (name, wallet) in &wallets {
+        let p = providers["providers"]
+            .as_array()
+            .and_then(|ps| {
+                ps.iter().find(|p| {
+                    p["address"].as_str().is_some_and(|a| {
+                        a.eq_ignore_ascii_case(&format!("{:#x}", wallet.address()))
+                    })
+                })
+            })
+            .cloned()
+            .unwrap_or_default();
+        let a: Value = http()
+            .get(format!("{url}/v1/accounts/{:#x}", wallet.address()))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        println!(
+            "{name:<9} {:>6.2} {:>5} {:>7} {:>7} {:>9} {:>10} {:>10}{}",
+            p["reputation"].as_f64().unwrap_or(0.0),
+            p["jobs"],
+            p["verified_passed"],
+            p["verified_failed"],
+            p["slashed"],
+            a["balance"],
+            a["staked"],
+            if p["quarantined"] == json!(true) {
+                "  QUARANTINED"
+            } else {
+                ""
+            }
+        );
+    }
+    let a: Value = http()
+        .get(format!("{url}/v1/accounts/{:#x}", agent.address()))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    println!("agent balance {}", a["balance"]);
+    let audit = Command::new(&exe)
+        .args(["ledger", "audit", "--url", &db])
+        .output()?;
+    println!(
+        "ledger audit: {}",
+        if audit.status.success() {
+            "clean"
+        } else {
+            "FAILED"
+        }
+    );
+    if !audit.status.success() {
+        bail!("{}", String::from_utf8_lossy(&audit.stdout));
+    }
+    Ok(())
+}
+
+/// Waits until no verification is pending (every escrow is closed).
+fn wait_verifications(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let metrics = http()
+            .get(format!("{url}/metrics"))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        let escrow = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tessera_balance_escrow_micro "))
+            .context("escrow gauge")?;
+        if escrow.trim() == "0" || Instant::now() > deadline {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,521 @@
+//! The network end to end: a real `tessera hub` and real `tessera node` processes on loopback
+//! ports, a temporary SQLite ledger and the real SmolLM2-135M model.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tessera_protocol::{ApiKeyRegistration, Domain, Wallet};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// A child process killed on drop, so a failing test leaves nothing running.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Hub {
+    _proc: Proc,
+    url: String,
+    db: String,
+    _dir: tempfile::TempDir,
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(180)))
+        .build()
+        .into()
+}
+
+fn log_file(dir: &Path, name: &str) -> Stdio {
+    Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file"))
+}
+
+fn start_hub(args: &[&str]) -> Result<Hub> {
+    let dir = tempfile::tempdir()?;
+    let db = format!("sqlite://{}", dir.path().join("hub.db").display());
+    let addr_file = dir.path().join("addr");
+    let child = Command::new(BIN)
+        .args([
+            "hub",
+            "--db",
+            &db,
+            "--listen",
+            "127.0.0.1:0",
+            "--dev",
+            "--addr-file",
+        ])
+        .arg(&addr_file)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log_file(dir.path(), "hub"))
+        .spawn()?;
+    let proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+            break addr;
+        }
+        if Instant::now() > deadline {
+            bail!("the hub did not announce its address");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Hub {
+        _proc: proc,
+        url: format!("http://{}", addr.trim()),
+        db,
+        _dir: dir,
+    })
+}
+
+impl Hub {
+    fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    fn node(&self, name: &str, wallet: &Wallet, price: u64, extra: &[&str]) -> Result<Proc> {
+        let key = hex::encode(wallet.signer().to_bytes());
+        let child = Command::new(BIN)
+            .args([
+                "node",
+                "--hub",
+                &self.url,
+                "--private-key",
+                &key,
+                "--price",
+                &price.to_string(),
+                "--capacity",
+                "2",
+                "--threads",
+                "1",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir(), name))
+            .spawn()?;
+        Ok(Proc(child))
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        Ok(http()
+            .get(format!("{}{path}", self.url))
+            .call()?
+            .body_mut()
+            .read_json()?)
+    }
+
+    fn providers(&self) -> Result<Vec<Value>> {
+        Ok(self.get("/v1/providers")?["providers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    fn provider(&self, wallet: &Wallet) -> Result<Value> {
+        let me = format!("{:#x}", wallet.address());
+        self.providers()?
+            .into_iter()
+            .find(|p| {
+                p["address"]
+                    .as_str()
+                    .is_some_and(|a| a.eq_ignore_ascii_case(&me))
+            })
+            .context("provider not listed")
+    }
+
+    /// Waits until `n` providers are connected.
+    fn wait_connected(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let connected = self
+                .providers()?
+                .iter()
+                .filter(|p| p["connected"] == json!(true))
+                .count();
+            if connected >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {connected} of {n} providers connected; logs in {}",
+                    self.dir().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn account(&self, wallet: &Wallet) -> Result<(u64, u64)> {
+        let a = self.get(&format!("/v1/accounts/{:#x}", wallet.address()))?;
+        Ok((
+            a["balance"].as_u64().context("balance")?,
+            a["staked"].as_u64().context("staked")?,
+        ))
+    }
+
+    /// A funded agent with a registered API key.
+    fn agent(&self, funds: u64) -> Result<(Wallet, String)> {
+        let wallet = Wallet::random();
+        if funds > 0 {
+            let r = http()
+                .post(format!("{}/v1/dev/faucet", self.url))
+                .send_json(json!({"address": wallet.address(), "amount": funds}))?;
+            assert_eq!(r.status(), 200);
+        }
+        let key = format!("sk-test-{}", hex::encode(wallet.address()));
+        let r = self.register_key(&wallet, &key, 1)?;
+        assert_eq!(r.0, 200, "{}", r.1);
+        Ok((wallet, key))
+    }
+
+    fn register_key(&self, wallet: &Wallet, key: &str, nonce: u64) -> Result<(u16, Value)> {
+        let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 600;
+        let message = ApiKeyRegistration {
+            keyHash: <[u8; 32]>::from(Sha256::digest(key.as_bytes())).into(),
+            nonce,
+            expiry,
+        };
+        let signed = wallet.sign(message, Domain::default())?;
+        let mut r = http()
+            .post(format!("{}/v1/keys", self.url))
+            .send_json(&signed)?;
+        Ok((r.status().as_u16(), r.body_mut().read_json()?))
+    }
+
+    fn chat(&self, key: &str, body: &Value) -> Result<(u16, ureq::http::HeaderMap, Value)> {
+        let mut r = http()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send_json(body)?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        Ok((status, headers, r.body_mut().read_json()?))
+    }
+
+    fn audit(&self) -> Result<()> {
+        let out = Command::new(BIN)
+            .args(["ledger", "audit", "--url", &self.db])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ledger audit failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn question(max_tokens: u32) -> Value {
+    json!({
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+fn header_u64(headers: &ureq::http::HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.parse().ok()
+}
+
+#[test]
+fn chat_completion_non_streaming_and_streaming() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 7, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+
+    let models = hub.get("/v1/models")?;
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "smollm2-135m");
+
+    // Non-streaming.
+    let (status, headers, body) = hub.chat(&key, &question(12))?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .context("content")?;
+    assert!(text.contains("Paris"), "{text}");
+    let usage = &body["usage"];
+    let completion = usage["completion_tokens"].as_u64().context("usage")?;
+    let prompt = usage["prompt_tokens"].as_u64().context("usage")?;
+    assert!((1..=12).contains(&completion) && prompt > 5, "{usage}");
+    assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
+    let cost = header_u64(&headers, "x-tessera-cost").context("x-tessera-cost")?;
+    assert_eq!(cost, completion * 7);
+    assert_eq!(body["tessera"]["cost"].as_u64(), Some(cost));
+    let named = headers
+        .get("x-tessera-provider")
+        .context("x-tessera-provider")?
+        .to_str()?;
+    assert!(named.eq_ignore_ascii_case(&format!("{:#x}", provider.address())));
+    assert_eq!(hub.account(&agent)?.0, 1_000_000 - cost);
+
+    // Streaming, with the usage chunk.
+    let mut request = question(12);
+    request["stream"] = json!(true);
+    request["stream_options"] = json!({"include_usage": true});
+    let r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {key}"))
+        .send_json(&request)?;
+    assert_eq!(r.status(), 200);
+    assert!(r
+        .headers()
+        .get("content-type")
+        .context("content-type")?
+        .to_str()?
+        .starts_with("text/event-stream"));
+    let mut chunks = Vec::new();
+    let mut done = false;
+    for line in BufReader::new(r.into_body().into_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        chunks.push(serde_json::from_str::<Value>(data)?);
+    }
+    assert!(done, "the stream must end with [DONE]");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed, text,
+        "greedy streaming must match the non-streaming answer"
+    );
+    let usage_chunk = chunks.last().context("usage chunk")?;
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(
+        usage_chunk["usage"]["completion_tokens"].as_u64(),
+        Some(completion)
+    );
+    let finish = &chunks[chunks.len() - 2];
+    assert!(finish["choices"][0]["finish_reason"].is_string());
+    let stream_cost = finish["tessera"]["cost"]
+        .as_u64()
+        .context("cost in the last chunk")?;
+    assert_eq!(stream_cost, completion * 7);
+    assert_eq!(hub.account(&agent)?.0, 1_000_000 - cost - stream_cost);
+
+    // The provider got paid minus the 5% fee.
+    let (paid, staked) = hub.account(&provider)?;
+    assert_eq!(
+        paid,
+        (cost - cost * 500 / 10_000) + (stream_cost - stream_cost * 500 / 10_000)
+    );
+    assert_eq!(staked, 1_000_000);
+
+    let metrics = http()
+        .get(format!("{}/metrics", hub.url))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    assert!(
+        metrics.contains("tessera_jobs_total{outcome=\"completed\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(hub.get("/health")?["status"], "ok");
+    hub.audit()
+}
+
+#[test]
+fn cheating_provider_is_slashed_and_quarantined() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "1", "--slash-amount", "500000"])?;
+    let honest = Wallet::random();
+    let cheater = Wallet::random();
+    // The cheater undercuts the honest provider, so the scheduler picks it first.
+    let _honest = hub.node("honest", &honest, 10, &["--dev-stake"])?;
+    let _cheater = hub.node(
+        "cheater",
+        &cheater,
+        5,
+        &["--dev-stake", "--cheat", "requantized-q4-0"],
+    )?;
+    hub.wait_connected(2)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+
+    let (status, headers, body) = hub.chat(&key, &question(16))?;
+    assert_eq!(status, 200, "{body}");
+    let served_by = headers
+        .get("x-tessera-provider")
+        .context("provider header")?
+        .to_str()?
+        .to_owned();
+    assert!(
+        served_by.eq_ignore_ascii_case(&format!("{:#x}", cheater.address())),
+        "the cheaper provider serves first"
+    );
+    assert_eq!(body["tessera"]["verification"], "pending");
+
+    // The verdict comes in the background.
+    let deadline = Instant::now() + Duration::from_secs(100);
+    while hub.provider(&cheater)?["quarantined"] != json!(true) {
+        if Instant::now() > deadline {
+            bail!(
+                "the cheater was not quarantined: {}",
+                hub.provider(&cheater)?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let c = hub.provider(&cheater)?;
+    assert_eq!(c["verified_failed"], 1);
+    assert_eq!(c["slashed"], 500_000);
+    assert_eq!(
+        hub.account(&cheater)?.1,
+        500_000,
+        "half the cheater's stake is gone"
+    );
+    // The agent got the job refunded and 30% of the slash as compensation; the verifier 20%.
+    assert_eq!(hub.account(&agent)?.0, 1_000_000 + 150_000);
+    assert_eq!(hub.account(&honest)?.0, 100_000);
+
+    // The next job goes to the honest provider; no one is left to verify it.
+    let (status, headers, body) = hub.chat(&key, &question(8))?;
+    assert_eq!(status, 200, "{body}");
+    let served_by = headers
+        .get("x-tessera-provider")
+        .context("provider header")?
+        .to_str()?
+        .to_owned();
+    assert!(served_by.eq_ignore_ascii_case(&format!("{:#x}", honest.address())));
+    let h = hub.provider(&honest)?;
+    assert_eq!(h["quarantined"], false);
+    assert_eq!(h["verified_failed"], 0);
+    assert_eq!(
+        hub.account(&honest)?.1,
+        1_000_000,
+        "the honest stake is untouched"
+    );
+    let models = hub.get("/v1/models")?;
+    assert_eq!(
+        models["data"][0]["tessera"]["providers"], 1,
+        "a quarantined provider is not offered"
+    );
+    let metrics = http()
+        .get(format!("{}/metrics", hub.url))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    assert!(metrics.contains("tessera_slashes_total 1"), "{metrics}");
+    hub.audit()
+}
+
+#[test]
+fn bad_input_gives_openai_errors_and_changes_nothing() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000)?;
+    let check = |status: u16, body: &Value, want_status: u16, want_code: &str| {
+        assert_eq!(status, want_status, "{body}");
+        assert_eq!(body["error"]["code"], want_code, "{body}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert!(body["error"]["type"].is_string());
+    };
+
+    // Malformed JSON.
+    let mut r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {key}"))
+        .content_type("application/json")
+        .send("{\"model\": ")?;
+    check(
+        r.status().as_u16(),
+        &r.body_mut().read_json()?,
+        400,
+        "invalid_json",
+    );
+    // Unknown model.
+    let mut body = question(4);
+    body["model"] = json!("gpt-17");
+    let (s, _, b) = hub.chat(&key, &body)?;
+    check(s, &b, 404, "model_not_found");
+    // Bad and missing API keys.
+    let (s, _, b) = hub.chat("sk-nope", &question(4))?;
+    check(s, &b, 401, "invalid_api_key");
+    let mut r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .send_json(question(4))?;
+    check(
+        r.status().as_u16(),
+        &r.body_mut().read_json()?,
+        401,
+        "invalid_api_key",
+    );
+    // Above the balance: 1,000 micro-units cannot cover 200 tokens at 10.
+    let (s, _, b) = hub.chat(&key, &question(200))?;
+    check(s, &b, 429, "insufficient_quota");
+    // Above the context window.
+    let (s, _, b) = hub.chat(&key, &question(1_000_000))?;
+    check(s, &b, 400, "context_length_exceeded");
+    // A replayed key registration.
+    let (s, b) = hub.register_key(&agent, "sk-another", 1)?;
+    check(s, &b, 401, "invalid_signature");
+    // Above max_price.
+    let mut body = question(4);
+    body["max_price"] = json!(3);
+    let (s, _, b) = hub.chat(&key, &body)?;
+    check(s, &b, 503, "no_provider_within_max_price");
+
+    assert_eq!(
+        hub.account(&agent)?.0,
+        1_000,
+        "no bad request costs anything"
+    );
+    assert_eq!(hub.account(&provider)?.0, 0);
+
+    // A node without stake is refused and exits.
+    let unstaked = Wallet::random();
+    let mut node = hub.node("unstaked", &unstaked, 1, &[])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = node.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("an unstaked node must be refused");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(hub.dir().join("unstaked.log"))?;
+    assert!(log.contains("staked"), "{log}");
+    assert_eq!(
+        hub.providers()?
+            .iter()
+            .filter(|p| p["connected"] == json!(true))
+            .count(),
+        1
+    );
+    hub.audit()
+}

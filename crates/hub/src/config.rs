@@ -1,0 +1,61 @@
+//! `tessera hub` settings: flags, each also readable from a `TESSERA_HUB_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The hub's configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HubConfig {
+    /// Ledger database: `sqlite://PATH` (created if missing) or `postgres://…`.
+    #[arg(
+        long,
+        env = "TESSERA_HUB_DB",
+        default_value = "sqlite://tessera-hub.db"
+    )]
+    pub db: String,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "TESSERA_HUB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Write the bound address (`HOST:PORT`) to this file once listening.
+    #[arg(long, env = "TESSERA_HUB_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+    /// Base probability that a job is re-checked by another provider.
+    #[arg(long, env = "TESSERA_HUB_VERIFY_PROBABILITY", default_value_t = 0.1)]
+    pub verify_probability: f64,
+    /// Micro-units slashed from a provider whose job fails verification.
+    #[arg(long, env = "TESSERA_HUB_SLASH_AMOUNT", default_value_t = 1_000_000)]
+    pub slash_amount: u64,
+    /// Stake a provider must hold to register, in micro-units.
+    #[arg(long, env = "TESSERA_HUB_MIN_STAKE", default_value_t = 1_000_000)]
+    pub min_stake: u64,
+    /// Protocol fee on captured payments, in basis points.
+    #[arg(long, env = "TESSERA_HUB_FEE_BPS", default_value_t = 500)]
+    pub fee_bps: u32,
+    /// Development mode: a faucet endpoint, and providers may ask to be funded and staked.
+    #[arg(long, env = "TESSERA_HUB_DEV")]
+    pub dev: bool,
+    /// EIP-712 chain id of accepted signatures.
+    #[arg(long, env = "TESSERA_HUB_CHAIN_ID", default_value_t = tessera_protocol::DEFAULT_CHAIN_ID)]
+    pub chain_id: u64,
+    /// Seconds to wait for a provider's first token before trying another.
+    #[arg(long, env = "TESSERA_HUB_FIRST_TOKEN_TIMEOUT", default_value_t = 60)]
+    pub first_token_timeout_secs: u64,
+}
+
+impl HubConfig {
+    /// Settings for tests: an in-memory-free SQLite path, port 0, dev mode.
+    pub fn dev(db: impl Into<String>) -> Self {
+        Self {
+            db: db.into(),
+            listen: "127.0.0.1:0".parse().expect("a valid address"),
+            addr_file: None,
+            verify_probability: 0.1,
+            slash_amount: 1_000_000,
+            min_stake: 1_000_000,
+            fee_bps: 500,
+            dev: true,
+            chain_id: tessera_protocol::DEFAULT_CHAIN_ID,
+            first_token_timeout_secs: 60,
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! `tessera-hub`: the coordinator of a Tessera network.
+//!
+//! It serves an OpenAI-compatible API to agents ([`openai`]), accepts provider nodes over an
+//! outward WebSocket ([`connect`]), schedules each job on a provider ([`registry`]), escrows and
+//! settles through the ledger, and samples jobs for verification by another provider, slashing
+//! and quarantining the provider of a job that fails ([`jobs`]).
+//!
+//! Money and nonces live in the ledger's database; the provider registry (reputation,
+//! quarantine) and API keys are kept in memory in this version (see the README's caveats).
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod connect;
+pub mod error;
+pub mod jobs;
+pub mod metrics;
+pub mod openai;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tessera_ledger::{Ledger, LedgerConfig, SystemAccount};
+use tessera_protocol::{Address, ApiKeyRegistration, Domain, Signed, Verifier};
+
+pub use config::HubConfig;
+pub use error::{ApiError, Error, Result};
+
+/// Unix seconds now.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// The hub's shared state.
+pub struct Hub {
+    /// Settings.
+    pub config: HubConfig,
+    /// The books.
+    pub ledger: Ledger,
+    /// Checks signed messages under the hub's EIP-712 domain.
+    pub verifier: Verifier,
+    /// Providers.
+    pub registry: registry::Registry,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// Ids of jobs, sessions and verifications.
+    pub next_id: AtomicU64,
+    /// A per-process random tag in every idempotency key, so job ids of a restarted hub never
+    /// collide with those already in the ledger.
+    pub run_id: String,
+    api_keys: RwLock<HashMap<[u8; 32], Address>>,
+}
+
+impl Hub {
+    /// Opens the ledger and builds the state.
+    pub async fn open(config: HubConfig) -> Result<Arc<Self>> {
+        if !(0.0..=1.0).contains(&config.verify_probability) {
+            return Err(Error::Config(
+                "--verify-probability must be in [0, 1]".into(),
+            ));
+        }
+        let ledger_config = LedgerConfig {
+            dev_mode: config.dev,
+            fee_bps: config.fee_bps,
+            ..LedgerConfig::default()
+        };
+        let ledger = Ledger::open(&config.db, ledger_config).await?;
+        Ok(Arc::new(Self {
+            verifier: Verifier::new(Domain::new(config.chain_id)),
+            config,
+            ledger,
+            registry: registry::Registry::default(),
+            metrics: metrics::Metrics::default(),
+            next_id: AtomicU64::new(1),
+            run_id: format!("{:08x}", rand::random::<u32>()),
+            api_keys: RwLock::default(),
+        }))
+    }
+
+    /// The agent an API key belongs to.
+    pub fn agent_for_key(&self, key: &str) -> Option<Address> {
+        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.api_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            .copied()
+    }
+
+    /// The expected loss per job of a provider that cheats on every job: p·S, with p the base
+    /// verification probability and S the slash.
+    pub fn cheater_expected_loss(&self) -> f64 {
+        self.config.verify_probability * self.config.slash_amount as f64
+    }
+}
+
+/// The hub's HTTP routes.
+pub fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/keys", post(register_key))
+        .route("/v1/dev/faucet", post(faucet))
+        .route("/v1/accounts/{address}", get(account))
+        .route("/v1/providers", get(providers))
+        .route(tessera_wire::CONNECT_PATH, get(connect::connect))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                ..ApiError::invalid("not_found", "Unknown endpoint.")
+            }
+        })
+        .with_state(hub)
+}
+
+/// `POST /v1/keys`: registers an API key by a wallet's signed `ApiKeyRegistration` (the JSON of
+/// a `Signed<ApiKeyRegistration>`; the key itself is never sent, only its sha256).
+async fn register_key(State(hub): State<Arc<Hub>>, body: Bytes) -> Response {
+    let signed: Signed<ApiKeyRegistration> = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return ApiError::invalid(
+                "invalid_json",
+                format!("Expected a signed ApiKeyRegistration: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let agent = match hub.verifier.verify(&signed, now_secs(), &hub.ledger).await {
+        Ok(a) => a,
+        Err(e) => {
+            return ApiError::bad_signature(format!("Invalid signature: {e}")).into_response()
+        }
+    };
+    hub.api_keys
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(signed.message.keyHash.0, agent);
+    tracing::info!(%agent, "API key registered");
+    Json(json!({"address": agent})).into_response()
+}
+
+#[derive(Deserialize)]
+struct FaucetRequest {
+    address: Address,
+    amount: u64,
+}
+
+/// `POST /v1/dev/faucet` (`--dev` only): mints money to an address.
+async fn faucet(State(hub): State<Arc<Hub>>, body: Bytes) -> Response {
+    let Some(faucet) = hub.ledger.faucet() else {
+        return ApiError::forbidden("The faucet exists only on a hub started with --dev.")
+            .into_response();
+    };
+    let request: FaucetRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::invalid(
+                "invalid_json",
+                format!("Expected {{\"address\", \"amount\"}}: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let key = format!(
+        "faucet-{}-{}",
+        hub.run_id,
+        hub.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    if let Err(e) = faucet.mint(&key, request.address, request.amount).await {
+        return ApiError::invalid("faucet_refused", e.to_string()).into_response();
+    }
+    let balance = hub.ledger.balance(request.address).await.unwrap_or(0);
+    Json(json!({"address": request.address, "balance": balance})).into_response()
+}
+
+/// `GET /v1/accounts/{address}`: balance and stake.
+async fn account(State(hub): State<Arc<Hub>>, Path(address): Path<String>) -> Response {
+    let Ok(address) = address.parse::<Address>() else {
+        return ApiError::invalid_param("address", "Not a 0x address.").into_response();
+    };
+    let balance = match hub.ledger.balance(address).await {
+        Ok(b) => b,
+        Err(tessera_ledger::Error::UnknownAccount(_)) => 0,
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    let staked = hub.ledger.staked(address).await.unwrap_or(0);
+    Json(json!({"address": address, "balance": balance, "staked": staked})).into_response()
+}
+
+/// `GET /v1/providers`: every provider seen, with reputation and quarantine.
+async fn providers(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    Json(json!({
+        "verify_probability": hub.config.verify_probability,
+        "slash_amount": hub.config.slash_amount,
+        "cheater_expected_loss_per_job": hub.cheater_expected_loss(),
+        "providers": hub.registry.views(),
+    }))
+}
+
+async fn health(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    Json(json!({"status": "ok", "providers": hub.registry.connections().len()}))
+}
+
+async fn metrics_text(State(hub): State<Arc<Hub>>) -> Response {
+    let providers = hub.registry.views();
+    let connected = providers.iter().filter(|p| p.connected).count() as f64;
+    let quarantined = providers.iter().filter(|p| p.record.quarantined).count() as f64;
+    let balance = |a: SystemAccount| {
+        let ledger = hub.ledger.clone();
+        async move { ledger.balance(a).await.unwrap_or(0) as f64 }
+    };
+    let (fees, treasury, escrow, stake) = (
+        balance(SystemAccount::Fees).await,
+        balance(SystemAccount::Treasury).await,
+        balance(SystemAccount::Escrow).await,
+        balance(SystemAccount::Stake).await,
+    );
+    let text = hub.metrics.render(&[
+        (
+            "tessera_providers_connected",
+            "Providers with an open session.",
+            connected,
+        ),
+        (
+            "tessera_providers_quarantined",
+            "Providers quarantined.",
+            quarantined,
+        ),
+        (
+            "tessera_verify_probability",
+            "Base verification probability.",
+            hub.config.verify_probability,
+        ),
+        (
+            "tessera_cheater_expected_loss_micro",
+            "Expected slash per cheated job (p times S).",
+            hub.cheater_expected_loss(),
+        ),
+        (
+            "tessera_balance_fees_micro",
+            "Protocol fees collected.",
+            fees,
+        ),
+        (
+            "tessera_balance_treasury_micro",
+            "Treasury balance.",
+            treasury,
+        ),
+        (
+            "tessera_balance_escrow_micro",
+            "Money held in open escrows.",
+            escrow,
+        ),
+        (
+            "tessera_balance_stake_micro",
+            "Money bonded as stake.",
+            stake,
+        ),
+    ]);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Runs the hub until `shutdown` resolves (the CLI passes Ctrl-C/SIGTERM), then finishes the
+/// requests in flight.
+pub async fn run(
+    config: HubConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let hub = Hub::open(config.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    if let Some(path) = &config.addr_file {
+        // Write then rename, so a reader never sees a half-written address.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())?;
+        std::fs::rename(&tmp, path)?;
+    }
+    tracing::info!(%addr, db = %config.db, dev = config.dev, p = config.verify_probability, slash = config.slash_amount, "hub listening");
+    axum::serve(listener, router(hub.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    hub.ledger.close().await;
+    Ok(())
+}
