@@ -249,12 +249,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!(
             "{name:<9} {:>6.2} {:>5} {:>7} {:>7} {:>9} {:>10} {:>10}{}",
             p["reputation"].as_f64().unwrap_or(0.0),
-            p["jobs"],
-            p["verified_passed"],
-            p["verified_failed"],
-            p["slashed"],
-            a["balance"],
-            a["staked"],
+            p["jobs"].to_string(),
+            p["verified_passed"].to_string(),
+            p["verified_failed"].to_string(),
+            p["slashed"].to_string(),
+            a["balance"].to_string(),
+            a["staked"].to_string(),
             if p["quarantined"] == json!(true) {
                 "  QUARANTINED"
             } else {

@@ -519,3 +519,119 @@ fn bad_input_gives_openai_errors_and_changes_nothing() -> Result<()> {
     );
     hub.audit()
 }
+
+/// A virtual environment with the official `openai` package, made once per target directory.
+fn openai_python() -> Result<std::path::PathBuf> {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let python = venv.join("bin").join("python");
+    let ready = Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let status = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .context("python3 -m venv")?;
+        anyhow::ensure!(status.success(), "python3 -m venv failed");
+        let status = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "openai"])
+            .status()?;
+        anyhow::ensure!(status.success(), "pip install openai failed");
+    }
+    Ok(python)
+}
+
+#[test]
+fn official_openai_python_client() -> Result<()> {
+    let python = openai_python()?;
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 3, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(100_000)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("openai_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .env("TESSERA_HUB", &hub.url)
+        .env("TESSERA_KEY", &key)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim())?;
+    assert!(report["text"].as_str().is_some_and(|t| t.contains("Paris")));
+    assert!(hub.account(&agent)?.0 < 100_000);
+    hub.audit()
+}
+
+#[test]
+fn node_killed_mid_stream_charges_only_delivered_tokens() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let mut node = hub.node("node", &provider, 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let request = json!({
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread."}],
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stream": true,
+    });
+    let r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {key}"))
+        .send_json(&request)?;
+    assert_eq!(r.status(), 200);
+    let max_cost = r
+        .headers()
+        .get("x-tessera-max-cost")
+        .context("max cost header")?
+        .to_str()?
+        .parse::<u64>()?;
+    assert_eq!(max_cost, 10_000);
+    let mut content_chunks = 0u64;
+    let mut error = None;
+    for line in BufReader::new(r.into_body().into_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        assert_ne!(data, "[DONE]", "a broken stream must not end with [DONE]");
+        let v: Value = serde_json::from_str(data)?;
+        if v.get("error").is_some() {
+            error = Some(v);
+            break;
+        }
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            content_chunks += 1;
+            if content_chunks == 5 {
+                node.0.kill()?;
+            }
+        }
+    }
+    let error = error.context("the stream must end with an error")?;
+    assert_eq!(error["error"]["code"], "provider_failed");
+    let cost = error["tessera"]["cost"].as_u64().context("cost")?;
+    let tokens = cost / 10;
+    // Tokens whose text is empty (a partial UTF-8 character) send no chunk; allow a couple.
+    assert!(
+        tokens >= content_chunks && tokens <= content_chunks + 3,
+        "charged {tokens} tokens, received {content_chunks} chunks"
+    );
+    assert!(tokens < 1000);
+    assert_eq!(hub.account(&agent)?.0, 1_000_000 - cost);
+    assert_eq!(hub.account(&provider)?.0, cost - cost * 500 / 10_000);
+    hub.audit()
+}
