@@ -635,3 +635,103 @@ fn node_killed_mid_stream_charges_only_delivered_tokens() -> Result<()> {
     assert_eq!(hub.account(&provider)?.0, cost - cost * 500 / 10_000);
     hub.audit()
 }
+
+#[test]
+fn failure_before_first_token_is_retried_elsewhere() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let flaky = Wallet::random();
+    let good = Wallet::random();
+    // The cheaper node is tried first and refuses; the job must land on the other at no charge.
+    let _flaky = hub.node("flaky", &flaky, 1, &["--dev-stake", "--refuse-jobs"])?;
+    let _good = hub.node("good", &good, 10, &["--dev-stake"])?;
+    hub.wait_connected(2)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let (status, headers, body) = hub.chat(&key, &question(8))?;
+    assert_eq!(status, 200, "{body}");
+    let served_by = headers
+        .get("x-tessera-provider")
+        .context("provider header")?
+        .to_str()?
+        .to_owned();
+    assert!(served_by.eq_ignore_ascii_case(&format!("{:#x}", good.address())));
+    let cost = body["tessera"]["cost"].as_u64().context("cost")?;
+    assert_eq!(
+        cost,
+        body["usage"]["completion_tokens"]
+            .as_u64()
+            .context("usage")?
+            * 10
+    );
+    assert_eq!(hub.account(&agent)?.0, 1_000_000 - cost);
+    assert_eq!(hub.account(&flaky)?.0, 0);
+    let metrics = http()
+        .get(format!("{}/metrics", hub.url))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    assert!(metrics.contains("tessera_retries_total 1"), "{metrics}");
+    hub.audit()
+}
+
+#[test]
+fn sigterm_drains_the_stream_in_flight() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let mut node = hub.node("node", &provider, 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (_agent, key) = hub.agent(1_000_000)?;
+    let request = json!({
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread."}],
+        "max_tokens": 150,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {key}"))
+        .send_json(&request)?;
+    assert_eq!(r.status(), 200);
+    let mut lines = BufReader::new(r.into_body().into_reader()).lines();
+    // Ask the node to stop as soon as the stream has begun.
+    let first = lines.next().context("first line")??;
+    assert!(first.starts_with("data: "));
+    let status = Command::new("kill")
+        .args(["-TERM", &node.0.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let rest: Vec<String> = lines.collect::<std::io::Result<_>>()?;
+    assert!(
+        rest.iter().any(|l| l == "data: [DONE]"),
+        "the job in flight finishes: {rest:?}"
+    );
+    let usage = rest
+        .iter()
+        .rev()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .find_map(|d| {
+            serde_json::from_str::<Value>(d)
+                .ok()
+                .filter(|v| v.get("usage").is_some())
+        });
+    let completion = usage.context("usage chunk")?["usage"]["completion_tokens"]
+        .as_u64()
+        .context("tokens")?;
+    assert!(
+        completion > 20,
+        "the stream was still running when SIGTERM came ({completion} tokens)"
+    );
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let exit = loop {
+        if let Some(status) = node.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("the node did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "a drained node exits cleanly: {exit}");
+    hub.audit()
+}

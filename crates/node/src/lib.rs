@@ -74,6 +74,9 @@ pub struct NodeConfig {
     /// Misbehave on purpose (tests and demos): serve altered weights under the honest model's hash.
     #[arg(long, value_enum)]
     pub cheat: Option<Cheat>,
+    /// Testing: refuse every job before its first token (the hub must retry elsewhere).
+    #[arg(long, hide = true)]
+    pub refuse_jobs: bool,
 }
 
 /// A loaded provider: the wallet, the serving engine and a second copy for tokenizing and
@@ -269,8 +272,8 @@ async fn session(
                 };
                 match serde_json::from_str::<HubMessage>(&text) {
                     Ok(HubMessage::Job { job, request }) => {
-                        if node.draining.load(Ordering::Relaxed) {
-                            let _ = tx.send(NodeMessage::Failed { job, kind: tessera_wire::FailureKind::Unavailable, message: "node is shutting down".into() });
+                        if node.draining.load(Ordering::Relaxed) || node.config.refuse_jobs {
+                            let _ = tx.send(NodeMessage::Failed { job, kind: tessera_wire::FailureKind::Unavailable, message: "node is not taking jobs".into() });
                             continue;
                         }
                         let cancel = Arc::new(AtomicBool::new(false));
