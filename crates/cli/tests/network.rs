@@ -24,7 +24,8 @@ impl Drop for Proc {
 }
 
 struct Hub {
-    _proc: Proc,
+    proc: Proc,
+    args: Vec<String>,
     url: String,
     db: String,
     _dir: tempfile::TempDir,
@@ -45,21 +46,34 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
 fn start_hub(args: &[&str]) -> Result<Hub> {
     let dir = tempfile::tempdir()?;
     let db = format!("sqlite://{}", dir.path().join("hub.db").display());
-    let addr_file = dir.path().join("addr");
+    let (proc, url) = spawn_hub(dir.path(), &db, "127.0.0.1:0", args)?;
+    Ok(Hub {
+        proc,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        url,
+        db,
+        _dir: dir,
+    })
+}
+
+/// Starts a hub process and waits for it to announce its address.
+fn spawn_hub(dir: &Path, db: &str, listen: &str, args: &[&str]) -> Result<(Proc, String)> {
+    let addr_file = dir.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
     let child = Command::new(BIN)
         .args([
             "hub",
             "--db",
-            &db,
+            db,
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--dev",
             "--addr-file",
         ])
         .arg(&addr_file)
         .args(args)
         .stdout(Stdio::null())
-        .stderr(log_file(dir.path(), "hub"))
+        .stderr(log_file(dir, &format!("hub-{}", listen.replace(':', "_"))))
         .spawn()?;
     let proc = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -72,17 +86,24 @@ fn start_hub(args: &[&str]) -> Result<Hub> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Ok(Hub {
-        _proc: proc,
-        url: format!("http://{}", addr.trim()),
-        db,
-        _dir: dir,
-    })
+    Ok((proc, format!("http://{}", addr.trim())))
 }
 
 impl Hub {
     fn dir(&self) -> &Path {
         self._dir.path()
+    }
+
+    /// Kills the hub (SIGKILL: no shutdown) and starts it again on the same address and database.
+    fn crash_and_restart(&mut self) -> Result<()> {
+        self.proc.0.kill()?;
+        self.proc.0.wait()?;
+        let listen = self.url.trim_start_matches("http://").to_owned();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let (proc, url) = spawn_hub(self._dir.path(), &self.db, &listen, &args)?;
+        assert_eq!(url, self.url);
+        self.proc = proc;
+        Ok(())
     }
 
     fn node(&self, name: &str, wallet: &Wallet, price: u64, extra: &[&str]) -> Result<Proc> {
@@ -733,5 +754,51 @@ fn sigterm_drains_the_stream_in_flight() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(exit.success(), "a drained node exits cleanly: {exit}");
+    hub.audit()
+}
+
+#[test]
+fn hub_crash_and_restart_loses_no_acknowledged_job_or_payment() -> Result<()> {
+    let mut hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let (status, _, body) = hub.chat(&key, &question(8))?;
+    assert_eq!(status, 200, "{body}");
+    let acknowledged = body["tessera"]["cost"].as_u64().context("cost")?;
+
+    // A long stream in flight when the hub dies.
+    let request = json!({
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread."}],
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stream": true,
+    });
+    let r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {key}"))
+        .send_json(&request)?;
+    assert_eq!(r.status(), 200);
+    let mut lines = BufReader::new(r.into_body().into_reader()).lines();
+    for _ in 0..4 {
+        lines.next().context("stream line")??;
+    }
+    hub.crash_and_restart()?;
+    drop(lines);
+
+    // The key survived, the node reconnected, the acknowledged job stays paid and the cut-off
+    // one is refunded.
+    hub.wait_connected(1)?;
+    assert_eq!(hub.account(&agent)?.0, 1_000_000 - acknowledged);
+    assert_eq!(
+        hub.account(&provider)?.0,
+        acknowledged - acknowledged * 500 / 10_000
+    );
+    let (status, _, body) = hub.chat(&key, &question(8))?;
+    assert_eq!(status, 200, "{body}");
+    let second = body["tessera"]["cost"].as_u64().context("cost")?;
+    assert_eq!(hub.account(&agent)?.0, 1_000_000 - acknowledged - second);
     hub.audit()
 }

@@ -11,6 +11,9 @@ pub enum Error {
     /// The ledger failed.
     #[error("ledger: {0}")]
     Ledger(#[from] tessera_ledger::Error),
+    /// The hub's own tables failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
     /// Binding or serving failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

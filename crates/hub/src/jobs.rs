@@ -128,18 +128,35 @@ impl Hub {
             held,
             started: Instant::now(),
         };
+        if let Err(e) = self
+            .store
+            .job_running(&ticket.key, ticket.escrow_id, agent)
+            .await
+        {
+            self.refund(&ticket).await;
+            return Err(ApiError::internal(e));
+        }
         tracing::info!(job = %ticket.key, %agent, model, held, "job admitted");
         Ok((ticket, candidates))
     }
 
     /// Returns a ticket's escrow in full.
     pub async fn refund(&self, ticket: &Ticket) {
-        if let Err(e) = self
+        match self
             .ledger
             .release(&format!("{}:release", ticket.key), ticket.escrow_id)
             .await
         {
-            tracing::error!(job = %ticket.key, error = %e, "refund failed");
+            Ok(_) => self.closed(ticket).await,
+            Err(e) => {
+                tracing::error!(job = %ticket.key, error = %e, "refund failed; the escrow stays open until the next start")
+            }
+        }
+    }
+
+    async fn closed(&self, ticket: &Ticket) {
+        if let Err(e) = self.store.job_closed(&ticket.key).await {
+            tracing::error!(job = %ticket.key, error = %e, "forgetting a closed job failed");
         }
     }
 
@@ -288,6 +305,13 @@ impl Hub {
                     .verifiers(&provider.sha256, &[provider.address])
                     .is_empty()
             {
+                if let Err(e) = self
+                    .store
+                    .job_verifying(&ticket.key, provider.address, cost)
+                    .await
+                {
+                    tracing::error!(job = %ticket.key, error = %e, "recording a pending verification failed");
+                }
                 let hub = self.clone();
                 let result = result.clone();
                 tokio::spawn(
@@ -328,6 +352,7 @@ impl Hub {
             .await
         {
             Ok(receipt) => {
+                self.closed(ticket).await;
                 self.metrics
                     .captured
                     .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
@@ -399,6 +424,7 @@ impl Hub {
                     if confirmation.passed {
                         tracing::warn!(job = %ticket.key, verifier = %first.address, confirmed_by = %second.address, "a failed verification was contradicted; the verifier loses reputation");
                         self.registry.update(first.address, |r| r.reputation *= 0.5);
+                        self.persist_record(first.address).await;
                         failed = false;
                     }
                 }
@@ -413,6 +439,7 @@ impl Hub {
             self.registry.update(first.address, |r| {
                 r.reputation += (1.0 - r.reputation) * 0.02
             });
+            self.persist_record(provider.address).await;
             tracing::info!(job = %ticket.key, provider = %provider.address, verifier = %first.address, "verification passed");
             return self.settle(&ticket, &provider, cost).await;
         }
@@ -423,6 +450,7 @@ impl Hub {
             r.reputation = 0.0;
             r.quarantined = true;
         });
+        self.persist_record(provider.address).await;
         self.refund(&ticket).await;
         match self
             .ledger
@@ -442,6 +470,7 @@ impl Hub {
                     .fetch_add(receipt.value.slashed, std::sync::atomic::Ordering::Relaxed);
                 self.registry
                     .update(provider.address, |r| r.slashed += receipt.value.slashed);
+                self.persist_record(provider.address).await;
                 tracing::warn!(job = %ticket.key, provider = %provider.address, slashed = receipt.value.slashed, to_verifier = receipt.value.to_verifier, to_agent = receipt.value.to_agent, "provider slashed");
             }
             Err(e) => {

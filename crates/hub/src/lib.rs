@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod openai;
 pub mod registry;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -55,6 +56,8 @@ pub struct Hub {
     pub verifier: Verifier,
     /// Providers.
     pub registry: registry::Registry,
+    /// The hub's own tables.
+    pub store: store::Store,
     /// Metrics.
     pub metrics: metrics::Metrics,
     /// Ids of jobs, sessions and verifications.
@@ -79,26 +82,92 @@ impl Hub {
             ..LedgerConfig::default()
         };
         let ledger = Ledger::open(&config.db, ledger_config).await?;
-        Ok(Arc::new(Self {
+        let store = store::Store::open(&config.db).await?;
+        let registry = registry::Registry::default();
+        for (address, record) in store.records().await? {
+            registry.update(address, |r| *r = record);
+        }
+        let hub = Arc::new(Self {
             verifier: Verifier::new(Domain::new(config.chain_id)),
             config,
             ledger,
-            registry: registry::Registry::default(),
+            registry,
+            store,
             metrics: metrics::Metrics::default(),
             next_id: AtomicU64::new(1),
             run_id: format!("{:08x}", rand::random::<u32>()),
             api_keys: RwLock::default(),
-        }))
+        });
+        hub.recover().await?;
+        Ok(hub)
     }
 
-    /// The agent an API key belongs to.
-    pub fn agent_for_key(&self, key: &str) -> Option<Address> {
+    /// Closes the escrows a previous run left open: settles jobs that were answered and waiting
+    /// for a verdict (the agent was told the cost), refunds jobs cut off before their answer.
+    /// Assumes one hub per database (replicas sharing PostgreSQL would need a lease per job).
+    async fn recover(&self) -> Result<()> {
+        for job in self.store.open_jobs().await? {
+            let outcome = match (job.state.as_str(), job.provider) {
+                ("verifying", Some(provider)) => self
+                    .ledger
+                    .finish(
+                        &format!("{}:finish", job.key),
+                        job.escrow_id,
+                        provider,
+                        job.cost,
+                    )
+                    .await
+                    .map(|_| "settled"),
+                _ => self
+                    .ledger
+                    .release(&format!("{}:release", job.key), job.escrow_id)
+                    .await
+                    .map(|_| "refunded"),
+            };
+            match outcome {
+                Ok(what) => {
+                    tracing::info!(job = %job.key, what, "escrow left open by a previous run closed")
+                }
+                Err(tessera_ledger::Error::EscrowClosed(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.store.job_closed(&job.key).await?;
+        }
+        Ok(())
+    }
+
+    /// Saves a provider's record (after a verification changed it).
+    pub async fn persist_record(&self, address: Address) {
+        if let Err(e) = self
+            .store
+            .put_record(address, &self.registry.record(address))
+            .await
+        {
+            tracing::error!(%address, error = %e, "saving a provider record failed");
+        }
+    }
+
+    /// The agent an API key belongs to (cached; the database is the record, so keys survive
+    /// restarts and are shared by replicas).
+    pub async fn agent_for_key(&self, key: &str) -> Option<Address> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.api_keys
+        if let Some(agent) = self
+            .api_keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&hash)
-            .copied()
+        {
+            return Some(*agent);
+        }
+        let agent = self.store.api_key(&hash).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "API key lookup failed");
+            None
+        })?;
+        self.api_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash, agent);
+        Some(agent)
     }
 
     /// The expected loss per job of a provider that cheats on every job: p·S, with p the base
@@ -149,6 +218,13 @@ async fn register_key(State(hub): State<Arc<Hub>>, body: Bytes) -> Response {
             return ApiError::bad_signature(format!("Invalid signature: {e}")).into_response()
         }
     };
+    if let Err(e) = hub
+        .store
+        .put_api_key(&signed.message.keyHash.0, agent)
+        .await
+    {
+        return ApiError::internal(e).into_response();
+    }
     hub.api_keys
         .write()
         .unwrap_or_else(|p| p.into_inner())

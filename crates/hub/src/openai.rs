@@ -124,7 +124,7 @@ enum Kind {
 }
 
 /// Resolves the bearer API key to the agent's address.
-fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Address, ApiError> {
+async fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Address, ApiError> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -136,6 +136,7 @@ fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Address, ApiError> {
         return Err(ApiError::unauthorized("You didn't provide an API key. Send it as `Authorization: Bearer KEY`; register keys with POST /v1/keys."));
     };
     hub.agent_for_key(key)
+        .await
         .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
 }
 
@@ -245,22 +246,28 @@ fn messages(raw: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) -> Response {
+    let agent = match authenticate(&hub, &headers).await {
+        Ok(a) => a,
+        Err(e) => return reject(&hub, e),
+    };
     let prepared = (|| {
-        let agent = authenticate(&hub, &headers)?;
         let request: ChatRequest = parse(&body)?;
         let job = request.common.job(messages(request.messages)?, None, 256)?;
-        Ok::<_, ApiError>((agent, request.common, job))
+        Ok::<_, ApiError>((request.common, job))
     })();
     match prepared {
-        Ok((agent, common, job)) => serve(hub, Kind::Chat, agent, common, job).await,
+        Ok((common, job)) => serve(hub, Kind::Chat, agent, common, job).await,
         Err(e) => reject(&hub, e),
     }
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) -> Response {
+    let agent = match authenticate(&hub, &headers).await {
+        Ok(a) => a,
+        Err(e) => return reject(&hub, e),
+    };
     let prepared = (|| {
-        let agent = authenticate(&hub, &headers)?;
         let request: CompletionRequest = parse(&body)?;
         let prompt = match request.prompt {
             Prompt::One(p) => p,
@@ -273,10 +280,10 @@ pub async fn completions(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: 
             }
         };
         let job = request.common.job(Vec::new(), Some(prompt), 16)?;
-        Ok::<_, ApiError>((agent, request.common, job))
+        Ok::<_, ApiError>((request.common, job))
     })();
     match prepared {
-        Ok((agent, common, job)) => serve(hub, Kind::Completion, agent, common, job).await,
+        Ok((common, job)) => serve(hub, Kind::Completion, agent, common, job).await,
         Err(e) => reject(&hub, e),
     }
 }

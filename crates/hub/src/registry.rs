@@ -192,8 +192,8 @@ impl Connection {
     }
 }
 
-/// What the hub remembers about a provider across sessions.
-#[derive(Debug, Clone, Serialize)]
+/// What the hub remembers about a provider across sessions (and, in the database, restarts).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Record {
     /// In [0, 1]; 0.5 for a new provider.
     pub reputation: f64,

@@ -1,0 +1,172 @@
+//! The hub's own tables, beside the ledger's in the same database: registered API keys, provider
+//! records (reputation, quarantine) and jobs whose escrow is still open. With them a restarted
+//! hub keeps its agents, remembers whom it quarantined, and closes every escrow a crash left
+//! open: a job acknowledged to its agent and waiting for its verdict is settled, a job cut off
+//! before its answer was delivered is refunded.
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+use tessera_protocol::Address;
+
+use crate::registry::Record;
+use crate::Result;
+
+const SCHEMA: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS hub_api_keys (key_hash TEXT PRIMARY KEY, agent TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS hub_providers (address TEXT PRIMARY KEY, record TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS hub_jobs (job_key TEXT PRIMARY KEY, escrow_id BIGINT NOT NULL, agent TEXT NOT NULL, \
+     provider TEXT, cost BIGINT NOT NULL, state TEXT NOT NULL)",
+];
+
+/// A job whose escrow a previous run left open.
+#[derive(Debug, Clone)]
+pub struct OpenJob {
+    /// Idempotency-key prefix.
+    pub key: String,
+    /// The escrow.
+    pub escrow_id: i64,
+    /// `running` (no answer acknowledged) or `verifying` (answered, waiting for a verdict).
+    pub state: String,
+    /// The serving provider, once known.
+    pub provider: Option<Address>,
+    /// The cost to capture when `verifying`.
+    pub cost: u64,
+}
+
+/// Handle on the hub's tables.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+impl Store {
+    /// Opens the database (after the ledger created it) and the tables.
+    pub async fn open(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let pool = if url.starts_with("sqlite:") {
+            let url = if url.contains('?') {
+                url.to_owned()
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::raw_sql("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;").execute(conn).await?;
+                        Ok(())
+                    })
+                })
+                .connect(&url)
+                .await?
+        } else {
+            AnyPoolOptions::new()
+                .max_connections(8)
+                .connect(url)
+                .await?
+        };
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        Ok(Self { pool })
+    }
+
+    /// Records an API key's owner.
+    pub async fn put_api_key(&self, key_hash: &[u8; 32], agent: Address) -> Result<()> {
+        sqlx::query("INSERT INTO hub_api_keys (key_hash, agent) VALUES ($1, $2) ON CONFLICT (key_hash) DO UPDATE SET agent = excluded.agent")
+            .bind(hex::encode(key_hash))
+            .bind(format!("{agent:#x}"))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The owner of an API key, if registered.
+    pub async fn api_key(&self, key_hash: &[u8; 32]) -> Result<Option<Address>> {
+        let agent: Option<String> =
+            sqlx::query_scalar("SELECT agent FROM hub_api_keys WHERE key_hash = $1")
+                .bind(hex::encode(key_hash))
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(agent.and_then(|a| a.parse().ok()))
+    }
+
+    /// Saves a provider's record.
+    pub async fn put_record(&self, address: Address, record: &Record) -> Result<()> {
+        let json = serde_json::to_string(record).unwrap_or_default();
+        sqlx::query("INSERT INTO hub_providers (address, record) VALUES ($1, $2) ON CONFLICT (address) DO UPDATE SET record = excluded.record")
+            .bind(format!("{address:#x}"))
+            .bind(json)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every saved provider record.
+    pub async fn records(&self) -> Result<Vec<(Address, Record)>> {
+        let rows = sqlx::query("SELECT address, record FROM hub_providers")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let address: String = row.try_get(0).ok()?;
+                let record: String = row.try_get(1).ok()?;
+                Some((address.parse().ok()?, serde_json::from_str(&record).ok()?))
+            })
+            .collect())
+    }
+
+    /// Notes a job whose escrow is now held.
+    pub async fn job_running(&self, key: &str, escrow_id: i64, agent: Address) -> Result<()> {
+        sqlx::query("INSERT INTO hub_jobs (job_key, escrow_id, agent, provider, cost, state) VALUES ($1, $2, $3, NULL, 0, 'running')")
+            .bind(key)
+            .bind(escrow_id)
+            .bind(format!("{agent:#x}"))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Notes a job answered to its agent and waiting for its verdict.
+    pub async fn job_verifying(&self, key: &str, provider: Address, cost: u64) -> Result<()> {
+        sqlx::query(
+            "UPDATE hub_jobs SET provider = $1, cost = $2, state = 'verifying' WHERE job_key = $3",
+        )
+        .bind(format!("{provider:#x}"))
+        .bind(cost as i64)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a job whose escrow is closed.
+    pub async fn job_closed(&self, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM hub_jobs WHERE job_key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Jobs with an open escrow.
+    pub async fn open_jobs(&self) -> Result<Vec<OpenJob>> {
+        let rows = sqlx::query("SELECT job_key, escrow_id, state, provider, cost FROM hub_jobs")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let provider: Option<String> = row.try_get(3)?;
+            let cost: i64 = row.try_get(4)?;
+            jobs.push(OpenJob {
+                key: row.try_get(0)?,
+                escrow_id: row.try_get(1)?,
+                state: row.try_get(2)?,
+                provider: provider.and_then(|p| p.parse().ok()),
+                cost: cost.max(0) as u64,
+            });
+        }
+        Ok(jobs)
+    }
+}
