@@ -10,6 +10,8 @@ use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines};
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// The hub's own overhead with synthetic providers: requests/s routed and settled, p50/p99 latency.
+    Hub(crate::bench_hub::HubBenchArgs),
     /// Engine throughput for each cached model: prompt processing, decode (batch 1 and 8),
     /// teacher-forced scoring, time to first token, peak RSS.
     Engine {
@@ -274,6 +276,7 @@ fn bench_engine(name: &str, threads: Option<usize>, prompt_tokens: usize, gen_to
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Hub(args) => crate::bench_hub::run(args)?,
         BenchCommand::Engine { threads, model, prompt_tokens, gen_tokens, json } => {
             let models: Vec<String> =
                 if model.is_empty() { registry::list_cached().into_iter().map(|m| m.name).collect() } else { model };

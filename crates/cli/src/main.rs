@@ -1,6 +1,7 @@
 //! `tessera`: the one command line of the network.
 
 mod bench;
+mod bench_hub;
 mod demo;
 mod ledger;
 mod model_cmd;

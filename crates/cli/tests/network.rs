@@ -595,7 +595,7 @@ fn official_openai_python_client() -> Result<()> {
 
 #[test]
 fn node_killed_mid_stream_charges_only_delivered_tokens() -> Result<()> {
-    let hub = start_hub(&["--verify-probability", "0"])?;
+    let hub = start_hub(&["--verify-probability", "0", "--fast-settle"])?;
     let provider = Wallet::random();
     let mut node = hub.node("node", &provider, 10, &["--dev-stake"])?;
     hub.wait_connected(1)?;
@@ -659,7 +659,8 @@ fn node_killed_mid_stream_charges_only_delivered_tokens() -> Result<()> {
 
 #[test]
 fn failure_before_first_token_is_retried_elsewhere() -> Result<()> {
-    let hub = start_hub(&["--verify-probability", "0"])?;
+    // Also covers --fast-settle: reservation in memory, one group-committed settlement.
+    let hub = start_hub(&["--verify-probability", "0", "--fast-settle"])?;
     let flaky = Wallet::random();
     let good = Wallet::random();
     // The cheaper node is tried first and refuses; the job must land on the other at no charge.
@@ -801,4 +802,33 @@ fn hub_crash_and_restart_loses_no_acknowledged_job_or_payment() -> Result<()> {
     let second = body["tessera"]["cost"].as_u64().context("cost")?;
     assert_eq!(hub.account(&agent)?.0, 1_000_000 - acknowledged - second);
     hub.audit()
+}
+
+#[test]
+fn bench_hub_routes_and_settles_synthetic_jobs() -> Result<()> {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "hub",
+            "--requests",
+            "200",
+            "--concurrency",
+            "4",
+            "--providers",
+            "2",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Value = serde_json::from_slice(&out.stdout)?;
+    for r in reports.as_array().context("reports")? {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["requests_per_s"].as_f64().is_some_and(|x| x > 0.0));
+    }
+    Ok(())
 }

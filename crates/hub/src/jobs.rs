@@ -31,8 +31,9 @@ pub struct Ticket {
     pub key: String,
     /// The paying agent.
     pub agent: Address,
-    /// The escrow.
-    pub escrow_id: i64,
+    /// The ledger escrow; `None` under `--fast-settle`, where the hub reserves the maximum in
+    /// memory and settles in one group-committed ledger transaction at the end.
+    pub escrow_id: Option<i64>,
     /// Micro-units held.
     pub held: u64,
     /// When the request arrived.
@@ -114,49 +115,82 @@ impl Hub {
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let escrow = self.ledger.hold(&format!("{key}:hold"), agent, held).await.map_err(|e| match e {
-            tessera_ledger::Error::InsufficientFunds { needed, available, .. } => {
-                ApiError::insufficient_quota(format!("Your balance of {available} micro-units cannot cover this request's maximum cost of {needed}."))
+        let quota = |needed: u64, available: u64| {
+            ApiError::insufficient_quota(format!("Your balance of {available} micro-units cannot cover this request's maximum cost of {needed}."))
+        };
+        let escrow_id = if self.config.fast_settle {
+            let balance = match self.ledger.balance(agent).await {
+                Ok(b) => b,
+                Err(tessera_ledger::Error::UnknownAccount(_)) => 0,
+                Err(e) => return Err(ApiError::internal(e)),
+            };
+            let mut reserved = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = reserved.entry(agent).or_insert(0);
+            if balance < *mine + held {
+                return Err(quota(held, balance.saturating_sub(*mine)));
             }
-            tessera_ledger::Error::UnknownAccount(_) => ApiError::insufficient_quota("Your account has no balance; fund it first."),
-            other => ApiError::internal(other),
-        })?;
+            *mine += held;
+            None
+        } else {
+            let escrow = self
+                .ledger
+                .hold(&format!("{key}:hold"), agent, held)
+                .await
+                .map_err(|e| match e {
+                    tessera_ledger::Error::InsufficientFunds {
+                        needed, available, ..
+                    } => quota(needed, available),
+                    tessera_ledger::Error::UnknownAccount(_) => {
+                        ApiError::insufficient_quota("Your account has no balance; fund it first.")
+                    }
+                    other => ApiError::internal(other),
+                })?;
+            Some(escrow.value.escrow_id)
+        };
         let ticket = Ticket {
             key,
             agent,
-            escrow_id: escrow.value.escrow_id,
+            escrow_id,
             held,
             started: Instant::now(),
         };
-        if let Err(e) = self
-            .store
-            .job_running(&ticket.key, ticket.escrow_id, agent)
-            .await
-        {
-            self.refund(&ticket).await;
-            return Err(ApiError::internal(e));
-        }
-        tracing::info!(job = %ticket.key, %agent, model, held, "job admitted");
+
+        tracing::debug!(job = %ticket.key, %agent, model, held, "job admitted");
         Ok((ticket, candidates))
     }
 
     /// Returns a ticket's escrow in full.
     pub async fn refund(&self, ticket: &Ticket) {
+        let Some(escrow_id) = ticket.escrow_id else {
+            return self.unreserve(ticket);
+        };
         match self
             .ledger
-            .release(&format!("{}:release", ticket.key), ticket.escrow_id)
+            .release(&format!("{}:release", ticket.key), escrow_id)
             .await
         {
-            Ok(_) => self.closed(ticket).await,
+            Ok(_) => {}
             Err(e) => {
                 tracing::error!(job = %ticket.key, error = %e, "refund failed; the escrow stays open until the next start")
             }
         }
     }
 
-    async fn closed(&self, ticket: &Ticket) {
+    /// Drops a `--fast-settle` reservation.
+    fn unreserve(&self, ticket: &Ticket) {
+        let mut reserved = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = reserved.get_mut(&ticket.agent) {
+            *r = r.saturating_sub(ticket.held);
+            if *r == 0 {
+                reserved.remove(&ticket.agent);
+            }
+        }
+    }
+
+    /// Forgets a verified job's row once its escrow is closed.
+    async fn verified(&self, ticket: &Ticket) {
         if let Err(e) = self.store.job_closed(&ticket.key).await {
-            tracing::error!(job = %ticket.key, error = %e, "forgetting a closed job failed");
+            tracing::error!(job = %ticket.key, error = %e, "forgetting a verified job failed");
         }
     }
 
@@ -190,7 +224,7 @@ impl Hub {
                             0.8 * r.latency_ms + 0.2 * ms
                         }
                     });
-                    tracing::info!(job = %ticket.key, provider = %provider.address, first_token_ms = ms as u64, "job started");
+                    tracing::debug!(job = %ticket.key, provider = %provider.address, first_token_ms = ms as u64, "job started");
                     return Ok(Running {
                         ticket,
                         provider,
@@ -275,7 +309,9 @@ impl Hub {
         charged_tokens: u64,
     ) -> Charge {
         let Running {
-            ticket, provider, ..
+            mut ticket,
+            provider,
+            ..
         } = running;
         let cost = charged_tokens
             .saturating_mul(provider.price)
@@ -305,12 +341,31 @@ impl Hub {
                     .verifiers(&provider.sha256, &[provider.address])
                     .is_empty()
             {
-                if let Err(e) = self
-                    .store
-                    .job_verifying(&ticket.key, provider.address, cost)
-                    .await
-                {
-                    tracing::error!(job = %ticket.key, error = %e, "recording a pending verification failed");
+                if ticket.escrow_id.is_none() {
+                    // --fast-settle: the verdict takes a while, so the cost goes into a real escrow.
+                    match self
+                        .ledger
+                        .hold(&format!("{}:hold", ticket.key), ticket.agent, cost.max(1))
+                        .await
+                    {
+                        Ok(escrow) => {
+                            self.unreserve(&ticket);
+                            ticket.escrow_id = Some(escrow.value.escrow_id);
+                            ticket.held = cost.max(1);
+                        }
+                        Err(e) => {
+                            tracing::error!(job = %ticket.key, error = %e, "escrow for verification failed")
+                        }
+                    }
+                }
+                if let Some(escrow_id) = ticket.escrow_id {
+                    if let Err(e) = self
+                        .store
+                        .job_verifying(&ticket.key, escrow_id, ticket.agent, provider.address, cost)
+                        .await
+                    {
+                        tracing::error!(job = %ticket.key, error = %e, "recording a pending verification failed");
+                    }
                 }
                 let hub = self.clone();
                 let result = result.clone();
@@ -341,18 +396,47 @@ impl Hub {
     }
 
     async fn settle(&self, ticket: &Ticket, provider: &Connection, cost: u64) {
-        match self
-            .ledger
-            .finish(
-                &format!("{}:finish", ticket.key),
-                ticket.escrow_id,
-                provider.address,
-                cost,
-            )
-            .await
-        {
+        let settled = match ticket.escrow_id {
+            Some(escrow_id) => {
+                self.ledger
+                    .finish(
+                        &format!("{}:finish", ticket.key),
+                        escrow_id,
+                        provider.address,
+                        cost,
+                    )
+                    .await
+            }
+            None => {
+                // One group-committed transaction: hold, capture and release of exactly the cost.
+                let r = if cost == 0 {
+                    Ok(tessera_ledger::Receipt {
+                        tx_id: 0,
+                        replayed: false,
+                        value: tessera_ledger::Settlement {
+                            escrow_id: None,
+                            paid: 0,
+                            fee: 0,
+                            refunded: 0,
+                        },
+                    })
+                } else {
+                    self.ledger
+                        .settle(
+                            &format!("{}:settle", ticket.key),
+                            ticket.agent,
+                            provider.address,
+                            cost,
+                            cost,
+                        )
+                        .await
+                };
+                self.unreserve(ticket);
+                r
+            }
+        };
+        match settled {
             Ok(receipt) => {
-                self.closed(ticket).await;
                 self.metrics
                     .captured
                     .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
@@ -405,12 +489,18 @@ impl Hub {
             .next()
         else {
             inc(&self.metrics.verifications_skipped);
-            return self.settle(&ticket, &provider, cost).await;
+            {
+                self.settle(&ticket, &provider, cost).await;
+                return self.verified(&ticket).await;
+            }
         };
         let Some(verdict) = self.ask(&first, &request, &result).await else {
             tracing::warn!(job = %ticket.key, verifier = %first.address, "verification inconclusive");
             inc(&self.metrics.verifications_skipped);
-            return self.settle(&ticket, &provider, cost).await;
+            {
+                self.settle(&ticket, &provider, cost).await;
+                return self.verified(&ticket).await;
+            }
         };
         let mut failed = !verdict.passed;
         if failed {
@@ -441,7 +531,10 @@ impl Hub {
             });
             self.persist_record(provider.address).await;
             tracing::info!(job = %ticket.key, provider = %provider.address, verifier = %first.address, "verification passed");
-            return self.settle(&ticket, &provider, cost).await;
+            {
+                self.settle(&ticket, &provider, cost).await;
+                return self.verified(&ticket).await;
+            }
         }
         inc(&self.metrics.verifications_failed);
         tracing::warn!(job = %ticket.key, provider = %provider.address, verifier = %first.address, reason = ?verdict.reason, "verification FAILED: refunding, slashing, quarantining");
@@ -452,6 +545,7 @@ impl Hub {
         });
         self.persist_record(provider.address).await;
         self.refund(&ticket).await;
+        self.verified(&ticket).await;
         match self
             .ledger
             .slash(

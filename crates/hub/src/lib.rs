@@ -66,6 +66,8 @@ pub struct Hub {
     /// collide with those already in the ledger.
     pub run_id: String,
     api_keys: RwLock<HashMap<[u8; 32], Address>>,
+    /// `--fast-settle`: maximum costs reserved per agent for jobs in flight.
+    reservations: std::sync::Mutex<HashMap<Address, u64>>,
 }
 
 impl Hub {
@@ -97,6 +99,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             run_id: format!("{:08x}", rand::random::<u32>()),
             api_keys: RwLock::default(),
+            reservations: Default::default(),
         });
         hub.recover().await?;
         Ok(hub)
@@ -107,8 +110,8 @@ impl Hub {
     /// Assumes one hub per database (replicas sharing PostgreSQL would need a lease per job).
     async fn recover(&self) -> Result<()> {
         for job in self.store.open_jobs().await? {
-            let outcome = match (job.state.as_str(), job.provider) {
-                ("verifying", Some(provider)) => self
+            if let Some(provider) = job.provider {
+                match self
                     .ledger
                     .finish(
                         &format!("{}:finish", job.key),
@@ -117,21 +120,30 @@ impl Hub {
                         job.cost,
                     )
                     .await
-                    .map(|_| "settled"),
-                _ => self
-                    .ledger
-                    .release(&format!("{}:release", job.key), job.escrow_id)
-                    .await
-                    .map(|_| "refunded"),
-            };
-            match outcome {
-                Ok(what) => {
-                    tracing::info!(job = %job.key, what, "escrow left open by a previous run closed")
+                {
+                    Ok(_) => {
+                        tracing::info!(job = %job.key, cost = job.cost, "settled a job whose verdict a previous run did not see")
+                    }
+                    Err(tessera_ledger::Error::EscrowClosed(_)) => {}
+                    Err(e) => return Err(e.into()),
                 }
+            }
+            self.store.job_closed(&job.key).await?;
+        }
+        for escrow in self.ledger.open_escrows().await? {
+            match self
+                .ledger
+                .release(&format!("recover-escrow-{escrow}"), escrow)
+                .await
+            {
+                Ok(r) => tracing::info!(
+                    escrow,
+                    refunded = r.value.refunded,
+                    "refunded a job a previous run cut off"
+                ),
                 Err(tessera_ledger::Error::EscrowClosed(_)) => {}
                 Err(e) => return Err(e.into()),
             }
-            self.store.job_closed(&job.key).await?;
         }
         Ok(())
     }
@@ -378,6 +390,15 @@ pub async fn run(
         std::fs::rename(&tmp, path)?;
     }
     tracing::info!(%addr, db = %config.db, dev = config.dev, p = config.verify_probability, slash = config.slash_amount, "hub listening");
+    serve(hub, listener, shutdown).await
+}
+
+/// Serves `hub` on a bound listener until `shutdown` resolves, then closes the ledger.
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     axum::serve(listener, router(hub.clone()))
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -25,7 +25,7 @@ pub struct OpenJob {
     pub key: String,
     /// The escrow.
     pub escrow_id: i64,
-    /// `running` (no answer acknowledged) or `verifying` (answered, waiting for a verdict).
+    /// `verifying`: answered, waiting for a verdict.
     pub state: String,
     /// The serving provider, once known.
     pub provider: Option<Address>,
@@ -117,27 +117,24 @@ impl Store {
             .collect())
     }
 
-    /// Notes a job whose escrow is now held.
-    pub async fn job_running(&self, key: &str, escrow_id: i64, agent: Address) -> Result<()> {
-        sqlx::query("INSERT INTO hub_jobs (job_key, escrow_id, agent, provider, cost, state) VALUES ($1, $2, $3, NULL, 0, 'running')")
+    /// Notes a job answered to its agent and waiting for its verdict. Jobs not being verified
+    /// are not written here: an open escrow without a row is a job cut off before its answer.
+    pub async fn job_verifying(
+        &self,
+        key: &str,
+        escrow_id: i64,
+        agent: Address,
+        provider: Address,
+        cost: u64,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO hub_jobs (job_key, escrow_id, agent, provider, cost, state) VALUES ($1, $2, $3, $4, $5, 'verifying')")
             .bind(key)
             .bind(escrow_id)
             .bind(format!("{agent:#x}"))
+            .bind(format!("{provider:#x}"))
+            .bind(cost as i64)
             .execute(&self.pool)
             .await?;
-        Ok(())
-    }
-
-    /// Notes a job answered to its agent and waiting for its verdict.
-    pub async fn job_verifying(&self, key: &str, provider: Address, cost: u64) -> Result<()> {
-        sqlx::query(
-            "UPDATE hub_jobs SET provider = $1, cost = $2, state = 'verifying' WHERE job_key = $3",
-        )
-        .bind(format!("{provider:#x}"))
-        .bind(cost as i64)
-        .bind(key)
-        .execute(&self.pool)
-        .await?;
         Ok(())
     }
 

@@ -71,6 +71,13 @@ impl Ledger {
         ops::escrow_row(&mut conn, escrow_id).await
     }
 
+    /// Ids of every open escrow, oldest first: what a restarted hub must settle or refund.
+    pub async fn open_escrows(&self) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar("SELECT id FROM escrows WHERE is_open = 1 ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     /// The transaction committed under an idempotency key, if any.
     pub async fn transaction(&self, key: &str) -> Result<Option<TransactionRecord>> {
         let row = sqlx::query("SELECT id, kind, result FROM transactions WHERE idem_key = $1")

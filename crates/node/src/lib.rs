@@ -7,6 +7,7 @@
 
 mod error;
 mod serve;
+pub mod synthetic;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
