@@ -832,3 +832,62 @@ fn bench_hub_routes_and_settles_synthetic_jobs() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn signed_request_pays_without_an_api_key_and_cannot_be_replayed() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let agent = Wallet::random();
+    http()
+        .post(format!("{}/v1/dev/faucet", hub.url))
+        .send_json(json!({"address": agent.address(), "amount": 10_000}))?;
+    let sha = hub.get("/v1/models")?["data"][0]["tessera"]["sha256"]
+        .as_str()
+        .context("model sha")?
+        .to_owned();
+    let body = serde_json::to_vec(&question(8))?;
+    let sign = |body: &[u8], nonce: u64| -> Result<String> {
+        let request = tessera_protocol::InferenceRequest {
+            model: sha.parse()?,
+            promptHash: <[u8; 32]>::from(Sha256::digest(body)).into(),
+            maxTokens: 8,
+            maxPricePerToken: 20,
+            nonce,
+            expiry: SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 600,
+        };
+        Ok(serde_json::to_string(
+            &agent.sign(request, Domain::default())?,
+        )?)
+    };
+    let post = |signature: &str, body: &[u8]| -> Result<(u16, Value)> {
+        let mut r = http()
+            .post(format!("{}/v1/chat/completions", hub.url))
+            .header("x-tessera-signature", signature)
+            .content_type("application/json")
+            .send(body)?;
+        Ok((r.status().as_u16(), r.body_mut().read_json()?))
+    };
+    let signature = sign(&body, 1)?;
+    let (status, reply) = post(&signature, &body)?;
+    assert_eq!(status, 200, "{reply}");
+    let cost = reply["tessera"]["cost"].as_u64().context("cost")?;
+    assert_eq!(hub.account(&agent)?.0, 10_000 - cost);
+    // Replayed, or attached to another body: refused, nothing charged.
+    let (status, reply) = post(&signature, &body)?;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (401, Some("invalid_signature")),
+        "{reply}"
+    );
+    let other = serde_json::to_vec(&question(4))?;
+    let (status, reply) = post(&sign(&body, 2)?, &other)?;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (401, Some("invalid_signature")),
+        "{reply}"
+    );
+    assert_eq!(hub.account(&agent)?.0, 10_000 - cost);
+    hub.audit()
+}

@@ -7,6 +7,10 @@
 //! `x-tessera-cost` headers and in a `tessera` object. A stream names the provider in its headers
 //! (the cost is not known before the last token) and the cost in its last chunk.
 //!
+//! Payment: `Authorization: Bearer KEY` with a key a wallet registered (`POST /v1/keys`), or a
+//! per-request EIP-712 `InferenceRequest` in the `x-tessera-signature` header (its `promptHash`
+//! is the sha256 of the body, its nonce is consumed, its model and price are binding).
+//!
 //! A provider that dies mid-stream: the agent pays for the tokens it received and the stream ends
 //! with an `error` object instead of `[DONE]`; a non-streaming request then fails with 502 and
 //! is not charged.
@@ -22,7 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tessera_protocol::Address;
+use sha2::Digest;
+use tessera_protocol::{Address, InferenceRequest, Signed};
 use tessera_wire::{Finish, JobRequest, Message, Role, SamplingParams};
 
 use crate::error::ApiError;
@@ -124,7 +129,32 @@ enum Kind {
 }
 
 /// Resolves the bearer API key to the agent's address.
-async fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Address, ApiError> {
+/// The header that carries a per-request signature: the compact JSON of a
+/// `Signed<InferenceRequest>` whose `promptHash` is the sha256 of the request body.
+pub const SIGNATURE_HEADER: &str = "x-tessera-signature";
+
+/// Who pays for a request.
+enum Auth {
+    /// A registered API key's wallet.
+    Key(Address),
+    /// A per-request EIP-712 signature, checked against the body once it is parsed.
+    Signed(Box<Signed<InferenceRequest>>),
+}
+
+/// Resolves the payer: a per-request signature if present, else the bearer API key.
+async fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Auth, ApiError> {
+    if let Some(signature) = headers.get(SIGNATURE_HEADER) {
+        let signed: Signed<InferenceRequest> = signature
+            .to_str()
+            .ok()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| {
+                ApiError::bad_signature(format!(
+                    "{SIGNATURE_HEADER} must be the JSON of a signed InferenceRequest."
+                ))
+            })?;
+        return Ok(Auth::Signed(Box::new(signed)));
+    }
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -137,7 +167,36 @@ async fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Address, ApiErro
     };
     hub.agent_for_key(key)
         .await
+        .map(Auth::Key)
         .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
+}
+
+/// Checks a signed request against what it pays for: the body (prompt hash), the token budget
+/// and then the signature, expiry and nonce (consumed last, so a refused request does not burn
+/// it). Returns the payer.
+async fn check_signed(
+    hub: &Hub,
+    signed: &Signed<InferenceRequest>,
+    body: &Bytes,
+    job: &JobRequest,
+) -> Result<Address, ApiError> {
+    let m = &signed.message;
+    let body_hash: [u8; 32] = sha2::Sha256::digest(body).into();
+    if m.promptHash.0 != body_hash {
+        return Err(ApiError::bad_signature(
+            "The signed promptHash is not the sha256 of this request body.",
+        ));
+    }
+    if job.max_tokens > m.maxTokens {
+        return Err(ApiError::bad_signature(format!(
+            "max_tokens {} exceeds the signed maxTokens {}.",
+            job.max_tokens, m.maxTokens
+        )));
+    }
+    hub.verifier
+        .verify(signed, now_secs(), &hub.ledger)
+        .await
+        .map_err(|e| ApiError::bad_signature(format!("Invalid request signature: {e}")))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -256,7 +315,7 @@ pub async fn chat(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) 
         Ok::<_, ApiError>((request.common, job))
     })();
     match prepared {
-        Ok((common, job)) => serve(hub, Kind::Chat, agent, common, job).await,
+        Ok((common, job)) => serve(hub, Kind::Chat, agent, &body, common, job).await,
         Err(e) => reject(&hub, e),
     }
 }
@@ -283,7 +342,7 @@ pub async fn completions(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: 
         Ok::<_, ApiError>((request.common, job))
     })();
     match prepared {
-        Ok((common, job)) => serve(hub, Kind::Completion, agent, common, job).await,
+        Ok((common, job)) => serve(hub, Kind::Completion, agent, &body, common, job).await,
         Err(e) => reject(&hub, e),
     }
 }
@@ -341,12 +400,25 @@ fn extension(running_provider: Address, price: u64, job: &str, charge: &Charge) 
 async fn serve(
     hub: Arc<Hub>,
     kind: Kind,
-    agent: Address,
+    auth: Auth,
+    body: &Bytes,
     common: Common,
     job: JobRequest,
 ) -> Response {
-    let max_price = common.max_price.unwrap_or(u64::MAX);
-    let (ticket, candidates) = match hub.admit(agent, &common.model, &job, max_price).await {
+    let requested_price = common.max_price.unwrap_or(u64::MAX);
+    // A signed request pins the exact model file (by sha256) and caps the price.
+    let (agent, model_key, max_price) = match auth {
+        Auth::Key(agent) => (agent, common.model.clone(), requested_price),
+        Auth::Signed(signed) => match check_signed(&hub, &signed, body, &job).await {
+            Ok(agent) => (
+                agent,
+                hex::encode(signed.message.model.0),
+                requested_price.min(signed.message.maxPricePerToken),
+            ),
+            Err(e) => return reject(&hub, e),
+        },
+    };
+    let (ticket, candidates) = match hub.admit(agent, &model_key, &job, max_price).await {
         Ok(x) => x,
         Err(e) => return reject(&hub, e),
     };
