@@ -173,3 +173,29 @@ impl IntoResponse for ApiError {
         (self.status, Json(self.body())).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_have_openais_shape_and_status() {
+        let e = ApiError::model_not_found("gpt-17");
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        let body = e.body();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("gpt-17")));
+        assert_eq!(
+            ApiError::insufficient_quota("x").status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            ApiError::internal("secret detail").body()["error"]["message"],
+            "The hub had an internal error."
+        );
+    }
+}

@@ -164,3 +164,22 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_a_cumulative_histogram() {
+        let m = Metrics::default();
+        inc(&m.jobs_completed);
+        m.observe_latency(0.2);
+        m.observe_latency(3.0);
+        let text = m.render(&[("tessera_x", "A gauge.", 2.0)]);
+        assert!(text.contains("tessera_jobs_total{outcome=\"completed\"} 1"));
+        assert!(text.contains("tessera_job_seconds_bucket{le=\"0.25\"} 1"));
+        assert!(text.contains("tessera_job_seconds_bucket{le=\"5\"} 2"));
+        assert!(text.contains("tessera_job_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(text.contains("# TYPE tessera_x gauge\ntessera_x 2"));
+    }
+}

@@ -387,3 +387,114 @@ impl Registry {
         views
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(
+        registry: &Registry,
+        id: u64,
+        price: u64,
+    ) -> (Arc<Connection>, mpsc::UnboundedReceiver<HubMessage>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let address = Address::with_last_byte(id as u8);
+        let c = Arc::new(Connection::new(
+            id,
+            address,
+            "m".into(),
+            "sha".into(),
+            price,
+            2,
+            1024,
+            tx,
+        ));
+        registry.insert(c.clone());
+        (c, rx)
+    }
+
+    #[test]
+    fn candidates_rank_by_price_load_and_reputation_and_skip_quarantined() {
+        let registry = Registry::default();
+        let (cheap, _a) = provider(&registry, 1, 5);
+        let (dear, _b) = provider(&registry, 2, 10);
+        let (banned, _c) = provider(&registry, 3, 1);
+        registry.update(banned.address, |r| r.quarantined = true);
+        let order: Vec<u64> = registry
+            .candidates("m", u64::MAX)
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(order, vec![cheap.id, dear.id]);
+        // Busy at capacity, the cheap one yields.
+        cheap.start_job(
+            100,
+            tessera_wire::JobRequest {
+                messages: vec![],
+                prompt: None,
+                max_tokens: 1,
+                sampling: Default::default(),
+                stop: vec![],
+            },
+        );
+        cheap.start_job(
+            101,
+            tessera_wire::JobRequest {
+                messages: vec![],
+                prompt: None,
+                max_tokens: 1,
+                sampling: Default::default(),
+                stop: vec![],
+            },
+        );
+        assert_eq!(registry.candidates("m", u64::MAX)[0].id, dear.id);
+        // max_price filters, and an unknown model has no candidates.
+        assert!(registry.candidates("m", 4).is_empty());
+        assert!(registry.candidates("other", u64::MAX).is_empty());
+        assert!(registry.serves("m") && !registry.serves("other"));
+    }
+
+    #[test]
+    fn verifiers_exclude_the_checked_provider_and_the_quarantined() {
+        let registry = Registry::default();
+        let (a, _a) = provider(&registry, 1, 5);
+        let (b, _b) = provider(&registry, 2, 5);
+        let (c, _c) = provider(&registry, 3, 5);
+        registry.update(c.address, |r| r.quarantined = true);
+        let v: Vec<u64> = registry
+            .verifiers("sha", &[a.address])
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(v, vec![b.id]);
+        assert!(registry
+            .verifiers("sha", &[a.address, b.address])
+            .is_empty());
+    }
+
+    #[test]
+    fn a_lost_session_ends_its_jobs() {
+        let registry = Registry::default();
+        let (a, _rx) = provider(&registry, 1, 5);
+        let mut events = a
+            .start_job(
+                7,
+                tessera_wire::JobRequest {
+                    messages: vec![],
+                    prompt: None,
+                    max_tokens: 1,
+                    sampling: Default::default(),
+                    stop: vec![],
+                },
+            )
+            .expect("sent");
+        assert!(a.deliver(7, JobEvent::Token("x".into())));
+        registry.remove(&a);
+        assert!(matches!(events.try_recv(), Ok(JobEvent::Token(_))));
+        assert!(matches!(
+            events.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+        assert!(registry.connections().is_empty());
+    }
+}

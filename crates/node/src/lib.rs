@@ -322,3 +322,19 @@ async fn session(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hub_urls_become_websocket_urls() {
+        assert_eq!(
+            super::ws_url("http://127.0.0.1:8080/"),
+            "ws://127.0.0.1:8080/v1/providers/connect"
+        );
+        assert_eq!(
+            super::ws_url("https://hub.example"),
+            "wss://hub.example/v1/providers/connect"
+        );
+        assert_eq!(super::ws_url("hub:1"), "ws://hub:1/v1/providers/connect");
+    }
+}

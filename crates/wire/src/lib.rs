@@ -177,3 +177,39 @@ impl HubMessage {
         serde_json::to_string(self).expect("wire messages serialize")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json_that_round_trips() {
+        let m = NodeMessage::Failed {
+            job: 3,
+            kind: FailureKind::ContextLength,
+            message: "too long".into(),
+        };
+        let json = m.to_json();
+        assert!(
+            json.contains("\"type\":\"failed\"") && json.contains("\"kind\":\"context_length\""),
+            "{json}"
+        );
+        assert!(matches!(
+            serde_json::from_str::<NodeMessage>(&json),
+            Ok(NodeMessage::Failed { job: 3, .. })
+        ));
+        let h = HubMessage::Cancel { job: 9 };
+        assert_eq!(h.to_json(), r#"{"type":"cancel","job":9}"#);
+        // A verdict from an older node without `error` still parses.
+        let v: NodeMessage =
+            serde_json::from_str(r#"{"type":"verdict","id":1,"passed":true}"#).expect("parses");
+        assert!(matches!(
+            v,
+            NodeMessage::Verdict {
+                passed: true,
+                error: None,
+                ..
+            }
+        ));
+    }
+}
