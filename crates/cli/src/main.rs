@@ -149,6 +149,22 @@ async fn shutdown_signal() {
     }
 }
 
+/// `tessera hub --config FILE`: the file's settings become environment defaults before clap
+/// parses the command line, so flags and the environment still win.
+fn hub_config_file() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some("hub") {
+        return Ok(());
+    }
+    let path = args.iter().position(|a| a == "--config").and_then(|i| args.get(i + 1)).cloned().or_else(|| {
+        args.iter().find_map(|a| a.strip_prefix("--config=").map(str::to_owned))
+    }).or_else(|| std::env::var("TESSERA_HUB_CONFIG").ok());
+    match path {
+        Some(path) => tessera_hub::load_config_file(std::path::Path::new(&path)).context("reading the hub config file"),
+        None => Ok(()),
+    }
+}
+
 /// Runs an async command on a fresh multi-threaded runtime.
 pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
@@ -173,6 +189,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "tessera=info,tessera_engine=info".into()))
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = hub_config_file() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -396,10 +396,13 @@ fn cheating_provider_is_slashed_and_quarantined() -> Result<()> {
 
     // The verdict comes in the background.
     let deadline = Instant::now() + Duration::from_secs(100);
-    while hub.provider(&cheater)?["quarantined"] != json!(true) {
+    // Quarantine comes first (no more jobs), then the refund and the slash.
+    while hub.provider(&cheater)?["quarantined"] != json!(true)
+        || hub.provider(&cheater)?["slashed"] != json!(500_000)
+    {
         if Instant::now() > deadline {
             bail!(
-                "the cheater was not quarantined: {}",
+                "the cheater was not quarantined and slashed: {}",
                 hub.provider(&cheater)?
             );
         }
@@ -890,4 +893,20 @@ fn signed_request_pays_without_an_api_key_and_cannot_be_replayed() -> Result<()>
     );
     assert_eq!(hub.account(&agent)?.0, 10_000 - cost);
     hub.audit()
+}
+
+#[test]
+fn hub_reads_a_toml_config_file_below_flags() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("hub.toml");
+    std::fs::write(
+        &file,
+        "verify_probability = 0.25\nslash_amount = 1234\nmin_stake = 99\n",
+    )?;
+    let file = file.display().to_string();
+    let hub = start_hub(&["--config", &file, "--slash-amount", "777"])?;
+    let v = hub.get("/v1/providers")?;
+    assert_eq!(v["verify_probability"], 0.25, "from the file");
+    assert_eq!(v["slash_amount"], 777, "the flag wins over the file");
+    Ok(())
 }

@@ -1,4 +1,6 @@
-//! `tessera hub` settings: flags, each also readable from a `TESSERA_HUB_*` environment variable.
+//! `tessera hub` settings: flags, each also readable from a `TESSERA_HUB_*` environment variable
+//! and from a TOML file (`--config`, keys named like the flags with underscores). A flag beats
+//! the environment, which beats the file, which beats the default.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +8,9 @@ use std::path::PathBuf;
 /// The hub's configuration.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HubConfig {
+    /// A TOML file of settings (`db = "sqlite://hub.db"`, `verify_probability = 0.2`, …).
+    #[arg(long, env = "TESSERA_HUB_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Ledger database: `sqlite://PATH` (created if missing) or `postgres://…`.
     #[arg(
         long,
@@ -51,6 +56,7 @@ impl HubConfig {
     /// Settings for tests: an in-memory-free SQLite path, port 0, dev mode.
     pub fn dev(db: impl Into<String>) -> Self {
         Self {
+            config: None,
             db: db.into(),
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             addr_file: None,
@@ -64,4 +70,31 @@ impl HubConfig {
             first_token_timeout_secs: 60,
         }
     }
+}
+
+/// Reads a TOML settings file into `TESSERA_HUB_*` environment variables that are not already
+/// set, so that clap then resolves flag > environment > file > default. Call it before parsing
+/// the command line, while the process has one thread (it changes the environment).
+pub fn load_config_file(path: &std::path::Path) -> crate::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| crate::Error::Config(format!("{}: {e}", path.display())))?;
+    for (key, value) in table {
+        let var = format!("TESSERA_HUB_{}", key.to_uppercase().replace('-', "_"));
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(crate::Error::Config(format!(
+                    "{key}: unsupported value {other:?}"
+                )))
+            }
+        };
+        if std::env::var_os(&var).is_none() {
+            std::env::set_var(var, value);
+        }
+    }
+    Ok(())
 }

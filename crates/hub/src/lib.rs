@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tessera_ledger::{Ledger, LedgerConfig, SystemAccount};
 use tessera_protocol::{Address, ApiKeyRegistration, Domain, Signed, Verifier};
 
-pub use config::HubConfig;
+pub use config::{load_config_file, HubConfig};
 pub use error::{ApiError, Error, Result};
 
 /// Unix seconds now.
