@@ -352,13 +352,23 @@ fn chat_completion_non_streaming_and_streaming() -> Result<()> {
     );
     assert_eq!(staked, 1_000_000);
 
+    // Concurrent jobs are decoded together on the node (capacity 2) and all answered.
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| hub.chat(&key, &question(6)).map(|r| r.0)))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("thread").unwrap_or(0))
+            .collect()
+    });
+    assert_eq!(answers, vec![200, 200, 200]);
     let metrics = http()
         .get(format!("{}/metrics", hub.url))
         .call()?
         .body_mut()
         .read_to_string()?;
     assert!(
-        metrics.contains("tessera_jobs_total{outcome=\"completed\"} 2"),
+        metrics.contains("tessera_jobs_total{outcome=\"completed\"} 5"),
         "{metrics}"
     );
     assert_eq!(hub.get("/health")?["status"], "ok");
