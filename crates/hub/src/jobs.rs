@@ -526,9 +526,12 @@ impl Hub {
                 r.verified_passed += 1;
                 r.reputation += (1.0 - r.reputation) * 0.1;
             });
-            self.registry.update(first.address, |r| {
-                r.reputation += (1.0 - r.reputation) * 0.02
-            });
+            if verdict.passed {
+                // A verifier that agreed gains a little; one contradicted lost half above.
+                self.registry.update(first.address, |r| {
+                    r.reputation += (1.0 - r.reputation) * 0.02
+                });
+            }
             self.persist_record(provider.address).await;
             tracing::info!(job = %ticket.key, provider = %provider.address, verifier = %first.address, "verification passed");
             {
@@ -571,5 +574,155 @@ impl Hub {
                 tracing::error!(job = %ticket.key, provider = %provider.address, error = %e, "slash failed")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HubConfig;
+    use tessera_proof::{CommitmentBuilder, Finish, JobSpec};
+    use tessera_wire::SamplingParams;
+
+    /// A provider session whose verifications answer `verdict`.
+    fn fake(hub: &Hub, id: u8, price: u64, verdict: bool) -> Arc<Connection> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = Arc::new(Connection::new(
+            u64::from(id),
+            Address::with_last_byte(id),
+            "m".into(),
+            "sha".into(),
+            price,
+            4,
+            1024,
+            tx,
+        ));
+        hub.registry.insert(c.clone());
+        let session = c.clone();
+        tokio::spawn(async move {
+            while let Some(message) = rx.recv().await {
+                if let HubMessage::Verify { id, .. } = message {
+                    session.deliver_verdict(
+                        id,
+                        VerdictReport {
+                            passed: verdict,
+                            reason: None,
+                            error: None,
+                        },
+                    );
+                }
+            }
+        });
+        c
+    }
+
+    async fn setup() -> (Arc<Hub>, tempfile::TempDir, Address) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = Hub::open(HubConfig::dev(format!(
+            "sqlite://{}",
+            dir.path().join("hub.db").display()
+        )))
+        .await
+        .expect("hub");
+        let faucet = hub.ledger.faucet().expect("dev");
+        let agent = Address::with_last_byte(200);
+        faucet.mint("agent", agent, 1_000).await.expect("mint");
+        for id in 1..=3u8 {
+            let a = Address::with_last_byte(id);
+            faucet
+                .mint(&format!("p{id}"), a, 1_000_000)
+                .await
+                .expect("mint");
+            hub.ledger
+                .stake(&format!("s{id}"), a, 1_000_000)
+                .await
+                .expect("stake");
+        }
+        (hub, dir, agent)
+    }
+
+    fn job() -> (JobRequest, JobResult) {
+        let request = JobRequest {
+            messages: vec![],
+            prompt: Some("x".into()),
+            max_tokens: 4,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+        };
+        let spec = JobSpec {
+            model_sha256: "sha".into(),
+            prompt_tokens: vec![1],
+            sampling: SamplingParams::greedy(),
+            max_tokens: 4,
+            stop: vec![],
+        };
+        let commitment = CommitmentBuilder::new(spec).finish(Finish::Length);
+        let result = JobResult {
+            prompt_tokens: 1,
+            output_tokens: vec![],
+            text: String::new(),
+            finish: Finish::Length,
+            commitment,
+        };
+        (request, result)
+    }
+
+    #[tokio::test]
+    async fn a_lying_verifier_is_outvoted_and_the_honest_provider_paid() {
+        let (hub, _dir, agent) = setup().await;
+        let provider = fake(&hub, 1, 10, true);
+        let liar = fake(&hub, 2, 10, false);
+        let _honest = fake(&hub, 3, 10, true);
+        // The liar is asked first.
+        hub.registry.update(liar.address, |r| r.reputation = 0.9);
+        let (request, result) = job();
+        let (ticket, _) = hub
+            .admit(agent, "m", &request, u64::MAX)
+            .await
+            .expect("admitted");
+        hub.clone()
+            .verify(ticket, provider.clone(), request, result, 40)
+            .await;
+        assert!(!hub.registry.record(provider.address).quarantined);
+        assert_eq!(
+            hub.ledger.staked(provider.address).await.expect("stake"),
+            1_000_000
+        );
+        assert_eq!(
+            hub.ledger.balance(provider.address).await.expect("paid"),
+            38
+        );
+        assert!((hub.registry.record(liar.address).reputation - 0.45).abs() < 1e-9);
+        assert!(hub.ledger.audit().await.expect("audit").is_clean());
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_failure_refunds_slashes_and_quarantines() {
+        let (hub, _dir, agent) = setup().await;
+        let provider = fake(&hub, 1, 10, true);
+        let first = fake(&hub, 2, 10, false);
+        let _second = fake(&hub, 3, 10, false);
+        let (request, result) = job();
+        let (ticket, _) = hub
+            .admit(agent, "m", &request, u64::MAX)
+            .await
+            .expect("admitted");
+        hub.clone()
+            .verify(ticket, provider.clone(), request, result, 40)
+            .await;
+        let record = hub.registry.record(provider.address);
+        assert!(record.quarantined && record.slashed == 1_000_000);
+        assert_eq!(hub.ledger.staked(provider.address).await.expect("stake"), 0);
+        // Refunded in full, plus 30% of the slash; the verifier that caught it gets 20%.
+        assert_eq!(
+            hub.ledger.balance(agent).await.expect("agent"),
+            1_000 + 300_000
+        );
+        assert!(hub
+            .registry
+            .candidates("m", u64::MAX)
+            .iter()
+            .all(|c| c.address != provider.address));
+        assert!(hub.ledger.audit().await.expect("audit").is_clean());
     }
 }
