@@ -700,7 +700,7 @@ mod tests {
     async fn a_confirmed_failure_refunds_slashes_and_quarantines() {
         let (hub, _dir, agent) = setup().await;
         let provider = fake(&hub, 1, 10, true);
-        let first = fake(&hub, 2, 10, false);
+        let _first = fake(&hub, 2, 10, false);
         let _second = fake(&hub, 3, 10, false);
         let (request, result) = job();
         let (ticket, _) = hub

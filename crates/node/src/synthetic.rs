@@ -30,7 +30,7 @@ pub async fn run_synthetic(
     );
     let (ws, _) = tokio_tungstenite::connect_async(url).await?;
     let (mut sink, mut stream) = ws.split();
-    let sha = B256::from(<[u8; 32]>::from(sha2_of(SYNTHETIC_MODEL)));
+    let sha = B256::from(sha2_of(SYNTHETIC_MODEL));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
