@@ -705,6 +705,15 @@ fn failure_before_first_token_is_retried_elsewhere() -> Result<()> {
         .body_mut()
         .read_to_string()?;
     assert!(metrics.contains("tessera_retries_total 1"), "{metrics}");
+    // The fast path's in-memory reservation refuses what the balance cannot cover.
+    let (poor, poor_key) = hub.agent(50)?;
+    let (status, _, body) = hub.chat(&poor_key, &question(8))?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("insufficient_quota")),
+        "{body}"
+    );
+    assert_eq!(hub.account(&poor)?.0, 50);
     hub.audit()
 }
 

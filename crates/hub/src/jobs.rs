@@ -119,17 +119,36 @@ impl Hub {
             ApiError::insufficient_quota(format!("Your balance of {available} micro-units cannot cover this request's maximum cost of {needed}."))
         };
         let escrow_id = if self.config.fast_settle {
-            let balance = match self.ledger.balance(agent).await {
-                Ok(b) => b,
-                Err(tessera_ledger::Error::UnknownAccount(_)) => 0,
-                Err(e) => return Err(ApiError::internal(e)),
+            // The cached balance is a lower bound (this hub is the only debitor in this mode and
+            // subtracts what it settles), so it can admit without a database read; when it is not
+            // enough, the database has the final word.
+            let reserve = |balance: u64| {
+                let mut reserved = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+                let mine = reserved.entry(agent).or_insert(0);
+                if balance < *mine + held {
+                    return Err(balance.saturating_sub(*mine));
+                }
+                *mine += held;
+                Ok(())
             };
-            let mut reserved = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
-            let mine = reserved.entry(agent).or_insert(0);
-            if balance < *mine + held {
-                return Err(quota(held, balance.saturating_sub(*mine)));
+            let cached = self
+                .fast_balances
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&agent)
+                .copied();
+            if !cached.is_some_and(|b| reserve(b).is_ok()) {
+                let balance = match self.ledger.balance(agent).await {
+                    Ok(b) => b,
+                    Err(tessera_ledger::Error::UnknownAccount(_)) => 0,
+                    Err(e) => return Err(ApiError::internal(e)),
+                };
+                self.fast_balances
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(agent, balance);
+                reserve(balance).map_err(|available| quota(held, available))?;
             }
-            *mine += held;
             None
         } else {
             let escrow = self
@@ -173,6 +192,18 @@ impl Hub {
             Err(e) => {
                 tracing::error!(job = %ticket.key, error = %e, "refund failed; the escrow stays open until the next start")
             }
+        }
+    }
+
+    /// Lowers the cached balance of a `--fast-settle` agent by what was just debited.
+    fn debited(&self, agent: Address, amount: u64) {
+        if let Some(b) = self
+            .fast_balances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&agent)
+        {
+            *b = b.saturating_sub(amount);
         }
     }
 
@@ -349,6 +380,7 @@ impl Hub {
                         .await
                     {
                         Ok(escrow) => {
+                            self.debited(ticket.agent, cost.max(1));
                             self.unreserve(&ticket);
                             ticket.escrow_id = Some(escrow.value.escrow_id);
                             ticket.held = cost.max(1);
@@ -431,6 +463,9 @@ impl Hub {
                         )
                         .await
                 };
+                if r.is_ok() {
+                    self.debited(ticket.agent, cost);
+                }
                 self.unreserve(ticket);
                 r
             }

@@ -68,6 +68,8 @@ pub struct Hub {
     api_keys: RwLock<HashMap<[u8; 32], Address>>,
     /// `--fast-settle`: maximum costs reserved per agent for jobs in flight.
     reservations: std::sync::Mutex<HashMap<Address, u64>>,
+    /// `--fast-settle`: a lower bound of each agent's balance, to admit without a read.
+    fast_balances: std::sync::Mutex<HashMap<Address, u64>>,
 }
 
 impl Hub {
@@ -100,6 +102,7 @@ impl Hub {
             run_id: format!("{:08x}", rand::random::<u32>()),
             api_keys: RwLock::default(),
             reservations: Default::default(),
+            fast_balances: Default::default(),
         });
         hub.recover().await?;
         Ok(hub)
