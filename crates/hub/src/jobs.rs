@@ -137,7 +137,7 @@ impl Hub {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&agent)
                 .copied();
-            if !cached.is_some_and(|b| reserve(b).is_ok()) {
+            if cached.is_none_or(|b| reserve(b).is_err()) {
                 let balance = match self.ledger.balance(agent).await {
                     Ok(b) => b,
                     Err(tessera_ledger::Error::UnknownAccount(_)) => 0,
