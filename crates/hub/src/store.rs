@@ -4,7 +4,6 @@
 //! open: a job acknowledged to its agent and waiting for its verdict is settled, a job cut off
 //! before its answer was delivered is refunded.
 
-use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
 use tessera_protocol::Address;
 
@@ -42,29 +41,7 @@ pub struct Store {
 impl Store {
     /// Opens the database (after the ledger created it) and the tables.
     pub async fn open(url: &str) -> Result<Self> {
-        sqlx::any::install_default_drivers();
-        let pool = if url.starts_with("sqlite:") {
-            let url = if url.contains('?') {
-                url.to_owned()
-            } else {
-                format!("{url}?mode=rwc")
-            };
-            AnyPoolOptions::new()
-                .max_connections(1)
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
-                        sqlx::raw_sql("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;").execute(conn).await?;
-                        Ok(())
-                    })
-                })
-                .connect(&url)
-                .await?
-        } else {
-            AnyPoolOptions::new()
-                .max_connections(8)
-                .connect(url)
-                .await?
-        };
+        let (_, pool) = tessera_ledger::connect(url, 8).await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }

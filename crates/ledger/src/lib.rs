@@ -22,7 +22,7 @@ pub use batch::SettleRequest;
 pub use bench::{bench_settlements, BenchReport};
 pub use error::{Error, Result};
 pub use ops::{Capture, Escrow, Faucet, Hold, Release, Settlement, Slash, Unbonding};
-pub use store::{Backend, BatchStats, Ledger, LedgerConfig, Receipt, SlashSplit};
+pub use store::{connect, Backend, BatchStats, Ledger, LedgerConfig, Receipt, SlashSplit};
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;

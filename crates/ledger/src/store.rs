@@ -187,47 +187,46 @@ fn migrator(backend: Backend) -> Migrator {
     )])
 }
 
+/// Connects to `sqlite://PATH` (created if missing; one long-lived connection in WAL mode) or
+/// `postgres://…` (a pool of `max_connections`). The ledger and the hub's own tables share this,
+/// so both open the same database the same way.
+pub async fn connect(url: &str, max_connections: u32) -> Result<(Backend, AnyPool)> {
+    sqlx::any::install_default_drivers();
+    let backend = Backend::from_url(url)?;
+    let pool = match backend {
+        Backend::Sqlite => {
+            let url = if url.contains('?') { url.to_owned() } else { format!("{url}?mode=rwc") };
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // WAL + synchronous=NORMAL: a commit survives a process crash (the
+                        // case we test); only an OS crash may lose the last commits.
+                        sqlx::raw_sql(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                        )
+                        .execute(conn)
+                        .await?;
+                        Ok(())
+                    })
+                })
+                .connect(&url)
+                .await?
+        }
+        Backend::Postgres => AnyPoolOptions::new().max_connections(max_connections.max(1)).connect(url).await?,
+    };
+    Ok((backend, pool))
+}
+
 impl Ledger {
     /// Opens (creating if needed) the ledger at `url` — `sqlite://PATH` or `postgres://…` — and
     /// runs its migrations.
     pub async fn open(url: &str, config: LedgerConfig) -> Result<Self> {
-        sqlx::any::install_default_drivers();
-        let backend = Backend::from_url(url)?;
-        let pool = match backend {
-            Backend::Sqlite => {
-                let url = if url.contains('?') {
-                    url.to_owned()
-                } else {
-                    format!("{url}?mode=rwc")
-                };
-                AnyPoolOptions::new()
-                    .max_connections(1)
-                    .min_connections(1)
-                    .idle_timeout(None)
-                    .max_lifetime(None)
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            // WAL + synchronous=NORMAL: a commit survives a process crash (the
-                            // case we test); only an OS crash may lose the last commits.
-                            sqlx::raw_sql(
-                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                                 PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
-                            )
-                            .execute(conn)
-                            .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect(&url)
-                    .await?
-            }
-            Backend::Postgres => {
-                AnyPoolOptions::new()
-                    .max_connections(config.max_connections.max(1))
-                    .connect(url)
-                    .await?
-            }
-        };
+        let (backend, pool) = connect(url, config.max_connections).await?;
         migrator(backend).run(&pool).await?;
         tracing::info!(?backend, dev_mode = config.dev_mode, "ledger open");
         let group_commit = config.group_commit;
