@@ -224,6 +224,7 @@ fn prompt_of(engine: &Engine, n: usize) -> Vec<u32> {
 }
 
 fn bench_engine(name: &str, threads: Option<usize>, prompt_tokens: usize, gen_tokens: usize) -> anyhow::Result<EngineFigures> {
+    anyhow::ensure!(prompt_tokens >= 16, "--prompt-tokens must be at least 16 (the batch-8 run shortens the prompt by up to 7 tokens)");
     let engine = Engine::load(name, threads)?;
     let prompt = prompt_of(&engine, prompt_tokens);
     let opts = |max_tokens| GenerateOptions { max_tokens, ignore_eos: true, ..Default::default() };

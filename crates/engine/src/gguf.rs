@@ -34,7 +34,7 @@ impl GgufFile {
         for (name, info) in &content.tensor_infos {
             let elems: usize = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
-            if elems % block != 0 {
+            if !elems.is_multiple_of(block) {
                 return Err(bad(format!("tensor `{name}` has {elems} elements, not a multiple of its block size")));
             }
             let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;

@@ -112,7 +112,7 @@ impl Config {
     }
 
     fn is_sliding(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && (layer + 1) % self.global_every != 0
+        self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.global_every)
     }
 }
 
@@ -422,33 +422,65 @@ impl Transformer {
     }
 }
 
-/// Scaled dot-product attention of one query row against cached positions `lo..hi`.
+/// Scaled dot-product attention of one query row against cached positions `lo..hi`. The query
+/// heads that share a key/value head are handled together, so each cached key is read once.
+/// Common head sizes get a copy of the code with the size fixed, so that a head's running
+/// output stays in registers.
 fn attend(c: &Config, q: &[f32], keys: &[f32], values: &[f32], lo: usize, hi: usize, out: &mut [f32]) {
-    let (hd, kvd) = (c.head_dim, c.kv_dim());
+    match c.head_dim {
+        64 => attend_sized::<64>(c, q, keys, values, lo, hi, out),
+        128 => attend_sized::<128>(c, q, keys, values, lo, hi, out),
+        256 => attend_sized::<256>(c, q, keys, values, lo, hi, out),
+        _ => attend_sized::<0>(c, q, keys, values, lo, hi, out),
+    }
+}
+
+/// [`attend`] for heads of `HD` values (0: any size, read from the config).
+fn attend_sized<const HD: usize>(c: &Config, q: &[f32], keys: &[f32], values: &[f32], lo: usize, hi: usize, out: &mut [f32]) {
+    let hd = if HD == 0 { c.head_dim } else { HD };
+    let kvd = c.kv_dim();
     let group = c.heads / c.kv_heads;
-    let mut scores = vec![0f32; hi - lo];
-    for h in 0..c.heads {
-        let kvh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
+    let len = hi - lo;
+    let mut scores = vec![0f32; group * len];
+    let mut running = vec![0f32; hd];
+    for kvh in 0..c.kv_heads {
+        let heads = kvh * group..(kvh + 1) * group;
         for (i, p) in (lo..hi).enumerate() {
-            let k = &keys[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-            scores[i] = dot_f32(qh, k) * c.attn_scale;
-            max = max.max(scores[i]);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let o = &mut out[h * hd..(h + 1) * hd];
-        o.fill(0.0);
-        for (i, p) in (lo..hi).enumerate() {
-            let w = scores[i] / sum;
-            let v = &values[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-            for (a, b) in o.iter_mut().zip(v) {
-                *a = w.mul_add(*b, *a);
+            let k = &keys[p * kvd + kvh * hd..][..hd];
+            for (g, h) in heads.clone().enumerate() {
+                scores[g * len + i] = dot_f32(&q[h * hd..][..hd], k) * c.attn_scale;
             }
+        }
+        for (g, h) in heads.enumerate() {
+            let s = &mut scores[g * len..(g + 1) * len];
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in s.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            if HD == 0 {
+                running.fill(0.0);
+                weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut running);
+                out[h * hd..(h + 1) * hd].copy_from_slice(&running);
+            } else {
+                let mut o = [0f32; HD];
+                weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut o);
+                out[h * hd..(h + 1) * hd].copy_from_slice(&o);
+            }
+        }
+    }
+}
+
+/// `o = Σ (weights[i] / sum) · values[lo + i]` over one head's slice of the value rows.
+#[inline(always)]
+fn weigh_values(weights: &[f32], sum: f32, values: &[f32], lo: usize, kvd: usize, offset: usize, o: &mut [f32]) {
+    let hd = o.len();
+    for (i, &e) in weights.iter().enumerate() {
+        let w = e / sum;
+        let v = &values[(lo + i) * kvd + offset..][..hd];
+        for (a, b) in o.iter_mut().zip(v) {
+            *a = w.mul_add(*b, *a);
         }
     }
 }

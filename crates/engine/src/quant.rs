@@ -2,10 +2,12 @@
 //!
 //! The shipped SmolLM2 model stores its layers as GGML `Q4_1` (32 weights per block, `w = d·q + m`
 //! with a 4-bit `q`) and its embedding as `Q8_0`. candle has no SIMD kernel for `Q4_1`, so this module
-//! keeps those two formats in a structure-of-arrays layout (scales widened to f32 once, at load time,
-//! which is exact) and multiplies them against activations quantized to 8 bits per 32-block, the way
-//! llama.cpp does (`Q8_1`-style: a scale and the block sum). Other GGML formats (the K-quants of
-//! Gemma 3, `Q5_0`, ...) are widened to f32 at load time (see [`QMatrix::from_qtensor`]).
+//! keeps both formats in GGML's own block layout and multiplies them with its own kernels against
+//! activations quantized to **16 bits** per 32-block (llama.cpp uses 8; see
+//! [`QuantizedActivations`]). On AVX-512 VNNI each 16-bit value is split into a high and a low byte,
+//! so that `vpdpbusd` multiplies two blocks per instruction and still yields the exact 16-bit
+//! products; AVX2 uses `vpmaddwd`, and a portable version runs anywhere. Other GGML formats (the
+//! K-quants of Gemma 3, `Q5_0`, ...) are widened to f32 at load time (see [`QMatrix::from_qtensor`]).
 //!
 //! Determinism matters more than usual here, because verification compares a provider's logits with a
 //! verifier's: every output element is computed by the same sequence of operations whatever the batch
@@ -26,44 +28,117 @@ pub const BLOCK: usize = 32;
 /// Activation rows computed together against one weight row (the register tile).
 pub const GROUP: usize = 8;
 
+/// How a matrix product wants its activations laid out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Layout {
+    /// Signed 16-bit values, 32 per block, in element order (the AVX2 and portable kernels).
+    Words,
+    /// Each 16-bit value split into a high byte and a low byte, `x = 256·hi + lo`, so that the
+    /// AVX-512 VNNI kernels multiply two blocks per `vpdpbusd` and still get the exact 16-bit
+    /// product. Blocks go in pairs: 64 high bytes, then 64 low bytes (see [`PairOrder`]).
+    BytePlanes {
+        order: PairOrder,
+        /// High bytes stored with +128 (unsigned), for weights that are signed (`Q8_0`).
+        unsigned_high: bool,
+    },
+}
+
+/// The order of two blocks' 64 bytes in one 512-bit register, matching how the weights unpack.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum PairOrder {
+    /// Elements 0..16 of both blocks, then elements 16..32 of both (`Q4_1`: low then high nibbles).
+    Nibbles,
+    /// All 32 elements of the first block, then of the second (`Q8_0`).
+    Natural,
+}
+
 /// Activations quantized to signed 16 bits per 32-element block, with the block's exact f32 sum.
 ///
 /// llama.cpp quantizes activations to 8 bits for these formats; measured on SmolLM2 that shifts
 /// logits by up to ~0.8 against exact arithmetic, enough to flip near-tied greedy choices. With 16 bits
-/// the integer products stay exact and the error is ~256x smaller, at little cost on AVX-512 VNNI
-/// (`vpdpwssd` multiplies a whole 32-element block of 16-bit pairs in one instruction).
-#[derive(Debug, Clone, Default)]
+/// the integer products stay exact and the error is ~256x smaller.
+#[derive(Debug, Clone)]
 pub struct QuantizedActivations {
     blocks_per_row: usize,
+    layout: Layout,
     /// One scale per block.
     scales: Vec<f32>,
     /// Per block: the sum of the original values (for formats with a minimum, `Q4_1`).
     sums: Vec<f32>,
-    /// `rows * blocks_per_row * 32` quantized values.
+    /// [`Layout::Words`]: `rows * blocks_per_row * 32` values.
     values: Vec<i16>,
+    /// [`Layout::BytePlanes`]: `rows * blocks_per_row * 64` bytes.
+    planes: Vec<u8>,
+    /// [`Layout::BytePlanes`]: `(scale, sum)` per block, interleaved.
+    scale_sums: Vec<f32>,
 }
 
 impl QuantizedActivations {
-    /// Quantizes `rows` rows of `cols` values each (`cols` a multiple of 32).
-    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
+    /// Quantizes `rows` rows of `cols` values each (`cols` a multiple of 32) into `layout`.
+    pub(crate) fn quantize(x: &[f32], rows: usize, cols: usize, layout: Layout) -> Self {
         debug_assert_eq!(x.len(), rows * cols);
         debug_assert_eq!(cols % BLOCK, 0);
-        let blocks_per_row = cols / BLOCK;
-        let n = rows * blocks_per_row;
+        let bpr = cols / BLOCK;
+        let n = rows * bpr;
         let mut scales = vec![0f32; n];
         let mut sums = vec![0f32; n];
-        let mut values = vec![0i16; n * BLOCK];
-        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 32767.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (o, v) in values[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(block) {
-                *o = (v * inv).round() as i16;
+        let (words_len, planes_len) = match layout {
+            Layout::Words => (n * BLOCK, 0),
+            Layout::BytePlanes { .. } => (0, n * 64),
+        };
+        let mut words = vec![0i16; words_len];
+        let mut planes = vec![0u8; planes_len];
+        let quantize_row = |x: &[f32], scales: &mut [f32], sums: &mut [f32], words: &mut [i16], planes: &mut [u8]| {
+            for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 32767.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let q: [i16; BLOCK] = std::array::from_fn(|i| (block[i] * inv).round() as i16);
+                scales[b] = d;
+                sums[b] = dot_f32(block, &[1.0; BLOCK]);
+                match layout {
+                    Layout::Words => words[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&q),
+                    Layout::BytePlanes { order, unsigned_high } => {
+                        // Pairs of blocks take 128 bytes (64 high, 64 low); an odd last block, 64.
+                        let (pair, in_pair) = (b / 2, b % 2);
+                        let paired = pair * 2 + 1 < scales.len();
+                        let group = &mut planes[pair * 128..][..if paired { 128 } else { 64 }];
+                        let (high, low) = group.split_at_mut(group.len() / 2);
+                        for (e, &v) in q.iter().enumerate() {
+                            let at = match order {
+                                PairOrder::Nibbles if paired => (e / 16) * 32 + in_pair * 16 + e % 16,
+                                _ => in_pair * BLOCK + e,
+                            };
+                            let hi = (v >> 8) as i8 as u8;
+                            high[at] = if unsigned_high { hi ^ 0x80 } else { hi };
+                            low[at] = v as u8;
+                        }
+                    }
+                }
             }
-            scales[b] = d;
-            sums[b] = dot_f32(block, &[1.0; BLOCK]);
+        };
+        // Each row's share of every output, so that rows can be quantized in parallel.
+        let (wc, pc) = (words_len / rows.max(1), planes_len / rows.max(1));
+        let mut parts = Vec::with_capacity(rows);
+        let (mut s, mut m, mut w, mut p) = (&mut scales[..], &mut sums[..], &mut words[..], &mut planes[..]);
+        for x in x.chunks(cols) {
+            let (s0, s1) = std::mem::take(&mut s).split_at_mut(bpr);
+            let (m0, m1) = std::mem::take(&mut m).split_at_mut(bpr);
+            let (w0, w1) = std::mem::take(&mut w).split_at_mut(wc);
+            let (p0, p1) = std::mem::take(&mut p).split_at_mut(pc);
+            parts.push((x, s0, m0, w0, p0));
+            (s, m, w, p) = (s1, m1, w1, p1);
         }
-        Self { blocks_per_row, scales, sums, values }
+        if rows >= 16 {
+            parts.into_par_iter().for_each(|(x, s, m, w, p)| quantize_row(x, s, m, w, p));
+        } else {
+            parts.into_iter().for_each(|(x, s, m, w, p)| quantize_row(x, s, m, w, p));
+        }
+        let scale_sums = match layout {
+            Layout::Words => Vec::new(),
+            Layout::BytePlanes { .. } => scales.iter().zip(&sums).flat_map(|(&d, &s)| [d, s]).collect(),
+        };
+        Self { blocks_per_row: bpr, layout, scales, sums, values: words, planes, scale_sums }
     }
 
     fn block(&self, row: usize, b: usize) -> (f32, f32, &[i16]) {
@@ -257,73 +332,131 @@ impl QMatrix {
 
     /// `y = x · Wᵀ` for `n` rows of `x` (`n × cols`), giving `n × rows`.
     pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        self.matmul_on(kernels::isa(), x, n)
+    }
+
+    /// [`QMatrix::matmul`] on the kernels of one instruction set (which this CPU must support).
+    fn matmul_on(&self, isa: kernels::Isa, x: &[f32], n: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), n * self.cols);
+        let cols = self.cols;
         if std::env::var("TESSERA_EXACT_MATMUL").is_ok_and(|v| v == self.format() || v == "all") {
-            return Ok(self.run_rows(n, |o, r0, out| {
-                let mut w = vec![0f32; self.cols];
-                self.row(o, &mut w).expect("row");
-                for (k, y) in out.iter_mut().enumerate() {
-                    let r = r0 + k;
-                    *y = dot_f32(&w, &x[r * self.cols..(r + 1) * self.cols]);
+            return Ok(self.run_tiles(n, |tile| {
+                let mut w = vec![0f32; cols];
+                for j in 0..tile.weight_rows {
+                    self.row(tile.first_weight_row + j, &mut w).expect("row");
+                    for k in 0..tile.activation_rows {
+                        let r = tile.first_activation_row + k;
+                        tile.write(j, k, dot_f32(&w, &x[r * cols..(r + 1) * cols]));
+                    }
                 }
             }));
         }
         match &self.storage {
-            Storage::F32(w) => Ok(self.run_rows(n, |o, r0, out| {
-                for (k, y) in out.iter_mut().enumerate() {
-                    let r = r0 + k;
-                    *y = dot_f32(&w[o * self.cols..(o + 1) * self.cols], &x[r * self.cols..(r + 1) * self.cols]);
+            Storage::F32(w) => Ok(self.run_tiles(n, |tile| {
+                for j in 0..tile.weight_rows {
+                    let o = tile.first_weight_row + j;
+                    for k in 0..tile.activation_rows {
+                        let r = tile.first_activation_row + k;
+                        tile.write(j, k, dot_f32(&w[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]));
+                    }
                 }
             })),
             Storage::Q4_1(blocks) => {
-                let a = QuantizedActivations::quantize(x, n, self.cols);
-                let bpr = self.cols / BLOCK;
-                Ok(self.run_rows(n, |o, r0, out| kernels::q4_1_rows(&blocks[o * bpr..(o + 1) * bpr], &a, r0, out)))
+                let a = QuantizedActivations::quantize(x, n, cols, kernels::layout(isa, &self.storage));
+                let bpr = cols / BLOCK;
+                Ok(self.run_tiles(n, |tile| kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile)))
             }
             Storage::Q8_0(blocks) => {
-                let a = QuantizedActivations::quantize(x, n, self.cols);
-                let bpr = self.cols / BLOCK;
-                Ok(self.run_rows(n, |o, r0, out| kernels::q8_0_rows(&blocks[o * bpr..(o + 1) * bpr], &a, r0, out)))
+                let a = QuantizedActivations::quantize(x, n, cols, kernels::layout(isa, &self.storage));
+                let bpr = cols / BLOCK;
+                Ok(self.run_tiles(n, |tile| kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile)))
             }
         }
     }
 
-    /// Runs `f(output_row, first_activation_row, out)` for every output row and every group of at
-    /// most [`GROUP`] activation rows, in parallel over output rows, and returns `n × rows`.
-    /// Work is split by output row only, so the thread count never changes a value. Within a task the
+    /// Runs `f` over tiles of at most [`ROWS_PER_TASK`] weight rows by [`GROUP`] activation rows,
+    /// in parallel over weight rows, writing straight into the `n × rows` result.
+    /// Work is split by weight row only, so the thread count never changes a value. Within a task the
     /// activation group is the outer loop, so it stays in L1 while the task's weight rows pass over it.
-    fn run_rows(&self, n: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
-        const ROWS_PER_TASK: usize = 16;
-        let mut by_output = vec![0f32; self.rows * n];
-        by_output.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
-            let task_rows = chunk.len() / n;
+    fn run_tiles(&self, n: usize, f: impl Fn(Tile) + Sync) -> Vec<f32> {
+        let mut y = vec![0f32; n * self.rows];
+        let out = OutPtr(y.as_mut_ptr());
+        let tasks = self.rows.div_ceil(ROWS_PER_TASK);
+        (0..tasks).into_par_iter().for_each(|task| {
+            let first_weight_row = task * ROWS_PER_TASK;
+            let weight_rows = ROWS_PER_TASK.min(self.rows - first_weight_row);
             for r0 in (0..n).step_by(GROUP) {
-                let g = GROUP.min(n - r0);
-                for k in 0..task_rows {
-                    f(task * ROWS_PER_TASK + k, r0, &mut chunk[k * n + r0..k * n + r0 + g]);
-                }
+                let tile = Tile {
+                    first_weight_row,
+                    weight_rows,
+                    first_activation_row: r0,
+                    activation_rows: GROUP.min(n - r0),
+                    out: out.at(r0 * self.rows + first_weight_row),
+                    stride: self.rows,
+                };
+                f(tile);
             }
         });
-        if n == 1 {
-            return by_output;
-        }
-        let mut y = vec![0f32; n * self.rows];
-        for o in 0..self.rows {
-            for r in 0..n {
-                y[r * self.rows + o] = by_output[o * n + r];
-            }
-        }
         y
     }
 }
 
-/// Dot product with a fixed association order (eight lanes, then a fixed reduction), which the
-/// compiler vectorises and which gives the same result for the same inputs everywhere it runs.
+/// Weight rows one parallel task computes.
+const ROWS_PER_TASK: usize = 16;
+
+/// The result's buffer, shared by tasks that write disjoint elements of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (its own weight rows), and the buffer
+// outlives the parallel loop that uses it.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element `offset` places in (callers keep it inside the buffer).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// A block of the result: weight rows `first_weight_row..+weight_rows` by activation rows
+/// `first_activation_row..+activation_rows`. Element (j, k) lives at `out[k * stride + j]`.
+pub(crate) struct Tile {
+    first_weight_row: usize,
+    weight_rows: usize,
+    first_activation_row: usize,
+    activation_rows: usize,
+    out: *mut f32,
+    stride: usize,
+}
+
+impl Tile {
+    fn write(&self, j: usize, k: usize, v: f32) {
+        assert!(j < self.weight_rows && k < self.activation_rows);
+        // SAFETY: (j, k) is inside this tile, which `run_tiles` placed inside the result.
+        unsafe { *self.out.add(k * self.stride + j) = v };
+    }
+}
+
+/// Dot product with a fixed association order (four chains of eight lanes, then a fixed
+/// reduction), which the compiler vectorises and which gives the same result for the same inputs
+/// everywhere it runs. Four chains keep the fused multiply-adds of one dot product overlapping.
+#[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [[0f32; 8]; 4];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
+        for (c, acc) in acc.iter_mut().enumerate() {
+            for k in 0..8 {
+                acc[k] = x[c * 8 + k].mul_add(y[c * 8 + k], acc[k]);
+            }
+        }
+    }
+    let (ca, cb) = (ra.chunks_exact(8), rb.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for ((x, y), acc) in ca.zip(cb).zip(acc.iter_mut()) {
         for k in 0..8 {
             acc[k] = x[k].mul_add(y[k], acc[k]);
         }
@@ -332,17 +465,25 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ra.iter().zip(rb) {
         tail = x.mul_add(*y, tail);
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    let s: [f32; 8] = std::array::from_fn(|k| (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
+    ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail
 }
 
 mod kernels {
     //! Block dot products against 16-bit activations. A portable version, an AVX2 version and an
     //! AVX-512 VNNI version, chosen at run time; all sum the same exact integer products per block.
-    use super::{BlockQ4_1, BlockQ8_0, QuantizedActivations};
+    //!
+    //! The SIMD versions compute a register tile of `R` weight rows by `G` activation rows. Every
+    //! output element goes through the same operations whatever the tile's shape, so the shape is
+    //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
+    //! so that independent accumulation chains hide the latency of the fused multiply-adds.
+    use super::{BlockQ4_1, BlockQ8_0, Layout, PairOrder, QuantizedActivations, Storage, Tile, BLOCK};
 
-    #[derive(Clone, Copy, PartialEq)]
+    /// An instruction set the kernels are written for. Values other than `Portable` are only
+    /// made by [`detect`] and [`supported`], so holding one means this CPU supports it.
+    #[derive(Clone, Copy, PartialEq, Debug)]
     #[repr(u8)]
-    enum Isa {
+    pub enum Isa {
         Avx512Vnni,
         Avx2,
         Portable,
@@ -369,9 +510,9 @@ mod kernels {
         Isa::Portable
     }
 
-    fn isa() -> Isa {
+    pub fn isa() -> Isa {
         let v = CHOSEN.load(std::sync::atomic::Ordering::Relaxed);
-        let isa = match v {
+        match v {
             1 => Isa::Avx512Vnni,
             2 => Isa::Avx2,
             3 => Isa::Portable,
@@ -380,8 +521,17 @@ mod kernels {
                 CHOSEN.store(isa as u8 + 1, std::sync::atomic::Ordering::Relaxed);
                 isa
             }
-        };
-        isa
+        }
+    }
+
+    /// The instruction sets this CPU can run, best first.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn supported() -> Vec<Isa> {
+        match detect() {
+            Isa::Avx512Vnni => vec![Isa::Avx512Vnni, Isa::Avx2, Isa::Portable],
+            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+            Isa::Portable => vec![Isa::Portable],
+        }
     }
 
     /// Uses a less capable instruction set than detected (`avx2`, `portable`), or back to the
@@ -408,54 +558,146 @@ mod kernels {
         }
     }
 
-    /// One weight row in `Q4_1` against the activation rows `r0..r0 + out.len()`.
-    pub fn q4_1_rows(w: &[BlockQ4_1], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        match isa() {
-            // SAFETY: the features were detected by `isa()`.
-            Isa::Avx512Vnni => return unsafe { x86::q4_1_rows_vnni(w, a, r0, out) },
-            Isa::Avx2 => return unsafe { x86::q4_1_rows_avx2(w, a, r0, out) },
-            Isa::Portable => {}
-        }
-        for (r, y) in out.iter_mut().enumerate() {
-            let (mut acc, mut mins) = (0f32, 0f32);
-            for (b, blk) in w.iter().enumerate() {
-                let (ad, asum, aq) = a.block(r0 + r, b);
-                mins = blk.m.to_f32().mul_add(asum, mins);
-                let mut s = 0i32;
-                for j in 0..16 {
-                    s += (blk.qs[j] & 0x0F) as i32 * aq[j] as i32 + (blk.qs[j] >> 4) as i32 * aq[j + 16] as i32;
-                }
-                acc += blk.d.to_f32() * ad * s as f32;
-            }
-            *y = acc + mins;
+    /// The activation layout the kernels of `isa` want for `format`'s weights.
+    pub fn layout(isa: Isa, format: &Storage) -> Layout {
+        match (isa, format) {
+            (Isa::Avx512Vnni, Storage::Q4_1(_)) => Layout::BytePlanes { order: PairOrder::Nibbles, unsigned_high: false },
+            (Isa::Avx512Vnni, Storage::Q8_0(_)) => Layout::BytePlanes { order: PairOrder::Natural, unsigned_high: true },
+            _ => Layout::Words,
         }
     }
 
-    /// One weight row in `Q8_0` against the activation rows `r0..r0 + out.len()`.
-    pub fn q8_0_rows(w: &[BlockQ8_0], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        match isa() {
-            // SAFETY: the features were detected by `isa()`.
-            Isa::Avx512Vnni => return unsafe { x86::q8_0_rows_vnni(w, a, r0, out) },
-            Isa::Avx2 => return unsafe { x86::q8_0_rows_avx2(w, a, r0, out) },
-            Isa::Portable => {}
+    /// A register-tile kernel: `(weights of its row, blocks per row, activations, first activation
+    /// row, output, output stride)`.
+    #[cfg(target_arch = "x86_64")]
+    type TileKernel<B> = unsafe fn(*const B, usize, &QuantizedActivations, usize, *mut f32, usize);
+
+    /// The kernel monomorphized for `g` activation rows.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! tile_kernel {
+        ($module:ident::$kernel:ident, $g:expr) => {
+            match $g {
+                1 => $module::$kernel::<1> as TileKernel<_>,
+                2 => $module::$kernel::<2>,
+                3 => $module::$kernel::<3>,
+                4 => $module::$kernel::<4>,
+                5 => $module::$kernel::<5>,
+                6 => $module::$kernel::<6>,
+                7 => $module::$kernel::<7>,
+                8 => $module::$kernel::<8>,
+                _ => unreachable!("no tile of {} activation rows", $g),
+            }
+        };
+    }
+
+    /// Runs a tile's weight rows, one at a time, through `kernel`.
+    ///
+    /// # Safety
+    /// The kernel must be supported by this CPU and expect `a`'s layout.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run<B>(w: &[B], bpr: usize, a: &QuantizedActivations, tile: &Tile, kernel: TileKernel<B>) {
+        let g = tile.activation_rows;
+        assert!(tile.weight_rows * bpr <= w.len(), "weights out of range");
+        assert!(a.blocks_per_row == bpr && (tile.first_activation_row + g) * bpr <= a.scales.len(), "activations out of range");
+        assert!(match a.layout {
+            Layout::Words => a.values.len() == a.scales.len() * BLOCK,
+            Layout::BytePlanes { .. } => a.planes.len() == a.scales.len() * 64 && a.scale_sums.len() == a.scales.len() * 2,
+        });
+        for j in 0..tile.weight_rows {
+            // SAFETY: row j is in `w`, the activation rows are in `a` (asserted above), and the
+            // output elements are inside the tile.
+            unsafe { kernel(w.as_ptr().add(j * bpr), bpr, a, tile.first_activation_row, tile.out.add(j), tile.stride) };
         }
-        for (r, y) in out.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for (b, blk) in w.iter().enumerate() {
-                let (ad, _, aq) = a.block(r0 + r, b);
-                let s: i32 = (0..32).map(|j| blk.qs[j] as i32 * aq[j] as i32).sum();
+    }
+
+    /// A block format with kernels: the register tiles for each instruction set and a portable
+    /// dot product of one weight row with one activation row.
+    pub trait KernelBlock: Sized {
+        /// The storage of matrices in this format (for [`layout`]).
+        fn storage() -> Storage;
+        #[cfg(target_arch = "x86_64")]
+        fn vnni(g: usize) -> TileKernel<Self>;
+        #[cfg(target_arch = "x86_64")]
+        fn avx2(g: usize) -> TileKernel<Self>;
+        fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32;
+    }
+
+    impl KernelBlock for BlockQ4_1 {
+        fn storage() -> Storage {
+            Storage::Q4_1(Vec::new())
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn vnni(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q4_1_vnni, g)
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn avx2(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q4_1_avx2, g)
+        }
+        fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
+            let (mut acc, mut mins) = (0f32, 0f32);
+            for (b, blk) in row.iter().enumerate() {
+                let (ad, asum, aq) = a.block(activation_row, b);
+                mins = blk.m.to_f32().mul_add(asum, mins);
+                let mut s = 0i32;
+                for i in 0..16 {
+                    s += (blk.qs[i] & 0x0F) as i32 * aq[i] as i32 + (blk.qs[i] >> 4) as i32 * aq[i + 16] as i32;
+                }
                 acc += blk.d.to_f32() * ad * s as f32;
             }
-            *y = acc;
+            acc + mins
+        }
+    }
+
+    impl KernelBlock for BlockQ8_0 {
+        fn storage() -> Storage {
+            Storage::Q8_0(Vec::new())
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn vnni(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q8_0_vnni, g)
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn avx2(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q8_0_avx2, g)
+        }
+        fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
+            let mut acc = 0f32;
+            for (b, blk) in row.iter().enumerate() {
+                let (ad, _, aq) = a.block(activation_row, b);
+                let s: i32 = (0..32).map(|i| blk.qs[i] as i32 * aq[i] as i32).sum();
+                acc += blk.d.to_f32() * ad * s as f32;
+            }
+            acc
+        }
+    }
+
+    /// One tile of a matrix whose first weight row starts at `w`, on the kernels of `isa`.
+    pub fn tile<B: KernelBlock>(isa: Isa, w: &[B], bpr: usize, a: &QuantizedActivations, tile: Tile) {
+        assert_eq!(a.layout, layout(isa, &B::storage()), "activations quantized for another kernel");
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: `Isa` values other than `Portable` come from `detect()` (see `supported`).
+            Isa::Avx512Vnni => return unsafe { run(w, bpr, a, &tile, B::vnni(tile.activation_rows)) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { run(w, bpr, a, &tile, B::avx2(tile.activation_rows)) },
+            Isa::Portable => {}
+        }
+        for j in 0..tile.weight_rows {
+            for k in 0..tile.activation_rows {
+                tile.write(j, k, B::portable_dot(&w[j * bpr..(j + 1) * bpr], a, tile.first_activation_row + k));
+            }
         }
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::needless_range_loop)] // indices run over several parallel arrays
     mod x86 {
+        //! Register tiles of one weight row by `G` activation rows. Safety contract of every kernel:
+        //! the CPU supports its features, `w` points at a row of `bpr` blocks, activation rows
+        //! `r0..r0 + G` exist in the layout the kernel reads, and `out[k * stride]` is writable for
+        //! every `k < G`.
         use super::{BlockQ4_1, BlockQ8_0, QuantizedActivations};
-        use crate::quant::GROUP;
         use std::arch::x86_64::*;
 
         #[inline]
@@ -476,112 +718,215 @@ mod kernels {
             _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(raw), low), _mm_and_si128(raw, low))
         }
 
-        /// Pointers to the scales and values of the activation rows; every index used is in range
-        /// because callers pass `r0 + out.len() <= rows` and `w.len() == blocks per row`.
-        #[inline]
-        fn act(a: &QuantizedActivations) -> (*const f32, *const i16) {
-            (a.scales.as_ptr(), a.values.as_ptr())
-        }
-
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q4_1_rows_avx2(w: &[BlockQ4_1], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
-            let (scales, values) = act(a);
-            let sums = a.sums.as_ptr();
-            let mut mins = [0f32; GROUP];
-            let mut acc = [_mm256_setzero_ps(); GROUP];
-            for (b, blk) in w.iter().enumerate() {
+        pub unsafe fn q4_1_avx2<const G: usize>(w: *const BlockQ4_1, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+            let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
+            let mut mins = [0f32; G];
+            let mut acc = [_mm256_setzero_ps(); G];
+            for b in 0..bpr {
+                // SAFETY: the kernel contract.
+                let blk = unsafe { &*w.add(b) };
                 let q = unpack_q4(&blk.qs);
                 let (w0, w1) = (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)));
                 let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
-                for (k, (acc, mins)) in acc.iter_mut().zip(mins.iter_mut()).enumerate().take(g) {
-                    let i = base + k * bpr + b;
-                    // SAFETY: see `act`.
-                    let (ad, x0, x1) = unsafe {
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract.
+                    let (ad, s, x0, x1) = unsafe {
                         let p = values.add(i * 32);
-                        (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                        (*scales.add(i), *sums.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
                     };
-                    // SAFETY: as above.
-                    *mins = m.mul_add(unsafe { *sums.add(i) }, *mins);
+                    mins[k] = m.mul_add(s, mins[k]);
                     let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), *acc);
+                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
                 }
             }
-            for (k, y) in out.iter_mut().enumerate() {
-                *y = hsum256(acc[k]) + mins[k];
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = hsum256(acc[k]) + mins[k] };
             }
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q8_0_rows_avx2(w: &[BlockQ8_0], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
-            let (scales, values) = act(a);
-            let mut acc = [_mm256_setzero_ps(); GROUP];
-            for (b, blk) in w.iter().enumerate() {
-                // SAFETY: 32 readable bytes.
+        pub unsafe fn q8_0_avx2<const G: usize>(w: *const BlockQ8_0, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); G];
+            for b in 0..bpr {
+                // SAFETY: the kernel contract; 32 readable bytes.
+                let blk = unsafe { &*w.add(b) };
                 let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
                 let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
                 let d = blk.d.to_f32();
-                for (k, acc) in acc.iter_mut().enumerate().take(g) {
-                    let i = base + k * bpr + b;
-                    // SAFETY: see `act`.
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract.
                     let (ad, x0, x1) = unsafe {
                         let p = values.add(i * 32);
                         (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
                     };
                     let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), *acc);
+                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
                 }
             }
-            for (k, y) in out.iter_mut().enumerate() {
-                *y = hsum256(acc[k]);
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = hsum256(acc[k]) };
             }
         }
 
-        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-        pub unsafe fn q4_1_rows_vnni(w: &[BlockQ4_1], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
-            let (scales, values) = act(a);
-            let sums = a.sums.as_ptr();
-            let mut mins = [0f32; GROUP];
-            let mut acc = [_mm512_setzero_ps(); GROUP];
-            for (b, blk) in w.iter().enumerate() {
-                let q = _mm512_cvtepu8_epi16(unpack_q4(&blk.qs));
-                let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
-                for (k, (acc, mins)) in acc.iter_mut().zip(mins.iter_mut()).enumerate().take(g) {
-                    let i = base + k * bpr + b;
-                    // SAFETY: see `act`.
-                    let (ad, x) = unsafe { (*scales.add(i), _mm512_loadu_si512(values.add(i * 32) as *const _)) };
-                    // SAFETY: as above.
-                    *mins = m.mul_add(unsafe { *sums.add(i) }, *mins);
-                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, x);
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d * ad), _mm512_cvtepi32_ps(p), *acc);
+        /// The first four bytes of two blocks (their f16 scale, and minimum for `Q4_1`), widened:
+        /// `[d0, m0, d1, m1]`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn head_pair(first: *const u8, second: *const u8) -> __m128 {
+            // SAFETY: callers pass block starts, which have at least four bytes.
+            let (h0, h1) = unsafe { ((first as *const i32).read_unaligned(), (second as *const i32).read_unaligned()) };
+            _mm_cvtph_ps(_mm_set_epi32(0, 0, h1, h0))
+        }
+
+        /// Lanes 0..4 and 8..12 take element 0 of a 4-vector, lanes 4..8 and 12..16 take element 2.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn nibble_pair_lanes() -> __m512i {
+            _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0)
+        }
+
+        /// Lanes 0..8 take element 0 of a 4-vector, lanes 8..16 take element 2.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn natural_pair_lanes() -> __m512i {
+            _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0)
+        }
+
+        /// `Q4_1` against byte-plane activations (high bytes signed): per pair of blocks, two
+        /// `vpdpbusd` give the exact 16-bit products (`256·(w·hi) + w·lo`), then one conversion and
+        /// one fused multiply-add apply both blocks' scales at once.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        pub unsafe fn q4_1_vnni<const G: usize>(w: *const BlockQ4_1, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+            let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+            let mut acc = [_mm512_setzero_ps(); G];
+            // Lanes 1 and 3 gather `m·sum` of even and odd blocks; lanes 0 and 2 are unused.
+            let mut mins = [_mm_setzero_ps(); G];
+            let (mask, lanes) = (_mm256_set1_epi8(0x0F), nibble_pair_lanes());
+            let mut b = 0;
+            while b + 2 <= bpr {
+                // SAFETY: the kernel contract (blocks b and b + 1 are in the row).
+                let (b0, b1) = unsafe { (&*w.add(b), &*w.add(b + 1)) };
+                // SAFETY: 16 readable bytes each.
+                let raw = unsafe { _mm256_loadu2_m128i(b1.qs.as_ptr() as *const __m128i, b0.qs.as_ptr() as *const __m128i) };
+                let low = _mm256_and_si256(raw, mask);
+                let high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                // Bytes: block 0's elements 0..16, block 1's 0..16, block 0's 16..32, block 1's 16..32.
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high);
+                // SAFETY: block starts.
+                let dm = unsafe { head_pair(b0 as *const _ as *const u8, b1 as *const _ as *const u8) };
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract: pair (b, b + 1) of row r0 + k.
+                    let (hi, lo, ss) = unsafe {
+                        let p = planes.add(i * 64);
+                        (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _), _mm_loadu_ps(scale_sums.add(2 * i)))
+                    };
+                    let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
+                    let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                    let prod = _mm_mul_ps(dm, ss);
+                    mins[k] = _mm_add_ps(mins[k], prod);
+                    let scale = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(prod));
+                    acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
+                }
+                b += 2;
+            }
+            if b < bpr {
+                // SAFETY: the kernel contract.
+                let blk = unsafe { &*w.add(b) };
+                let q = _mm512_zextsi256_si512(unpack_q4(&blk.qs));
+                // SAFETY: a block start, twice.
+                let dm = unsafe { head_pair(blk as *const _ as *const u8, blk as *const _ as *const u8) };
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract: the last block of row r0 + k (32 + 32 bytes).
+                    let (hi, lo, ss) = unsafe {
+                        let p = planes.add(i * 64);
+                        (
+                            _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const _)),
+                            _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
+                            _mm_castpd_ps(_mm_load_sd(scale_sums.add(2 * i) as *const f64)),
+                        )
+                    };
+                    let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
+                    let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                    let prod = _mm_mul_ps(dm, ss);
+                    mins[k] = _mm_add_ps(mins[k], prod);
+                    acc[k] = _mm512_fmadd_ps(_mm512_broadcastss_ps(prod), _mm512_cvtepi32_ps(t), acc[k]);
                 }
             }
-            for (k, y) in out.iter_mut().enumerate() {
-                *y = _mm512_reduce_add_ps(acc[k]) + mins[k];
+            for k in 0..G {
+                let m = _mm_movehdup_ps(mins[k]);
+                let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehl_ps(m, m)));
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) + m };
             }
         }
 
-        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-        pub unsafe fn q8_0_rows_vnni(w: &[BlockQ8_0], a: &QuantizedActivations, r0: usize, out: &mut [f32]) {
-            let (g, bpr, base) = (out.len(), w.len(), r0 * w.len());
-            let (scales, values) = act(a);
-            let mut acc = [_mm512_setzero_ps(); GROUP];
-            for (b, blk) in w.iter().enumerate() {
-                // SAFETY: 32 readable bytes.
-                let q = _mm512_cvtepi8_epi16(unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) });
-                let d = blk.d.to_f32();
-                for (k, acc) in acc.iter_mut().enumerate().take(g) {
-                    let i = base + k * bpr + b;
-                    // SAFETY: see `act`.
-                    let (ad, x) = unsafe { (*scales.add(i), _mm512_loadu_si512(values.add(i * 32) as *const _)) };
-                    let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, x);
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(d * ad), _mm512_cvtepi32_ps(p), *acc);
+        /// `Q8_0` against byte-plane activations (high bytes stored +128, unsigned): as for `Q4_1`,
+        /// less `128·Σw`, which depends on the weights alone and is computed once per pair.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        pub unsafe fn q8_0_vnni<const G: usize>(w: *const BlockQ8_0, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+            let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+            let mut acc = [_mm512_setzero_ps(); G];
+            let (ones, lanes) = (_mm512_set1_epi8(1), natural_pair_lanes());
+            let mut b = 0;
+            while b + 2 <= bpr {
+                // SAFETY: the kernel contract (blocks b and b + 1 are in the row).
+                let (b0, b1) = unsafe { (&*w.add(b), &*w.add(b + 1)) };
+                // SAFETY: 32 readable bytes each.
+                let q = unsafe {
+                    let q0 = _mm256_loadu_si256(b0.qs.as_ptr() as *const __m256i);
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), _mm256_loadu_si256(b1.qs.as_ptr() as *const __m256i))
+                };
+                let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
+                // SAFETY: block starts (`[d0, q0, d1, q1]`; only d0 and d1 are used).
+                let d = unsafe { head_pair(b0 as *const _ as *const u8, b1 as *const _ as *const u8) };
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract: pair (b, b + 1) of row r0 + k.
+                    let (hi, lo, ss) = unsafe {
+                        let p = planes.add(i * 64);
+                        (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _), _mm_loadu_ps(scale_sums.add(2 * i)))
+                    };
+                    let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
+                    let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                    let scale = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(d, ss)));
+                    acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
+                }
+                b += 2;
+            }
+            if b < bpr {
+                // SAFETY: the kernel contract; 32 readable bytes.
+                let blk = unsafe { &*w.add(b) };
+                let q = _mm512_zextsi256_si512(unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) });
+                let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
+                // SAFETY: a block start, twice.
+                let d = unsafe { head_pair(blk as *const _ as *const u8, blk as *const _ as *const u8) };
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract: the last block of row r0 + k (32 + 32 bytes).
+                    let (hi, lo, ss) = unsafe {
+                        let p = planes.add(i * 64);
+                        (
+                            _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const _)),
+                            _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
+                            _mm_castpd_ps(_mm_load_sd(scale_sums.add(2 * i) as *const f64)),
+                        )
+                    };
+                    let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
+                    let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                    acc[k] = _mm512_fmadd_ps(_mm512_broadcastss_ps(_mm_mul_ps(d, ss)), _mm512_cvtepi32_ps(t), acc[k]);
                 }
             }
-            for (k, y) in out.iter_mut().enumerate() {
-                *y = _mm512_reduce_add_ps(acc[k]);
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) };
             }
         }
     }
@@ -614,31 +959,42 @@ mod tests {
     }
 
     fn check_format(dtype: GgmlDType) {
-        let (rows, cols, n) = (37, 96, 5);
-        let w = rand_vec(rows * cols, 1);
-        let x = rand_vec(n * cols, 2);
-        let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&wt, dtype).unwrap();
-        let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let m = QMatrix::from_qtensor("w", q).unwrap();
-        assert_eq!(m.format(), format!("{dtype:?}").replace("Q4_1", "Q4_1"));
-        let y = m.matmul(&x, n).unwrap();
-        for r in 0..n {
-            for o in 0..rows {
-                let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
-                let got = y[r * rows + o];
-                assert!((exact - got).abs() < 0.02, "{dtype:?} row {r} out {o}: {exact} vs {got}");
+        // 96 columns: one pair of blocks and an odd one; 128: two pairs. 9 rows: a group of 8 and 1.
+        for (rows, cols, n) in [(37, 96, 5), (21, 128, 9)] {
+            let w = rand_vec(rows * cols, 1);
+            let x = rand_vec(n * cols, 2);
+            let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let m = QMatrix::from_qtensor("w", q).unwrap();
+            assert_eq!(m.format(), format!("{dtype:?}"));
+            let mut first: Option<Vec<f32>> = None;
+            for isa in kernels::supported() {
+                let y = m.matmul_on(isa, &x, n).unwrap();
+                // The instruction sets sum the same exact integer products per block; only the
+                // rounding of the float accumulation differs.
+                let reference = first.get_or_insert_with(|| y.clone());
+                for (a, b) in reference.iter().zip(&y) {
+                    assert!((a - b).abs() < 1e-5, "{dtype:?} {isa:?}: {a} vs {b}");
+                }
+                for r in 0..n {
+                    for o in 0..rows {
+                        let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                        let got = y[r * rows + o];
+                        assert!((exact - got).abs() < 0.02, "{dtype:?} {isa:?} row {r} out {o}: {exact} vs {got}");
+                    }
+                }
+                // Each output is independent of how many rows are in the batch.
+                for r in 0..n {
+                    let single = m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap();
+                    assert_eq!(&single[..], &y[r * rows..(r + 1) * rows], "{dtype:?} {isa:?} row {r}");
+                }
             }
+            // Dequantized rows match candle's dequantization exactly.
+            let mut row = vec![0f32; cols];
+            m.row(3, &mut row).unwrap();
+            assert_eq!(&row[..], &deq[3 * cols..4 * cols]);
         }
-        // Each output is independent of how many rows are in the batch.
-        for r in 0..n {
-            let single = m.matmul(&x[r * cols..(r + 1) * cols], 1).unwrap();
-            assert_eq!(&single[..], &y[r * rows..(r + 1) * rows]);
-        }
-        // Dequantized rows match candle's dequantization exactly.
-        let mut row = vec![0f32; cols];
-        m.row(3, &mut row).unwrap();
-        assert_eq!(&row[..], &deq[3 * cols..4 * cols]);
     }
 
     #[test]

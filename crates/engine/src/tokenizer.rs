@@ -108,7 +108,7 @@ impl Tokenizer {
             })
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         let mut byte_tokens = [None; 256];
         for (i, t) in tokens.iter().enumerate() {
             if types[i] == TYPE_BYTE || (t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')) {

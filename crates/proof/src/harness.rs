@@ -421,7 +421,7 @@ pub fn tasks(n: usize, max_tokens: u32, salt: u64) -> Vec<Task> {
             let topic = TOPICS[(h % TOPICS.len() as u64) as usize];
             let ask = ASKS[((h >> 8) % ASKS.len() as u64) as usize].replace("{}", topic);
             let mut messages = Vec::new();
-            if (h >> 16) % 5 != 0 {
+            if !(h >> 16).is_multiple_of(5) {
                 messages.push(Message::new(Role::System, SYSTEMS[((h >> 20) % 3) as usize]));
             }
             messages.push(Message::new(Role::User, ask));

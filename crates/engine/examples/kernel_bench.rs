@@ -1,0 +1,46 @@
+//! Times the quantized matrix products alone on random weights: `cargo run --release -p tessera-engine --example kernel_bench`.
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+use tessera_engine::quant::QMatrix;
+
+/// Deterministic values in [-0.5, 0.5] that look random enough for timing.
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    (0..n).map(|i| ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract() as f32 * 0.5).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let threads: usize = std::env::var("THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    // SmolLM2's layer shapes (fused QKV, gate, up, down, output), LAYERS layers (default 30) per
+    // pass, so that the weights stream from memory as they do when decoding. THREADS, NS: threads
+    // and batch sizes.
+    let shapes = [(960, 576), (1536, 576), (1536, 576), (576, 1536), (576, 576)];
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let layers: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+        let mats: Vec<_> = (0..layers)
+            .flat_map(|l| shapes.iter().map(move |&(r, c)| (l, r, c)))
+            .map(|(l, r, c)| {
+                let w = rand_vec(r * c, l as u64 * 7 + r as u64);
+                QMatrix::from_qtensor("w", QTensor::quantize(&Tensor::from_slice(&w, (r, c), &Device::Cpu).unwrap(), dtype).unwrap()).unwrap()
+            })
+            .collect();
+        let weights: usize = mats.iter().map(|m| m.rows() * m.cols()).sum();
+        for n in std::env::var("NS").map(|v| v.split(',').map(|x| x.parse().unwrap()).collect::<Vec<usize>>()).unwrap_or(vec![1, 8, 128]) {
+            let xs: Vec<Vec<f32>> = mats.iter().map(|m| rand_vec(n * m.cols(), 5)).collect();
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                pool.install(|| -> anyhow::Result<()> {
+                    for (m, x) in mats.iter().zip(&xs) {
+                        std::hint::black_box(m.matmul(x, n)?);
+                    }
+                    Ok(())
+                })?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("{dtype:?} n={n:<4} {:.2} ms/pass  {:.1} Gweight-rows/s", best * 1e3, (weights * n) as f64 / best / 1e9);
+        }
+    }
+    Ok(())
+}
