@@ -171,10 +171,68 @@ pub struct BlockQ8_0 {
     qs: [i8; 32],
 }
 
-/// Weights stay in GGML's own block layout (one contiguous stream, f16 scales): decoding one token
-/// is bound by memory bandwidth, so every byte read per weight counts.
+/// Twenty bytes of a repacked `Q4_1` row (the size of one block).
+///
+/// `Q4_1` rows are stored with the same bytes as GGML's, reordered: every group of
+/// [`Q4_1_GROUP`] blocks is their four `(d, m)` f16 pairs (16 bytes) followed by their four 16-byte
+/// nibble arrays (64 bytes), so one load fetches four blocks' scales and one 64-byte load all their
+/// weights. Blocks after the last full group keep GGML's layout (`d, m, qs`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct Q4_1Slot([u8; 20]);
+
+/// Blocks per repacked `Q4_1` group.
+const Q4_1_GROUP: usize = 4;
+
+/// Repacks rows of `bpr` GGML `Q4_1` blocks (see [`Q4_1Slot`]).
+fn pack_q4_1(blocks: &[BlockQ4_1], bpr: usize) -> Vec<Q4_1Slot> {
+    let mut out = Vec::with_capacity(blocks.len());
+    for row in blocks.chunks(bpr) {
+        let groups = row.chunks_exact(Q4_1_GROUP);
+        let tail = groups.remainder();
+        for group in groups {
+            let mut bytes = [0u8; 20 * Q4_1_GROUP];
+            for (j, blk) in group.iter().enumerate() {
+                bytes[j * 4..j * 4 + 2].copy_from_slice(&blk.d.to_le_bytes());
+                bytes[j * 4 + 2..j * 4 + 4].copy_from_slice(&blk.m.to_le_bytes());
+                bytes[16 + j * 16..32 + j * 16].copy_from_slice(&blk.qs);
+            }
+            out.extend(bytes.chunks_exact(20).map(|s| Q4_1Slot(s.try_into().expect("20 bytes"))));
+        }
+        for blk in tail {
+            let mut s = [0u8; 20];
+            s[0..2].copy_from_slice(&blk.d.to_le_bytes());
+            s[2..4].copy_from_slice(&blk.m.to_le_bytes());
+            s[4..20].copy_from_slice(&blk.qs);
+            out.push(Q4_1Slot(s));
+        }
+    }
+    out
+}
+
+/// The bytes of repacked `Q4_1` slots.
+fn slot_bytes(slots: &[Q4_1Slot]) -> &[u8] {
+    // SAFETY: `Q4_1Slot` is a `repr(C)` wrapper of `[u8; 20]` (alignment 1, no padding), so a slice of
+    // them is `20 * len` initialised bytes.
+    unsafe { std::slice::from_raw_parts(slots.as_ptr() as *const u8, slots.len() * 20) }
+}
+
+/// Block `b` of a repacked `Q4_1` row, in GGML's form.
+fn q4_1_block(row: &[Q4_1Slot], b: usize) -> BlockQ4_1 {
+    let full = row.len() / Q4_1_GROUP * Q4_1_GROUP;
+    let (bytes, d_at, qs_at) = if b < full {
+        let j = b % Q4_1_GROUP;
+        (slot_bytes(&row[b - j..b - j + Q4_1_GROUP]), j * 4, 16 + j * 16)
+    } else {
+        (slot_bytes(&row[b..b + 1]), 0, 4)
+    };
+    BlockQ4_1 { d: f16_at(bytes, d_at), m: f16_at(bytes, d_at + 2), qs: bytes[qs_at..qs_at + 16].try_into().expect("16 bytes") }
+}
+
+/// Weights keep GGML's bytes per weight (one contiguous stream, f16 scales): decoding one token is
+/// bound by memory bandwidth, so every byte read per weight counts.
 enum Storage {
-    Q4_1(Vec<BlockQ4_1>),
+    Q4_1(Vec<Q4_1Slot>),
     Q8_0(Vec<BlockQ8_0>),
     /// Plain f32, row-major.
     F32(Vec<f32>),
@@ -208,11 +266,11 @@ impl QMatrix {
                     if bytes.len() != n * 20 {
                         return Err(Error::BadTensor { name: name.into(), reason: "Q4_1 data has the wrong length".into() });
                     }
-                    let blocks = bytes
+                    let blocks: Vec<BlockQ4_1> = bytes
                         .chunks_exact(20)
                         .map(|b| BlockQ4_1 { d: f16_at(b, 0), m: f16_at(b, 2), qs: b[4..20].try_into().expect("16 bytes") })
                         .collect();
-                    Storage::Q4_1(blocks)
+                    Storage::Q4_1(pack_q4_1(&blocks, cols / BLOCK))
                 } else {
                     if bytes.len() != n * 34 {
                         return Err(Error::BadTensor { name: name.into(), reason: "Q8_0 data has the wrong length".into() });
@@ -263,7 +321,7 @@ impl QMatrix {
             })
             .collect();
         debug_assert_eq!(blocks.len(), n);
-        Ok(QMatrix { rows: self.rows, cols: self.cols, storage: Storage::Q4_1(blocks) })
+        Ok(QMatrix { rows: self.rows, cols: self.cols, storage: Storage::Q4_1(pack_q4_1(&blocks, self.cols / BLOCK)) })
     }
 
     /// Stacks matrices with the same input width and format into one (e.g. Q, K and V projections),
@@ -308,8 +366,10 @@ impl QMatrix {
     pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         let bpr = self.cols / BLOCK;
         match &self.storage {
-            Storage::Q4_1(blocks) => {
-                for (b, blk) in blocks[r * bpr..(r + 1) * bpr].iter().enumerate() {
+            Storage::Q4_1(slots) => {
+                let row = &slots[r * bpr..(r + 1) * bpr];
+                for b in 0..bpr {
+                    let blk = q4_1_block(row, b);
                     let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
                     for (j, byte) in blk.qs.iter().enumerate() {
                         out[b * BLOCK + j] = d * (byte & 0x0F) as f32 + m;
@@ -477,7 +537,7 @@ mod kernels {
     //! output element goes through the same operations whatever the tile's shape, so the shape is
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
-    use super::{BlockQ4_1, BlockQ8_0, Layout, PairOrder, QuantizedActivations, Storage, Tile, BLOCK};
+    use super::{q4_1_block, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Storage, Tile, BLOCK};
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
     /// made by [`detect`] and [`supported`], so holding one means this CPU supports it.
@@ -622,7 +682,7 @@ mod kernels {
         fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32;
     }
 
-    impl KernelBlock for BlockQ4_1 {
+    impl KernelBlock for Q4_1Slot {
         fn storage() -> Storage {
             Storage::Q4_1(Vec::new())
         }
@@ -636,7 +696,8 @@ mod kernels {
         }
         fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
             let (mut acc, mut mins) = (0f32, 0f32);
-            for (b, blk) in row.iter().enumerate() {
+            for b in 0..row.len() {
+                let blk = q4_1_block(row, b);
                 let (ad, asum, aq) = a.block(activation_row, b);
                 mins = blk.m.to_f32().mul_add(asum, mins);
                 let mut s = 0i32;
@@ -697,7 +758,8 @@ mod kernels {
         //! the CPU supports its features, `w` points at a row of `bpr` blocks, activation rows
         //! `r0..r0 + G` exist in the layout the kernel reads, and `out[k * stride]` is writable for
         //! every `k < G`.
-        use super::{BlockQ4_1, BlockQ8_0, QuantizedActivations};
+        use super::super::Q4_1_GROUP;
+        use super::{q4_1_block, BlockQ8_0, Q4_1Slot, QuantizedActivations};
         use std::arch::x86_64::*;
 
         #[inline]
@@ -719,13 +781,14 @@ mod kernels {
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q4_1_avx2<const G: usize>(w: *const BlockQ4_1, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q4_1_avx2<const G: usize>(w: *const Q4_1Slot, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
             let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
+            // SAFETY: the kernel contract.
+            let row = unsafe { std::slice::from_raw_parts(w, bpr) };
             let mut mins = [0f32; G];
             let mut acc = [_mm256_setzero_ps(); G];
             for b in 0..bpr {
-                // SAFETY: the kernel contract.
-                let blk = unsafe { &*w.add(b) };
+                let blk = &q4_1_block(row, b);
                 let q = unpack_q4(&blk.qs);
                 let (w0, w1) = (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)));
                 let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
@@ -800,26 +863,66 @@ mod kernels {
 
         /// `Q4_1` against byte-plane activations (high bytes signed): per pair of blocks, two
         /// `vpdpbusd` give the exact 16-bit products (`256·(w·hi) + w·lo`), then one conversion and
-        /// one fused multiply-add apply both blocks' scales at once.
+        /// one fused multiply-add apply both blocks' scales at once. Repacked groups of four blocks
+        /// (see [`Q4_1Slot`]) load their scales and weights in one instruction each.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        pub unsafe fn q4_1_vnni<const G: usize>(w: *const BlockQ4_1, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q4_1_vnni<const G: usize>(w: *const Q4_1Slot, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
             let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+            let row = w as *const u8;
             let mut acc = [_mm512_setzero_ps(); G];
-            // Lanes 1 and 3 gather `m·sum` of even and odd blocks; lanes 0 and 2 are unused.
-            let mut mins = [_mm_setzero_ps(); G];
-            let (mask, lanes) = (_mm256_set1_epi8(0x0F), nibble_pair_lanes());
-            let mut b = 0;
+            // Odd lanes gather `m·sum` of the blocks at each position in a group; even lanes are unused.
+            let mut mins = [_mm256_setzero_ps(); G];
+            let (mask, mask512) = (_mm256_set1_epi8(0x0F), _mm512_set1_epi8(0x0F));
+            let (lanes_a, lanes_b) = (nibble_pair_lanes(), _mm512_add_epi32(nibble_pair_lanes(), _mm512_set1_epi32(4)));
+            let groups = bpr / Q4_1_GROUP;
+            for gi in 0..groups {
+                let b = gi * Q4_1_GROUP;
+                // SAFETY: the kernel contract: a full group of 80 bytes.
+                let (heads, raw) = unsafe {
+                    let p = row.add(b * 20);
+                    (_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm512_loadu_si512(p.add(16) as *const _))
+                };
+                let low = _mm512_and_si512(raw, mask512);
+                let high = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask512);
+                // Pair (b, b + 1): block b's elements 0..16, block b + 1's, then their 16..32; likewise (b + 2, b + 3).
+                let qa = _mm512_shuffle_i64x2::<0b01_00_01_00>(low, high);
+                let qb = _mm512_shuffle_i64x2::<0b11_10_11_10>(low, high);
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract: pairs (b, b + 1) and (b + 2, b + 3) of row r0 + k.
+                    let (ha, la, hb, lb, ss) = unsafe {
+                        let p = planes.add(i * 64);
+                        (
+                            _mm512_loadu_si512(p as *const _),
+                            _mm512_loadu_si512(p.add(64) as *const _),
+                            _mm512_loadu_si512(p.add(128) as *const _),
+                            _mm512_loadu_si512(p.add(192) as *const _),
+                            _mm256_loadu_ps(scale_sums.add(2 * i)),
+                        )
+                    };
+                    let ta = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qa, ha);
+                    let ta = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(ta), la, qa);
+                    let tb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qb, hb);
+                    let tb = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(tb), lb, qb);
+                    let prod = _mm256_mul_ps(heads, ss);
+                    mins[k] = _mm256_add_ps(mins[k], prod);
+                    let prod = _mm512_castps256_ps512(prod);
+                    acc[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_a, prod), _mm512_cvtepi32_ps(ta), acc[k]);
+                    acc[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_b, prod), _mm512_cvtepi32_ps(tb), acc[k]);
+                }
+            }
+            // The blocks after the last group, in GGML's layout: pairs, then an odd one.
+            let mut b = groups * Q4_1_GROUP;
             while b + 2 <= bpr {
                 // SAFETY: the kernel contract (blocks b and b + 1 are in the row).
-                let (b0, b1) = unsafe { (&*w.add(b), &*w.add(b + 1)) };
-                // SAFETY: 16 readable bytes each.
-                let raw = unsafe { _mm256_loadu2_m128i(b1.qs.as_ptr() as *const __m128i, b0.qs.as_ptr() as *const __m128i) };
+                let (b0, b1) = unsafe { (row.add(b * 20), row.add(b * 20 + 20)) };
+                // SAFETY: 16 readable bytes each, after the 4-byte head.
+                let raw = unsafe { _mm256_loadu2_m128i(b1.add(4) as *const __m128i, b0.add(4) as *const __m128i) };
                 let low = _mm256_and_si256(raw, mask);
                 let high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
-                // Bytes: block 0's elements 0..16, block 1's 0..16, block 0's 16..32, block 1's 16..32.
                 let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high);
                 // SAFETY: block starts.
-                let dm = unsafe { head_pair(b0 as *const _ as *const u8, b1 as *const _ as *const u8) };
+                let dm = unsafe { head_pair(b0, b1) };
                 for k in 0..G {
                     let i = (r0 + k) * bpr + b;
                     // SAFETY: the kernel contract: pair (b, b + 1) of row r0 + k.
@@ -830,18 +933,19 @@ mod kernels {
                     let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
                     let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
                     let prod = _mm_mul_ps(dm, ss);
-                    mins[k] = _mm_add_ps(mins[k], prod);
-                    let scale = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(prod));
+                    mins[k] = _mm256_add_ps(mins[k], _mm256_zextps128_ps256(prod));
+                    let scale = _mm512_permutexvar_ps(lanes_a, _mm512_castps128_ps512(prod));
                     acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
                 }
                 b += 2;
             }
             if b < bpr {
-                // SAFETY: the kernel contract.
-                let blk = unsafe { &*w.add(b) };
-                let q = _mm512_zextsi256_si512(unpack_q4(&blk.qs));
+                // SAFETY: the kernel contract: the last block, in GGML's layout.
+                let blk = unsafe { row.add(b * 20) };
+                // SAFETY: 16 readable bytes after the head.
+                let q = _mm512_zextsi256_si512(unpack_q4(unsafe { &*(blk.add(4) as *const [u8; 16]) }));
                 // SAFETY: a block start, twice.
-                let dm = unsafe { head_pair(blk as *const _ as *const u8, blk as *const _ as *const u8) };
+                let dm = unsafe { head_pair(blk, blk) };
                 for k in 0..G {
                     let i = (r0 + k) * bpr + b;
                     // SAFETY: the kernel contract: the last block of row r0 + k (32 + 32 bytes).
@@ -856,12 +960,13 @@ mod kernels {
                     let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
                     let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
                     let prod = _mm_mul_ps(dm, ss);
-                    mins[k] = _mm_add_ps(mins[k], prod);
+                    mins[k] = _mm256_add_ps(mins[k], _mm256_zextps128_ps256(prod));
                     acc[k] = _mm512_fmadd_ps(_mm512_broadcastss_ps(prod), _mm512_cvtepi32_ps(t), acc[k]);
                 }
             }
             for k in 0..G {
-                let m = _mm_movehdup_ps(mins[k]);
+                let m = _mm256_movehdup_ps(mins[k]);
+                let m = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
                 let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehl_ps(m, m)));
                 // SAFETY: the kernel contract.
                 unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) + m };
@@ -959,8 +1064,9 @@ mod tests {
     }
 
     fn check_format(dtype: GgmlDType) {
-        // 96 columns: one pair of blocks and an odd one; 128: two pairs. 9 rows: a group of 8 and 1.
-        for (rows, cols, n) in [(37, 96, 5), (21, 128, 9)] {
+        // 96 columns: a pair of blocks and an odd one; 128: a repacked group of four; 224: a group,
+        // a pair and an odd one. 9 rows: a group of 8 activation rows and 1.
+        for (rows, cols, n) in [(37, 96, 5), (21, 128, 9), (13, 224, 3)] {
             let w = rand_vec(rows * cols, 1);
             let x = rand_vec(n * cols, 2);
             let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
