@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use clap::Subcommand;
 use serde::Serialize;
-use tessera_engine::{quant, registry, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams, Variant};
+use tessera_engine::{quant, registry, Compute, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams, Variant};
 use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines};
 
 /// Benchmarks.
@@ -18,6 +18,9 @@ pub enum BenchCommand {
         /// Compute threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Where the models run: `cpu` (the native kernels), `cuda[:N]` or `candle-cpu`.
+        #[arg(long, default_value = "cpu")]
+        device: Compute,
         /// Models to measure (default: every cached known model).
         #[arg(long)]
         model: Vec<String>,
@@ -126,8 +129,8 @@ fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, 
     honest.rate = honest.flagged as f64 / honest.jobs.max(1) as f64;
 
     let other = Engine::load("gemma3-270m", None)?;
-    let requantized = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::RequantizedQ4_0 })?;
-    let skipped = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::SkipLastLayers(2) })?;
+    let requantized = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::RequantizedQ4_0, ..Default::default() })?;
+    let skipped = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::SkipLastLayers(2), ..Default::default() })?;
     let engines = CheatEngines { honest: &verifier, other: &other, requantized: &requantized, skipped: &skipped };
     let mut adversaries = Vec::new();
     for (k, adversary) in Adversary::ALL.into_iter().enumerate() {
@@ -190,6 +193,7 @@ fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, 
 #[derive(Serialize)]
 struct EngineFigures {
     model: String,
+    device: String,
     formats: Vec<String>,
     threads: usize,
     prompt_tokens: usize,
@@ -226,9 +230,9 @@ fn prompt_of(engine: &Engine, n: usize) -> Vec<u32> {
     }
 }
 
-fn bench_engine(name: &str, threads: Option<usize>, prompt_tokens: usize, gen_tokens: usize, repeat: usize) -> anyhow::Result<EngineFigures> {
+fn bench_engine(name: &str, threads: Option<usize>, device: Compute, prompt_tokens: usize, gen_tokens: usize, repeat: usize) -> anyhow::Result<EngineFigures> {
     anyhow::ensure!(prompt_tokens >= 16, "--prompt-tokens must be at least 16 (the batch-8 run shortens the prompt by up to 7 tokens)");
-    let engine = Engine::load(name, threads)?;
+    let engine = Engine::load_with(name, &LoadOptions { threads, device, ..Default::default() })?;
     let prompt = prompt_of(&engine, prompt_tokens);
     let opts = |max_tokens| GenerateOptions { max_tokens, ignore_eos: true, ..Default::default() };
     // Warm-up.
@@ -279,6 +283,7 @@ fn bench_engine(name: &str, threads: Option<usize>, prompt_tokens: usize, gen_to
 
     Ok(EngineFigures {
         model: name.into(),
+        device: device.to_string(),
         formats: engine.info().formats.clone(),
         threads: engine.threads(),
         prompt_tokens: prompt.len(),
@@ -294,24 +299,24 @@ fn bench_engine(name: &str, threads: Option<usize>, prompt_tokens: usize, gen_to
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Hub(args) => crate::bench_hub::run(args)?,
-        BenchCommand::Engine { threads, model, prompt_tokens, gen_tokens, repeat, json } => {
+        BenchCommand::Engine { threads, device, model, prompt_tokens, gen_tokens, repeat, json } => {
             let models: Vec<String> =
                 if model.is_empty() { registry::list_cached().into_iter().map(|m| m.name).collect() } else { model };
             if models.is_empty() {
                 anyhow::bail!("no model is cached; run `tessera model fetch smollm2-135m` first");
             }
-            let figures = models.iter().map(|m| bench_engine(m, threads, prompt_tokens, gen_tokens, repeat.max(1))).collect::<anyhow::Result<Vec<_>>>()?;
+            let figures = models.iter().map(|m| bench_engine(m, threads, device, prompt_tokens, gen_tokens, repeat.max(1))).collect::<anyhow::Result<Vec<_>>>()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
                 println!(
-                    "| model | threads | prompt tok/s ({prompt_tokens}) | decode tok/s b=1 | decode tok/s b=8 | score tok/s | TTFT ms | peak RSS MiB |"
+                    "| model | device | threads | prompt tok/s ({prompt_tokens}) | decode tok/s b=1 | decode tok/s b=8 | score tok/s | TTFT ms | peak RSS MiB |"
                 );
-                println!("|---|---|---|---|---|---|---|---|");
+                println!("|---|---|---|---|---|---|---|---|---|");
                 for f in &figures {
                     println!(
-                        "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
-                        f.model, f.threads, f.prompt_tok_per_s, f.decode_tok_per_s_batch1, f.decode_tok_per_s_batch8, f.score_tok_per_s,
+                        "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+                        f.model, f.device, f.threads, f.prompt_tok_per_s, f.decode_tok_per_s_batch1, f.decode_tok_per_s_batch8, f.score_tok_per_s,
                         f.time_to_first_token_ms, f.peak_rss_mib
                     );
                 }

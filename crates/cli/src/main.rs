@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tessera_engine::{Engine, GenerateOptions, Message, Role, SamplingParams};
+use tessera_engine::{Compute, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams};
 
 /// Tessera: verifiable inference of small language models on anyone's hardware.
 #[derive(Parser)]
@@ -88,6 +88,10 @@ struct GenerateArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the model runs: `cpu` (the native kernels), `cuda[:N]` (an NVIDIA GPU; needs a build
+    /// with `--features cuda`) or `candle-cpu` (the GPU code path on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: Compute,
     /// Fetch the model if it is a known name and not cached.
     #[arg(long)]
     fetch: bool,
@@ -97,7 +101,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if args.fetch && tessera_engine::registry::known(&args.model).is_some() {
         tessera_engine::registry::fetch(&args.model)?;
     }
-    let engine = Engine::load(&args.model, args.threads)?;
+    let engine = Engine::load_with(&args.model, &LoadOptions { threads: args.threads, device: args.device, ..Default::default() })?;
     let mut messages = Vec::new();
     if let Some(s) = args.system {
         messages.push(Message::new(Role::System, s));

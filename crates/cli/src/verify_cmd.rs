@@ -111,7 +111,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
                 None => serve(&honest, &[task[0].spec(&honest)])?.remove(0),
                 Some(name) => {
                     let adversary = adversary_by_name(&name)?;
-                    let load = |variant| Engine::load_with(&model, &LoadOptions { threads: None, variant });
+                    let load = |variant| Engine::load_with(&model, &LoadOptions { threads: None, variant, ..Default::default() });
                     registry::fetch("gemma3-270m").ok();
                     let other = Engine::load("gemma3-270m", None)?;
                     let (requantized, skipped) = (load(Variant::RequantizedQ4_0)?, load(Variant::SkipLastLayers(2))?);

@@ -24,6 +24,16 @@ fn generate_streams_the_answer() {
 }
 
 #[test]
+fn generate_runs_on_the_candle_backend_and_rejects_unknown_devices() {
+    let out = tessera(&["generate", "--fetch", "--device", "candle-cpu", "--max-tokens", "24", "What is the capital of France?"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout(&out).contains("Paris"), "{}", stdout(&out));
+    let out = tessera(&["generate", "--device", "tpu", "Hi"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device `tpu`"));
+}
+
+#[test]
 fn generate_with_a_missing_model_says_how_to_fetch_it() {
     let home = tempfile::tempdir().unwrap();
     let out = tessera(&["generate", "--model", "gemma3-270m", "Hi"], &[("TESSERA_HOME", home.path().to_str().unwrap())]);

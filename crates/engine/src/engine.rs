@@ -9,9 +9,10 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatTemplate, Message, Segment};
+use crate::device::{Compute, DeviceTransformer};
 use crate::error::{Error, Result};
 use crate::gguf::{sha256_file, GgufFile};
-use crate::model::{Architecture, KvCache, SequenceStep, Transformer};
+use crate::model::{Architecture, Config, KvCache, SequenceStep, Transformer};
 use crate::registry;
 use crate::sampling::{self, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -23,6 +24,8 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// The weights as in the file, or an altered copy (to simulate cheating providers).
     pub variant: Variant,
+    /// Where the forward pass runs: the native CPU path (default) or the candle device backend.
+    pub device: Compute,
 }
 
 /// Which weights run. Everything but `Faithful` exists to test verification.
@@ -125,9 +128,42 @@ pub struct Step<'a> {
     pub text: &'a str,
 }
 
+/// The forward pass a model runs on.
+enum Model {
+    /// This crate's kernels on the CPU.
+    Native(Transformer),
+    /// candle tensors on a candle device.
+    Device(DeviceTransformer),
+}
+
+impl Model {
+    fn config(&self) -> &Config {
+        match self {
+            Model::Native(m) => m.config(),
+            Model::Device(m) => m.config(),
+        }
+    }
+
+    fn forward(&self, steps: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Model::Native(m) => m.forward(steps),
+            Model::Device(m) => m.forward(steps),
+        }
+    }
+
+    /// An empty KV cache of the kind this model's forward pass uses.
+    fn new_cache(&self) -> KvCache {
+        match self {
+            Model::Native(m) => KvCache::new(m.config()),
+            Model::Device(_) => KvCache::on_device(),
+        }
+    }
+}
+
 /// A loaded model, ready to generate and score.
 pub struct Engine {
-    model: Transformer,
+    model: Model,
+    compute: Compute,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     info: ModelInfo,
@@ -165,15 +201,24 @@ impl Engine {
     /// Loads a model with options, including the altered variants a cheating provider might run.
     pub fn load_with(name_or_path: &str, options: &LoadOptions) -> Result<Self> {
         let threads = options.threads;
+        // First, so that an unusable device fails before anything is read.
+        let device = options.device.device()?;
         let path = registry::resolve(name_or_path)?;
         let mut file = GgufFile::open(&path)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let mut model = Transformer::from_gguf(&mut file)?;
-        match options.variant {
-            Variant::Faithful => {}
-            Variant::RequantizedQ4_0 => model.requantize_q4_0()?,
-            Variant::SkipLastLayers(n) => model.skip_last_layers(n),
-        }
+        let (model, formats) = match device {
+            None => {
+                let mut model = Transformer::from_gguf(&mut file)?;
+                match options.variant {
+                    Variant::Faithful => {}
+                    Variant::RequantizedQ4_0 => model.requantize_q4_0()?,
+                    Variant::SkipLastLayers(n) => model.skip_last_layers(n),
+                }
+                let formats = model.formats().into_iter().map(String::from).collect();
+                (Model::Native(model), formats)
+            }
+            Some(device) => (Model::Device(DeviceTransformer::from_gguf(&mut file, &device, options.variant)?), vec!["F32".to_owned()]),
+        };
         let config = model.config();
         let arch = match config.architecture {
             Architecture::Llama => "llama",
@@ -192,15 +237,15 @@ impl Engine {
             context_length: config.context_length,
             vocab_size: config.vocab_size,
             layers: config.layers,
-            formats: model.formats().into_iter().map(String::from).collect(),
+            formats,
         };
         let mut pool = rayon::ThreadPoolBuilder::new();
         if let Some(n) = threads {
             pool = pool.num_threads(n);
         }
         let pool = pool.build().map_err(|e| Error::InvalidRequest(format!("thread pool: {e}")))?;
-        tracing::info!(model = %info.name, sha256 = %info.sha256, threads = pool.current_num_threads(), "model loaded");
-        Ok(Self { model, tokenizer, template, info, stop_tokens, pool })
+        tracing::info!(model = %info.name, sha256 = %info.sha256, device = %options.device, threads = pool.current_num_threads(), "model loaded");
+        Ok(Self { model, compute: options.device, tokenizer, template, info, stop_tokens, pool })
     }
 
     /// What was loaded.
@@ -213,7 +258,12 @@ impl Engine {
         &self.tokenizer
     }
 
-    /// Compute threads.
+    /// Where the forward pass runs.
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    /// Compute threads of the CPU paths.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }
@@ -277,7 +327,7 @@ impl Engine {
     fn start(&self, prompt: Vec<u32>, options: GenerateOptions) -> Result<Live> {
         self.check_prompt(&prompt)?;
         Ok(Live {
-            cache: KvCache::new(self.model.config()),
+            cache: self.model.new_cache(),
             pending: prompt.clone(),
             prompt,
             options,
@@ -361,7 +411,7 @@ impl Engine {
         if from >= tokens.len() {
             return Err(Error::InvalidRequest(format!("scoring from position {from} of {} tokens", tokens.len())));
         }
-        let mut cache = KvCache::new(self.model.config());
+        let mut cache = self.model.new_cache();
         let mut steps = [SequenceStep { cache: &mut cache, tokens, logits_from: Some(from) }];
         let mut out = self.pool.install(|| self.model.forward(&mut steps))?;
         Ok(out.remove(0))

@@ -61,6 +61,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The compute device asked for cannot be used (no CUDA support in this build, no GPU, a driver
+    /// error).
+    #[error("compute device `{device}` is unavailable: {reason}")]
+    DeviceUnavailable {
+        /// The device asked for (`cuda:0`, ...).
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// The engine thread has stopped.
     #[error("the engine has shut down")]
     EngineStopped,

@@ -1,7 +1,8 @@
 //! `tessera-engine` runs small GGUF language models on the CPU: it reads the weights through candle's
 //! GGUF support, builds the tokenizer and chat template from the file's metadata, and runs a forward
 //! pass that serves generation (KV cache, continuous batching) and teacher-forced scoring (logits of
-//! every position in one pass) from the same code.
+//! every position in one pass) from the same code. A second forward pass on candle tensors
+//! ([`device`]) runs the same models on an NVIDIA GPU (the `cuda` feature) or on candle's CPU backend.
 //!
 //! ```no_run
 //! use tessera_engine::{Engine, GenerateOptions, Message, Role};
@@ -14,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod chat;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod gguf;
@@ -24,6 +26,7 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message, Role};
+pub use device::Compute;
 pub use engine::{Engine, EngineService, Event, FinishReason, GenerateOptions, Generation, LoadOptions, ModelInfo, Step, Variant};
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;

@@ -16,6 +16,7 @@
 
 use rayon::prelude::*;
 
+use crate::device::DeviceCache;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::quant::{dot_f32, QMatrix};
@@ -103,15 +104,15 @@ impl Config {
         })
     }
 
-    fn q_dim(&self) -> usize {
+    pub(crate) fn q_dim(&self) -> usize {
         self.heads * self.head_dim
     }
 
-    fn kv_dim(&self) -> usize {
+    pub(crate) fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
     }
 
-    fn is_sliding(&self, layer: usize) -> bool {
+    pub(crate) fn is_sliding(&self, layer: usize) -> bool {
         self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.global_every)
     }
 }
@@ -165,18 +166,34 @@ struct Block {
 }
 
 /// The KV cache of one sequence. Truncating it rolls the sequence back (e.g. to reuse a prompt).
+///
+/// A cache holds host vectors for the native forward pass ([`KvCache::new`]) or device tensors for
+/// the candle backend ([`crate::device`]); the engine makes the kind its model runs on.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     kv_dim: usize,
     len: usize,
+    /// The tensors of a cache that belongs to a device-backend model.
+    pub(crate) device: Option<DeviceCache>,
 }
 
 impl KvCache {
     /// An empty cache for a model.
     pub fn new(config: &Config) -> Self {
-        Self { keys: vec![Vec::new(); config.layers], values: vec![Vec::new(); config.layers], kv_dim: config.kv_dim(), len: 0 }
+        Self { keys: vec![Vec::new(); config.layers], values: vec![Vec::new(); config.layers], kv_dim: config.kv_dim(), len: 0, device: None }
+    }
+
+    /// An empty cache for a model on the device backend ([`crate::device::DeviceTransformer`]): its
+    /// keys and values live in device tensors, allocated by the first forward pass.
+    pub fn on_device() -> Self {
+        Self { keys: Vec::new(), values: Vec::new(), kv_dim: 0, len: 0, device: Some(DeviceCache::default()) }
+    }
+
+    /// Counts `n` positions appended by the device backend.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
     }
 
     /// Number of cached positions.
@@ -189,7 +206,8 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Drops positions from `len` on.
+    /// Drops positions from `len` on. (A device cache keeps its tensors: positions past `len` are
+    /// overwritten by the next forward pass.)
     pub fn truncate(&mut self, len: usize) {
         if len < self.len {
             for l in 0..self.keys.len() {
@@ -306,21 +324,7 @@ impl Transformer {
     pub fn forward(&self, steps: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (d, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
-        // Where each row lives: (sequence, absolute position).
-        let mut rows = Vec::new();
-        for (s, step) in steps.iter().enumerate() {
-            if step.tokens.is_empty() {
-                return Err(Error::InvalidRequest("a sequence step needs at least one token".into()));
-            }
-            let end = step.cache.len() + step.tokens.len();
-            if end > c.context_length {
-                return Err(Error::ContextOverflow { tokens: end, context: c.context_length });
-            }
-            if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(Error::BadToken(t));
-            }
-            rows.extend((0..step.tokens.len()).map(|t| (s, step.cache.len() + t)));
-        }
+        let rows = step_rows(c, steps, false)?;
         let n = rows.len();
         let mut x = vec![0f32; n * d];
         let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
@@ -397,29 +401,70 @@ impl Transformer {
         }
 
         // Logits only for the rows asked for.
+        let wanted = logit_rows(steps);
         let mut selected = Vec::new();
-        let mut counts = Vec::with_capacity(steps.len());
-        let mut offset = 0;
-        for step in steps.iter() {
-            let len = step.tokens.len();
-            let first = step.logits_from.map_or(len - 1, |f| f.min(len - 1));
-            let take = offset + first..offset + len;
-            counts.push(take.len());
+        for take in &wanted {
             selected.extend_from_slice(&x[take.start * d..take.end * d]);
-            offset += len;
         }
         let h = rms_norm_rows(&selected, &self.output_norm, c.eps);
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         let logits = head.matmul(&h, h.len() / d)?;
-        let v = c.vocab_size;
-        let mut out = Vec::with_capacity(steps.len());
-        let mut at = 0;
-        for count in counts {
-            out.push(logits[at * v..(at + count) * v].to_vec());
-            at += count;
-        }
-        Ok(out)
+        Ok(split_logits(&logits, &wanted, c.vocab_size))
     }
+}
+
+/// Checks the steps of a forward call (at least one token each, within the context and the
+/// vocabulary, a cache of the kind the pass uses: `device` or native) and says where each new row
+/// lives: (sequence, absolute position), sequences in order.
+pub(crate) fn step_rows(c: &Config, steps: &[SequenceStep<'_>], device: bool) -> Result<Vec<(usize, usize)>> {
+    let mut rows = Vec::new();
+    for (s, step) in steps.iter().enumerate() {
+        if step.tokens.is_empty() {
+            return Err(Error::InvalidRequest("a sequence step needs at least one token".into()));
+        }
+        if step.cache.device.is_some() != device {
+            let owner = if device { "native-path" } else { "device-backend" };
+            return Err(Error::InvalidRequest(format!("this KV cache belongs to a {owner} model")));
+        }
+        let end = step.cache.len() + step.tokens.len();
+        if end > c.context_length {
+            return Err(Error::ContextOverflow { tokens: end, context: c.context_length });
+        }
+        if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::BadToken(t));
+        }
+        rows.extend((0..step.tokens.len()).map(|t| (s, step.cache.len() + t)));
+    }
+    Ok(rows)
+}
+
+/// Per sequence, the rows of the call (indices into all new rows) whose logits are returned: the
+/// last, or all from `logits_from`.
+pub(crate) fn logit_rows(steps: &[SequenceStep<'_>]) -> Vec<std::ops::Range<usize>> {
+    let mut offset = 0;
+    steps
+        .iter()
+        .map(|step| {
+            let len = step.tokens.len();
+            let first = step.logits_from.map_or(len - 1, |f| f.min(len - 1));
+            let take = offset + first..offset + len;
+            offset += len;
+            take
+        })
+        .collect()
+}
+
+/// Splits the logits of the rows `wanted` (stacked, `vocab` each) into one vector per sequence.
+pub(crate) fn split_logits(logits: &[f32], wanted: &[std::ops::Range<usize>], vocab: usize) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    wanted
+        .iter()
+        .map(|take| {
+            let rows = &logits[at * vocab..(at + take.len()) * vocab];
+            at += take.len();
+            rows.to_vec()
+        })
+        .collect()
 }
 
 /// Scaled dot-product attention of one query row against cached positions `lo..hi`. The query
@@ -485,15 +530,15 @@ fn weigh_values(weights: &[f32], sum: f32, values: &[f32], lo: usize, kvd: usize
     }
 }
 
-/// Rotary position embedding tables for the rows of one forward call.
-struct Rope {
+/// Rotary position embedding tables for the rows of one forward call (`rows × head_dim / 2`).
+pub(crate) struct Rope {
     half: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, rows: &[(usize, usize)]) -> Self {
+    pub(crate) fn new(head_dim: usize, base: f32, rows: &[(usize, usize)]) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(rows.len() * half);
         let mut sin = Vec::with_capacity(rows.len() * half);

@@ -2,7 +2,7 @@
 
 mod support;
 
-use support::{gemma, smollm};
+use support::{gemma, smollm, teacher_forced_matches_incremental};
 use tessera_engine::{Engine, GenerateOptions, Message, Role, SamplingParams};
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
@@ -37,31 +37,6 @@ fn seeded_sampling_reproduces_and_seeds_differ() {
     let c = ask(smollm(), "Tell me a story about a dragon.", &opts(8));
     assert_eq!(a.tokens, b.tokens);
     assert_ne!(a.tokens, c.tokens);
-}
-
-/// Teacher-forced logits (one batched pass) against the logits seen while decoding with the KV cache.
-fn teacher_forced_matches_incremental(engine: &Engine, question: &str, sampling: SamplingParams) -> f32 {
-    let prompt = engine.chat_prompt(&[Message::new(Role::User, question)]);
-    let mut seen: Vec<Vec<f32>> = Vec::new();
-    let opts = GenerateOptions { max_tokens: 48, sampling, ignore_eos: true, ..Default::default() };
-    let out = engine.generate(&prompt, &opts, |s| {
-        seen.push(s.logits.to_vec());
-        true
-    })
-    .unwrap();
-    let mut all = prompt.clone();
-    all.extend(&out.tokens);
-    let scored = engine.score(&all).unwrap();
-    let v = engine.vocab_size();
-    let mut max_diff = 0f32;
-    for (i, logits) in seen.iter().enumerate() {
-        let row = &scored[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
-        for (a, b) in logits.iter().zip(row) {
-            max_diff = max_diff.max((a - b).abs());
-        }
-    }
-    eprintln!("{}: max |incremental - teacher-forced| over {} positions = {max_diff:e}", engine.info().name, seen.len());
-    max_diff
 }
 
 #[test]
@@ -171,22 +146,5 @@ fn model_identity_is_the_file_sha256() {
 #[test]
 fn engine_service_serves_concurrent_requests_in_one_batch() {
     let engine = Engine::load(&smollm().info().path.to_string_lossy(), None).unwrap();
-    let e = smollm();
-    let service = tessera_engine::EngineService::spawn(engine, 8);
-    let questions = ["What is the capital of France?", "Name a colour.", "What is 3+4?"];
-    let receivers: Vec<_> = questions
-        .iter()
-        .map(|q| service.submit(e.chat_prompt(&[Message::new(Role::User, *q)]), greedy(24), false).unwrap())
-        .collect();
-    for (q, rx) in questions.iter().zip(receivers) {
-        let done = rx
-            .iter()
-            .find_map(|ev| match ev {
-                tessera_engine::Event::Done(g) => Some(g),
-                tessera_engine::Event::Failed(err) => panic!("{err}"),
-                _ => None,
-            })
-            .unwrap();
-        assert_eq!(done.tokens, ask(e, q, &greedy(24)).tokens);
-    }
+    support::service_answers_match_alone(engine, smollm(), &["What is the capital of France?", "Name a colour.", "What is 3+4?"], &greedy(24));
 }

@@ -113,6 +113,7 @@ impl Node {
         let options = LoadOptions {
             threads: config.threads,
             variant,
+            ..Default::default()
         };
         let service = EngineService::spawn(
             Engine::load_with(&config.model, &options)?,

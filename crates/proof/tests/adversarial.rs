@@ -8,7 +8,7 @@ use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines, Reason
 
 fn load(name: &str, variant: Variant) -> Engine {
     registry::fetch(name).unwrap();
-    Engine::load_with(name, &LoadOptions { threads: None, variant }).unwrap()
+    Engine::load_with(name, &LoadOptions { threads: None, variant, ..Default::default() }).unwrap()
 }
 
 fn smollm() -> &'static Engine {

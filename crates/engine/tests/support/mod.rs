@@ -8,24 +8,94 @@ use std::sync::OnceLock;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use tessera_engine::{registry, Engine};
+use tessera_engine::{registry, Compute, Engine, EngineService, Event, GenerateOptions, LoadOptions, Message, Role, SamplingParams};
 
 /// The real SmolLM2-135M model, loaded once per test binary.
 pub fn smollm() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| {
-        registry::fetch("smollm2-135m").expect("fetch smollm2-135m");
-        Engine::load("smollm2-135m", None).expect("load smollm2-135m")
-    })
+    load_once(&E, "smollm2-135m", Compute::Cpu)
 }
 
 /// The real Gemma 3 270M model, loaded once per test binary.
 pub fn gemma() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| {
-        registry::fetch("gemma3-270m").expect("fetch gemma3-270m");
-        Engine::load("gemma3-270m", None).expect("load gemma3-270m")
+    load_once(&E, "gemma3-270m", Compute::Cpu)
+}
+
+/// The real SmolLM2-135M model on another compute device, loaded once per test binary and device
+/// (`Compute::Cpu` is [`smollm`]).
+pub fn smollm_on(compute: Compute) -> &'static Engine {
+    static CANDLE_CPU: OnceLock<Engine> = OnceLock::new();
+    static CUDA: OnceLock<Engine> = OnceLock::new();
+    match compute {
+        Compute::Cpu => smollm(),
+        Compute::CandleCpu => load_once(&CANDLE_CPU, "smollm2-135m", compute),
+        Compute::Cuda(_) => load_once(&CUDA, "smollm2-135m", compute),
+    }
+}
+
+/// The real Gemma 3 270M model on another compute device, loaded once per test binary and device
+/// (`Compute::Cpu` is [`gemma`]).
+pub fn gemma_on(compute: Compute) -> &'static Engine {
+    static CANDLE_CPU: OnceLock<Engine> = OnceLock::new();
+    static CUDA: OnceLock<Engine> = OnceLock::new();
+    match compute {
+        Compute::Cpu => gemma(),
+        Compute::CandleCpu => load_once(&CANDLE_CPU, "gemma3-270m", compute),
+        Compute::Cuda(_) => load_once(&CUDA, "gemma3-270m", compute),
+    }
+}
+
+/// Fetches (once, safely in parallel) and loads a known model into `cell`.
+fn load_once(cell: &'static OnceLock<Engine>, name: &str, compute: Compute) -> &'static Engine {
+    cell.get_or_init(|| {
+        registry::fetch(name).unwrap_or_else(|e| panic!("fetch {name}: {e}"));
+        Engine::load_with(name, &LoadOptions { device: compute, ..Default::default() }).unwrap_or_else(|e| panic!("load {name} on {compute}: {e}"))
     })
+}
+
+/// Submits `questions` all at once to an [`EngineService`] that owns `engine`, and checks that each
+/// answer equals `reference` (the same model) answering alone.
+pub fn service_answers_match_alone(engine: Engine, reference: &Engine, questions: &[&str], options: &GenerateOptions) {
+    let service = EngineService::spawn(engine, 8);
+    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| reference.chat_prompt(&[Message::new(Role::User, *q)])).collect();
+    let receivers: Vec<_> = prompts.iter().map(|p| service.submit(p.clone(), options.clone(), false).unwrap()).collect();
+    for (prompt, rx) in prompts.iter().zip(receivers) {
+        let done = rx
+            .iter()
+            .find_map(|ev| match ev {
+                Event::Done(g) => Some(g),
+                Event::Failed(err) => panic!("{err}"),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(done.tokens, reference.generate(prompt, options, |_| true).unwrap().tokens);
+    }
+}
+
+/// Teacher-forced logits (one batched pass) against the logits seen while decoding with the KV cache.
+pub fn teacher_forced_matches_incremental(engine: &Engine, question: &str, sampling: SamplingParams) -> f32 {
+    let prompt = engine.chat_prompt(&[Message::new(Role::User, question)]);
+    let mut seen: Vec<Vec<f32>> = Vec::new();
+    let opts = GenerateOptions { max_tokens: 48, sampling, ignore_eos: true, ..Default::default() };
+    let out = engine.generate(&prompt, &opts, |s| {
+        seen.push(s.logits.to_vec());
+        true
+    })
+    .unwrap();
+    let mut all = prompt.clone();
+    all.extend(&out.tokens);
+    let scored = engine.score(&all).unwrap();
+    let v = engine.vocab_size();
+    let mut max_diff = 0f32;
+    for (i, logits) in seen.iter().enumerate() {
+        let row = &scored[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
+        for (a, b) in logits.iter().zip(row) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    }
+    eprintln!("{} on {}: max |incremental - teacher-forced| over {} positions = {max_diff:e}", engine.info().name, engine.compute(), seen.len());
+    max_diff
 }
 
 fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
