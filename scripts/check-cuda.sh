@@ -2,7 +2,7 @@
 # Proves, on a machine with no GPU and no system CUDA toolkit, that the engine's `cuda` feature
 # (candle-core/cuda) compiles: installs a CUDA 13.4 toolkit from NVIDIA's PyPI wheels into the
 # cache ($TESSERA_HOME/cuda-13.4.92, default ~/.cache/tessera; never into the repo), then runs
-#   cargo check -p tessera-engine --features cuda
+#   cargo check -p tessera-engine --features cuda --all-targets   (the library and its CUDA tests)
 #   cargo build -p tessera-engine --features cuda --release
 # in its own target dir (target/cuda), at low priority. `--check-only` skips the build.
 # candle-kernels' build script runs nvcc on every kernel, for `cargo check` and again for the
@@ -41,8 +41,8 @@ export CARGO_TARGET_DIR="$PWD/target/cuda"      # never the default target/ (oth
 nvcc --version | grep -q "release ${CUDA_VER%.*}" || die "nvcc is not CUDA ${CUDA_VER%.*}: $(nvcc --version | tail -n 2)"
 
 # 3. Compile.
-nice -n 19 cargo check -p tessera-engine --features cuda || die "cargo check --features cuda failed"
-echo "check-cuda: cargo check -p tessera-engine --features cuda: OK" >&2
+nice -n 19 cargo check -p tessera-engine --features cuda --all-targets || die "cargo check --features cuda failed"
+echo "check-cuda: cargo check -p tessera-engine --features cuda --all-targets: OK" >&2
 if [ "${1:-}" != "--check-only" ]; then
     nice -n 19 cargo build -p tessera-engine --features cuda --release || die "cargo build --features cuda failed"
     echo "check-cuda: cargo build -p tessera-engine --features cuda --release: OK" >&2

@@ -5,7 +5,7 @@
 mod support;
 
 use support::{gemma, gemma_on, smollm, smollm_on};
-use tessera_engine::{Compute, Engine, Error, GenerateOptions, LoadOptions, Message, Role, SamplingParams};
+use tessera_engine::{Compute, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams};
 
 /// A check `$name(engine)` on a model loaded by `$model(compute)` for the device backend: on
 /// candle's CPU, and (with the feature) on CUDA.
@@ -159,7 +159,7 @@ fn engine_service_batches_requests_on_the_device_backend() {
 fn cuda_without_the_feature_is_a_clear_error() {
     support::smollm();
     let err = Engine::load_with("smollm2-135m", &LoadOptions { device: Compute::Cuda(0), ..Default::default() }).unwrap_err();
-    assert!(matches!(err, Error::DeviceUnavailable { .. }), "{err:?}");
+    assert!(matches!(err, tessera_engine::Error::DeviceUnavailable { .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains("cuda:0") && message.contains("`cuda` feature"), "{message}");
 }
