@@ -501,7 +501,7 @@ impl Tile {
 /// Dot product with a fixed association order (four chains of eight lanes, then a fixed
 /// reduction), which the compiler vectorises and which gives the same result for the same inputs
 /// everywhere it runs. Four chains keep the fused multiply-adds of one dot product overlapping.
-#[inline]
+#[inline(always)]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [[0f32; 8]; 4];
