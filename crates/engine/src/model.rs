@@ -487,7 +487,8 @@ fn attend_sized<const HD: usize>(c: &Config, q: &[f32], keys: &[f32], values: &[
     let group = c.heads / c.kv_heads;
     let len = hi - lo;
     let mut scores = vec![0f32; group * len];
-    let mut running = vec![0f32; hd];
+    // Only the any-size copy needs a heap buffer; the sized copies keep the output on the stack.
+    let mut running = if HD == 0 { vec![0f32; hd] } else { Vec::new() };
     for kvh in 0..c.kv_heads {
         let heads = kvh * group..(kvh + 1) * group;
         for (i, p) in (lo..hi).enumerate() {

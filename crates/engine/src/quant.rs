@@ -421,17 +421,17 @@ impl QMatrix {
                     }
                 }
             })),
-            Storage::Q4_1(blocks) => {
-                let a = QuantizedActivations::quantize(x, n, cols, kernels::layout(isa, &self.storage));
-                let bpr = cols / BLOCK;
-                Ok(self.run_tiles(n, |tile| kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile)))
-            }
-            Storage::Q8_0(blocks) => {
-                let a = QuantizedActivations::quantize(x, n, cols, kernels::layout(isa, &self.storage));
-                let bpr = cols / BLOCK;
-                Ok(self.run_tiles(n, |tile| kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile)))
-            }
+            Storage::Q4_1(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
+            Storage::Q8_0(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
         }
+    }
+
+    /// The product with this matrix's blocks on `isa`'s kernels: activations quantized in the
+    /// layout those kernels read, then every tile.
+    fn quantized_product<B: kernels::KernelBlock + Sync>(&self, isa: kernels::Isa, blocks: &[B], x: &[f32], n: usize) -> Vec<f32> {
+        let a = QuantizedActivations::quantize(x, n, self.cols, kernels::layout::<B>(isa));
+        let bpr = self.cols / BLOCK;
+        self.run_tiles(n, |tile| kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile))
     }
 
     /// Runs `f` over tiles of at most [`ROWS_PER_TASK`] weight rows by [`GROUP`] activation rows,
@@ -537,7 +537,7 @@ mod kernels {
     //! output element goes through the same operations whatever the tile's shape, so the shape is
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
-    use super::{q4_1_block, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Storage, Tile, BLOCK};
+    use super::{q4_1_block, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK};
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
     /// made by [`detect`] and [`supported`], so holding one means this CPU supports it.
@@ -618,12 +618,11 @@ mod kernels {
         }
     }
 
-    /// The activation layout the kernels of `isa` want for `format`'s weights.
-    pub fn layout(isa: Isa, format: &Storage) -> Layout {
-        match (isa, format) {
-            (Isa::Avx512Vnni, Storage::Q4_1(_)) => Layout::BytePlanes { order: PairOrder::Nibbles, unsigned_high: false },
-            (Isa::Avx512Vnni, Storage::Q8_0(_)) => Layout::BytePlanes { order: PairOrder::Natural, unsigned_high: true },
-            _ => Layout::Words,
+    /// The activation layout the kernels of `isa` want for weights in format `B`.
+    pub fn layout<B: KernelBlock>(isa: Isa) -> Layout {
+        match isa {
+            Isa::Avx512Vnni => B::VNNI_LAYOUT,
+            Isa::Avx2 | Isa::Portable => Layout::Words,
         }
     }
 
@@ -673,8 +672,8 @@ mod kernels {
     /// A block format with kernels: the register tiles for each instruction set and a portable
     /// dot product of one weight row with one activation row.
     pub trait KernelBlock: Sized {
-        /// The storage of matrices in this format (for [`layout`]).
-        fn storage() -> Storage;
+        /// The activation layout its AVX-512 VNNI kernel reads.
+        const VNNI_LAYOUT: Layout;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self>;
         #[cfg(target_arch = "x86_64")]
@@ -683,9 +682,7 @@ mod kernels {
     }
 
     impl KernelBlock for Q4_1Slot {
-        fn storage() -> Storage {
-            Storage::Q4_1(Vec::new())
-        }
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes { order: PairOrder::Nibbles, unsigned_high: false };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q4_1_vnni, g)
@@ -711,9 +708,7 @@ mod kernels {
     }
 
     impl KernelBlock for BlockQ8_0 {
-        fn storage() -> Storage {
-            Storage::Q8_0(Vec::new())
-        }
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes { order: PairOrder::Natural, unsigned_high: true };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q8_0_vnni, g)
@@ -735,7 +730,7 @@ mod kernels {
 
     /// One tile of a matrix whose first weight row starts at `w`, on the kernels of `isa`.
     pub fn tile<B: KernelBlock>(isa: Isa, w: &[B], bpr: usize, a: &QuantizedActivations, tile: Tile) {
-        assert_eq!(a.layout, layout(isa, &B::storage()), "activations quantized for another kernel");
+        assert_eq!(a.layout, layout::<B>(isa), "activations quantized for another kernel");
         #[cfg(target_arch = "x86_64")]
         match isa {
             // SAFETY: `Isa` values other than `Portable` come from `detect()` (see `supported`).
