@@ -4,7 +4,10 @@ use std::time::Instant;
 
 use clap::Subcommand;
 use serde::Serialize;
-use tessera_engine::{quant, registry, Compute, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams, Variant};
+use tessera_engine::{registry, Compute, Engine, GenerateOptions, LoadOptions, Message, Role};
+#[cfg(feature = "adversary")]
+use tessera_engine::{quant, SamplingParams, Variant};
+#[cfg(feature = "adversary")]
 use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines};
 
 /// Benchmarks.
@@ -98,6 +101,12 @@ struct VerifyFigures {
     amortized_overhead: f64,
 }
 
+#[cfg(not(feature = "adversary"))]
+fn bench_verify(_: usize, _: usize, _: u32, _: f64, _: Option<std::path::PathBuf>) -> anyhow::Result<VerifyFigures> {
+    anyhow::bail!("`bench verify` runs cheating providers; build with `--features adversary`")
+}
+
+#[cfg(feature = "adversary")]
 fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, thresholds: Option<std::path::PathBuf>) -> anyhow::Result<VerifyFigures> {
     let thresholds = crate::verify_cmd::load_thresholds(thresholds.as_ref())?;
     registry::fetch("smollm2-135m")?;

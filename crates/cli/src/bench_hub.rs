@@ -9,10 +9,23 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use tessera_hub::{Hub, HubConfig};
-use tessera_node::synthetic::{run_synthetic, SYNTHETIC_MODEL};
-use tessera_protocol::{ApiKeyRegistration, Domain, Wallet};
+use tessera_hub::{Hub, HubConfig, ModelEntry};
+use tessera_node::synthetic::{run_synthetic, synthetic_sha256, SYNTHETIC_MODEL};
+use tessera_protocol::Wallet;
+use tessera_types::Vocabulary;
+
+/// The benchmark double's model: one token, "x".
+fn synthetic_model() -> ModelEntry {
+    ModelEntry {
+        name: SYNTHETIC_MODEL.into(),
+        sha256: hex::encode(synthetic_sha256()),
+        context_length: 1 << 20,
+        vocab: Arc::new(Vocabulary {
+            tokens: vec![b"x".to_vec()],
+            control: vec![false],
+        }),
+    }
+}
 
 /// Options of `tessera bench hub`.
 #[derive(clap::Args, Debug, Clone)]
@@ -106,6 +119,11 @@ fn measure(args: &HubBenchArgs, fast_settle: bool) -> anyhow::Result<HubBenchRep
         let mut config = HubConfig::dev(db.clone());
         config.verify_probability = 0.0;
         config.fast_settle = fast_settle;
+        // The benchmark double's "model": a vocabulary of one token, and no verifier needed.
+        config.catalog.insert(synthetic_model());
+        config.allow_unverified = true;
+        config.max_concurrent_per_agent = u32::MAX;
+        config.requests_per_minute = u32::MAX;
         let hub = Hub::open(config).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -136,20 +154,10 @@ fn measure(args: &HubBenchArgs, fast_settle: bool) -> anyhow::Result<HubBenchRep
         .map(|i| {
             let wallet = Wallet::random();
             let key = format!("sk-bench-{i}-{}", hex::encode(wallet.address()));
-            let signed = wallet.sign(
-                ApiKeyRegistration {
-                    keyHash: <[u8; 32]>::from(Sha256::digest(key.as_bytes())).into(),
-                    nonce: 1,
-                    expiry: u64::MAX,
-                },
-                Domain::default(),
-            )?;
-            let agent = http();
-            agent
+            http()
                 .post(format!("{url}/v1/dev/faucet"))
                 .send_json(json!({"address": wallet.address(), "amount": 1u64 << 50}))?;
-            let r = agent.post(format!("{url}/v1/keys")).send_json(&signed)?;
-            anyhow::ensure!(r.status() == 200, "key registration failed");
+            crate::client::register_key(&url, &wallet, &key, 1, Duration::from_secs(3600))?;
             Ok(key)
         })
         .collect::<anyhow::Result<_>>()?;

@@ -4,12 +4,13 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use tessera_protocol::{ApiKeyRegistration, Domain, Wallet};
+use tessera_protocol::Wallet;
+
+use crate::client::http;
 
 /// `tessera demo` options.
 #[derive(clap::Args, Debug)]
@@ -49,16 +50,11 @@ fn log(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
     )?))
 }
 
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(300)))
-        .build()
-        .into()
-}
-
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if !cfg!(feature = "adversary") {
+        bail!("the demo runs a cheating node; build with `--features adversary` (cargo run --release --features adversary -- demo)");
+    }
     let temp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(&dir)?;
@@ -160,16 +156,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .post(format!("{url}/v1/dev/faucet"))
         .send_json(json!({"address": agent.address(), "amount": 1_000_000}))?;
     let key = format!("sk-demo-{}", hex::encode(agent.address()));
-    let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
-    let signed = agent.sign(
-        ApiKeyRegistration {
-            keyHash: <[u8; 32]>::from(Sha256::digest(key.as_bytes())).into(),
-            nonce: 1,
-            expiry,
-        },
-        Domain::default(),
-    )?;
-    http().post(format!("{url}/v1/keys")).send_json(&signed)?;
+    crate::client::register_key(&url, &agent, &key, 1, Duration::from_secs(24 * 3600))?;
     println!(
         "agent      {:#x}  funded 1000000, API key {key}\n",
         agent.address()

@@ -2,6 +2,8 @@
 
 mod bench;
 mod bench_hub;
+mod catalog;
+mod client;
 mod demo;
 mod ledger;
 mod model_cmd;
@@ -183,7 +185,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger { command } => block_on(ledger::run(command)),
         Command::Bench { command } => bench::run(command),
         Command::Demo(args) => demo::run(args),
-        Command::Hub(config) => block_on(async { Ok(tessera_hub::run(config, shutdown_signal()).await?) }).context("hub"),
+        Command::Hub(mut config) => {
+            config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;
+            block_on(async { Ok(tessera_hub::run(config, shutdown_signal()).await?) }).context("hub")
+        }
         Command::Node(config) => block_on(async { Ok(tessera_node::run(config, shutdown_signal()).await?) }).context("node"),
     }
 }

@@ -4,8 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use tessera_engine::{registry, Engine, LoadOptions, Variant};
-use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines, Thresholds};
+use tessera_engine::{registry, Engine};
+#[cfg(feature = "adversary")]
+use tessera_engine::{LoadOptions, Variant};
+#[cfg(feature = "adversary")]
+use tessera_proof::{cheat, Adversary, CheatEngines};
+use tessera_proof::{serve, tasks, verify, Thresholds};
 
 /// Verification commands.
 #[derive(Args)]
@@ -73,6 +77,7 @@ pub fn load_thresholds(path: Option<&PathBuf>) -> anyhow::Result<Thresholds> {
     }
 }
 
+#[cfg(feature = "adversary")]
 pub fn adversary_by_name(name: &str) -> anyhow::Result<Adversary> {
     let normal = name.replace('-', "_");
     serde_json::from_value(serde_json::Value::String(normal)).map_err(|_| {
@@ -109,6 +114,9 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
             let task = tasks(1, max_tokens, seed);
             let job = match adversary {
                 None => serve(&honest, &[task[0].spec(&honest)])?.remove(0),
+                #[cfg(not(feature = "adversary"))]
+                Some(_) => anyhow::bail!("this build has no adversaries; build with `--features adversary`"),
+                #[cfg(feature = "adversary")]
                 Some(name) => {
                     let adversary = adversary_by_name(&name)?;
                     let load = |variant| Engine::load_with(&model, &LoadOptions { threads: None, variant, ..Default::default() });

@@ -4,35 +4,8 @@
 //! the shipped templates: ChatML (SmolLM2: a default system prompt when none is given) and Gemma's
 //! turns (the system prompt is folded into the first user turn; the assistant's role is `model`).
 
-use serde::{Deserialize, Serialize};
 
-/// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Instructions.
-    System,
-    /// The user.
-    User,
-    /// The model.
-    Assistant,
-}
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// The author.
-    pub role: Role,
-    /// The text.
-    pub content: String,
-}
-
-impl Message {
-    /// A message.
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
-    }
-}
+pub use tessera_types::{Message, Role};
 
 /// A template family.
 #[derive(Debug, Clone, PartialEq, Eq)]

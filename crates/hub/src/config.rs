@@ -52,9 +52,101 @@ pub struct HubConfig {
     /// Seconds to wait for a provider's first token before trying another.
     #[arg(long, env = "TESSERA_HUB_FIRST_TOKEN_TIMEOUT", default_value_t = 60)]
     pub first_token_timeout_secs: u64,
+    /// Seconds a provider may go silent between tokens once a job has started; then the job is
+    /// ended and only what was delivered is paid.
+    #[arg(long, env = "TESSERA_HUB_TOKEN_TIMEOUT", default_value_t = 30)]
+    pub token_timeout_secs: u64,
+    /// Serve a model file the hub has: `NAME=PATH.gguf` (repeatable). The known models found in
+    /// the model cache are served under their names without this.
+    #[arg(long = "model", value_name = "NAME=PATH.gguf")]
+    pub models: Vec<String>,
+    /// The models served, resolved from the cache and `--model` by the command line.
+    #[arg(skip)]
+    pub catalog: crate::catalog::Catalog,
+    /// Schedule a provider even when no other provider of its model exists to verify it (a
+    /// one-node development network). Its jobs are then never checked.
+    #[arg(long, env = "TESSERA_HUB_ALLOW_UNVERIFIED")]
+    pub allow_unverified: bool,
+    /// Fee a verifier earns per check, in basis points of the checked job's cost (at least one
+    /// micro-unit), paid from protocol fees.
+    #[arg(long, env = "TESSERA_HUB_VERIFY_FEE_BPS", default_value_t = 4000)]
+    pub verify_fee_bps: u32,
+    /// Probability that a passed verification is checked again by a second verifier (a lazy
+    /// "pass" is then found out; two agreeing passes become a known-answer check).
+    #[arg(
+        long,
+        env = "TESSERA_HUB_CROSS_CHECK_PROBABILITY",
+        default_value_t = 0.25
+    )]
+    pub cross_check_probability: f64,
+    /// Probability that a verifier also gets a known-answer check (a canary) with its work; a
+    /// wrong answer to one is slashed.
+    #[arg(long, env = "TESSERA_HUB_CANARY_PROBABILITY", default_value_t = 0.2)]
+    pub canary_probability: f64,
+    /// Price of a prompt token, in basis points of the provider's price per generated token.
+    #[arg(long, env = "TESSERA_HUB_PROMPT_PRICE_BPS", default_value_t = 2500)]
+    pub prompt_price_bps: u32,
+    /// The price ceiling per generated token when a request names no `max_price`.
+    #[arg(long, env = "TESSERA_HUB_DEFAULT_MAX_PRICE", default_value_t = 1000)]
+    pub default_max_price: u64,
+    /// Requests one wallet may have in flight at once.
+    #[arg(
+        long,
+        env = "TESSERA_HUB_MAX_CONCURRENT_PER_AGENT",
+        default_value_t = 8
+    )]
+    pub max_concurrent_per_agent: u32,
+    /// Requests one wallet may start per minute.
+    #[arg(long, env = "TESSERA_HUB_REQUESTS_PER_MINUTE", default_value_t = 600)]
+    pub requests_per_minute: u32,
+    /// Largest request body accepted, bytes.
+    #[arg(long, env = "TESSERA_HUB_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// The vault contract signatures are bound to (EIP-712 `verifyingContract`); without it the
+    /// hub binds them to an address derived from its own identity, kept in its database.
+    #[arg(long, env = "TESSERA_HUB_VERIFYING_CONTRACT")]
+    pub verifying_contract: Option<tessera_protocol::Address>,
+    /// Milliseconds before a verification asks again when no further verifier is available.
+    #[arg(
+        long,
+        env = "TESSERA_HUB_VERIFY_RECHECK_MS",
+        default_value_t = 2000,
+        hide = true
+    )]
+    pub verify_recheck_ms: u64,
+    /// How far in the future a signed message's expiry may lie, seconds.
+    #[arg(long, env = "TESSERA_HUB_MAX_SIGNATURE_VALIDITY", default_value_t = tessera_protocol::DEFAULT_MAX_VALIDITY_SECS)]
+    pub max_signature_validity_secs: u64,
 }
 
 impl HubConfig {
+    /// Refuses settings that would break the books or the economics.
+    pub fn validate(&self) -> crate::Result<()> {
+        let fail = |m: &str| Err(crate::Error::Config(m.into()));
+        for (name, p) in [
+            ("--verify-probability", self.verify_probability),
+            ("--cross-check-probability", self.cross_check_probability),
+            ("--canary-probability", self.canary_probability),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return fail(&format!("{name} must be in [0, 1]"));
+            }
+        }
+        if self.fee_bps > 10_000 {
+            return fail("--fee-bps must be at most 10000 (100%)");
+        }
+        if self.verify_fee_bps > 10_000 {
+            return fail("--verify-fee-bps must be at most 10000 (100%)");
+        }
+        if self.min_stake < self.slash_amount {
+            return fail("--min-stake must be at least --slash-amount, or a cheater risks less than the slash");
+        }
+        if self.max_concurrent_per_agent == 0 || self.requests_per_minute == 0 {
+            return fail("per-wallet limits must be at least 1");
+        }
+        Ok(())
+    }
+
     /// Settings for tests: an in-memory-free SQLite path, port 0, dev mode.
     pub fn dev(db: impl Into<String>) -> Self {
         Self {
@@ -70,6 +162,21 @@ impl HubConfig {
             fast_settle: false,
             chain_id: tessera_protocol::DEFAULT_CHAIN_ID,
             first_token_timeout_secs: 60,
+            token_timeout_secs: 30,
+            models: Vec::new(),
+            catalog: Default::default(),
+            allow_unverified: false,
+            verify_fee_bps: 4000,
+            cross_check_probability: 0.25,
+            canary_probability: 0.2,
+            prompt_price_bps: 2500,
+            default_max_price: 1000,
+            max_concurrent_per_agent: 8,
+            requests_per_minute: 600,
+            max_body_bytes: 1 << 20,
+            verifying_contract: None,
+            verify_recheck_ms: 2000,
+            max_signature_validity_secs: tessera_protocol::DEFAULT_MAX_VALIDITY_SECS,
         }
     }
 }

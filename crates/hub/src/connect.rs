@@ -1,8 +1,9 @@
 //! The provider side of the hub: the WebSocket endpoint nodes connect to, registration checks
-//! (signature, nonce, model hash, stake) and the routing of their messages.
+//! (domain, signature, nonce, model file in the catalog, stake) and the routing of their messages.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{Message as Frame, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -11,22 +12,48 @@ use futures_util::{SinkExt, StreamExt};
 use tessera_wire::{HubMessage, NodeMessage};
 use tokio::sync::mpsc;
 
-use crate::registry::{Connection, JobEvent, VerdictReport};
+use crate::registry::{Connection, JobEvent};
 use crate::{now_secs, Hub};
+
+/// How long a new connection may take to register before it is dropped.
+pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET /v1/providers/connect`: upgrades to the provider WebSocket.
 pub async fn connect(State(hub): State<Arc<Hub>>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| session(hub, socket))
+    ws.max_message_size(1 << 20)
+        .on_upgrade(move |socket| session(hub, socket))
 }
 
 async fn session(hub: Arc<Hub>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    // Registration: the first text frame.
-    let first = loop {
-        match stream.next().await {
-            Some(Ok(Frame::Text(text))) => break text,
-            Some(Ok(_)) => continue,
-            _ => return,
+    let hello = HubMessage::Hello {
+        domain: hub.verifier.domain(),
+    };
+    if sink
+        .send(Frame::Text(hello.to_json().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Registration: the first text frame, within a bound (an idle socket holds nothing).
+    let first = tokio::time::timeout(REGISTRATION_TIMEOUT, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Frame::Text(text))) => return Some(text),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    let first = match first {
+        Ok(Some(text)) => text,
+        Ok(None) => return,
+        Err(_) => {
+            tracing::warn!("a provider connection sent no registration in time; closed");
+            let _ = sink.close().await;
+            return;
         }
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<HubMessage>();
@@ -43,20 +70,20 @@ async fn session(hub: Arc<Hub>, socket: WebSocket) {
             return;
         }
     };
-    let staked = hub.ledger.staked(connection.address).await.unwrap_or(0);
-    let hello = HubMessage::Registered {
+    let welcome = HubMessage::Registered {
         provider: connection.address,
-        staked,
+        staked: connection.stake.load(Ordering::Relaxed),
+        model: connection.model.name.clone(),
     };
     if sink
-        .send(Frame::Text(hello.to_json().into()))
+        .send(Frame::Text(welcome.to_json().into()))
         .await
         .is_err()
     {
         return;
     }
     hub.registry.insert(connection.clone());
-    tracing::info!(provider = %connection.address, model = %connection.model_name, price = connection.price, capacity = connection.capacity, "provider connected");
+    tracing::info!(provider = %connection.address, model = %connection.model.name, price = connection.price, capacity = connection.capacity, "provider connected");
     let writer = tokio::spawn(async move {
         while let Some(message) = rx.recv().await {
             if sink
@@ -80,33 +107,43 @@ async fn session(hub: Arc<Hub>, socket: WebSocket) {
         };
         connection.touch();
         match serde_json::from_str::<NodeMessage>(&text) {
-            Ok(NodeMessage::Token { job, text }) => {
-                if !connection.deliver(job, JobEvent::Token(text)) {
-                    // Nobody waits (the agent left): stop wasting the provider's time.
+            Ok(NodeMessage::Token { job, token, values }) => {
+                if !connection.deliver(job, JobEvent::Token(token, values)) {
+                    // Nobody waits (the agent left, or the job overflowed): stop the work.
                     connection.cancel_job(job);
                 }
             }
-            Ok(NodeMessage::Done { job, result }) => {
-                connection.deliver(job, JobEvent::Done(Box::new(result)));
-            }
-            Ok(NodeMessage::Failed { job, kind, message }) => {
-                connection.deliver(job, JobEvent::Failed(kind, message));
-            }
-            Ok(NodeMessage::Verdict {
-                id,
-                passed,
-                reason,
-                error,
+            Ok(NodeMessage::Done {
+                job,
+                prompt_tokens,
+                prompt_hash,
+                finish,
             }) => {
-                connection.deliver_verdict(
-                    id,
-                    VerdictReport {
-                        passed,
-                        reason,
-                        error,
+                connection.deliver(
+                    job,
+                    JobEvent::Done {
+                        prompt_tokens,
+                        prompt_hash,
+                        finish,
                     },
                 );
             }
+            Ok(NodeMessage::Failed {
+                job,
+                kind,
+                message,
+                prompt_hash,
+            }) => {
+                connection.deliver(
+                    job,
+                    JobEvent::Failed {
+                        kind,
+                        message,
+                        prompt_hash,
+                    },
+                );
+            }
+            Ok(NodeMessage::Scored { id, verdict }) => connection.deliver_verdict(id, verdict),
             Ok(NodeMessage::Heartbeat { .. }) => {}
             Ok(NodeMessage::Register { .. }) => {
                 tracing::warn!(provider = %connection.address, "second registration ignored")
@@ -121,7 +158,7 @@ async fn session(hub: Arc<Hub>, socket: WebSocket) {
     writer.abort();
 }
 
-/// Checks a registration: signature and domain, nonce (no replay), model hash, stake.
+/// Checks a registration: signature and domain, nonce (no replay), model file, stake.
 async fn register(
     hub: &Hub,
     text: &str,
@@ -129,13 +166,17 @@ async fn register(
 ) -> Result<Arc<Connection>, String> {
     let Ok(NodeMessage::Register {
         registration,
-        model_name,
-        context_length,
         dev_stake,
     }) = serde_json::from_str::<NodeMessage>(text)
     else {
         return Err("the first message must be a registration".into());
     };
+    let m = &registration.message;
+    let sha256 = hex::encode(m.model.0);
+    // The model first: no nonce is spent on a registration that cannot serve here.
+    let model = hub.config.catalog.by_sha256(&sha256).ok_or_else(|| {
+        format!("model file {sha256} is not in this hub's catalog (ask the operator to add it with --model NAME=PATH)")
+    })?;
     let provider = hub
         .verifier
         .verify(&registration, now_secs(), &hub.ledger)
@@ -173,17 +214,14 @@ async fn register(
             hub.config.min_stake
         ));
     }
-    let m = &registration.message;
-    let sha256 = hex::encode(m.model.0);
     let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
     Ok(Arc::new(Connection::new(
         id,
         provider,
-        model_name,
-        sha256,
+        model,
         m.pricePerToken,
         m.capacity,
-        context_length,
+        staked,
         tx,
     )))
 }

@@ -119,6 +119,21 @@ impl ApiError {
         )
     }
 
+    /// 429 `rate_limit_exceeded`: a per-wallet rate or concurrency limit.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            "rate_limit_exceeded",
+            message,
+        )
+    }
+
+    /// Any status, in OpenAI's shape (404, 405, 413 from the router itself).
+    pub fn status(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(status, "invalid_request_error", code, message)
+    }
+
     /// 503: no provider could take the job.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(

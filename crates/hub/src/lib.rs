@@ -1,40 +1,36 @@
 //! `tessera-hub`: the coordinator of a Tessera network.
 //!
-//! It serves an OpenAI-compatible API to agents ([`openai`]), accepts provider nodes over an
-//! outward WebSocket ([`connect`]), schedules each job on a provider ([`registry`]), escrows and
-//! settles through the ledger, and samples jobs for verification by another provider, slashing
-//! and quarantining the provider of a job that fails ([`jobs`]).
+//! It serves an OpenAI-compatible API to agents ([`api`]), accepts provider nodes over an
+//! outward WebSocket ([`connect`]), serves only model files pinned in its [`catalog`], schedules
+//! each job on a provider ([`registry`]), escrows and settles through the ledger, and has a
+//! sampled fraction of jobs checked by other providers, slashing and quarantining a provider
+//! whose failure is confirmed, and the verifiers that answer known-answer checks wrong ([`jobs`]).
 //!
-//! Money and nonces live in the ledger's database; the provider registry (reputation,
-//! quarantine) and API keys are kept in memory in this version (see the README's caveats).
+//! Money, nonces, API keys, provider records and jobs awaiting a verdict live in the database.
+//! The hub never links the inference engine: it decodes token ids with each model's vocabulary.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod catalog;
 pub mod config;
 pub mod connect;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
-pub mod openai;
 pub mod registry;
 pub mod store;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tessera_ledger::{Ledger, LedgerConfig, SystemAccount};
-use tessera_protocol::{Address, ApiKeyRegistration, Domain, Signed, Verifier};
+use tessera_ledger::{Ledger, LedgerConfig};
+use tessera_protocol::{Address, Domain, Verifier};
 
+pub use api::router;
+pub use catalog::{Catalog, ModelEntry};
 pub use config::{load_config_file, HubConfig};
 pub use error::{ApiError, Error, Result};
 
@@ -65,7 +61,11 @@ pub struct Hub {
     /// A per-process random tag in every idempotency key, so job ids of a restarted hub never
     /// collide with those already in the ledger.
     pub run_id: String,
-    api_keys: RwLock<HashMap<[u8; 32], Address>>,
+    /// Known-answer checks for verifiers.
+    pub canaries: jobs::verify::Canaries,
+    /// Per-wallet limits.
+    pub limits: Arc<api::limits::Limits>,
+    api_keys: RwLock<HashMap<[u8; 32], (Address, u64, Instant)>>,
     /// `--fast-settle`: maximum costs reserved per agent for jobs in flight.
     reservations: std::sync::Mutex<HashMap<Address, u64>>,
     /// `--fast-settle`: a lower bound of each agent's balance, to admit without a read.
@@ -75,11 +75,7 @@ pub struct Hub {
 impl Hub {
     /// Opens the ledger and builds the state.
     pub async fn open(config: HubConfig) -> Result<Arc<Self>> {
-        if !(0.0..=1.0).contains(&config.verify_probability) {
-            return Err(Error::Config(
-                "--verify-probability must be in [0, 1]".into(),
-            ));
-        }
+        config.validate()?;
         let ledger_config = LedgerConfig {
             dev_mode: config.dev,
             fee_bps: config.fee_bps,
@@ -91,8 +87,15 @@ impl Hub {
         for (address, record) in store.records().await? {
             registry.update(address, |r| *r = record);
         }
+        // Signatures are bound to this hub: to its vault contract when it has one, else to an
+        // address derived from its identity (kept in its database across restarts).
+        let verifying_contract = match config.verifying_contract {
+            Some(a) => a,
+            None => identity_address(&store.identity().await?),
+        };
+        let domain = Domain::for_hub(config.chain_id, verifying_contract);
         let hub = Arc::new(Self {
-            verifier: Verifier::new(Domain::new(config.chain_id)),
+            verifier: Verifier::new(domain).with_max_validity(config.max_signature_validity_secs),
             config,
             ledger,
             registry,
@@ -100,6 +103,8 @@ impl Hub {
             metrics: metrics::Metrics::default(),
             next_id: AtomicU64::new(1),
             run_id: format!("{:08x}", rand::random::<u32>()),
+            canaries: Default::default(),
+            limits: Default::default(),
             api_keys: RwLock::default(),
             reservations: Default::default(),
             fast_balances: Default::default(),
@@ -162,219 +167,24 @@ impl Hub {
         }
     }
 
-    /// The agent an API key belongs to (cached; the database is the record, so keys survive
-    /// restarts and are shared by replicas).
-    pub async fn agent_for_key(&self, key: &str) -> Option<Address> {
-        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        if let Some(agent) = self
-            .api_keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-        {
-            return Some(*agent);
-        }
-        let agent = self.store.api_key(&hash).await.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "API key lookup failed");
-            None
-        })?;
-        self.api_keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash, agent);
-        Some(agent)
-    }
-
     /// The expected loss per job of a provider that cheats on every job: p·S, with p the base
     /// verification probability and S the slash.
     pub fn cheater_expected_loss(&self) -> f64 {
         self.config.verify_probability * self.config.slash_amount as f64
     }
-}
 
-/// The hub's HTTP routes.
-pub fn router(hub: Arc<Hub>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(openai::chat))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/keys", post(register_key))
-        .route("/v1/dev/faucet", post(faucet))
-        .route("/v1/accounts/{address}", get(account))
-        .route("/v1/providers", get(providers))
-        .route(tessera_wire::CONNECT_PATH, get(connect::connect))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
-        .fallback(|| async {
-            ApiError {
-                status: StatusCode::NOT_FOUND,
-                ..ApiError::invalid("not_found", "Unknown endpoint.")
-            }
-        })
-        .with_state(hub)
-}
-
-/// `POST /v1/keys`: registers an API key by a wallet's signed `ApiKeyRegistration` (the JSON of
-/// a `Signed<ApiKeyRegistration>`; the key itself is never sent, only its sha256).
-async fn register_key(State(hub): State<Arc<Hub>>, body: Bytes) -> Response {
-    let signed: Signed<ApiKeyRegistration> = match serde_json::from_slice(&body) {
-        Ok(s) => s,
-        Err(e) => {
-            return ApiError::invalid(
-                "invalid_json",
-                format!("Expected a signed ApiKeyRegistration: {e}"),
-            )
-            .into_response()
-        }
-    };
-    let agent = match hub.verifier.verify(&signed, now_secs(), &hub.ledger).await {
-        Ok(a) => a,
-        Err(e) => {
-            return ApiError::bad_signature(format!("Invalid signature: {e}")).into_response()
-        }
-    };
-    if let Err(e) = hub
-        .store
-        .put_api_key(&signed.message.keyHash.0, agent)
-        .await
-    {
-        return ApiError::internal(e).into_response();
+    /// The probability that a job of a provider with `reputation` is checked: new and
+    /// low-reputation providers are checked more often, `p·(2 − reputation)`.
+    pub fn verify_probability_for(&self, reputation: f64) -> f64 {
+        (self.config.verify_probability * (2.0 - reputation)).clamp(0.0, 1.0)
     }
-    hub.api_keys
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(signed.message.keyHash.0, agent);
-    tracing::info!(%agent, "API key registered");
-    Json(json!({"address": agent})).into_response()
 }
 
-#[derive(Deserialize)]
-struct FaucetRequest {
-    address: Address,
-    amount: u64,
-}
-
-/// `POST /v1/dev/faucet` (`--dev` only): mints money to an address.
-async fn faucet(State(hub): State<Arc<Hub>>, body: Bytes) -> Response {
-    let Some(faucet) = hub.ledger.faucet() else {
-        return ApiError::forbidden("The faucet exists only on a hub started with --dev.")
-            .into_response();
-    };
-    let request: FaucetRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return ApiError::invalid(
-                "invalid_json",
-                format!("Expected {{\"address\", \"amount\"}}: {e}"),
-            )
-            .into_response()
-        }
-    };
-    let key = format!(
-        "faucet-{}-{}",
-        hub.run_id,
-        hub.next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    if let Err(e) = faucet.mint(&key, request.address, request.amount).await {
-        return ApiError::invalid("faucet_refused", e.to_string()).into_response();
-    }
-    let balance = hub.ledger.balance(request.address).await.unwrap_or(0);
-    Json(json!({"address": request.address, "balance": balance})).into_response()
-}
-
-/// `GET /v1/accounts/{address}`: balance and stake.
-async fn account(State(hub): State<Arc<Hub>>, Path(address): Path<String>) -> Response {
-    let Ok(address) = address.parse::<Address>() else {
-        return ApiError::invalid_param("address", "Not a 0x address.").into_response();
-    };
-    let balance = match hub.ledger.balance(address).await {
-        Ok(b) => b,
-        Err(tessera_ledger::Error::UnknownAccount(_)) => 0,
-        Err(e) => return ApiError::internal(e).into_response(),
-    };
-    let staked = hub.ledger.staked(address).await.unwrap_or(0);
-    Json(json!({"address": address, "balance": balance, "staked": staked})).into_response()
-}
-
-/// `GET /v1/providers`: every provider seen, with reputation and quarantine.
-async fn providers(State(hub): State<Arc<Hub>>) -> Json<Value> {
-    Json(json!({
-        "verify_probability": hub.config.verify_probability,
-        "slash_amount": hub.config.slash_amount,
-        "cheater_expected_loss_per_job": hub.cheater_expected_loss(),
-        "providers": hub.registry.views(),
-    }))
-}
-
-async fn health(State(hub): State<Arc<Hub>>) -> Json<Value> {
-    Json(json!({"status": "ok", "providers": hub.registry.connections().len()}))
-}
-
-async fn metrics_text(State(hub): State<Arc<Hub>>) -> Response {
-    let providers = hub.registry.views();
-    let connected = providers.iter().filter(|p| p.connected).count() as f64;
-    let quarantined = providers.iter().filter(|p| p.record.quarantined).count() as f64;
-    let balance = |a: SystemAccount| {
-        let ledger = hub.ledger.clone();
-        async move { ledger.balance(a).await.unwrap_or(0) as f64 }
-    };
-    let (fees, treasury, escrow, stake) = (
-        balance(SystemAccount::Fees).await,
-        balance(SystemAccount::Treasury).await,
-        balance(SystemAccount::Escrow).await,
-        balance(SystemAccount::Stake).await,
-    );
-    let text = hub.metrics.render(&[
-        (
-            "tessera_providers_connected",
-            "Providers with an open session.",
-            connected,
-        ),
-        (
-            "tessera_providers_quarantined",
-            "Providers quarantined.",
-            quarantined,
-        ),
-        (
-            "tessera_verify_probability",
-            "Base verification probability.",
-            hub.config.verify_probability,
-        ),
-        (
-            "tessera_cheater_expected_loss_micro",
-            "Expected slash per cheated job (p times S).",
-            hub.cheater_expected_loss(),
-        ),
-        (
-            "tessera_balance_fees_micro",
-            "Protocol fees collected.",
-            fees,
-        ),
-        (
-            "tessera_balance_treasury_micro",
-            "Treasury balance.",
-            treasury,
-        ),
-        (
-            "tessera_balance_escrow_micro",
-            "Money held in open escrows.",
-            escrow,
-        ),
-        (
-            "tessera_balance_stake_micro",
-            "Money bonded as stake.",
-            stake,
-        ),
-    ]);
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        text,
-    )
-        .into_response()
+/// The EIP-712 `verifyingContract` of a hub without a vault: the last 20 bytes of
+/// sha256("tessera-hub/" ‖ identity).
+pub fn identity_address(identity: &str) -> Address {
+    let digest: [u8; 32] = Sha256::digest(format!("tessera-hub/{identity}")).into();
+    Address::from_slice(&digest[12..])
 }
 
 /// Runs the hub until `shutdown` resolves (the CLI passes Ctrl-C/SIGTERM), then finishes the

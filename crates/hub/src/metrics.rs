@@ -28,6 +28,16 @@ pub struct Metrics {
     pub verifications_failed: AtomicU64,
     /// Verifications inconclusive or without a verifier.
     pub verifications_skipped: AtomicU64,
+    /// Failed verifications that were outvoted or never confirmed (settled unslashed).
+    pub verifications_unconfirmed: AtomicU64,
+    /// Verification fees paid.
+    pub verify_fees_paid: AtomicU64,
+    /// Known-answer checks answered.
+    pub canaries: AtomicU64,
+    /// Known-answer checks answered wrong (the verifier slashed).
+    pub canaries_failed: AtomicU64,
+    /// Requests refused by a per-wallet rate or concurrency limit.
+    pub rate_limited: AtomicU64,
     /// Slashes.
     pub slashes: AtomicU64,
     /// Micro-units slashed.
@@ -120,6 +130,36 @@ impl Metrics {
             "Verifications inconclusive or without a verifier.",
             "",
             get(&self.verifications_skipped),
+        );
+        counter(
+            "tessera_verifications_unconfirmed_total",
+            "Failed verifications outvoted or never confirmed (settled unslashed).",
+            "",
+            get(&self.verifications_unconfirmed),
+        );
+        counter(
+            "tessera_verify_fees_paid_total",
+            "Verification fees paid.",
+            "",
+            get(&self.verify_fees_paid),
+        );
+        counter(
+            "tessera_canaries_total",
+            "Known-answer checks answered.",
+            "",
+            get(&self.canaries),
+        );
+        counter(
+            "tessera_canaries_failed_total",
+            "Known-answer checks answered wrong.",
+            "",
+            get(&self.canaries_failed),
+        );
+        counter(
+            "tessera_rate_limited_total",
+            "Requests refused by a per-wallet limit.",
+            "",
+            get(&self.rate_limited),
         );
         counter(
             "tessera_slashes_total",

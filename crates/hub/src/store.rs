@@ -10,8 +10,10 @@ use tessera_protocol::Address;
 use crate::registry::Record;
 use crate::Result;
 
-const SCHEMA: [&str; 3] = [
-    "CREATE TABLE IF NOT EXISTS hub_api_keys (key_hash TEXT PRIMARY KEY, agent TEXT NOT NULL)",
+const SCHEMA: [&str; 4] = [
+    "CREATE TABLE IF NOT EXISTS hub_api_keys (key_hash TEXT PRIMARY KEY, agent TEXT NOT NULL, \
+     valid_until BIGINT NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS hub_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS hub_providers (address TEXT PRIMARY KEY, record TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS hub_jobs (job_key TEXT PRIMARY KEY, escrow_id BIGINT NOT NULL, agent TEXT NOT NULL, \
      provider TEXT, cost BIGINT NOT NULL, state TEXT NOT NULL)",
@@ -48,24 +50,64 @@ impl Store {
         Ok(Self { pool })
     }
 
-    /// Records an API key's owner.
-    pub async fn put_api_key(&self, key_hash: &[u8; 32], agent: Address) -> Result<()> {
-        sqlx::query("INSERT INTO hub_api_keys (key_hash, agent) VALUES ($1, $2) ON CONFLICT (key_hash) DO UPDATE SET agent = excluded.agent")
-            .bind(hex::encode(key_hash))
-            .bind(format!("{agent:#x}"))
+    /// This hub's identity: a random value made on first start and kept in the database, so
+    /// that a restarted hub keeps its EIP-712 domain and two hubs never share one.
+    pub async fn identity(&self) -> Result<String> {
+        let fresh = hex::encode(rand::random::<[u8; 16]>());
+        sqlx::query("INSERT INTO hub_meta (name, value) VALUES ('identity', $1) ON CONFLICT (name) DO NOTHING")
+            .bind(&fresh)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        let id: String = sqlx::query_scalar("SELECT value FROM hub_meta WHERE name = 'identity'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(id)
     }
 
-    /// The owner of an API key, if registered.
-    pub async fn api_key(&self, key_hash: &[u8; 32]) -> Result<Option<Address>> {
-        let agent: Option<String> =
-            sqlx::query_scalar("SELECT agent FROM hub_api_keys WHERE key_hash = $1")
+    /// Records an API key's owner and validity. A key once revoked stays revoked, and a key
+    /// registered by one wallet cannot be taken over by another.
+    pub async fn put_api_key(
+        &self,
+        key_hash: &[u8; 32],
+        agent: Address,
+        valid_until: u64,
+    ) -> Result<bool> {
+        let agent = format!("{agent:#x}");
+        let done = sqlx::query("INSERT INTO hub_api_keys (key_hash, agent, valid_until, revoked) VALUES ($1, $2, $3, 0) \
+             ON CONFLICT (key_hash) DO UPDATE SET valid_until = excluded.valid_until \
+             WHERE hub_api_keys.agent = excluded.agent AND hub_api_keys.revoked = 0")
+            .bind(hex::encode(key_hash))
+            .bind(&agent)
+            .bind(valid_until as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Revokes an API key of `agent`; `false` if it has no such key.
+    pub async fn revoke_api_key(&self, key_hash: &[u8; 32], agent: Address) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE hub_api_keys SET revoked = 1 WHERE key_hash = $1 AND agent = $2")
                 .bind(hex::encode(key_hash))
-                .fetch_optional(&self.pool)
+                .bind(format!("{agent:#x}"))
+                .execute(&self.pool)
                 .await?;
-        Ok(agent.and_then(|a| a.parse().ok()))
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The owner of an API key and when it expires, if registered and not revoked.
+    pub async fn api_key(&self, key_hash: &[u8; 32]) -> Result<Option<(Address, u64)>> {
+        let row = sqlx::query(
+            "SELECT agent, valid_until FROM hub_api_keys WHERE key_hash = $1 AND revoked = 0",
+        )
+        .bind(hex::encode(key_hash))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|r| {
+            let agent: String = r.get(0);
+            let valid_until: i64 = r.get(1);
+            Some((agent.parse().ok()?, valid_until.max(0) as u64))
+        }))
     }
 
     /// Saves a provider's record.

@@ -5,6 +5,8 @@
 //! reconnects with exponential backoff and drains in-flight jobs on SIGTERM/Ctrl-C.
 #![deny(missing_docs)]
 
+#[cfg(feature = "adversary")]
+pub mod adversary;
 mod error;
 mod serve;
 pub mod synthetic;
@@ -24,15 +26,8 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 
 pub use error::{Error, Result};
 
-/// How a deliberately dishonest node cheats (to demonstrate and test slashing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Cheat {
-    /// Serve the model re-quantized to Q4_0: cheaper weights, same file hash.
-    #[value(name = "requantized-q4-0")]
-    RequantizedQ40,
-    /// Skip the model's last two layers.
-    SkipLayers,
-}
+#[cfg(feature = "adversary")]
+pub use adversary::Cheat;
 
 /// `tessera node` settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -72,10 +67,12 @@ pub struct NodeConfig {
     /// EIP-712 chain id of the hub's domain.
     #[arg(long, default_value_t = tessera_protocol::DEFAULT_CHAIN_ID)]
     pub chain_id: u64,
-    /// Misbehave on purpose (tests and demos): serve altered weights under the honest model's hash.
+    /// Misbehave on purpose (tests and demos; only in builds with the `adversary` feature).
+    #[cfg(feature = "adversary")]
     #[arg(long, value_enum)]
     pub cheat: Option<Cheat>,
     /// Testing: refuse every job before its first token (the hub must retry elsewhere).
+    #[cfg(feature = "adversary")]
     #[arg(long, hide = true)]
     pub refuse_jobs: bool,
 }
@@ -105,11 +102,10 @@ impl Node {
         if tessera_engine::registry::known(&config.model).is_some() {
             tessera_engine::registry::fetch(&config.model)?;
         }
-        let variant = match config.cheat {
-            None => Variant::Faithful,
-            Some(Cheat::RequantizedQ40) => Variant::RequantizedQ4_0,
-            Some(Cheat::SkipLayers) => Variant::SkipLastLayers(2),
-        };
+        #[cfg(feature = "adversary")]
+        let variant = config.cheat.map_or(Variant::Faithful, Cheat::variant);
+        #[cfg(not(feature = "adversary"))]
+        let variant = Variant::Faithful;
         let options = LoadOptions {
             threads: config.threads,
             variant,
@@ -120,7 +116,11 @@ impl Node {
             config.capacity as usize,
         );
         let engine = Arc::new(Engine::load_with(&config.model, &options)?);
-        tracing::info!(address = %wallet.address(), model = %engine.info().name, sha256 = %engine.info().sha256, cheat = ?config.cheat, "node loaded");
+        tracing::info!(address = %wallet.address(), model = %engine.info().name, sha256 = %engine.info().sha256, "node loaded");
+        #[cfg(feature = "adversary")]
+        if let Some(cheat) = config.cheat {
+            tracing::warn!(?cheat, "this node misbehaves on purpose");
+        }
         Ok(Self {
             config,
             wallet,
@@ -132,12 +132,19 @@ impl Node {
         })
     }
 
+    fn refuses_jobs(&self) -> bool {
+        #[cfg(feature = "adversary")]
+        return self.config.refuse_jobs;
+        #[cfg(not(feature = "adversary"))]
+        false
+    }
+
     /// The provider's address.
     pub fn address(&self) -> tessera_protocol::Address {
         self.wallet.address()
     }
 
-    fn registration(&self) -> Result<NodeMessage> {
+    fn registration(&self, domain: Domain) -> Result<NodeMessage> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -156,11 +163,7 @@ impl Node {
             expiry: now.as_secs() + 300,
         };
         Ok(NodeMessage::Register {
-            registration: self
-                .wallet
-                .sign(message, Domain::new(self.config.chain_id))?,
-            model_name: self.config.model.clone(),
-            context_length: self.engine.info().context_length as u32,
+            registration: self.wallet.sign(message, domain)?,
             dev_stake: self.config.dev_stake,
         })
     }
@@ -232,7 +235,30 @@ async fn session(
 ) -> Result<SessionEnd> {
     let (ws, _) = tokio_tungstenite::connect_async(ws_url(&node.config.hub)).await?;
     let (mut sink, mut stream) = ws.split();
-    sink.send(Frame::text(node.registration()?.to_json()))
+    // The hub greets with the domain its signatures are bound to; a registration signed for
+    // another hub would not be accepted here (nor one signed here elsewhere).
+    let domain = loop {
+        let Some(frame) = stream.next().await else {
+            return Ok(SessionEnd::Lost("closed before the greeting".into()));
+        };
+        let Frame::Text(text) = frame? else { continue };
+        match serde_json::from_str::<HubMessage>(&text) {
+            Ok(HubMessage::Hello { domain }) => break domain,
+            Ok(other) => {
+                return Err(Error::Protocol(format!(
+                    "expected the hub's greeting, got {other:?}"
+                )))
+            }
+            Err(e) => return Err(Error::Protocol(e.to_string())),
+        }
+    };
+    if domain.chain_id != node.config.chain_id {
+        return Err(Error::Rejected(format!(
+            "the hub's domain is on chain {}, this node was told {}",
+            domain.chain_id, node.config.chain_id
+        )));
+    }
+    sink.send(Frame::text(node.registration(domain)?.to_json()))
         .await?;
     // The first answer decides whether this session serves at all.
     loop {
@@ -241,8 +267,12 @@ async fn session(
         };
         let Frame::Text(text) = frame? else { continue };
         match serde_json::from_str::<HubMessage>(&text) {
-            Ok(HubMessage::Registered { provider, staked }) => {
-                tracing::info!(%provider, staked, hub = %node.config.hub, "registered with hub");
+            Ok(HubMessage::Registered {
+                provider,
+                staked,
+                model,
+            }) => {
+                tracing::info!(%provider, staked, %model, hub = %node.config.hub, "registered with hub");
                 break;
             }
             Ok(HubMessage::Rejected { message }) => return Err(Error::Rejected(message)),
@@ -274,8 +304,8 @@ async fn session(
                 };
                 match serde_json::from_str::<HubMessage>(&text) {
                     Ok(HubMessage::Job { job, request }) => {
-                        if node.draining.load(Ordering::Relaxed) || node.config.refuse_jobs {
-                            let _ = tx.send(NodeMessage::Failed { job, kind: tessera_wire::FailureKind::Unavailable, message: "node is not taking jobs".into() });
+                        if node.draining.load(Ordering::Relaxed) || node.refuses_jobs() {
+                                let _ = tx.send(NodeMessage::Failed { job, kind: tessera_wire::FailureKind::Unavailable, message: "node is not taking jobs".into(), prompt_hash: None });
                             continue;
                         }
                         let cancel = Arc::new(AtomicBool::new(false));
@@ -293,11 +323,11 @@ async fn session(
                             flag.store(true, Ordering::Relaxed);
                         }
                     }
-                    Ok(HubMessage::Verify { id, request, output_tokens, commitment }) => {
+                    Ok(HubMessage::Score { id, request, output_tokens, commitment, partial, prompt_tokens }) => {
                         let (node, tx) = (node.clone(), tx.clone());
+                        let request = serve::ScoreRequest { id, request, output_tokens, commitment, partial, prompt_tokens };
                         tokio::task::spawn_blocking(move || {
-                            let message = serve::verify(&node, id, &request, output_tokens, commitment);
-                            let _ = tx.send(message);
+                            let _ = tx.send(serve::score(&node, request));
                         });
                     }
                     Ok(other) => tracing::debug!(?other, "ignored hub message"),

@@ -4,13 +4,23 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tessera_engine::{Event, FinishReason, GenerateOptions};
-use tessera_proof::{Claim, CommitmentBuilder, Finish, JobSpec, Thresholds};
-use tessera_wire::{Commitment, FailureKind, JobRequest, JobResult, NodeMessage};
+use tessera_proof::commitment::{hash_tokens, position_bits};
+use tessera_proof::{Claim, Finish, JobSpec, Thresholds};
+use tessera_wire::{Commitment, FailureKind, JobRequest, NodeMessage, Verdict};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::Node;
 
 impl Node {
+    /// The check itself; a test-only lazy or lying verifier answers without it.
+    fn check(&self, job: &tessera_proof::Job) -> tessera_proof::Result<tessera_proof::Verdict> {
+        #[cfg(feature = "adversary")]
+        if let Some(verdict) = crate::adversary::scripted_verdict(self.config.cheat) {
+            return Ok(verdict);
+        }
+        tessera_proof::verify(&self.engine, job, &Thresholds::default())
+    }
+
     /// The prompt tokens of a request under this node's model and template.
     fn prompt_tokens(&self, request: &JobRequest) -> Vec<u32> {
         match &request.prompt {
@@ -38,10 +48,16 @@ pub(crate) fn job(
     tx: &UnboundedSender<NodeMessage>,
     cancel: &AtomicBool,
 ) {
-    let fail = |kind, message: String| {
-        let _ = tx.send(NodeMessage::Failed { job, kind, message });
-    };
     let prompt = node.prompt_tokens(&request);
+    let prompt_hash = hash_tokens(&prompt);
+    let fail = |kind, message: String| {
+        let _ = tx.send(NodeMessage::Failed {
+            job,
+            kind,
+            message,
+            prompt_hash: Some(prompt_hash.clone()),
+        });
+    };
     let context = node.engine.info().context_length;
     if prompt.len() + request.max_tokens as usize > context {
         let message = format!(
@@ -58,26 +74,26 @@ pub(crate) fn job(
         stop: request.stop.clone(),
         ignore_eos: false,
     };
-    let mut builder = CommitmentBuilder::new(node.spec(&request, prompt.clone()));
     let events = match node.service.submit(prompt.clone(), options, true) {
         Ok(events) => events,
         Err(e) => return fail(FailureKind::Unavailable, e.to_string()),
     };
+    #[cfg(feature = "adversary")]
+    let mut sent: Vec<(u32, [u16; 5])> = Vec::new();
     for event in events.iter() {
         if cancel.load(Ordering::Relaxed) {
             tracing::info!(job, "job cancelled by the hub");
             return; // dropping `events` cancels the sequence in the engine
         }
         match event {
-            Event::Token {
-                token,
-                text,
-                logits,
-            } => {
-                if let Some(logits) = logits {
-                    builder.push(&logits, token);
-                }
-                if tx.send(NodeMessage::Token { job, text }).is_err() {
+            Event::Token { token, logits, .. } => {
+                let Some(logits) = logits else {
+                    return fail(FailureKind::Engine, "the engine gave no logits".into());
+                };
+                let values = position_bits(&logits, token);
+                #[cfg(feature = "adversary")]
+                sent.push((token, values));
+                if tx.send(NodeMessage::Token { job, token, values }).is_err() {
                     return;
                 }
             }
@@ -95,20 +111,19 @@ pub(crate) fn job(
                     FinishReason::Length => Finish::Length,
                     FinishReason::Cancelled => Finish::Cancelled,
                 };
-                let result = JobResult {
-                    prompt_tokens: prompt.len() as u32,
-                    output_tokens: generation.tokens,
-                    text: generation.text,
-                    finish,
-                    commitment: builder.finish(finish),
-                };
-                tracing::info!(
+                tracing::info!(job, tokens = generation.tokens.len(), ?finish, "job done");
+                #[cfg(feature = "adversary")]
+                if node.config.cheat == Some(crate::Cheat::PadTokens) {
+                    for &(token, values) in &sent {
+                        let _ = tx.send(NodeMessage::Token { job, token, values });
+                    }
+                }
+                let _ = tx.send(NodeMessage::Done {
                     job,
-                    tokens = result.output_tokens.len(),
-                    ?finish,
-                    "job done"
-                );
-                let _ = tx.send(NodeMessage::Done { job, result });
+                    prompt_tokens: prompt.len() as u32,
+                    prompt_hash,
+                    finish,
+                });
                 return;
             }
             Event::Failed(message) => return fail(FailureKind::Engine, message),
@@ -117,14 +132,27 @@ pub(crate) fn job(
     fail(FailureKind::Engine, "the engine stopped".into());
 }
 
-/// Checks another provider's job against this node's copy of the model.
-pub(crate) fn verify(
-    node: &Node,
-    id: u64,
-    request: &JobRequest,
-    output_tokens: Vec<u32>,
-    commitment: Commitment,
-) -> NodeMessage {
+/// What a scoring request asks: a claimed generation and its commitment.
+pub(crate) struct ScoreRequest {
+    pub id: u64,
+    pub request: JobRequest,
+    pub output_tokens: Vec<u32>,
+    pub commitment: Commitment,
+    pub partial: bool,
+    pub prompt_tokens: Option<u32>,
+}
+
+/// Checks a claimed generation against this node's copy of the model by one teacher-forced pass.
+pub(crate) fn score(node: &Node, score: ScoreRequest) -> NodeMessage {
+    let ScoreRequest {
+        id,
+        request,
+        output_tokens,
+        commitment,
+        partial,
+        prompt_tokens,
+    } = score;
+    let request = &request;
     let _one_at_a_time = node.verify_lock.lock().unwrap_or_else(|p| p.into_inner());
     let spec = node.spec(request, node.prompt_tokens(request));
     let job = tessera_proof::Job {
@@ -133,25 +161,23 @@ pub(crate) fn verify(
         claim: Claim {
             output_tokens,
             stop_sequence_seen: false,
+            partial,
+            prompt_tokens,
         },
         commitment,
         output_text: String::new(),
     };
-    match tessera_proof::verify(&node.engine, &job, &Thresholds::default()) {
-        Ok(verdict) => {
-            tracing::info!(id, passed = verdict.passed, reason = ?verdict.reason, "verified a job");
-            NodeMessage::Verdict {
-                id,
-                passed: verdict.passed,
-                reason: verdict.reason.map(|r| r.to_string()),
-                error: None,
-            }
-        }
-        Err(e) => NodeMessage::Verdict {
-            id,
-            passed: false,
-            reason: None,
-            error: Some(e.to_string()),
+    let verdict = match node.check(&job) {
+        Ok(outcome) if outcome.passed => Verdict::Pass,
+        Ok(outcome) => Verdict::Fail {
+            reason: outcome
+                .reason
+                .map_or_else(|| "failed".to_owned(), |r| r.to_string()),
         },
-    }
+        Err(e) => Verdict::Inconclusive {
+            error: e.to_string(),
+        },
+    };
+    tracing::info!(id, ?verdict, "scored a claimed generation");
+    NodeMessage::Scored { id, verdict }
 }

@@ -32,6 +32,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "adversary")]
+pub mod adversary;
 pub mod calibrate;
 pub mod check;
 pub mod commitment;
@@ -42,4 +44,6 @@ pub use calibrate::{calibrate, Calibration};
 pub use check::{check, Claim, Reason, Thresholds, Verdict};
 pub use commitment::{Commitment, CommitmentBuilder, Finish, JobSpec};
 pub use error::{Error, Result};
-pub use harness::{cheat, read_job, serve, tasks, verify, Adversary, CheatEngines, Job, Task};
+#[cfg(feature = "adversary")]
+pub use adversary::{cheat, Adversary, CheatEngines};
+pub use harness::{read_job, serve, tasks, verify, Job, Task};

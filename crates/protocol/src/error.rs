@@ -25,6 +25,14 @@ pub enum Error {
         /// The verifier's clock.
         now: u64,
     },
+    /// The message's expiry lies further in the future than this verifier accepts.
+    #[error("message expiry {expiry} is too far in the future (at most {max})")]
+    ExpiryTooFar {
+        /// The message's expiry.
+        expiry: u64,
+        /// The latest expiry accepted now.
+        max: u64,
+    },
     /// The 65 signature bytes are not a valid secp256k1 recoverable signature.
     #[error("malformed signature: {0}")]
     MalformedSignature(#[from] alloy_primitives::SignatureError),

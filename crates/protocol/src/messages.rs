@@ -32,9 +32,22 @@ sol! {
     struct ApiKeyRegistration {
         /// SHA-256 of the API key; the key itself never leaves the agent.
         bytes32 keyHash;
+        /// Unix seconds after which the key no longer authenticates.
+        uint64 validUntil;
         /// Consumed once per signer and message type.
         uint64 nonce;
         /// Unix seconds after which the registration is void.
+        uint64 expiry;
+    }
+
+    /// Revokes an API key the signer registered.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct ApiKeyRevocation {
+        /// SHA-256 of the API key.
+        bytes32 keyHash;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the revocation is void.
         uint64 expiry;
     }
 
@@ -118,6 +131,7 @@ macro_rules! typed_message {
 typed_message!(
     InferenceRequest,
     ApiKeyRegistration,
+    ApiKeyRevocation,
     StakeOrder,
     TaskPosting,
     TaskClaim,

@@ -15,9 +15,12 @@ pub const DOMAIN_NAME: &str = "Tessera";
 pub const DOMAIN_VERSION: &str = "1";
 /// The chain id of a local development network (anvil, hardhat).
 pub const DEFAULT_CHAIN_ID: u64 = 31337;
-/// The verifying contract of the domain. No contract is deployed there yet; it pins the domain
-/// so that a later on-chain escrow contract at this address accepts the same signatures.
+/// The verifying contract of the default domain (tests and examples only). A hub binds its domain
+/// to its own address ([`Domain::for_hub`]) or to its vault contract, so that a message signed for
+/// one hub does not replay at another.
 pub const VERIFYING_CONTRACT: Address = address!("7e55e4a000000000000000000000000000000001");
+/// How far in the future a message's expiry may lie, by default (one day).
+pub const DEFAULT_MAX_VALIDITY_SECS: u64 = 24 * 3600;
 
 /// The parts of the EIP-712 domain that vary between deployments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,6 +44,15 @@ impl Domain {
         Self {
             chain_id,
             verifying_contract: VERIFYING_CONTRACT,
+        }
+    }
+
+    /// The domain of one hub: `verifying_contract` is its vault contract when it has one, or an
+    /// address derived from the hub's identity (see the hub's `identity`).
+    pub const fn for_hub(chain_id: u64, verifying_contract: Address) -> Self {
+        Self {
+            chain_id,
+            verifying_contract,
         }
     }
 
@@ -143,15 +155,33 @@ impl NonceStore for MemoryNonceStore {
 }
 
 /// Checks signed messages against one domain.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Verifier {
     domain: Domain,
+    max_validity_secs: u64,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Self::new(Domain::default())
+    }
 }
 
 impl Verifier {
-    /// A verifier that accepts messages signed under `domain` only.
+    /// A verifier that accepts messages signed under `domain` only, expiring at most
+    /// [`DEFAULT_MAX_VALIDITY_SECS`] after they are checked.
     pub const fn new(domain: Domain) -> Self {
-        Self { domain }
+        Self {
+            domain,
+            max_validity_secs: DEFAULT_MAX_VALIDITY_SECS,
+        }
+    }
+
+    /// The same, with another cap on how far in the future an expiry may lie (a signed message
+    /// with a far expiry is a bearer token that never dies).
+    pub const fn with_max_validity(mut self, secs: u64) -> Self {
+        self.max_validity_secs = secs;
+        self
     }
 
     /// The domain this verifier accepts.
@@ -174,6 +204,12 @@ impl Verifier {
         let expiry = signed.message.expiry();
         if now > expiry {
             return Err(Error::Expired { expiry, now });
+        }
+        if expiry.saturating_sub(now) > self.max_validity_secs {
+            return Err(Error::ExpiryTooFar {
+                expiry,
+                max: now.saturating_add(self.max_validity_secs),
+            });
         }
         let recovered = signed.recover()?;
         if recovered != signed.signer {

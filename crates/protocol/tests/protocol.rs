@@ -25,6 +25,7 @@ fn inference_request() -> InferenceRequest {
 fn api_key_registration() -> ApiKeyRegistration {
     ApiKeyRegistration {
         keyHash: hash(3),
+        validUntil: NOW + 3600,
         nonce: 1,
         expiry: NOW + 60,
     }

@@ -1,80 +1,34 @@
 //! The hub ↔ provider protocol: JSON text frames over one WebSocket that the provider opens
 //! outward to the hub (so providers behind NAT can serve).
 //!
-//! A session: the node sends [`NodeMessage::Register`] with a signed EIP-712
-//! `ProviderRegistration`; the hub answers [`HubMessage::Registered`] or
-//! [`HubMessage::Rejected`]. Then the hub sends [`HubMessage::Job`]s and [`HubMessage::Verify`]
-//! requests, each with an id the node echoes in its replies; the node streams
-//! [`NodeMessage::Token`]s, ends each job with [`NodeMessage::Done`] (output plus commitment) or
-//! [`NodeMessage::Failed`], and heartbeats.
+//! A session: the hub greets with [`HubMessage::Hello`] (the EIP-712 domain its signatures are
+//! bound to); the node sends [`NodeMessage::Register`] with a signed `ProviderRegistration`; the
+//! hub answers [`HubMessage::Registered`] (with the model's public name, from the hub's own
+//! catalog of pinned files) or [`HubMessage::Rejected`]. Then the hub sends [`HubMessage::Job`]s
+//! and [`HubMessage::Score`] requests, each with an id the node echoes in its replies. A job
+//! streams [`NodeMessage::Token`]s, each a token *id* with its five committed logits, and ends
+//! with [`NodeMessage::Done`] or [`NodeMessage::Failed`]. The hub never takes text from a
+//! provider: it decodes the committed ids itself, and builds the commitment from what was
+//! streamed, so what the agent reads is exactly what a verifier checks.
 #![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
-pub use tessera_engine::{Message, Role, SamplingParams};
-pub use tessera_proof::{Commitment, Finish};
-use tessera_protocol::{Address, ProviderRegistration, Signed};
+use tessera_protocol::{Address, Domain, ProviderRegistration, Signed};
+pub use tessera_types::{
+    Commitment, FailureKind, Finish, JobRequest, Message, Role, SamplingParams, Verdict,
+};
 
 /// The WebSocket path on the hub that nodes connect to.
 pub const CONNECT_PATH: &str = "/v1/providers/connect";
-
-/// What a job asks a provider to run. The prompt goes as messages (or raw text), not tokens: the
-/// provider and any verifier tokenize it themselves with the model's own template, so a provider
-/// that alters the prompt is caught by the verifier's prompt hash.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobRequest {
-    /// The conversation (chat completions).
-    pub messages: Vec<Message>,
-    /// Raw prompt text (legacy completions); used instead of `messages` when set.
-    #[serde(default)]
-    pub prompt: Option<String>,
-    /// Token budget.
-    pub max_tokens: u32,
-    /// Sampling rule, with the seed the hub assigned.
-    pub sampling: SamplingParams,
-    /// Stop strings.
-    #[serde(default)]
-    pub stop: Vec<String>,
-}
-
-/// A finished job as the provider reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobResult {
-    /// Prompt tokens (for usage).
-    pub prompt_tokens: u32,
-    /// Generated tokens, including a final end-of-turn token.
-    pub output_tokens: Vec<u32>,
-    /// Generated text.
-    pub text: String,
-    /// Why generation ended.
-    pub finish: Finish,
-    /// The provider's commitment to the generation.
-    pub commitment: Commitment,
-}
-
-/// Why a provider refused or failed a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureKind {
-    /// The prompt plus `max_tokens` does not fit in the model's context window.
-    ContextLength,
-    /// The engine failed.
-    Engine,
-    /// The node is shutting down or at capacity.
-    Unavailable,
-}
 
 /// Node → hub.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum NodeMessage {
-    /// First message of a session.
+    /// First message of a session, after the hub's [`HubMessage::Hello`].
     Register {
-        /// The signed registration (model sha256, price, capacity).
+        /// The signed registration (model sha256, price, capacity), under the hub's domain.
         registration: Signed<ProviderRegistration>,
-        /// The model's short name, as agents request it.
-        model_name: String,
-        /// The model's context window in tokens.
-        context_length: u32,
         /// Development only: ask the hub's faucet to fund and stake this provider.
         #[serde(default)]
         dev_stake: bool,
@@ -84,19 +38,25 @@ pub enum NodeMessage {
         /// Jobs in progress.
         active_jobs: u32,
     },
-    /// A generated token's text.
+    /// A generated token, with the values the commitment records for its position.
     Token {
         /// The job.
         job: u64,
-        /// Text the token completed (may be empty).
-        text: String,
+        /// The token id.
+        token: u32,
+        /// IEEE half-float bits of the emitted token's logit and the top four logits.
+        values: [u16; 5],
     },
     /// A job finished.
     Done {
         /// The job.
         job: u64,
-        /// Its output and commitment.
-        result: JobResult,
+        /// Prompt tokens under the model's template (billed, and checked by verifiers).
+        prompt_tokens: u32,
+        /// sha256 of the prompt tokens (the commitment's `prompt_hash`).
+        prompt_hash: String,
+        /// Why generation ended.
+        finish: Finish,
     },
     /// A job failed or was refused.
     Failed {
@@ -106,20 +66,17 @@ pub enum NodeMessage {
         kind: FailureKind,
         /// Human-readable detail.
         message: String,
+        /// sha256 of the prompt tokens, when the failure came after the prompt was read (lets
+        /// the hub verify the tokens delivered before the failure).
+        #[serde(default)]
+        prompt_hash: Option<String>,
     },
-    /// The outcome of a verification the hub asked for.
-    Verdict {
-        /// The verification's id.
+    /// The outcome of a scoring request.
+    Scored {
+        /// The request's id.
         id: u64,
-        /// Whether the job passed.
-        passed: bool,
-        /// Why not.
-        #[serde(default)]
-        reason: Option<String>,
-        /// Set when the verifier could not check at all (its own failure): the verdict is then
-        /// inconclusive and must not count against the provider.
-        #[serde(default)]
-        error: Option<String>,
+        /// What the check found.
+        verdict: Verdict,
     },
 }
 
@@ -127,12 +84,19 @@ pub enum NodeMessage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HubMessage {
+    /// First message of a session: the domain a registration must be signed under.
+    Hello {
+        /// The hub's EIP-712 domain.
+        domain: Domain,
+    },
     /// Registration accepted.
     Registered {
         /// The provider's address, as recovered from the signature.
         provider: Address,
         /// Its stake in the ledger.
         staked: u64,
+        /// The public name the hub serves this model file under.
+        model: String,
     },
     /// Registration refused; the hub closes the connection.
     Rejected {
@@ -151,16 +115,25 @@ pub enum HubMessage {
         /// The job.
         job: u64,
     },
-    /// Check another provider's job by one teacher-forced pass.
-    Verify {
-        /// The verification's id.
+    /// Score a claimed generation by one teacher-forced pass and check it against its
+    /// commitment. Verifications of other providers' jobs and the hub's known-answer checks
+    /// both arrive as this one message.
+    Score {
+        /// The request's id.
         id: u64,
         /// The job as the agent asked it.
         request: JobRequest,
-        /// The output the provider delivered.
+        /// The output tokens delivered.
         output_tokens: Vec<u32>,
-        /// The provider's commitment.
+        /// The commitment to them.
         commitment: Commitment,
+        /// The job broke off (provider failure or lost connection) before it finished: its
+        /// finish is `cancelled`, and its prompt hash may be unknown (empty).
+        #[serde(default)]
+        partial: bool,
+        /// Prompt tokens the provider billed, to be checked against the prompt.
+        #[serde(default)]
+        prompt_tokens: Option<u32>,
     },
 }
 
@@ -188,6 +161,7 @@ mod tests {
             job: 3,
             kind: FailureKind::ContextLength,
             message: "too long".into(),
+            prompt_hash: None,
         };
         let json = m.to_json();
         assert!(
@@ -200,14 +174,22 @@ mod tests {
         ));
         let h = HubMessage::Cancel { job: 9 };
         assert_eq!(h.to_json(), r#"{"type":"cancel","job":9}"#);
-        // A verdict from an older node without `error` still parses.
+        let t = NodeMessage::Token {
+            job: 1,
+            token: 42,
+            values: [1, 2, 3, 4, 5],
+        };
+        assert_eq!(
+            t.to_json(),
+            r#"{"type":"token","job":1,"token":42,"values":[1,2,3,4,5]}"#
+        );
         let v: NodeMessage =
-            serde_json::from_str(r#"{"type":"verdict","id":1,"passed":true}"#).expect("parses");
+            serde_json::from_str(r#"{"type":"scored","id":1,"verdict":{"verdict":"pass"}}"#)
+                .expect("parses");
         assert!(matches!(
             v,
-            NodeMessage::Verdict {
-                passed: true,
-                error: None,
+            NodeMessage::Scored {
+                verdict: Verdict::Pass,
                 ..
             }
         ));

@@ -7,9 +7,9 @@
 //! `x-tessera-cost` headers and in a `tessera` object. A stream names the provider in its headers
 //! (the cost is not known before the last token) and the cost in its last chunk.
 //!
-//! Payment: `Authorization: Bearer KEY` with a key a wallet registered (`POST /v1/keys`), or a
-//! per-request EIP-712 `InferenceRequest` in the `x-tessera-signature` header (its `promptHash`
-//! is the sha256 of the body, its nonce is consumed, its model and price are binding).
+//! Payment: see [`crate::api::auth`]. The text in every response is the hub's own decoding of
+//! the token ids the provider committed to (see [`crate::jobs::dispatch`]). Usage counts the
+//! prompt tokens billed and the completion tokens delivered.
 //!
 //! A provider that dies mid-stream: the agent pays for the tokens it received and the stream ends
 //! with an `error` object instead of `[DONE]`; a non-streaming request then fails with 502 and
@@ -26,14 +26,20 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::Digest;
-use tessera_protocol::{Address, InferenceRequest, Signed};
-use tessera_wire::{Finish, JobRequest, Message, Role, SamplingParams};
+use tessera_protocol::Address;
+use tessera_types::{Finish, JobRequest, Message, Role, SamplingParams};
 
+use crate::api::auth::{authenticate, check_signed, consume_nonce, Auth};
 use crate::error::ApiError;
-use crate::jobs::{Charge, Running};
+use crate::jobs::dispatch::{End, Running};
+use crate::jobs::settle::Charge;
 use crate::metrics::inc;
 use crate::{now_secs, Hub};
+
+/// Stop strings a request may give (as OpenAI).
+pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, bytes.
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Deserialize)]
@@ -128,77 +134,6 @@ enum Kind {
     Completion,
 }
 
-/// Resolves the bearer API key to the agent's address.
-/// The header that carries a per-request signature: the compact JSON of a
-/// `Signed<InferenceRequest>` whose `promptHash` is the sha256 of the request body.
-pub const SIGNATURE_HEADER: &str = "x-tessera-signature";
-
-/// Who pays for a request.
-enum Auth {
-    /// A registered API key's wallet.
-    Key(Address),
-    /// A per-request EIP-712 signature, checked against the body once it is parsed.
-    Signed(Box<Signed<InferenceRequest>>),
-}
-
-/// Resolves the payer: a per-request signature if present, else the bearer API key.
-async fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Auth, ApiError> {
-    if let Some(signature) = headers.get(SIGNATURE_HEADER) {
-        let signed: Signed<InferenceRequest> = signature
-            .to_str()
-            .ok()
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| {
-                ApiError::bad_signature(format!(
-                    "{SIGNATURE_HEADER} must be the JSON of a signed InferenceRequest."
-                ))
-            })?;
-        return Ok(Auth::Signed(Box::new(signed)));
-    }
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let Some(key) = value
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-    else {
-        return Err(ApiError::unauthorized("You didn't provide an API key. Send it as `Authorization: Bearer KEY`; register keys with POST /v1/keys."));
-    };
-    hub.agent_for_key(key)
-        .await
-        .map(Auth::Key)
-        .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
-}
-
-/// Checks a signed request against what it pays for: the body (prompt hash), the token budget
-/// and then the signature, expiry and nonce (consumed last, so a refused request does not burn
-/// it). Returns the payer.
-async fn check_signed(
-    hub: &Hub,
-    signed: &Signed<InferenceRequest>,
-    body: &Bytes,
-    job: &JobRequest,
-) -> Result<Address, ApiError> {
-    let m = &signed.message;
-    let body_hash: [u8; 32] = sha2::Sha256::digest(body).into();
-    if m.promptHash.0 != body_hash {
-        return Err(ApiError::bad_signature(
-            "The signed promptHash is not the sha256 of this request body.",
-        ));
-    }
-    if job.max_tokens > m.maxTokens {
-        return Err(ApiError::bad_signature(format!(
-            "max_tokens {} exceeds the signed maxTokens {}.",
-            job.max_tokens, m.maxTokens
-        )));
-    }
-    hub.verifier
-        .verify(signed, now_secs(), &hub.ledger)
-        .await
-        .map_err(|e| ApiError::bad_signature(format!("Invalid request signature: {e}")))
-}
-
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(
@@ -245,6 +180,18 @@ impl Common {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("At most {MAX_STOP_STRINGS} stop sequences are allowed."),
+            ));
+        }
+        if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("A stop sequence may be at most {MAX_STOP_BYTES} bytes."),
+            ));
+        }
         Ok(JobRequest {
             messages,
             prompt,
@@ -394,7 +341,7 @@ fn usage(prompt: u64, completion: u64) -> Value {
 }
 
 fn extension(running_provider: Address, price: u64, job: &str, charge: &Charge) -> Value {
-    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job, "verification": charge.verification})
+    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job, "verification": charge.verification.as_str()})
 }
 
 async fn serve(
@@ -405,24 +352,47 @@ async fn serve(
     common: Common,
     job: JobRequest,
 ) -> Response {
-    let requested_price = common.max_price.unwrap_or(u64::MAX);
     // A signed request pins the exact model file (by sha256) and caps the price.
-    let (agent, model_key, max_price) = match auth {
-        Auth::Key(agent) => (agent, common.model.clone(), requested_price),
-        Auth::Signed(signed) => match check_signed(&hub, &signed, body, &job).await {
+    let (agent, model_key, max_price, signed) = match auth {
+        Auth::Key(agent) => (agent, common.model.clone(), common.max_price, None),
+        Auth::Signed(signed) => match check_signed(&hub, &signed, body, &job) {
             Ok(agent) => (
                 agent,
                 hex::encode(signed.message.model.0),
-                requested_price.min(signed.message.maxPricePerToken),
+                Some(
+                    common
+                        .max_price
+                        .unwrap_or(u64::MAX)
+                        .min(signed.message.maxPricePerToken),
+                ),
+                Some(signed),
             ),
             Err(e) => return reject(&hub, e),
         },
     };
-    let (ticket, candidates) = match hub.admit(agent, &model_key, &job, max_price).await {
+    let _slot = match hub.limits.acquire(
+        agent,
+        hub.config.max_concurrent_per_agent,
+        hub.config.requests_per_minute,
+    ) {
+        Ok(slot) => slot,
+        Err(e) => {
+            inc(&hub.metrics.rate_limited);
+            return reject(&hub, e);
+        }
+    };
+    let admitted = match hub.admit(agent, &model_key, &job, max_price).await {
         Ok(x) => x,
         Err(e) => return reject(&hub, e),
     };
-    let running = match hub.dispatch(ticket, candidates, &job).await {
+    if let Some(signed) = &signed {
+        // The nonce is spent only by a request that is going to run.
+        if let Err(e) = consume_nonce(&hub, signed).await {
+            hub.refund(&admitted.ticket.close()).await;
+            return reject(&hub, e);
+        }
+    }
+    let running = match hub.dispatch(admitted, &job).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -435,7 +405,7 @@ async fn serve(
             } else {
                 "cmpl"
             },
-            running.ticket.key
+            running.key()
         ),
         created: now_secs(),
         model: common.model.clone(),
@@ -445,41 +415,41 @@ async fn serve(
     if let Ok(v) = HeaderValue::from_str(&format!("{provider:#x}")) {
         headers.insert("x-tessera-provider", v);
     }
-    if let Ok(v) = HeaderValue::from_str(&running.ticket.key) {
+    if let Ok(v) = HeaderValue::from_str(running.key()) {
         headers.insert("x-tessera-job", v);
     }
     if common.stream {
         let include_usage = common.stream_options.is_some_and(|o| o.include_usage);
-        if let Ok(v) = HeaderValue::from_str(&running.ticket.held.to_string()) {
+        if let Ok(v) = HeaderValue::from_str(&running.held().to_string()) {
             headers.insert("x-tessera-max-cost", v);
         }
-        return (headers, stream(hub, running, job, frame, include_usage)).into_response();
+        return (headers, stream(hub, running, frame, include_usage, _slot)).into_response();
     }
     let mut running = running;
     let outcome = running.drive(|_| true).await;
     let price = running.provider.price;
-    let key = running.ticket.key.clone();
-    let Some(result) = outcome.result.clone() else {
+    let key = running.key().to_owned();
+    let End::Finished(finish) = outcome.end.clone() else {
         // The agent received nothing: nothing is charged.
-        hub.conclude(running, job, &outcome, 0).await;
+        hub.abandon(running).await;
         return ApiError::provider_failed(format!(
-            "The provider failed mid-generation ({}); nothing was charged.",
-            outcome.error.unwrap_or_default()
+            "The provider failed mid-generation ({:?}); nothing was charged.",
+            outcome.end
         ))
         .into_response();
     };
-    let completion = result.output_tokens.len() as u64;
-    let charge = hub.conclude(running, job, &outcome, completion).await;
+    let charge = hub.conclude(running, &outcome).await;
     if let Ok(v) = HeaderValue::from_str(&charge.cost.to_string()) {
         headers.insert("x-tessera-cost", v);
     }
-    let finish = finish_reason(Some(result.finish));
+    let finish = finish_reason(Some(finish));
+    let completion = outcome.tokens.len() as u64;
     let choice = match kind {
         Kind::Chat => {
-            json!({"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": null}, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "message": {"role": "assistant", "content": outcome.text, "refusal": null}, "logprobs": null, "finish_reason": finish})
         }
         Kind::Completion => {
-            json!({"index": 0, "text": result.text, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "text": outcome.text, "logprobs": null, "finish_reason": finish})
         }
     };
     let body = json!({
@@ -489,7 +459,7 @@ async fn serve(
         "model": frame.model,
         "system_fingerprint": null,
         "choices": [choice],
-        "usage": usage(u64::from(result.prompt_tokens), completion),
+        "usage": usage(outcome.billed_prompt_tokens, completion),
         "tessera": extension(provider, price, &key, &charge),
     });
     (headers, Json(body)).into_response()
@@ -498,36 +468,28 @@ async fn serve(
 fn stream(
     hub: Arc<Hub>,
     mut running: Running,
-    job: JobRequest,
     frame: Frame,
     include_usage: bool,
+    slot: crate::api::limits::Slot,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     tokio::spawn(async move {
+        let _slot = slot;
         let data = |v: Value| Event::default().data(v.to_string());
         if frame.kind == Kind::Chat {
             let _ = tx.send(data(frame.chunk(Some(""), None, true)));
         }
         let outcome = running
-            .drive(|text| {
-                text.is_empty() || tx.send(data(frame.chunk(Some(text), None, false))).is_ok()
-            })
+            .drive(|text| tx.send(data(frame.chunk(Some(text), None, false))).is_ok())
             .await;
         let provider = running.provider.address;
         let price = running.provider.price;
-        let key = running.ticket.key.clone();
-        let (prompt_tokens, completion, finish) = match &outcome.result {
-            Some(r) => (
-                u64::from(r.prompt_tokens),
-                r.output_tokens.len() as u64,
-                Some(r.finish),
-            ),
-            None => (0, outcome.delivered, None),
-        };
-        let charge = hub.conclude(running, job, &outcome, completion).await;
-        match (&outcome.result, &outcome.error) {
-            (Some(_), _) => {
-                let mut last = frame.chunk(None, Some(finish_reason(finish)), false);
+        let key = running.key().to_owned();
+        let completion = outcome.tokens.len() as u64;
+        let charge = hub.conclude(running, &outcome).await;
+        match &outcome.end {
+            End::Finished(finish) => {
+                let mut last = frame.chunk(None, Some(finish_reason(Some(*finish))), false);
                 if frame.kind == Kind::Chat {
                     last["choices"][0]["delta"] = json!({});
                 }
@@ -536,17 +498,15 @@ fn stream(
                 if include_usage {
                     let mut u = frame.chunk(None, None, false);
                     u["choices"] = json!([]);
-                    u["usage"] = usage(prompt_tokens, completion);
+                    u["usage"] = usage(outcome.billed_prompt_tokens, completion);
                     let _ = tx.send(data(u));
                 }
                 let _ = tx.send(Event::default().data("[DONE]"));
             }
-            (None, error) => {
+            end => {
                 let message = format!(
-                    "The provider failed mid-stream ({}); you were charged {} for the {} tokens delivered.",
-                    error.as_deref().unwrap_or("unknown error"),
-                    charge.cost,
-                    completion
+                    "The provider failed mid-stream ({end:?}); you were charged {} for the {} tokens delivered.",
+                    charge.cost, completion
                 );
                 let mut body = ApiError::provider_failed(message).body();
                 body["tessera"] = extension(provider, price, &key, &charge);
@@ -562,24 +522,22 @@ fn stream(
     Sse::new(events)
 }
 
-/// `GET /v1/models`: the models live providers serve.
+/// `GET /v1/models`: the catalog's models that live providers serve.
 pub async fn models(State(hub): State<Arc<Hub>>) -> Json<Value> {
-    let mut by_name: std::collections::BTreeMap<String, (String, usize, u64)> = Default::default();
-    for c in hub.registry.connections() {
-        if hub.registry.quarantined(c.address) {
-            continue;
-        }
-        let e = by_name
-            .entry(c.model_name.clone())
-            .or_insert((c.sha256.clone(), 0, u64::MAX));
-        e.1 += 1;
-        e.2 = e.2.min(c.price);
-    }
-    let data: Vec<Value> = by_name
-        .into_iter()
-        .map(|(name, (sha, providers, min_price))| {
-            json!({"id": name, "object": "model", "created": 0, "owned_by": "tessera",
-                   "tessera": {"sha256": sha, "providers": providers, "min_price_per_token": min_price}})
+    let connections = hub.registry.connections();
+    let data: Vec<Value> = hub
+        .config
+        .catalog
+        .entries()
+        .iter()
+        .filter_map(|m| {
+            let live: Vec<_> = connections
+                .iter()
+                .filter(|c| c.model.sha256 == m.sha256 && !hub.registry.quarantined(c.address))
+                .collect();
+            let min_price = live.iter().map(|c| c.price).min()?;
+            Some(json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tessera",
+                   "tessera": {"sha256": m.sha256, "context_length": m.context_length, "providers": live.len(), "min_price_per_token": min_price}}))
         })
         .collect();
     Json(json!({"object": "list", "data": data}))

@@ -1,0 +1,71 @@
+//! What a job asks a provider to run, and the states the hub reports about it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::Message;
+use crate::sampling::SamplingParams;
+
+/// What a job asks a provider to run. The prompt goes as messages (or raw text), not tokens: the
+/// provider and any verifier tokenize it themselves with the model's own template, so a provider
+/// that alters the prompt is caught by the verifier's prompt hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// The conversation (chat completions).
+    pub messages: Vec<Message>,
+    /// Raw prompt text (legacy completions); used instead of `messages` when set.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Token budget.
+    pub max_tokens: u32,
+    /// Sampling rule, with the seed the hub assigned.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+impl JobRequest {
+    /// Bytes of prompt text: an upper bound of the prompt's token count before the template
+    /// (every token of a byte-level or byte-fallback vocabulary covers at least one byte).
+    pub fn prompt_bytes(&self) -> usize {
+        match &self.prompt {
+            Some(p) => p.len(),
+            None => self.messages.iter().map(|m| m.content.len()).sum(),
+        }
+    }
+}
+
+/// Why a provider refused or failed a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The prompt plus `max_tokens` does not fit in the model's context window.
+    ContextLength,
+    /// The engine failed.
+    Engine,
+    /// The node is shutting down or at capacity.
+    Unavailable,
+}
+
+/// Where a job stands with verification, as the agent is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerificationStatus {
+    /// Not sampled for verification.
+    None,
+    /// Sampled: settled once the verdict is in.
+    Pending,
+    /// Sampled, but no verifier was available; settled unchecked.
+    Skipped,
+}
+
+impl VerificationStatus {
+    /// The status as the API shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Pending => "pending",
+            Self::Skipped => "skipped",
+        }
+    }
+}
