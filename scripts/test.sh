@@ -15,8 +15,10 @@ export TESSERA_TEST_POSTGRES_URL
 cargo build --quiet -p tessera
 ./target/debug/tessera model fetch all
 
+# The tests run cheating nodes and lying verifiers: the `adversary` feature builds them in (a
+# default build has none).
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast "$@"
+    cargo nextest run --workspace --features tessera/adversary --no-fail-fast "$@"
 else
-    cargo test --workspace --no-fail-fast "$@"
+    cargo test --workspace --features tessera/adversary --no-fail-fast "$@"
 fi

@@ -1,7 +1,7 @@
 //! The network end to end: a real `tessera hub` and real `tessera node` processes on loopback
 //! ports, a temporary SQLite ledger and the real SmolLM2-135M model.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -978,4 +978,441 @@ fn hub_reads_a_toml_config_file_below_flags() -> Result<()> {
     assert_eq!(v["verify_probability"], 0.25, "from the file");
     assert_eq!(v["slash_amount"], 777, "the flag wins over the file");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 10: regression tests named after its findings, through real hub and node processes.
+
+/// The escrow and in-memory reservation gauges: money held for jobs not yet settled.
+fn holds(hub: &Hub) -> Result<(u64, u64)> {
+    let metrics = http()
+        .get(format!("{}/metrics", hub.url))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    let gauge = |name: &str| -> Result<u64> {
+        let v = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .with_context(|| format!("gauge {name}"))?;
+        Ok(v.trim().parse::<f64>()? as u64)
+    };
+    Ok((
+        gauge("tessera_balance_escrow_micro")?,
+        gauge("tessera_reserved_micro")?,
+    ))
+}
+
+/// Waits until no money is held for jobs in flight.
+fn wait_no_holds(hub: &Hub, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let h = holds(hub)?;
+        if h == (0, 0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("holds still open: escrow {} reserved {}", h.0, h.1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn finding_1_model_names_are_pinned_to_files_and_unverifiable_providers_are_not_scheduled() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "0"])?;
+    let honest = Wallet::random();
+    let _honest = hub.node("honest", &honest, 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (_agent, key) = hub.agent(100_000)?;
+    // Alone, nobody could check it: not scheduled.
+    let (status, _, body) = hub.chat(&key, &question(4))?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no_verifiable_provider")),
+        "{body}"
+    );
+    // A node serving another file (here the real model with bytes appended: a fresh sha256)
+    // cannot register under any name.
+    let real = tessera_engine::registry::fetch("smollm2-135m")?;
+    let forged = hub.dir().join("forged.gguf");
+    std::fs::copy(&real, &forged)?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&forged)?
+        .write_all(b"not the pinned file")?;
+    let mut forger = hub.node(
+        "forger",
+        &Wallet::random(),
+        1,
+        &["--dev-stake", "--model", forged.to_str().context("path")?],
+    )?;
+    let status = wait_exit(&mut forger, Duration::from_secs(90))?;
+    assert!(!status.success(), "a rejected node exits with an error");
+    let log = std::fs::read_to_string(hub.dir().join("forger.log"))?;
+    assert!(log.contains("not in this hub's catalog"), "{log}");
+    // A second honest provider of the pinned file makes both verifiable.
+    let _second = hub.node("second", &Wallet::random(), 11, &["--dev-stake"])?;
+    hub.wait_connected(2)?;
+    let (status, _, body) = hub.chat(&key, &question(4))?;
+    assert_eq!(status, 200, "{body}");
+    let models = hub.get("/v1/models")?;
+    assert_eq!(models["data"][0]["tessera"]["context_length"], 8192, "from the file, not the node");
+    hub.audit()
+}
+
+/// Waits for a child to exit.
+fn wait_exit(proc: &mut Proc, within: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = proc.0.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("the process did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The content of a streamed chat answer, and the final chunk's `tessera` object.
+fn stream_chat(hub: &Hub, key: &str, body: &Value) -> Result<(String, Value)> {
+    let r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {key}"))
+        .send_json(body)?;
+    let mut text = String::new();
+    let mut tessera = Value::Null;
+    for line in BufReader::new(r.into_body().into_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if v.get("tessera").is_some() {
+            tessera = v["tessera"].clone();
+        }
+    }
+    Ok((text, tessera))
+}
+
+#[test]
+fn finding_2_the_text_delivered_is_the_hubs_decoding_of_the_committed_tokens() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let _node = hub.node("node", &Wallet::random(), 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (_agent, key) = hub.agent(1_000_000)?;
+    // The stop string is withheld while it might still form, so a stream never leaks it.
+    let mut body = question(24);
+    body["stop"] = json!(["Paris"]);
+    let (status, _, plain) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{plain}");
+    let text = plain["choices"][0]["message"]["content"].as_str().context("text")?;
+    assert!(!text.contains("Paris") && text.contains("capital"), "{text}");
+    body["stream"] = json!(true);
+    let (streamed, _) = stream_chat(&hub, &key, &body)?;
+    assert_eq!(streamed, text, "streamed text is the same decoding, stop string withheld");
+    hub.audit()
+}
+
+#[test]
+fn finding_3_tokens_beyond_what_was_generated_are_never_paid() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let padder = Wallet::random();
+    let _node = hub.node("padder", &padder, 10, &["--dev-stake", "--cheat", "pad-tokens"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let (status, _, body) = hub.chat(&key, &question(8))?;
+    assert_eq!((status, body["error"]["code"].as_str()), (502, Some("provider_failed")), "{body}");
+    assert_eq!(hub.account(&agent)?.0, 1_000_000, "nothing charged");
+    assert_eq!(hub.account(&padder)?.0, 0, "nothing paid");
+    assert_eq!(hub.provider(&padder)?["quarantined"], true);
+    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.audit()
+}
+
+#[test]
+fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -> Result<()> {
+    let hub = start_strict_hub(&[
+        "--verify-probability",
+        "1",
+        "--cross-check-probability",
+        "1",
+        "--canary-probability",
+        "1",
+        "--verify-recheck-ms",
+        "200",
+    ])?;
+    let honest_a = Wallet::random();
+    let honest_b = Wallet::random();
+    let lazy = Wallet::random();
+    let liar = Wallet::random();
+    let _a = hub.node("honest-a", &honest_a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &honest_b, 11, &["--dev-stake"])?;
+    let _lazy = hub.node("lazy", &lazy, 12, &["--dev-stake", "--cheat", "lazy-verifier"])?;
+    let _liar = hub.node("liar", &liar, 13, &["--dev-stake", "--cheat", "lying-verifier"])?;
+    hub.wait_connected(4)?;
+    let (_agent, key) = hub.agent(10_000_000)?;
+    let caught = |w: &Wallet| -> Result<bool> { Ok(hub.provider(w)?["quarantined"] == json!(true)) };
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut requests = 0;
+    while !(caught(&lazy)? && caught(&liar)?) {
+        if Instant::now() > deadline {
+            bail!(
+                "after {requests} requests: lazy {} liar {}",
+                hub.provider(&lazy)?,
+                hub.provider(&liar)?
+            );
+        }
+        let (status, _, body) = hub.chat(&key, &question(6))?;
+        assert_eq!(status, 200, "{body}");
+        requests += 1;
+        wait_no_holds(&hub, Duration::from_secs(60))?;
+    }
+    for cheat in [&lazy, &liar] {
+        let p = hub.provider(cheat)?;
+        assert!(p["canaries_failed"].as_u64() >= Some(1), "{p}");
+        assert_eq!(p["slashed"], 1_000_000, "{p}");
+    }
+    for honest in [&honest_a, &honest_b] {
+        let p = hub.provider(honest)?;
+        assert_eq!((p["quarantined"].clone(), p["slashed"].clone()), (json!(false), json!(0)), "{p}");
+        assert_eq!(p["canaries_failed"], 0, "{p}");
+        assert!(p["verify_fees"].as_u64() > Some(0), "checks are paid: {p}");
+        assert_eq!(hub.account(honest)?.1, 1_000_000);
+    }
+    // The economics the hub reports: cheating on a job costs more than it can gain.
+    let providers = hub.get("/v1/providers")?;
+    for p in providers["providers"].as_array().context("providers")? {
+        if p["quarantined"] == json!(false) {
+            assert_eq!(p["cheating_deterred"], true, "{p}");
+        }
+    }
+    hub.audit()
+}
+
+#[test]
+fn finding_5_a_client_that_hangs_up_leaves_no_hold_open() -> Result<()> {
+    for mode in [&[][..], &["--fast-settle"][..]] {
+        let mut args = vec!["--verify-probability", "0"];
+        args.extend_from_slice(mode);
+        let hub = start_hub(&args)?;
+        let _node = hub.node("node", &Wallet::random(), 10, &["--dev-stake"])?;
+        hub.wait_connected(1)?;
+        let (agent, key) = hub.agent(1_000_000)?;
+        // Mid-dispatch: the client gives up before the first token (a long prompt to prefill).
+        let long = "Describe the history of bread in great detail. ".repeat(60);
+        let impatient: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(150)))
+            .build()
+            .into();
+        let r = impatient
+            .post(format!("{}/v1/chat/completions", hub.url))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send_json(json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": long}], "max_tokens": 64}));
+        assert!(r.is_err(), "the client timed out");
+        wait_no_holds(&hub, Duration::from_secs(30))?;
+        assert_eq!(hub.account(&agent)?.0, 1_000_000, "refunded in full ({mode:?})");
+        // Mid-stream: the client reads two pieces of text and hangs up.
+        let r = http()
+            .post(format!("{}/v1/chat/completions", hub.url))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send_json(json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_tokens": 400, "stream": true}))?;
+        assert_eq!(r.status(), 200);
+        let mut lines = BufReader::new(r.into_body().into_reader()).lines();
+        let mut pieces = 0;
+        let mut seen = Vec::new();
+        while pieces < 3 {
+            let line = lines
+                .next()
+                .with_context(|| format!("stream ended: {seen:?}"))??;
+            seen.push(line.clone());
+            if line.contains("\"content\"") {
+                pieces += 1;
+            }
+        }
+        drop(lines);
+        wait_no_holds(&hub, Duration::from_secs(30))?;
+        let spent = 1_000_000 - hub.account(&agent)?.0;
+        assert!(spent > 0 && spent < 400 * 10, "paid only what was delivered: {spent} ({mode:?})");
+        hub.audit()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn finding_7_an_absurd_registrant_breaks_no_request() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let _greedy = hub.node("greedy", &Wallet::random(), u64::MAX, &["--dev-stake"])?;
+    let honest = Wallet::random();
+    let _honest = hub.node("honest", &honest, 10, &["--dev-stake"])?;
+    hub.wait_connected(2)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    for max_price in [None, Some(u64::MAX)] {
+        let mut body = question(4);
+        if let Some(p) = max_price {
+            body["max_price"] = json!(p);
+        }
+        let (status, headers, body) = hub.chat(&key, &body)?;
+        assert_eq!(status, 200, "{body}");
+        let by = headers.get("x-tessera-provider").context("provider")?.to_str()?;
+        assert!(by.eq_ignore_ascii_case(&format!("{:#x}", honest.address())));
+    }
+    assert!(hub.account(&agent)?.0 > 1_000_000 - 1_000);
+    hub.audit()
+}
+
+#[test]
+fn finding_8_signatures_for_one_hub_do_not_replay_at_another() -> Result<()> {
+    let a = start_hub(&[])?;
+    let b = start_hub(&[])?;
+    assert_ne!(a.domain()?, b.domain()?, "each hub has its own domain");
+    let wallet = Wallet::random();
+    let signed = a.signed_key(&wallet, "sk-one-hub", 1, 3600)?;
+    let (status, body) = b.post_key(&signed)?;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("invalid_signature")), "{body}");
+    let (status, body) = a.post_key(&signed)?;
+    assert_eq!(status, 200, "{body}");
+    // The fixed default domain is accepted by no hub.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let message = ApiKeyRegistration {
+        keyHash: <[u8; 32]>::from(Sha256::digest(b"sk-default")).into(),
+        validUntil: now + 3600,
+        nonce: 2,
+        expiry: now + 600,
+    };
+    let (status, _) = a.post_key(&wallet.sign(message.clone(), Domain::default())?)?;
+    assert_eq!(status, 401);
+    // A signature may not be valid for longer than the hub allows (a day by default).
+    let far = ApiKeyRegistration { expiry: now + 10 * 24 * 3600, nonce: 3, ..message };
+    let (status, body) = a.post_key(&wallet.sign(far, a.domain()?)?)?;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("too far")), "{body}");
+    Ok(())
+}
+
+#[test]
+fn finding_9_per_wallet_limits_and_openai_error_shapes() -> Result<()> {
+    let hub = start_hub(&[
+        "--verify-probability",
+        "0",
+        "--max-concurrent-per-agent",
+        "1",
+        "--requests-per-minute",
+        "3",
+    ])?;
+    let _node = hub.node("node", &Wallet::random(), 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    // One in flight (a stream held open): a second is refused.
+    let r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {key}"))
+        .send_json(json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "stream": true}))?;
+    let (status, _, body) = hub.chat(&key, &question(4))?;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{body}");
+    drop(r);
+    wait_no_holds(&hub, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _, body) = hub.chat(&key, &question(4))?;
+    assert_eq!(status, 200, "{body}");
+    // Three started this minute (the refused one did not start): the fourth waits.
+    let (status, _, _) = hub.chat(&key, &question(4))?;
+    assert_eq!(status, 200);
+    let (status, _, body) = hub.chat(&key, &question(4))?;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{body}");
+    // Too many stop strings, a wrong method, an oversized body: OpenAI-shaped errors.
+    let (_, other_key) = hub.agent(1_000)?;
+    let mut many = question(4);
+    many["stop"] = json!(["a", "b", "c", "d", "e"]);
+    let (status, _, body) = hub.chat(&other_key, &many)?;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("stop")), "{body}");
+    let mut r = http().get(format!("{}/v1/chat/completions", hub.url)).call()?;
+    assert_eq!(r.status(), 405);
+    let v: Value = r.body_mut().read_json()?;
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    let huge = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "x".repeat(2 << 20)}]});
+    let mut r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {other_key}"))
+        .send_json(&huge)?;
+    assert_eq!(r.status(), 413);
+    let v: Value = r.body_mut().read_json()?;
+    assert_eq!(v["error"]["code"], "request_too_large");
+    assert!(hub.account(&agent)?.0 < 1_000_000);
+    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.audit()
+}
+
+#[test]
+fn finding_12_keys_expire_and_revoke_a_refused_request_keeps_its_nonce_and_fees_are_bounded() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let _node = hub.node("node", &Wallet::random(), 10, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let wallet = Wallet::random();
+    http()
+        .post(format!("{}/v1/dev/faucet", hub.url))
+        .send_json(json!({"address": wallet.address(), "amount": 100_000}))?;
+    // A key valid for two seconds works, then does not.
+    let short = hub.signed_key(&wallet, "sk-short", 1, 2)?;
+    assert_eq!(hub.post_key(&short)?.0, 200);
+    assert_eq!(hub.chat("sk-short", &question(2))?.0, 200);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(hub.chat("sk-short", &question(2))?.0, 401);
+    // A revoked key stops at once.
+    assert_eq!(hub.register_key(&wallet, "sk-revoked", 2)?.0, 200);
+    assert_eq!(hub.chat("sk-revoked", &question(2))?.0, 200);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let revocation = tessera_protocol::ApiKeyRevocation {
+        keyHash: <[u8; 32]>::from(Sha256::digest(b"sk-revoked")).into(),
+        nonce: 1,
+        expiry: now + 600,
+    };
+    let mut r = http()
+        .post(format!("{}/v1/keys/revoke", hub.url))
+        .send_json(&wallet.sign(revocation, hub.domain()?)?)?;
+    assert_eq!(r.status(), 200, "{}", r.body_mut().read_to_string()?);
+    assert_eq!(hub.chat("sk-revoked", &question(2))?.0, 401);
+    // A signed request refused for want of money keeps its nonce: funded, the same one runs.
+    let poor = Wallet::random();
+    let sha = hub.get("/v1/models")?["data"][0]["tessera"]["sha256"].as_str().context("sha")?.to_owned();
+    let body = serde_json::to_vec(&question(4))?;
+    let request = tessera_protocol::InferenceRequest {
+        model: sha.parse()?,
+        promptHash: <[u8; 32]>::from(Sha256::digest(&body)).into(),
+        maxTokens: 4,
+        maxPricePerToken: 20,
+        nonce: 7,
+        expiry: now + 600,
+    };
+    let signature = serde_json::to_string(&poor.sign(request, hub.domain()?)?)?;
+    let post = || -> Result<u16> {
+        Ok(http()
+            .post(format!("{}/v1/chat/completions", hub.url))
+            .header("x-tessera-signature", &signature)
+            .content_type("application/json")
+            .send(&body[..])?
+            .status()
+            .as_u16())
+    };
+    assert_eq!(post()?, 429);
+    http()
+        .post(format!("{}/v1/dev/faucet", hub.url))
+        .send_json(json!({"address": poor.address(), "amount": 10_000}))?;
+    assert_eq!(post()?, 200);
+    assert_eq!(post()?, 401, "and now it is spent");
+    // A fee above 100% is refused at start.
+    let out = Command::new(BIN)
+        .args(["hub", "--dev", "--listen", "127.0.0.1:0", "--fee-bps", "20000", "--db"])
+        .arg(format!("sqlite://{}", hub.dir().join("other.db").display()))
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fee-bps"));
+    hub.audit()
 }

@@ -260,3 +260,87 @@ pub fn token_deficit(logits: &[f32], params: &sampling::SamplingParams, position
     // Scores are logits / T plus noise: multiply back by T to compare in logit units.
     boundary_deficit.max((best - own_score).max(0.0) * temperature)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commitment::CommitmentBuilder;
+    use tessera_types::SamplingParams;
+
+    const VOCAB: usize = 8;
+
+    /// Logits where token `best` leads by `lead` over token `best + 1`, the rest far behind.
+    fn row(best: usize, lead: f32) -> Vec<f32> {
+        let mut r = vec![-10.0; VOCAB];
+        r[best] = 5.0;
+        r[(best + 1) % VOCAB] = 5.0 - lead;
+        r
+    }
+
+    /// A greedy job of `n` positions whose emitted tokens are `pick(i)`, committed honestly
+    /// against `logits` (a provider that re-scored its tokens with the real model).
+    fn job(rows: &[Vec<f32>], tokens: &[u32], finish: Finish) -> (JobSpec, Claim, Commitment, Vec<f32>) {
+        let spec = JobSpec { model_sha256: "m".into(), prompt_tokens: vec![1, 2], sampling: SamplingParams::greedy(), max_tokens: tokens.len() as u32, stop: vec![] };
+        let mut b = CommitmentBuilder::new(spec.clone());
+        for (r, &t) in rows.iter().zip(tokens) {
+            b.push(r, t);
+        }
+        let claim = Claim { output_tokens: tokens.to_vec(), ..Claim::default() };
+        (spec, claim, b.finish(finish), rows.concat())
+    }
+
+    #[test]
+    fn finding_11_substituted_near_tie_tokens_are_caught_by_their_count() {
+        // 40 positions, each a near tie (lead 0.05, inside the slack of 0.1).
+        let rows: Vec<Vec<f32>> = (0..40).map(|i| row(i % VOCAB, 0.05)).collect();
+        let honest: Vec<u32> = (0..40).map(|i| (i % VOCAB) as u32).collect();
+        let (spec, claim, c, logits) = job(&rows, &honest, Finish::Length);
+        let t = Thresholds::default();
+        assert!(check(&spec, &claim, &c, &logits, VOCAB, &[], &t).passed);
+        // A provider that generated from something else and re-scored: the runner-up every time.
+        let substituted: Vec<u32> = (0..40).map(|i| ((i + 1) % VOCAB) as u32).collect();
+        let (spec, claim, c, logits) = job(&rows, &substituted, Finish::Length);
+        let v = check(&spec, &claim, &c, &logits, VOCAB, &[], &t);
+        assert!(matches!(v.reason, Some(Reason::TooManyNearTies { inexact: 40, positions: 40 })), "{v:?}");
+        // Two flips in 40 (what measured noise can do) still pass.
+        let mut two = honest.clone();
+        two[3] = 4;
+        two[20] = 5;
+        let (spec, claim, c, logits) = job(&rows, &two, Finish::Length);
+        assert!(check(&spec, &claim, &c, &logits, VOCAB, &[], &t).passed);
+        // The slack itself is tight: a deficit of 0.2 is no near tie any more.
+        let rows: Vec<Vec<f32>> = (0..4).map(|i| row(i, 0.2)).collect();
+        let (spec, claim, c, logits) = job(&rows, &[1, 2, 3, 4], Finish::Length);
+        assert!(matches!(check(&spec, &claim, &c, &logits, VOCAB, &[], &t).reason, Some(Reason::TokenInconsistent { .. })));
+    }
+
+    #[test]
+    fn finding_12_a_cancelled_finish_needs_the_hub_to_have_cut_the_job() {
+        let rows: Vec<Vec<f32>> = (0..3).map(|i| row(i, 1.0)).collect();
+        let (spec, claim, c, logits) = job(&rows, &[0, 1, 2], Finish::Cancelled);
+        let t = Thresholds::default();
+        let v = check(&spec, &claim, &c, &logits, VOCAB, &[], &t);
+        assert!(matches!(v.reason, Some(Reason::FalseFinish { .. })), "{v:?}");
+        // The hub says the job broke off: a partial check, with its prompt hash unknown.
+        let mut c = c;
+        c.prompt_hash = String::new();
+        let partial = Claim { partial: true, ..claim.clone() };
+        assert!(check(&spec, &partial, &c, &logits, VOCAB, &[], &t).passed);
+        // A partial job must be committed as cancelled, whatever the provider claims.
+        let (spec, _, c, logits) = job(&rows, &[0, 1, 2], Finish::Length);
+        let v = check(&spec, &partial, &c, &logits, VOCAB, &[], &t);
+        assert!(matches!(v.reason, Some(Reason::FalseFinish { .. })), "{v:?}");
+    }
+
+    #[test]
+    fn finding_6_billed_prompt_tokens_must_be_the_prompts() {
+        let rows: Vec<Vec<f32>> = (0..2).map(|i| row(i, 1.0)).collect();
+        let (spec, claim, c, logits) = job(&rows, &[0, 1], Finish::Length);
+        let t = Thresholds::default();
+        let honest = Claim { prompt_tokens: Some(2), ..claim.clone() };
+        assert!(check(&spec, &honest, &c, &logits, VOCAB, &[], &t).passed);
+        let padded = Claim { prompt_tokens: Some(900), ..claim };
+        let v = check(&spec, &padded, &c, &logits, VOCAB, &[], &t);
+        assert_eq!(v.reason, Some(Reason::PromptLengthMismatch { claimed: 900, actual: 2 }));
+    }
+}

@@ -164,6 +164,11 @@ pub async fn metrics_text(State(hub): State<Arc<Hub>>) -> Response {
             escrow,
         ),
         (
+            "tessera_reserved_micro",
+            "Money reserved in memory for --fast-settle jobs in flight.",
+            hub.reserved() as f64,
+        ),
+        (
             "tessera_balance_stake_micro",
             "Money bonded as stake.",
             stake,

@@ -430,8 +430,12 @@ async fn serve(
     let price = running.provider.price;
     let key = running.key().to_owned();
     let End::Finished(finish) = outcome.end.clone() else {
-        // The agent received nothing: nothing is charged.
-        hub.abandon(running).await;
+        // The agent received nothing: nothing is charged (and a protocol violation is punished).
+        if matches!(outcome.end, End::Violation(_)) {
+            hub.conclude(running, &outcome).await;
+        } else {
+            hub.abandon(running).await;
+        }
         return ApiError::provider_failed(format!(
             "The provider failed mid-generation ({:?}); nothing was charged.",
             outcome.end

@@ -145,15 +145,35 @@ impl Hub {
                 .registry
                 .candidates(&entry.sha256, max_price, agent, allow);
         }
+        let messages = request.messages.len().max(1);
+        let prompt_bound = request.prompt_bytes()
+            + TEMPLATE_TOKENS
+            + TEMPLATE_TOKENS_PER_MESSAGE * messages;
+        let prompt_bound = u32::try_from(prompt_bound).unwrap_or(u32::MAX);
+        // A registrant whose price makes the job's maximum cost overflow can never be paid: it
+        // is left out, so it cannot break the request for everyone else.
+        candidates.retain(|c| {
+            self.cost(c.price, u64::from(request.max_tokens), u64::from(prompt_bound))
+                .is_some()
+        });
         candidates.truncate(MAX_ATTEMPTS);
         if candidates.is_empty() {
-            return Err(if self.registry.serves(&entry.sha256) {
+            return Err(if !self.registry.serves(&entry.sha256) {
+                ApiError::model_not_found(model)
+            } else if !self
+                .registry
+                .candidates(&entry.sha256, max_price, agent, true)
+                .is_empty()
+            {
                 ApiError::unavailable(
-                    "no_provider_within_max_price",
-                    format!("No verifiable provider of `{model}` is free at or below max_price {max_price}."),
+                    "no_verifiable_provider",
+                    format!("No provider of `{model}` can be verified by another right now, so none is scheduled."),
                 )
             } else {
-                ApiError::model_not_found(model)
+                ApiError::unavailable(
+                    "no_provider_within_max_price",
+                    format!("No provider of `{model}` is free at or below max_price {max_price}."),
+                )
             });
         }
         if request.max_tokens >= entry.context_length {
