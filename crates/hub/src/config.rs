@@ -52,6 +52,10 @@ pub struct HubConfig {
     /// Seconds to wait for a provider's first token before trying another.
     #[arg(long, env = "TESSERA_HUB_FIRST_TOKEN_TIMEOUT", default_value_t = 60)]
     pub first_token_timeout_secs: u64,
+    /// Seconds a stopping hub waits for the requests and verifications in flight before it
+    /// settles or refunds what is left and exits.
+    #[arg(long, env = "TESSERA_HUB_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
 }
 
 impl HubConfig {
@@ -70,6 +74,7 @@ impl HubConfig {
             fast_settle: false,
             chain_id: tessera_protocol::DEFAULT_CHAIN_ID,
             first_token_timeout_secs: 60,
+            drain_timeout_secs: 30,
         }
     }
 }
