@@ -135,6 +135,7 @@ fn start_hub(args: &[&str]) -> Result<Hub> {
         .arg(&addr_file)
         .args(["--drain-timeout-secs", &DRAIN_SECS.to_string()])
         .args(args)
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log_file(dir.path(), "hub"))
         .spawn()?;
@@ -160,11 +161,18 @@ fn start_hub(args: &[&str]) -> Result<Hub> {
 /// Starts a node of a random wallet against `hub_url`, logging to `dir/NAME.log`.
 fn start_node(dir: &Path, hub_url: &str, name: &str, price: u64, extra: &[&str]) -> Result<Proc> {
     let key = hex::encode(Wallet::random().signer().to_bytes());
+    let drain = DRAIN_SECS.to_string();
+    let drain: &[&str] = if extra.contains(&"--drain-timeout-secs") {
+        &[]
+    } else {
+        &["--drain-timeout-secs", &drain]
+    };
     let child = Command::new(BIN)
         .args(["node", "--hub", hub_url, "--private-key", &key, "--price", &price.to_string()])
         .args(["--capacity", "2", "--threads", "1", "--dev-stake"])
-        .args(["--drain-timeout-secs", &DRAIN_SECS.to_string()])
+        .args(drain)
         .args(extra)
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log_file(dir, name))
         .spawn()?;
@@ -364,13 +372,14 @@ fn verifier_stopped_mid_verification_finishes_it_and_exits() -> Result<()> {
     let mut hub = start_hub(&["--verify-probability", "1"])?;
     // The cheaper node serves; the other one is the only possible verifier.
     let _server = hub.node("server", 5, &[])?;
-    let mut verifier = hub.node("verifier", 10, &["--drain-timeout-secs", "20"])?;
+    // A bound long enough for the check of a 150-token answer on one thread of a busy machine.
+    let mut verifier = hub.node("verifier", 10, &["--drain-timeout-secs", "40"])?;
     hub.wait_connected(2)?;
     let key = hub.agent()?;
     let request = json!({
         "model": "smollm2-135m",
         "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}],
-        "max_tokens": 400,
+        "max_tokens": 150,
         "temperature": 0,
     });
     let r = http()
@@ -381,7 +390,7 @@ fn verifier_stopped_mid_verification_finishes_it_and_exits() -> Result<()> {
     // The hub asks for the verification as it answers: stop the verifier in the middle of it.
     std::thread::sleep(Duration::from_millis(100));
     verifier.signal(libc::SIGTERM);
-    let (status, took) = verifier.exits_within(Duration::from_secs(20) + SLACK, "a verifying node")?;
+    let (status, took) = verifier.exits_within(Duration::from_secs(40) + SLACK, "a verifying node")?;
     let log = read_log(hub.dir(), "verifier");
     assert!(status.success(), "{status}:\n{log}");
     if log.contains("verifications=1") {
@@ -466,6 +475,7 @@ fn demo_interrupted_mid_run_leaves_no_child_process() -> Result<()> {
         Command::new(BIN)
             .args(["demo", "--requests", "4", "--max-tokens", "24", "--dir"])
             .arg(dir.path())
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?,
