@@ -89,7 +89,8 @@ impl Children {
         }
         loop {
             let mut set = self.lock();
-            set.running.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
+            set.running
+                .retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
             if set.running.is_empty() {
                 return;
             }

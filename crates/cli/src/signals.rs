@@ -55,10 +55,16 @@ pub fn stop_signal() -> impl Future<Output = ()> {
         Ok(mut signals) => {
             tokio::spawn(async move {
                 let name = signals.next().await;
-                tracing::info!(signal = name, "stopping; a second Ctrl-C or SIGTERM stops at once");
+                tracing::info!(
+                    signal = name,
+                    "stopping; a second Ctrl-C or SIGTERM stops at once"
+                );
                 let _ = first_tx.send(());
                 let name = signals.next().await;
-                tracing::warn!(signal = name, "second signal: stopping at once, without draining");
+                tracing::warn!(
+                    signal = name,
+                    "second signal: stopping at once, without draining"
+                );
                 std::process::exit(130);
             });
         }

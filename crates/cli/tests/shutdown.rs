@@ -36,7 +36,12 @@ impl Proc {
 
     fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child, which is not reaped before `Proc` is dropped.
-        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0, "kill {}", self.pid());
+        assert_eq!(
+            unsafe { libc::kill(self.pid(), signal) },
+            0,
+            "kill {}",
+            self.pid()
+        );
     }
 
     /// Waits up to `bound` for the process to exit (and reaps it).
@@ -131,7 +136,15 @@ fn start_hub(args: &[&str]) -> Result<Hub> {
     let db = format!("sqlite://{}", dir.path().join("hub.db").display());
     let addr_file = dir.path().join("addr");
     let child = Command::new(BIN)
-        .args(["hub", "--db", &db, "--listen", "127.0.0.1:0", "--dev", "--addr-file"])
+        .args([
+            "hub",
+            "--db",
+            &db,
+            "--listen",
+            "127.0.0.1:0",
+            "--dev",
+            "--addr-file",
+        ])
         .arg(&addr_file)
         .args(["--drain-timeout-secs", &DRAIN_SECS.to_string()])
         .args(args)
@@ -168,7 +181,15 @@ fn start_node(dir: &Path, hub_url: &str, name: &str, price: u64, extra: &[&str])
         &["--drain-timeout-secs", &drain]
     };
     let child = Command::new(BIN)
-        .args(["node", "--hub", hub_url, "--private-key", &key, "--price", &price.to_string()])
+        .args([
+            "node",
+            "--hub",
+            hub_url,
+            "--private-key",
+            &key,
+            "--price",
+            &price.to_string(),
+        ])
         .args(["--capacity", "2", "--threads", "1", "--dev-stake"])
         .args(drain)
         .args(extra)
@@ -194,16 +215,19 @@ impl Hub {
             .call()?
             .body_mut()
             .read_json()?;
-        Ok(v["providers"]
-            .as_array()
-            .map_or(0, |ps| ps.iter().filter(|p| p["connected"] == json!(true)).count()))
+        Ok(v["providers"].as_array().map_or(0, |ps| {
+            ps.iter().filter(|p| p["connected"] == json!(true)).count()
+        }))
     }
 
     fn wait_connected(&self, n: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(90);
         while self.connected()? < n {
             if Instant::now() > deadline {
-                bail!("fewer than {n} providers connected; logs in {}", self.dir().display());
+                bail!(
+                    "fewer than {n} providers connected; logs in {}",
+                    self.dir().display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -225,7 +249,9 @@ impl Hub {
             expiry,
         };
         let signed = wallet.sign(message, Domain::default())?;
-        let r = http().post(format!("{}/v1/keys", self.url)).send_json(&signed)?;
+        let r = http()
+            .post(format!("{}/v1/keys", self.url))
+            .send_json(&signed)?;
         assert_eq!(r.status(), 200);
         Ok(key)
     }
@@ -257,7 +283,9 @@ impl Hub {
 
     /// The ledger audit, by the CLI.
     fn audit(&self) -> Result<()> {
-        let out = Command::new(BIN).args(["ledger", "audit", "--url", &self.db]).output()?;
+        let out = Command::new(BIN)
+            .args(["ledger", "audit", "--url", &self.db])
+            .output()?;
         if !out.status.success() {
             bail!(
                 "ledger audit failed:\n{}{}",
@@ -272,7 +300,11 @@ impl Hub {
     fn stop(&mut self, bound: Duration) -> Result<()> {
         self.proc.signal(libc::SIGTERM);
         let (status, _) = self.proc.exits_within(bound, "the hub")?;
-        assert!(status.success(), "hub exit {status}:\n{}", read_log(self.dir(), "hub"));
+        assert!(
+            status.success(),
+            "hub exit {status}:\n{}",
+            read_log(self.dir(), "hub")
+        );
         Ok(())
     }
 }
@@ -281,7 +313,10 @@ impl Hub {
 fn stream_error(lines: impl Iterator<Item = std::io::Result<String>>) -> Option<Value> {
     lines
         .map_while(|l| l.ok())
-        .filter_map(|l| l.strip_prefix("data: ").and_then(|d| serde_json::from_str::<Value>(d).ok()))
+        .filter_map(|l| {
+            l.strip_prefix("data: ")
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        })
         .find(|v| v.get("error").is_some())
 }
 
@@ -300,11 +335,20 @@ fn node_stops_while_connecting_and_while_backing_off() -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     connecting.signal(libc::SIGTERM);
     let (status, took) = connecting.exits_within(IDLE_BOUND, "a connecting node")?;
-    assert!(status.success(), "{status}:\n{}", read_log(dir.path(), "connecting"));
+    assert!(
+        status.success(),
+        "{status}:\n{}",
+        read_log(dir.path(), "connecting")
+    );
     assert!(read_log(dir.path(), "connecting").contains("stopped while connecting"));
     eprintln!("connecting node stopped in {took:?}");
 
-    wait_log(dir.path(), "backing-off", "cannot reach hub", Duration::from_secs(60))?;
+    wait_log(
+        dir.path(),
+        "backing-off",
+        "cannot reach hub",
+        Duration::from_secs(60),
+    )?;
     std::thread::sleep(Duration::from_millis(100));
     backing_off.signal(libc::SIGINT);
     let (status, took) = backing_off.exits_within(IDLE_BOUND, "a backing-off node")?;
@@ -324,11 +368,18 @@ fn idle_node_then_idle_hub_stop_cleanly_and_a_second_signal_stops_at_once() -> R
 
     node.signal(libc::SIGTERM);
     let (status, took) = node.exits_within(IDLE_BOUND, "an idle node")?;
-    assert!(status.success(), "{status}:\n{}", read_log(hub.dir(), "node"));
+    assert!(
+        status.success(),
+        "{status}:\n{}",
+        read_log(hub.dir(), "node")
+    );
     eprintln!("idle node stopped in {took:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while hub.connected()? != 1 {
-        assert!(Instant::now() < deadline, "the hub still lists the stopped node");
+        assert!(
+            Instant::now() < deadline,
+            "the hub still lists the stopped node"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -354,14 +405,25 @@ fn node_stopped_mid_job_drains_then_fails_it_and_charges_only_what_was_delivered
     let lines = hub.long_stream(&key)?;
     node.signal(libc::SIGTERM);
     let start = Instant::now();
-    let error = stream_error(lines).context("a job cut off by the drain timeout ends with an error")?;
+    let error =
+        stream_error(lines).context("a job cut off by the drain timeout ends with an error")?;
     let cost = error["tessera"]["cost"].as_u64().context("cost")?;
-    assert!(cost > 0 && cost < 10_000, "charged for the delivered tokens only: {error}");
-    let (status, _) = node.exits_within(Duration::from_secs(DRAIN_SECS) + SLACK, "a serving node")?;
+    assert!(
+        cost > 0 && cost < 10_000,
+        "charged for the delivered tokens only: {error}"
+    );
+    let (status, _) =
+        node.exits_within(Duration::from_secs(DRAIN_SECS) + SLACK, "a serving node")?;
     let log = read_log(hub.dir(), "node");
     assert!(status.success(), "{status}:\n{log}");
-    assert!(log.contains("draining before shutdown") && log.contains("drain_timeout=2s"), "{log}");
-    assert!(log.contains("drain timeout: failing the jobs still running"), "{log}");
+    assert!(
+        log.contains("draining before shutdown") && log.contains("drain_timeout=2s"),
+        "{log}"
+    );
+    assert!(
+        log.contains("drain timeout: failing the jobs still running"),
+        "{log}"
+    );
     eprintln!("serving node stopped in {:?}", start.elapsed());
     hub.stop(IDLE_BOUND)?;
     hub.audit()
@@ -390,11 +452,15 @@ fn verifier_stopped_mid_verification_finishes_it_and_exits() -> Result<()> {
     // The hub asks for the verification as it answers: stop the verifier in the middle of it.
     std::thread::sleep(Duration::from_millis(100));
     verifier.signal(libc::SIGTERM);
-    let (status, took) = verifier.exits_within(Duration::from_secs(40) + SLACK, "a verifying node")?;
+    let (status, took) =
+        verifier.exits_within(Duration::from_secs(40) + SLACK, "a verifying node")?;
     let log = read_log(hub.dir(), "verifier");
     assert!(status.success(), "{status}:\n{log}");
     if log.contains("verifications=1") {
-        assert!(log.contains("verified a job"), "a verification in flight is finished:\n{log}");
+        assert!(
+            log.contains("verified a job"),
+            "a verification in flight is finished:\n{log}"
+        );
         eprintln!("verifying node finished its check and stopped in {took:?}");
     } else {
         eprintln!("the verification was over before the signal; stopped in {took:?}:\n{log}");
@@ -412,16 +478,29 @@ fn hub_stopped_mid_stream_refunds_within_its_bound_and_its_node_then_stops() -> 
     let lines = hub.long_stream(&key)?;
     let start = Instant::now();
     hub.stop(Duration::from_secs(DRAIN_SECS) + SLACK)?;
-    eprintln!("hub with a stream in flight stopped in {:?}", start.elapsed());
+    eprintln!(
+        "hub with a stream in flight stopped in {:?}",
+        start.elapsed()
+    );
     let log = read_log(hub.dir(), "hub");
-    assert!(log.contains("draining") && log.contains("drain timeout"), "{log}");
+    assert!(
+        log.contains("draining") && log.contains("drain timeout"),
+        "{log}"
+    );
     drop(lines);
     hub.audit()?;
     // The node lost its hub while serving: it keeps trying to reconnect, and still stops.
     wait_log(hub.dir(), "node", "retry_in", Duration::from_secs(10))?;
     node.signal(libc::SIGTERM);
-    let (status, _) = node.exits_within(Duration::from_secs(DRAIN_SECS) + SLACK, "a node whose hub left")?;
-    assert!(status.success(), "{status}:\n{}", read_log(hub.dir(), "node"));
+    let (status, _) = node.exits_within(
+        Duration::from_secs(DRAIN_SECS) + SLACK,
+        "a node whose hub left",
+    )?;
+    assert!(
+        status.success(),
+        "{status}:\n{}",
+        read_log(hub.dir(), "node")
+    );
     Ok(())
 }
 
@@ -430,7 +509,7 @@ fn hub_and_nodes_stopped_at_the_same_instant_twenty_rounds() -> Result<()> {
     let bound = Duration::from_secs(DRAIN_SECS) + SLACK + Duration::from_secs(1);
     for round in 0..20u64 {
         let mut hub = start_hub(&["--verify-probability", "0.5"])?;
-        let mut nodes = vec![hub.node("a", 10, &[])?, hub.node("b", 11, &[])?];
+        let mut nodes = [hub.node("a", 10, &[])?, hub.node("b", 11, &[])?];
         // Stop at a different moment each round: while the nodes load or connect, once they
         // are registered, or with a stream in flight.
         let mut lines = None;
@@ -443,13 +522,19 @@ fn hub_and_nodes_stopped_at_the_same_instant_twenty_rounds() -> Result<()> {
                 lines = Some(hub.long_stream(&hub.agent()?)?);
             }
         }
-        let pids: Vec<i32> = std::iter::once(hub.proc.pid()).chain(nodes.iter().map(Proc::pid)).collect();
+        let pids: Vec<i32> = std::iter::once(hub.proc.pid())
+            .chain(nodes.iter().map(Proc::pid))
+            .collect();
         for pid in &pids {
             // SAFETY: kill(2) on our own children, not yet reaped.
             unsafe { libc::kill(*pid, libc::SIGTERM) };
         }
         let (status, _) = hub.proc.exits_within(bound, "the hub")?;
-        assert!(status.success(), "round {round}: hub {status}:\n{}", read_log(hub.dir(), "hub"));
+        assert!(
+            status.success(),
+            "round {round}: hub {status}:\n{}",
+            read_log(hub.dir(), "hub")
+        );
         for (node, name) in nodes.iter_mut().zip(["a", "b"]) {
             let (status, _) = node.exits_within(bound, "a node")?;
             // Before its first instructions ran, a process may still die of the signal itself.
@@ -500,12 +585,19 @@ fn demo_interrupted_mid_run_leaves_no_child_process() -> Result<()> {
     demo.signal(libc::SIGINT);
     let (status, took) = demo.exits_within(Duration::from_secs(15), "the demo")?;
     let mut stderr = String::new();
-    demo.0.stderr.take().context("stderr")?.read_to_string(&mut stderr)?;
+    demo.0
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut stderr)?;
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("stopping the hub and nodes"), "{stderr}");
     for pid in &children {
         assert!(!running(*pid), "child {pid} of the demo is still running");
     }
-    eprintln!("demo stopped with its {} children in {took:?}", children.len());
+    eprintln!(
+        "demo stopped with its {} children in {took:?}",
+        children.len()
+    );
     Ok(())
 }

@@ -417,7 +417,9 @@ pub async fn serve(
             let deadline = tokio::time::Instant::now() + drain;
             tracing::info!(drain_timeout = ?drain, "stop requested: accepting no new requests");
             let _ = stop_tx.send(());
-            hub.drain(server, deadline).await?;
+            if let Err(e) = hub.drain(server, deadline).await {
+                tracing::error!(error = %e, "draining failed; closing now");
+            }
         }
     }
     hub.close().await
@@ -432,7 +434,8 @@ impl Hub {
         deadline: tokio::time::Instant,
     ) -> Result<()> {
         let mut requests_done = false;
-        let mut next_report = tokio::time::Instant::now();
+        // A hub with nothing in flight stops before it has anything to report.
+        let mut next_report = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
             let open = self.ledger.open_escrows().await?.len();
             if requests_done && open == 0 {

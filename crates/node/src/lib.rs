@@ -301,10 +301,9 @@ fn ws_url(hub: &str) -> String {
 }
 
 fn timed_out(what: &str) -> Error {
-    Error::Connection(tokio_tungstenite::tungstenite::Error::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("timed out {what}"),
-    )))
+    Error::Connection(tokio_tungstenite::tungstenite::Error::Io(
+        std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out {what}")),
+    ))
 }
 
 async fn session(
