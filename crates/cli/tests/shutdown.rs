@@ -507,6 +507,7 @@ fn hub_stopped_mid_stream_refunds_within_its_bound_and_its_node_then_stops() -> 
 #[test]
 fn hub_and_nodes_stopped_at_the_same_instant_twenty_rounds() -> Result<()> {
     let bound = Duration::from_secs(DRAIN_SECS) + SLACK + Duration::from_secs(1);
+    let (mut clean, mut slowest) = (0, Duration::ZERO);
     for round in 0..20u64 {
         let mut hub = start_hub(&["--verify-probability", "0.5"])?;
         let mut nodes = [hub.node("a", 10, &[])?, hub.node("b", 11, &[])?];
@@ -536,7 +537,9 @@ fn hub_and_nodes_stopped_at_the_same_instant_twenty_rounds() -> Result<()> {
             read_log(hub.dir(), "hub")
         );
         for (node, name) in nodes.iter_mut().zip(["a", "b"]) {
-            let (status, _) = node.exits_within(bound, "a node")?;
+            let (status, took) = node.exits_within(bound, "a node")?;
+            clean += usize::from(status.success());
+            slowest = slowest.max(took);
             // Before its first instructions ran, a process may still die of the signal itself.
             assert!(
                 status.success() || !waited,
@@ -550,6 +553,7 @@ fn hub_and_nodes_stopped_at_the_same_instant_twenty_rounds() -> Result<()> {
         }
         hub.audit().with_context(|| format!("round {round}"))?;
     }
+    eprintln!("20 rounds: {clean} of 40 nodes exited 0, the slowest after the hub in {slowest:?}");
     Ok(())
 }
 
@@ -572,11 +576,11 @@ fn demo_interrupted_mid_run_leaves_no_child_process() -> Result<()> {
             let _ = tx.send(line);
         }
     });
-    // Mid-run: the agent is funded and the first request is on its way.
+    // Mid-run: the first answer is in, the second request is on its way.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
-        if line.starts_with("agent") {
+        if line.trim_start().starts_with("served by") {
             break;
         }
     }
