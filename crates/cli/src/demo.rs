@@ -1,9 +1,13 @@
 //! `tessera demo`: a whole network on this machine. Starts a hub and three provider nodes (one of
 //! them cheating with re-quantized weights) as child processes, funds an agent, sends chat
 //! requests through the OpenAI-compatible API and shows the cheater being caught and slashed.
+//!
+//! Ctrl-C or SIGTERM (and any error) stops every child process before the demo exits: none is
+//! left behind (issue 17).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -32,16 +36,153 @@ pub struct DemoArgs {
     dir: Option<std::path::PathBuf>,
 }
 
-/// Child processes, killed on drop.
-struct Children(Vec<Child>);
+/// How long the children get to drain (`--drain-timeout-secs` of the hub and the nodes).
+const CHILD_DRAIN_SECS: u64 = 5;
+/// How long the demo waits for its children to exit after SIGTERM before it kills them.
+const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(CHILD_DRAIN_SECS + 5);
 
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
+/// The hub and node processes the demo started. Each runs in its own process group, so a
+/// terminal's Ctrl-C reaches only the demo, which then stops them itself: SIGTERM, up to
+/// [`CHILD_STOP_TIMEOUT`] to exit, then SIGKILL, and every one is reaped. Once stopping, no
+/// further child is started, so none can slip past the stop.
+#[derive(Clone, Default)]
+struct Children(Arc<Mutex<ChildSet>>);
+
+#[derive(Default)]
+struct ChildSet {
+    running: Vec<Child>,
+    stopping: bool,
+    interrupted: bool,
+}
+
+impl Children {
+    fn lock(&self) -> MutexGuard<'_, ChildSet> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn(&self, cmd: &mut Command) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(cmd, 0);
+        let mut set = self.lock();
+        if set.stopping {
+            bail!("interrupted");
+        }
+        set.running.push(cmd.spawn()?);
+        Ok(())
+    }
+
+    fn interrupted(&self) -> bool {
+        self.lock().interrupted
+    }
+
+    /// Asks every child to stop, waits up to `grace` for them, kills the rest; returns once all
+    /// are reaped. Safe to call from several threads.
+    fn stop(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        {
+            let mut set = self.lock();
+            if !set.stopping {
+                set.stopping = true;
+                for child in &mut set.running {
+                    terminate(child);
+                }
+            }
+        }
+        loop {
+            let mut set = self.lock();
+            set.running
+                .retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
+            if set.running.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                drop(set);
+                return self.kill();
+            }
+            drop(set);
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// Kills every child at once and reaps it.
+    fn kill(&self) {
+        let mut set = self.lock();
+        set.stopping = true;
+        for mut child in set.running.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the children on the first Ctrl-C or SIGTERM (kills them at once on a second one),
+    /// then exits with status 130. Returns once the handlers are installed.
+    fn stop_on_signal(&self) -> anyhow::Result<()> {
+        let children = self.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut signals = match crate::signals::Signals::install() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let name = signals.next().await;
+                children.lock().interrupted = true;
+                eprintln!(
+                    "\n{name}: stopping the hub and nodes (up to {} s; again to kill them at once)",
+                    CHILD_STOP_TIMEOUT.as_secs()
+                );
+                let stopping = children.clone();
+                let stopped =
+                    tokio::task::spawn_blocking(move || stopping.stop(CHILD_STOP_TIMEOUT));
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = signals.next() => children.kill(),
+                }
+                std::process::exit(130);
+            });
+        });
+        ready_rx
+            .recv()
+            .context("the signal thread ended")?
+            .context("installing the signal handlers")
+    }
+}
+
+/// Stops the children when the demo returns, by success or by any error.
+struct StopOnDrop(Children);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop(CHILD_STOP_TIMEOUT);
+    }
+}
+
+#[cfg(unix)]
+fn terminate(child: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped, so the
+        // id cannot belong to another process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+#[cfg(not(unix))]
+fn terminate(child: &mut Child) {
+    let _ = child.kill();
 }
 
 fn log(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
@@ -55,18 +196,33 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !cfg!(feature = "adversary") {
         bail!("the demo runs a cheating node; build with `--features adversary` (cargo run --release --features adversary -- demo)");
     }
+    let children = Children::default();
+    children.stop_on_signal()?;
+    let result = demo(args, &children);
+    if children.interrupted() {
+        // Interrupted: the signal thread reports and exits; the error is only its echo.
+        children.stop(CHILD_STOP_TIMEOUT);
+        std::process::exit(130);
+    }
+    result
+}
+
+fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
+    // Declared after `temp`, so the children stop before their directory is removed.
+    let _stop = StopOnDrop(children.clone());
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(&dir)?;
     let exe = std::env::current_exe()?;
     let db = format!("sqlite://{}", dir.join("hub.db").display());
     let addr_file = dir.join("hub.addr");
     let _ = std::fs::remove_file(&addr_file);
-    let mut children = Children(Vec::new());
-    children.0.push(
+    children.spawn(
         Command::new(&exe)
             .args([
                 "hub",
+                "--drain-timeout-secs",
+                &CHILD_DRAIN_SECS.to_string(),
                 "--dev",
                 "--listen",
                 "127.0.0.1:0",
@@ -78,9 +234,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .arg("--addr-file")
             .arg(&addr_file)
             .stdout(Stdio::null())
-            .stderr(log(&dir, "hub")?)
-            .spawn()?,
-    );
+            .stderr(log(&dir, "hub")?),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let url = loop {
         if let Ok(a) = std::fs::read_to_string(&addr_file) {
@@ -113,6 +268,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "--threads",
             &args.threads.to_string(),
             "--dev-stake",
+            "--drain-timeout-secs",
+            &CHILD_DRAIN_SECS.to_string(),
         ])
         .env(
             "TESSERA_PRIVATE_KEY",
@@ -123,7 +280,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         if let Some(cheat) = cheat {
             cmd.args(["--cheat", cheat]);
         }
-        children.0.push(cmd.spawn()?);
+        children.spawn(&mut cmd)?;
         println!(
             "node       {name:<9} {:#x}  price {price}/token{}",
             wallet.address(),

@@ -7,6 +7,7 @@ mod client;
 mod demo;
 mod ledger;
 mod model_cmd;
+mod signals;
 mod verify_cmd;
 mod wallet;
 
@@ -133,28 +134,6 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM: how `tessera hub` and `tessera node` are asked to stop.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-}
-
 /// `tessera hub --config FILE`: the file's settings become environment defaults before clap
 /// parses the command line, so flags and the environment still win.
 fn hub_config_file() -> anyhow::Result<()> {
@@ -187,9 +166,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Hub(mut config) => {
             config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;
-            block_on(async { Ok(tessera_hub::run(config, shutdown_signal()).await?) }).context("hub")
+            signals::run_service(async { Ok(tessera_hub::run(config, signals::stop_signal()).await?) }).context("hub")
         }
-        Command::Node(config) => block_on(async { Ok(tessera_node::run(config, shutdown_signal()).await?) }).context("node"),
+        Command::Node(config) => signals::run_service(async { Ok(tessera_node::run(config, signals::stop_signal()).await?) }).context("node"),
     }
 }
 

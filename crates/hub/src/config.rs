@@ -117,6 +117,10 @@ pub struct HubConfig {
     /// How far in the future a signed message's expiry may lie, seconds.
     #[arg(long, env = "TESSERA_HUB_MAX_SIGNATURE_VALIDITY", default_value_t = tessera_protocol::DEFAULT_MAX_VALIDITY_SECS)]
     pub max_signature_validity_secs: u64,
+    /// Seconds a stopping hub waits for the requests and verifications in flight before it
+    /// settles or refunds what is left and exits.
+    #[arg(long, env = "TESSERA_HUB_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
 }
 
 impl HubConfig {
@@ -177,6 +181,7 @@ impl HubConfig {
             verifying_contract: None,
             verify_recheck_ms: 2000,
             max_signature_validity_secs: tessera_protocol::DEFAULT_MAX_VALIDITY_SECS,
+            drain_timeout_secs: 30,
         }
     }
 }

@@ -206,15 +206,92 @@ pub async fn run(
     serve(hub, listener, shutdown).await
 }
 
-/// Serves `hub` on a bound listener until `shutdown` resolves, then closes the ledger.
+/// Serves `hub` on a bound listener until `shutdown` resolves, then stops within
+/// `drain_timeout_secs`: it accepts no new connection, waits for the requests in flight and the
+/// verifications they started, settles or refunds every escrow still open (as a restart's
+/// recovery would), and closes the databases, so the ledger audit is clean after a stop.
 pub async fn serve(
     hub: Arc<Hub>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(hub.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    hub.ledger.close().await;
-    Ok(())
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(hub.clone())).with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+    });
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    tokio::select! {
+        served = &mut server => served?,
+        _ = shutdown => {
+            let drain = std::time::Duration::from_secs(hub.config.drain_timeout_secs);
+            let deadline = tokio::time::Instant::now() + drain;
+            tracing::info!(drain_timeout = ?drain, "stop requested: accepting no new requests");
+            let _ = stop_tx.send(());
+            if let Err(e) = hub.drain(server, deadline).await {
+                tracing::error!(error = %e, "draining failed; closing now");
+            }
+        }
+    }
+    hub.close().await
+}
+
+impl Hub {
+    /// The stop's drain: waits, until `deadline`, for the HTTP server to finish its requests in
+    /// flight, then for the verifications they left open, logging what it waits for.
+    async fn drain(
+        &self,
+        mut server: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        let mut requests_done = false;
+        // A hub with nothing in flight stops before it has anything to report.
+        let mut next_report = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let open = self.ledger.open_escrows().await?.len();
+            if requests_done && open == 0 {
+                tracing::info!("drained");
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                tracing::warn!(
+                    requests_done,
+                    open_escrows = open,
+                    "drain timeout: cutting off what is still in flight"
+                );
+                return Ok(());
+            }
+            if now >= next_report {
+                let waiting_for = if requests_done {
+                    "the verdicts of jobs already answered"
+                } else {
+                    "the requests in flight (a stream ends when its provider finishes)"
+                };
+                tracing::info!(open_escrows = open, ?left, waiting_for, "draining");
+                next_report = now + std::time::Duration::from_secs(5);
+            }
+            let step = std::time::Duration::from_millis(200).min(left);
+            if requests_done {
+                tokio::time::sleep(step).await;
+            } else if let Ok(served) = tokio::time::timeout(step, &mut server).await {
+                served?;
+                requests_done = true;
+            }
+        }
+    }
+
+    /// The end of a stop: settles or refunds every escrow the drain left open (what a restart's
+    /// recovery would do; a request still running past the deadline then finds its escrow closed
+    /// and charges nothing twice) and closes the databases.
+    pub async fn close(&self) -> Result<()> {
+        let recovered = self.recover().await;
+        if let Err(e) = &recovered {
+            tracing::error!(error = %e, "closing the escrows left open failed; the next start will");
+        }
+        self.ledger.close().await;
+        self.store.close().await;
+        tracing::info!("hub stopped");
+        recovered
+    }
 }

@@ -157,6 +157,12 @@ impl Store {
         Ok(())
     }
 
+    /// Closes the pool: waits for the connections in use, then closes every one (on SQLite the
+    /// last close checkpoints the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// Forgets a job whose escrow is closed.
     pub async fn job_closed(&self, key: &str) -> Result<()> {
         sqlx::query("DELETE FROM hub_jobs WHERE job_key = $1")

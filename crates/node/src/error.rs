@@ -21,6 +21,9 @@ pub enum Error {
     /// Bad configuration.
     #[error("config: {0}")]
     Config(String),
+    /// A stop asked by a signal could not finish cleanly within its bound.
+    #[error("shutdown: {0}")]
+    Shutdown(String),
 }
 
 /// Result with this crate's [`Error`].
