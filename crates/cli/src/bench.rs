@@ -15,6 +15,10 @@ use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines};
 pub enum BenchCommand {
     /// The hub's own overhead with synthetic providers: requests/s routed and settled, p50/p99 latency.
     Hub(crate::bench_hub::HubBenchArgs),
+    /// A scripted attack round against a local three-provider network (issue 10's exploits):
+    /// attempts, prevented, the attacker's gain and honest providers wrongly slashed.
+    #[cfg(feature = "adversary")]
+    Attack(crate::bench_attack::AttackArgs),
     /// Engine throughput for each cached model: prompt processing, decode (batch 1 and 8),
     /// teacher-forced scoring, time to first token, peak RSS.
     Engine {
@@ -308,6 +312,8 @@ fn bench_engine(name: &str, threads: Option<usize>, device: Compute, prompt_toke
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Hub(args) => crate::bench_hub::run(args)?,
+        #[cfg(feature = "adversary")]
+        BenchCommand::Attack(args) => crate::bench_attack::run(args)?,
         BenchCommand::Engine { threads, device, model, prompt_tokens, gen_tokens, repeat, json } => {
             let models: Vec<String> =
                 if model.is_empty() { registry::list_cached().into_iter().map(|m| m.name).collect() } else { model };

@@ -1,6 +1,8 @@
 //! `tessera`: the one command line of the network.
 
 mod bench;
+#[cfg(feature = "adversary")]
+mod bench_attack;
 mod bench_hub;
 mod catalog;
 mod client;

@@ -771,7 +771,8 @@ fn failure_before_first_token_is_retried_elsewhere() -> Result<()> {
 fn sigterm_drains_the_stream_in_flight() -> Result<()> {
     let hub = start_hub(&["--verify-probability", "0"])?;
     let provider = Wallet::random();
-    let mut node = hub.node("node", &provider, 10, &["--dev-stake"])?;
+    // A drain long enough for the whole answer on a busy machine.
+    let mut node = hub.node("node", &provider, 10, &["--dev-stake", "--drain-timeout-secs", "300"])?;
     hub.wait_connected(1)?;
     let (_agent, key) = hub.agent(1_000_000)?;
     let request = json!({
@@ -1149,15 +1150,19 @@ fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -
         "--verify-recheck-ms",
         "200",
     ])?;
+    // Three honest providers: two of them agreeing on a third's job make a known-pass check,
+    // which is what exposes a liar (its lone "fail" never acts by itself).
     let honest_a = Wallet::random();
     let honest_b = Wallet::random();
+    let honest_c = Wallet::random();
     let lazy = Wallet::random();
     let liar = Wallet::random();
     let _a = hub.node("honest-a", &honest_a, 10, &["--dev-stake"])?;
     let _b = hub.node("honest-b", &honest_b, 11, &["--dev-stake"])?;
-    let _lazy = hub.node("lazy", &lazy, 12, &["--dev-stake", "--cheat", "lazy-verifier"])?;
-    let _liar = hub.node("liar", &liar, 13, &["--dev-stake", "--cheat", "lying-verifier"])?;
-    hub.wait_connected(4)?;
+    let _c = hub.node("honest-c", &honest_c, 12, &["--dev-stake"])?;
+    let _lazy = hub.node("lazy", &lazy, 13, &["--dev-stake", "--cheat", "lazy-verifier"])?;
+    let _liar = hub.node("liar", &liar, 14, &["--dev-stake", "--cheat", "lying-verifier"])?;
+    hub.wait_connected(5)?;
     let (_agent, key) = hub.agent(10_000_000)?;
     let caught = |w: &Wallet| -> Result<bool> { Ok(hub.provider(w)?["quarantined"] == json!(true)) };
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -1181,7 +1186,7 @@ fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -
         assert_eq!(p["slashed"], 1_000_000, "{p}");
     }
     let mut fees = 0;
-    for honest in [&honest_a, &honest_b] {
+    for honest in [&honest_a, &honest_b, &honest_c] {
         let p = hub.provider(honest)?;
         assert_eq!((p["quarantined"].clone(), p["slashed"].clone()), (json!(false), json!(0)), "{p}");
         assert_eq!(p["canaries_failed"], 0, "{p}");
@@ -1417,4 +1422,21 @@ fn finding_12_keys_expire_and_revoke_a_refused_request_keeps_its_nonce_and_fees_
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fee-bps"));
     hub.audit()
+}
+
+#[test]
+fn bench_attack_round_prevents_every_exploit() -> Result<()> {
+    let out = Command::new(BIN)
+        .args(["bench", "attack", "--rounds", "2", "--json"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    assert!(rows.len() >= 7, "{rows:?}");
+    for r in &rows {
+        assert!(r["attempts"].as_u64() > Some(0), "{r}");
+        assert_eq!(r["prevented"], r["attempts"], "{r}");
+        assert!(r["attacker_gain"].as_i64() <= Some(0), "{r}");
+        assert_eq!(r["honest_slashed"], 0, "{r}");
+    }
+    Ok(())
 }

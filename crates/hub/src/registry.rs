@@ -460,10 +460,15 @@ impl Registry {
     /// Eligible verifiers of a job on the model `sha256`: live, unquarantined, holding stake,
     /// not overloaded, and not in `exclude` (the checked provider, the agent, earlier verifiers).
     pub fn eligible_verifiers(&self, sha256: &str, exclude: &[Address]) -> Vec<Arc<Connection>> {
-        self.serving(sha256)
+        let serving = self.serving(sha256);
+        let records = lock(&self.records);
+        serving
             .into_iter()
             .filter(|c| {
                 !exclude.contains(&c.address)
+                    && records.get(&c.address).is_none_or(|r| {
+                        r.reputation >= crate::jobs::verify::SIDELINED_BELOW
+                    })
                     && c.stake.load(Ordering::Relaxed) > 0
                     && c.load() < c.capacity.saturating_mul(2)
             })

@@ -3,8 +3,10 @@
 //! - **Who checks**: verifiers are drawn at random among the eligible providers of the same file,
 //!   weighted by stake, never the checked provider or the paying agent; a provider cannot predict
 //!   or arrange who checks it.
-//! - **Paid**: every answered check earns the verifier a fee (`verify_fee_bps` of the job's cost,
-//!   at least one micro-unit) from the protocol's fees, so running the model is worth its cost.
+//! - **Paid**: a check whose verdict the outcome agrees with earns the verifier a fee
+//!   (`verify_fee_bps` of the job's cost, at least one micro-unit) from the protocol's fees, so
+//!   running the model is worth its cost and a lie earns nothing. A verifier whose reputation has
+//!   fallen below [`SIDELINED_BELOW`] (outvoted again and again) is no longer asked.
 //! - **Never slashed on one voice**: a "fail" is acted on only when a second, independent verifier
 //!   confirms it (and fails outnumber passes); a disagreement asks further voices, and when none
 //!   is to be had the job is re-checked later, and in the end settled unslashed.
@@ -38,6 +40,8 @@ pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Rounds (asks or waits, `verify_recheck_ms` apart) before an unresolved verification is
 /// settled unslashed.
 pub const MAX_ROUNDS: usize = 6;
+/// Reputation below which a provider is no longer asked to verify.
+pub const SIDELINED_BELOW: f64 = 0.05;
 /// Known-answer checks kept per model and kind.
 const POOL: usize = 16;
 
@@ -161,14 +165,8 @@ impl Canaries {
 
 impl Hub {
     /// Sends a scoring request and waits for the verdict; `None` if the verifier did not answer
-    /// in time or could not check. An answer earns the fee.
-    async fn ask(
-        &self,
-        verifier: &Connection,
-        claimed: &Claimed,
-        fee_basis: u64,
-        key: &str,
-    ) -> Option<Verdict> {
+    /// in time or could not check.
+    async fn ask(&self, verifier: &Connection, claimed: &Claimed) -> Option<Verdict> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = verifier.start_score(id, claimed.message(id))?;
         let verdict = match tokio::time::timeout(VERIFY_TIMEOUT, rx).await {
@@ -185,12 +183,6 @@ impl Hub {
         }
         self.registry
             .update(verifier.address, |r| r.verifications_done += 1);
-        self.pay_verifier(
-            verifier.address,
-            fee_basis,
-            &format!("{key}:fee:{:#x}", verifier.address),
-        )
-        .await;
         Some(verdict)
     }
 
@@ -240,7 +232,7 @@ impl Hub {
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
         let Some(verdict) = self
-            .ask(&verifier, &canary.claimed, canary.cost, &key)
+            .ask(&verifier, &canary.claimed)
             .await
         else {
             return;
@@ -249,6 +241,8 @@ impl Hub {
         if verdict.passed() == canary.passes {
             self.registry
                 .update(verifier.address, |r| r.canaries_passed += 1);
+            self.pay_verifier(verifier.address, canary.cost, &format!("{key}:fee"))
+                .await;
             tracing::debug!(verifier = %verifier.address, "known-answer check answered right");
             return;
         }
@@ -336,13 +330,24 @@ impl Hub {
             };
             asked.push(verifier.address);
             self.maybe_canary(&verifier);
-            match self.ask(&verifier, &claimed, cost, &hold.key).await {
+            match self.ask(&verifier, &claimed).await {
                 Some(Verdict::Pass) => passes.push(verifier),
                 Some(Verdict::Fail { reason }) => fails.push((verifier, reason)),
                 Some(Verdict::Inconclusive { .. }) | None => {}
             }
         }
         let confirmed_fail = fails.len() >= 2 && fails.len() > passes.len();
+        // Fees go to the voices the outcome agrees with: a lie earns nothing.
+        let paid: Vec<Address> = if confirmed_fail {
+            fails.iter().map(|(v, _)| v.address).collect()
+        } else if fails.is_empty() || passes.len() > fails.len() {
+            passes.iter().map(|v| v.address).collect()
+        } else {
+            Vec::new()
+        };
+        for v in paid {
+            self.pay_verifier(v, cost, &format!("{}:fee:{v:#x}", hold.key)).await;
+        }
         if !confirmed_fail {
             if !fails.is_empty() {
                 // Outvoted or unconfirmed: never slashed on one voice. The dissenters are tested.
