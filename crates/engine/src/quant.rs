@@ -6,8 +6,14 @@
 //! activations quantized to **16 bits** per 32-block (llama.cpp uses 8; see
 //! [`QuantizedActivations`]). On AVX-512 VNNI each 16-bit value is split into a high and a low byte,
 //! so that `vpdpbusd` multiplies two blocks per instruction and still yields the exact 16-bit
-//! products; AVX2 uses `vpmaddwd`, and a portable version runs anywhere. Other GGML formats (the
-//! K-quants of Gemma 3, `Q5_0`, ...) are widened to f32 at load time (see [`QMatrix::from_qtensor`]).
+//! products; AVX2 uses `vpmaddwd`, and a portable version runs anywhere.
+//!
+//! The K-quants of Gemma 3 and Qwen2 (`Q4_K`, `Q6_K`: 256-weight super-blocks with 6- or 8-bit
+//! sub-block scales) also stay in GGML's blocks, with kernels that take an exact integer product per
+//! sub-block and accumulate `d·sc·scale_a·product` in a fixed order (AVX2 and portable; the VNNI
+//! build uses the AVX2 kernel for them). `Q5_0` and `Q4_0` are repacked exactly into `Q8_0` and
+//! `Q4_1`; what is left (`Q5_K`, `F16`, ...) is widened to f32 at load time (see
+//! [`QMatrix::from_qtensor`]).
 //!
 //! Determinism matters more than usual here, because verification compares a provider's logits with a
 //! verifier's: every output element is computed by the same sequence of operations whatever the batch
@@ -171,6 +177,97 @@ pub struct BlockQ8_0 {
     qs: [i8; 32],
 }
 
+/// Weights in one GGML K-quant super-block.
+pub const K_BLOCK: usize = 256;
+
+/// A GGML `Q4_K` block, byte for byte (4.5 bits per weight): eight sub-blocks of 32 with 6-bit
+/// scales and minimums, `w = d·sc·q − dmin·m`, `q` in 0..16. Bytes 32j..32j+32 of `qs` hold
+/// sub-block 2j in their low nibbles and sub-block 2j + 1 in their high nibbles.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4K {
+    d: f16,
+    dmin: f16,
+    scales: [u8; 12],
+    qs: [u8; 128],
+}
+
+/// A GGML `Q6_K` block, byte for byte (6.5625 bits per weight): sixteen sub-blocks of 16 with
+/// signed 8-bit scales, `w = d·sc·(q − 32)`, `q` 6 bits (4 in `ql`, 2 in `qh`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ6K {
+    ql: [u8; 128],
+    qh: [u8; 64],
+    scales: [i8; 16],
+    d: f16,
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a `Q4_K` block (GGML's `get_scale_min_k4`).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+impl BlockQ4K {
+    fn from_bytes(b: &[u8]) -> Self {
+        Self { d: f16_at(b, 0), dmin: f16_at(b, 2), scales: b[4..16].try_into().expect("12 bytes"), qs: b[16..144].try_into().expect("128 bytes") }
+    }
+
+    /// The 256 weights, as candle (and GGML) dequantize them.
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, min) = (self.d.to_f32(), self.dmin.to_f32());
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &self.scales);
+            let (dj, mj) = (d * sc as f32, min * m as f32);
+            let q = &self.qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            let shift = if j % 2 == 0 { 0 } else { 4 };
+            for (o, q) in out[j * 32..j * 32 + 32].iter_mut().zip(q) {
+                *o = dj * ((q >> shift) & 0xF) as f32 - mj;
+            }
+        }
+    }
+}
+
+impl BlockQ6K {
+    fn from_bytes(b: &[u8]) -> Self {
+        let mut scales = [0i8; 16];
+        for (s, x) in scales.iter_mut().zip(&b[192..208]) {
+            *s = *x as i8;
+        }
+        Self { ql: b[0..128].try_into().expect("128 bytes"), qh: b[128..192].try_into().expect("64 bytes"), scales, d: f16_at(b, 208) }
+    }
+
+    /// Element `32t + l` (`l < 32`) of 128-element half `h`, as `q − 32`.
+    #[inline(always)]
+    fn q(&self, h: usize, t: usize, l: usize) -> i8 {
+        let (ql, qh) = (&self.ql[64 * h..], self.qh[32 * h + l]);
+        let low = match t {
+            0 => ql[l] & 0xF,
+            1 => ql[l + 32] & 0xF,
+            2 => ql[l] >> 4,
+            _ => ql[l + 32] >> 4,
+        };
+        (low | (((qh >> (2 * t)) & 3) << 4)) as i8 - 32
+    }
+
+    /// The 256 weights, as candle (and GGML) dequantize them.
+    fn dequantize(&self, out: &mut [f32]) {
+        let d = self.d.to_f32();
+        for h in 0..2 {
+            for t in 0..4 {
+                for l in 0..32 {
+                    out[128 * h + 32 * t + l] = d * self.scales[8 * h + 2 * t + l / 16] as f32 * self.q(h, t, l) as f32;
+                }
+            }
+        }
+    }
+}
+
 /// Twenty bytes of a repacked `Q4_1` row (the size of one block).
 ///
 /// `Q4_1` rows are stored with the same bytes as GGML's, reordered: every group of
@@ -234,6 +331,8 @@ fn q4_1_block(row: &[Q4_1Slot], b: usize) -> BlockQ4_1 {
 enum Storage {
     Q4_1(Vec<Q4_1Slot>),
     Q8_0(Vec<BlockQ8_0>),
+    Q4K(Vec<BlockQ4K>),
+    Q6K(Vec<BlockQ6K>),
     /// Plain f32, row-major.
     F32(Vec<f32>),
 }
@@ -288,7 +387,58 @@ impl QMatrix {
                     Storage::Q8_0(blocks)
                 }
             }
-            // Everything else (F16, the K-quants, Q5_0, ...) is widened to f32 once, exactly. candle's
+            // `Q4_0` (`w = d·(q − 8)`) is `Q4_1` with `m = −8d`, exact in f16 (a power-of-two multiple).
+            GgmlDType::Q4_0 if cols % BLOCK == 0 => {
+                let bytes = tensor.data()?;
+                if bytes.len() != rows * cols / BLOCK * 18 {
+                    return Err(Error::BadTensor { name: name.into(), reason: "Q4_0 data has the wrong length".into() });
+                }
+                let blocks: Vec<BlockQ4_1> = bytes
+                    .chunks_exact(18)
+                    .map(|b| {
+                        let d = f16_at(b, 0);
+                        BlockQ4_1 { d, m: f16::from_f32(-8.0 * d.to_f32()), qs: b[2..18].try_into().expect("16 bytes") }
+                    })
+                    .collect();
+                Storage::Q4_1(pack_q4_1(&blocks, cols / BLOCK))
+            }
+            // `Q5_0` (`w = d·(q − 16)`, `q` 5 bits: 4 in nibbles, the fifth in a 32-bit mask) is `Q8_0`
+            // with the signed byte `q − 16`: exact, and it runs on the `Q8_0` kernels (8.5 bits per
+            // weight in memory instead of 5.5; a native `Q5_0` kernel would keep the file's size).
+            GgmlDType::Q5_0 if cols % BLOCK == 0 => {
+                let bytes = tensor.data()?;
+                if bytes.len() != rows * cols / BLOCK * 22 {
+                    return Err(Error::BadTensor { name: name.into(), reason: "Q5_0 data has the wrong length".into() });
+                }
+                let blocks = bytes
+                    .chunks_exact(22)
+                    .map(|b| {
+                        let high = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                        let qs = &b[6..22];
+                        let q = |j: usize| {
+                            let nibble = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 };
+                            let fifth = ((high >> j) & 1) as u8;
+                            (nibble | (fifth << 4)) as i8 - 16
+                        };
+                        BlockQ8_0 { d: f16_at(b, 0), qs: std::array::from_fn(q) }
+                    })
+                    .collect();
+                Storage::Q8_0(blocks)
+            }
+            // The K-quants in GGML's own blocks, on their own kernels (no widening).
+            GgmlDType::Q4K | GgmlDType::Q6K if cols % K_BLOCK == 0 => {
+                let bytes = tensor.data()?;
+                let (size, n) = (if dtype == GgmlDType::Q4K { 144 } else { 210 }, rows * cols / K_BLOCK);
+                if bytes.len() != n * size {
+                    return Err(Error::BadTensor { name: name.into(), reason: format!("{dtype:?} data has the wrong length") });
+                }
+                if dtype == GgmlDType::Q4K {
+                    Storage::Q4K(bytes.chunks_exact(144).map(BlockQ4K::from_bytes).collect())
+                } else {
+                    Storage::Q6K(bytes.chunks_exact(210).map(BlockQ6K::from_bytes).collect())
+                }
+            }
+            // Everything else (F16, Q5_K, ...) is widened to f32 once, exactly. candle's
             // kernels for these quantize activations to 8 bits and take different paths for one row
             // and many, which made Gemma's incremental and teacher-forced logits differ by up to 2.1;
             // verification needs them to agree, so exactness wins over speed for these formats.
@@ -329,7 +479,10 @@ impl QMatrix {
     pub fn concat_rows(parts: Vec<QMatrix>) -> std::result::Result<QMatrix, Vec<QMatrix>> {
         let cols = parts[0].cols;
         let same = parts.iter().all(|p| p.cols == cols)
-            && (parts.iter().all(|p| matches!(p.storage, Storage::Q4_1(_))) || parts.iter().all(|p| matches!(p.storage, Storage::Q8_0(_))));
+            && (parts.iter().all(|p| matches!(p.storage, Storage::Q4_1(_)))
+                || parts.iter().all(|p| matches!(p.storage, Storage::Q8_0(_)))
+                || parts.iter().all(|p| matches!(p.storage, Storage::Q4K(_)))
+                || parts.iter().all(|p| matches!(p.storage, Storage::Q6K(_))));
         if !same {
             return Err(parts);
         }
@@ -338,6 +491,8 @@ impl QMatrix {
             Storage::Q4_1(_) => Storage::Q4_1(
                 parts.into_iter().flat_map(|p| if let Storage::Q4_1(b) = p.storage { b } else { Vec::new() }).collect(),
             ),
+            Storage::Q4K(_) => Storage::Q4K(parts.into_iter().flat_map(|p| if let Storage::Q4K(b) = p.storage { b } else { Vec::new() }).collect()),
+            Storage::Q6K(_) => Storage::Q6K(parts.into_iter().flat_map(|p| if let Storage::Q6K(b) = p.storage { b } else { Vec::new() }).collect()),
             _ => Storage::Q8_0(parts.into_iter().flat_map(|p| if let Storage::Q8_0(b) = p.storage { b } else { Vec::new() }).collect()),
         };
         Ok(QMatrix { rows, cols, storage })
@@ -358,6 +513,8 @@ impl QMatrix {
         match &self.storage {
             Storage::Q4_1(_) => "Q4_1",
             Storage::Q8_0(_) => "Q8_0",
+            Storage::Q4K(_) => "Q4K",
+            Storage::Q6K(_) => "Q6K",
             Storage::F32(_) => "F32",
         }
     }
@@ -383,6 +540,18 @@ impl QMatrix {
                     for (j, q) in blk.qs.iter().enumerate() {
                         out[b * BLOCK + j] = d * *q as f32;
                     }
+                }
+            }
+            Storage::Q4K(blocks) => {
+                let bpr = self.cols / K_BLOCK;
+                for (blk, out) in blocks[r * bpr..(r + 1) * bpr].iter().zip(out.chunks_exact_mut(K_BLOCK)) {
+                    blk.dequantize(out);
+                }
+            }
+            Storage::Q6K(blocks) => {
+                let bpr = self.cols / K_BLOCK;
+                for (blk, out) in blocks[r * bpr..(r + 1) * bpr].iter().zip(out.chunks_exact_mut(K_BLOCK)) {
+                    blk.dequantize(out);
                 }
             }
             Storage::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
@@ -423,6 +592,8 @@ impl QMatrix {
             })),
             Storage::Q4_1(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
             Storage::Q8_0(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
+            Storage::Q4K(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
+            Storage::Q6K(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
         }
     }
 
@@ -430,7 +601,7 @@ impl QMatrix {
     /// layout those kernels read, then every tile.
     fn quantized_product<B: kernels::KernelBlock + Sync>(&self, isa: kernels::Isa, blocks: &[B], x: &[f32], n: usize) -> Vec<f32> {
         let a = QuantizedActivations::quantize(x, n, self.cols, kernels::layout::<B>(isa));
-        let bpr = self.cols / BLOCK;
+        let bpr = self.cols / B::WEIGHTS;
         self.run_tiles(n, |tile| kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile))
     }
 
@@ -537,7 +708,7 @@ mod kernels {
     //! output element goes through the same operations whatever the tile's shape, so the shape is
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
-    use super::{q4_1_block, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK};
+    use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ6K, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK};
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
     /// made by [`detect`] and [`supported`], so holding one means this CPU supports it.
@@ -553,17 +724,39 @@ mod kernels {
     /// calibration can compare instruction sets within one process.
     static CHOSEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+    /// Every target feature the AVX-512 VNNI kernels (and the helpers they call) enable. The
+    /// kernels may only run when the CPU has *all* of them: a `#[target_feature]` function run on a
+    /// CPU without one of its features is undefined behaviour (issue 10, finding 10). The test
+    /// `finding_10_kernel_detection_gates_every_enabled_feature` checks every `enable = "…"` in this
+    /// file against these lists.
+    pub const VNNI_FEATURES: &[&str] = &["avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx2", "fma", "f16c"];
+
+    /// Every target feature the AVX2 kernels enable.
+    pub const AVX2_FEATURES: &[&str] = &["avx2", "fma"];
+
+    /// Whether this CPU has a target feature named as in `#[target_feature(enable = …)]`.
+    /// (`is_x86_feature_detected!` wants a literal, hence the match; an unknown name is `false`.)
+    #[cfg(target_arch = "x86_64")]
+    pub fn has_feature(name: &str) -> bool {
+        match name {
+            "avx512f" => std::is_x86_feature_detected!("avx512f"),
+            "avx512bw" => std::is_x86_feature_detected!("avx512bw"),
+            "avx512vl" => std::is_x86_feature_detected!("avx512vl"),
+            "avx512vnni" => std::is_x86_feature_detected!("avx512vnni"),
+            "avx2" => std::is_x86_feature_detected!("avx2"),
+            "fma" => std::is_x86_feature_detected!("fma"),
+            "f16c" => std::is_x86_feature_detected!("f16c"),
+            _ => false,
+        }
+    }
+
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("TESSERA_NO_AVX512").is_none()
-                && std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vnni")
-            {
+            if std::env::var_os("TESSERA_NO_AVX512").is_none() && VNNI_FEATURES.iter().all(|f| has_feature(f)) {
                 return Isa::Avx512Vnni;
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if AVX2_FEATURES.iter().all(|f| has_feature(f)) {
                 return Isa::Avx2;
             }
         }
@@ -654,10 +847,11 @@ mod kernels {
     /// # Safety
     /// The kernel must be supported by this CPU and expect `a`'s layout.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn run<B>(w: &[B], bpr: usize, a: &QuantizedActivations, tile: &Tile, kernel: TileKernel<B>) {
+    unsafe fn run<B: KernelBlock>(w: &[B], bpr: usize, a: &QuantizedActivations, tile: &Tile, kernel: TileKernel<B>) {
         let g = tile.activation_rows;
         assert!(tile.weight_rows * bpr <= w.len(), "weights out of range");
-        assert!(a.blocks_per_row == bpr && (tile.first_activation_row + g) * bpr <= a.scales.len(), "activations out of range");
+        let abpr = a.blocks_per_row;
+        assert!(abpr * BLOCK == bpr * B::WEIGHTS && (tile.first_activation_row + g) * abpr <= a.scales.len(), "activations out of range");
         assert!(match a.layout {
             Layout::Words => a.values.len() == a.scales.len() * BLOCK,
             Layout::BytePlanes { .. } => a.planes.len() == a.scales.len() * 64 && a.scale_sums.len() == a.scales.len() * 2,
@@ -672,6 +866,8 @@ mod kernels {
     /// A block format with kernels: the register tiles for each instruction set and a portable
     /// dot product of one weight row with one activation row.
     pub trait KernelBlock: Sized {
+        /// Weights per block (32, or 256 for the K-quants).
+        const WEIGHTS: usize = BLOCK;
         /// The activation layout its AVX-512 VNNI kernel reads.
         const VNNI_LAYOUT: Layout;
         #[cfg(target_arch = "x86_64")]
@@ -728,6 +924,69 @@ mod kernels {
         }
     }
 
+    /// `Q4_K`: per 32-weight sub-block, an exact integer dot product with one activation block,
+    /// then `d·sc·scale_a·dot` accumulated in sub-block order (and `dmin·m·Σa` apart). The VNNI
+    /// build runs the AVX2 kernel (on 16-bit words) until a byte-plane kernel exists.
+    impl KernelBlock for BlockQ4K {
+        const WEIGHTS: usize = super::K_BLOCK;
+        const VNNI_LAYOUT: Layout = Layout::Words;
+        #[cfg(target_arch = "x86_64")]
+        fn vnni(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q4_k_avx2, g)
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn avx2(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q4_k_avx2, g)
+        }
+        fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
+            let (mut acc, mut mins) = (0f32, 0f32);
+            for (b, blk) in row.iter().enumerate() {
+                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                for j in 0..8 {
+                    let (sc, m) = scale_min_k4(j, &blk.scales);
+                    let (ad, asum, aq) = a.block(activation_row, b * 8 + j);
+                    let q = &blk.qs[(j / 2) * 32..(j / 2) * 32 + 32];
+                    let shift = if j % 2 == 0 { 0 } else { 4 };
+                    let s: i32 = (0..32).map(|i| ((q[i] >> shift) & 0xF) as i32 * aq[i] as i32).sum();
+                    mins = (dmin * m as f32).mul_add(asum, mins);
+                    acc = ((d * sc as f32) * ad).mul_add(s as f32, acc);
+                }
+            }
+            acc - mins
+        }
+    }
+
+    /// `Q6_K`: per 16-weight sub-block an exact integer dot product, scaled by `d·sc·scale_a` in
+    /// element order. The VNNI build runs the AVX2 kernel, as for `Q4_K`.
+    impl KernelBlock for BlockQ6K {
+        const WEIGHTS: usize = super::K_BLOCK;
+        const VNNI_LAYOUT: Layout = Layout::Words;
+        #[cfg(target_arch = "x86_64")]
+        fn vnni(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q6_k_avx2, g)
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn avx2(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q6_k_avx2, g)
+        }
+        fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
+            let mut acc = 0f32;
+            for (b, blk) in row.iter().enumerate() {
+                let d = blk.d.to_f32();
+                for h in 0..2 {
+                    for t in 0..4 {
+                        let (ad, _, aq) = a.block(activation_row, b * 8 + h * 4 + t);
+                        for half in 0..2 {
+                            let s: i32 = (16 * half..16 * half + 16).map(|l| blk.q(h, t, l) as i32 * aq[l] as i32).sum();
+                            acc = ((d * blk.scales[8 * h + 2 * t + half] as f32) * ad).mul_add(s as f32, acc);
+                        }
+                    }
+                }
+            }
+            acc
+        }
+    }
+
     /// One tile of a matrix whose first weight row starts at `w`, on the kernels of `isa`.
     pub fn tile<B: KernelBlock>(isa: Isa, w: &[B], bpr: usize, a: &QuantizedActivations, tile: Tile) {
         assert_eq!(a.layout, layout::<B>(isa), "activations quantized for another kernel");
@@ -754,7 +1013,7 @@ mod kernels {
         //! `r0..r0 + G` exist in the layout the kernel reads, and `out[k * stride]` is writable for
         //! every `k < G`.
         use super::super::Q4_1_GROUP;
-        use super::{q4_1_block, BlockQ8_0, Q4_1Slot, QuantizedActivations};
+        use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ6K, BlockQ8_0, Q4_1Slot, QuantizedActivations};
         use std::arch::x86_64::*;
 
         #[inline]
@@ -824,6 +1083,106 @@ mod kernels {
                     };
                     let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
                     acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
+                }
+            }
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = hsum256(acc[k]) };
+            }
+        }
+
+        /// `Q4_K`: as `q4_1_avx2`, per 32-weight sub-block, with the sub-block's scale `d·sc` and
+        /// minimum `dmin·m` (exact in f32) unpacked once per block for all `G` activation rows.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn q4_k_avx2<const G: usize>(w: *const BlockQ4K, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+            let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
+            let abpr = bpr * 8;
+            let mut mins = [0f32; G];
+            let mut acc = [_mm256_setzero_ps(); G];
+            let mask = _mm256_set1_epi8(0x0F);
+            for b in 0..bpr {
+                // SAFETY: the kernel contract (block b is in the row).
+                let blk = unsafe { &*w.add(b) };
+                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                for pair in 0..4 {
+                    // SAFETY: 32 readable bytes of `qs`.
+                    let raw = unsafe { _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i) };
+                    let halves = [_mm256_and_si256(raw, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask)];
+                    for (h, q) in halves.into_iter().enumerate() {
+                        let j = pair * 2 + h;
+                        let (sc, m) = scale_min_k4(j, &blk.scales);
+                        let (dj, mj) = (d * sc as f32, dmin * m as f32);
+                        let (w0, w1) = (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)));
+                        for k in 0..G {
+                            let i = (r0 + k) * abpr + b * 8 + j;
+                            // SAFETY: the kernel contract.
+                            let (ad, s, x0, x1) = unsafe {
+                                let p = values.add(i * 32);
+                                (*scales.add(i), *sums.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                            };
+                            mins[k] = mj.mul_add(s, mins[k]);
+                            let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dj * ad), _mm256_cvtepi32_ps(p), acc[k]);
+                        }
+                    }
+                }
+            }
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = hsum256(acc[k]) - mins[k] };
+            }
+        }
+
+        /// `Q6_K`: the 6-bit weights of 32 elements rebuilt from `ql`/`qh` in one register, less 32,
+        /// then per 16-weight sub-block an exact `vpmaddwd` product scaled by `d·sc·scale_a`.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn q6_k_avx2<const G: usize>(w: *const BlockQ6K, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
+            let abpr = bpr * 8;
+            let mut acc = [_mm256_setzero_ps(); G];
+            let (m4, m2, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+            for b in 0..bpr {
+                // SAFETY: the kernel contract (block b is in the row).
+                let blk = unsafe { &*w.add(b) };
+                let d = blk.d.to_f32();
+                for h in 0..2 {
+                    // SAFETY: 64 bytes of `ql` and 32 of `qh` per half.
+                    let (l0, l1, hb) = unsafe {
+                        let ql = blk.ql.as_ptr().add(64 * h);
+                        (
+                            _mm256_loadu_si256(ql as *const __m256i),
+                            _mm256_loadu_si256(ql.add(32) as *const __m256i),
+                            _mm256_loadu_si256(blk.qh.as_ptr().add(32 * h) as *const __m256i),
+                        )
+                    };
+                    // Bits 2t..2t+2 of `qh` are bits 4..6 of quarter t (shifts stay inside bytes after the masks).
+                    let high = [
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m2)),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(hb), m2)),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(hb), m2)),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(hb), m2)),
+                    ];
+                    let quads = [
+                        _mm256_or_si256(_mm256_and_si256(l0, m4), high[0]),
+                        _mm256_or_si256(_mm256_and_si256(l1, m4), high[1]),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), high[2]),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), high[3]),
+                    ];
+                    for (t, q) in quads.into_iter().enumerate() {
+                        let q = _mm256_sub_epi8(q, bias);
+                        let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
+                        let (sa, sb) = (d * blk.scales[8 * h + 2 * t] as f32, d * blk.scales[8 * h + 2 * t + 1] as f32);
+                        for k in 0..G {
+                            let i = (r0 + k) * abpr + b * 8 + h * 4 + t;
+                            // SAFETY: the kernel contract.
+                            let (ad, x0, x1) = unsafe {
+                                let p = values.add(i * 32);
+                                (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                            };
+                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(sa * ad), _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0)), acc[k]);
+                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(sb * ad), _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1)), acc[k]);
+                        }
+                    }
                 }
             }
             for k in 0..G {
@@ -949,7 +1308,9 @@ mod kernels {
                         (
                             _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const _)),
                             _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
-                            _mm_castpd_ps(_mm_load_sd(scale_sums.add(2 * i) as *const f64)),
+                            // `scale_sums` is only 4-byte aligned: `movq` has no alignment requirement
+                            // (`_mm_load_sd` reads through an `*const f64`, which must be 8-aligned).
+                            _mm_castsi128_ps(_mm_loadl_epi64(scale_sums.add(2 * i) as *const __m128i)),
                         )
                     };
                     let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
@@ -1016,7 +1377,9 @@ mod kernels {
                         (
                             _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const _)),
                             _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
-                            _mm_castpd_ps(_mm_load_sd(scale_sums.add(2 * i) as *const f64)),
+                            // `scale_sums` is only 4-byte aligned: `movq` has no alignment requirement
+                            // (`_mm_load_sd` reads through an `*const f64`, which must be 8-aligned).
+                            _mm_castsi128_ps(_mm_loadl_epi64(scale_sums.add(2 * i) as *const __m128i)),
                         )
                     };
                     let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
@@ -1109,8 +1472,86 @@ mod tests {
     }
 
     #[test]
+    fn q5_0_and_q4_0_run_exactly_on_the_q8_0_and_q4_1_kernels() {
+        // The repacked blocks dequantize to exactly candle's values, and the products are batch-invariant.
+        for (dtype, format) in [(GgmlDType::Q5_0, "Q8_0"), (GgmlDType::Q4_0, "Q4_1")] {
+            let (rows, cols, n) = (19, 224, 9);
+            let w = rand_vec(rows * cols, 5);
+            let x = rand_vec(n * cols, 6);
+            let q = QTensor::quantize(&Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let m = QMatrix::from_qtensor("w", q).unwrap();
+            assert_eq!(m.format(), format);
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                m.row(r, &mut row).unwrap();
+                assert_eq!(&row[..], &deq[r * cols..(r + 1) * cols], "{dtype:?} row {r}");
+            }
+            for isa in kernels::supported() {
+                let y = m.matmul_on(isa, &x, n).unwrap();
+                for r in 0..n {
+                    for o in 0..rows {
+                        let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                        assert!((exact - y[r * rows + o]).abs() < 0.02, "{dtype:?} {isa:?} {r} {o}");
+                    }
+                    assert_eq!(m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap(), &y[r * rows..(r + 1) * rows]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_k_matches_dequantized_product_and_is_batch_invariant() {
+        check_k_format(GgmlDType::Q4K, "Q4K");
+    }
+
+    #[test]
+    fn q6_k_matches_dequantized_product_and_is_batch_invariant() {
+        check_k_format(GgmlDType::Q6K, "Q6K");
+    }
+
+    /// A K-quant on its own kernels: rows dequantize as candle does, products match the dequantized
+    /// reference, every instruction set agrees, and each output is independent of the batch and of
+    /// the thread count.
+    fn check_k_format(dtype: GgmlDType, format: &str) {
+        for (rows, cols, n) in [(21, 256, 9), (13, 768, 3)] {
+            let w = rand_vec(rows * cols, 11);
+            let x = rand_vec(n * cols, 12);
+            let q = QTensor::quantize(&Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let m = QMatrix::from_qtensor("w", q).unwrap();
+            assert_eq!(m.format(), format);
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                m.row(r, &mut row).unwrap();
+                assert_eq!(&row[..], &deq[r * cols..(r + 1) * cols], "{dtype:?} row {r}");
+            }
+            let mut first: Option<Vec<f32>> = None;
+            for isa in kernels::supported() {
+                let y = m.matmul_on(isa, &x, n).unwrap();
+                let reference = first.get_or_insert_with(|| y.clone());
+                for (a, b) in reference.iter().zip(&y) {
+                    assert!((a - b).abs() < 1e-4, "{dtype:?} {isa:?}: {a} vs {b}");
+                }
+                for r in 0..n {
+                    for o in 0..rows {
+                        let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                        let got = y[r * rows + o];
+                        assert!((exact - got).abs() < 0.02, "{dtype:?} {isa:?} row {r} out {o}: {exact} vs {got}");
+                    }
+                    assert_eq!(m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap(), &y[r * rows..(r + 1) * rows], "{dtype:?} {isa:?} row {r}");
+                }
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    assert_eq!(pool.install(|| m.matmul_on(isa, &x, n).unwrap()), y, "{dtype:?} {isa:?} {threads} threads");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn other_formats_match_dequantized_product() {
-        for dtype in [GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q5K] {
             let (rows, cols, n) = (8, 512, 3);
             let w = rand_vec(rows * cols, 1);
             let x = rand_vec(n * cols, 2);
@@ -1124,6 +1565,40 @@ mod tests {
                     assert!((exact - y[r * rows + o]).abs() < 1e-4, "{dtype:?} {r} {o}: {exact} vs {}", y[r * rows + o]);
                 }
             }
+        }
+    }
+
+    /// Issue 10, finding 10: the kernels enabled target features that run-time detection did not
+    /// check, and read an 8-byte value through a pointer that is only 4-byte aligned.
+    #[test]
+    fn finding_10_kernel_detection_gates_every_enabled_feature() {
+        let source = include_str!("quant.rs");
+        let marker = concat!("target_feature(enable", " = \"");
+        let mut seen = 0;
+        for (at, _) in source.match_indices(marker) {
+            let rest = &source[at + marker.len()..];
+            let features = &rest[..rest.find('"').expect("closing quote")];
+            let gate = if features.contains("avx512") { kernels::VNNI_FEATURES } else { kernels::AVX2_FEATURES };
+            for f in features.split(',') {
+                assert!(gate.contains(&f), "`{f}` (in `{features}`) is enabled but not checked at run time");
+            }
+            seen += 1;
+        }
+        assert!(seen >= 8, "found only {seen} target_feature attributes");
+        // Aligned-load intrinsics need aligned pointers that activations and blocks do not give.
+        for aligned in ["_load_sd(", "_load_ps(", "_load_pd(", "_load_si128(", "_load_si256(", "_load_si512(", "_load_epi32("] {
+            let name = format!("_mm{aligned}");
+            let wide = [format!("_mm256{aligned}"), format!("_mm512{aligned}")];
+            assert!(!source.contains(&name) && wide.iter().all(|w| !source.contains(w.as_str())), "aligned load `{aligned}` in a kernel");
+        }
+        #[cfg(target_arch = "x86_64")]
+        for isa in kernels::supported() {
+            let gate = match isa {
+                kernels::Isa::Avx512Vnni => kernels::VNNI_FEATURES,
+                kernels::Isa::Avx2 => kernels::AVX2_FEATURES,
+                kernels::Isa::Portable => &[],
+            };
+            assert!(gate.iter().all(|f| kernels::has_feature(f)), "{isa:?} chosen without all of {gate:?}");
         }
     }
 
