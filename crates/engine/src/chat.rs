@@ -66,6 +66,8 @@ impl ChatTemplate {
         // SmolLM2's and Qwen2's templates insert a fixed system prompt when the first message is not
         // a system one. Qwen's also opens a system turn with the caller's own text (template code
         // follows it) and one for tool use, so the first literal one is the default.
+        // Inside the template's string literals a newline is written `\n` (Qwen) or as itself (SmolLM2).
+        let t = t.replace("\\n", "\n");
         let default_system = t
             .split("<|im_start|>system\n")
             .skip(1)
@@ -149,8 +151,8 @@ mod tests {
 
     #[test]
     fn chatml_finds_qwens_default_system_prompt_after_its_template_code() {
-        let tpl = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}\
-                   {%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}";
+        let tpl = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\
+                   {%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}";
         let t = ChatTemplate::detect(Some(tpl), "qwen2");
         assert_eq!(t, ChatTemplate::ChatMl { default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()) });
     }
