@@ -8,10 +8,10 @@
 //! so that `vpdpbusd` multiplies two blocks per instruction and still yields the exact 16-bit
 //! products; AVX2 uses `vpmaddwd`, and a portable version runs anywhere.
 //!
-//! The K-quants of Gemma 3 and Qwen2 (`Q4_K`, `Q6_K`: 256-weight super-blocks with 6- or 8-bit
-//! sub-block scales) also stay in GGML's blocks, with kernels that take an exact integer product per
-//! sub-block and accumulate `d·sc·scale_a·product` in a fixed order (AVX2 and portable; the VNNI
-//! build uses the AVX2 kernel for them). `Q5_0` and `Q4_0` are repacked exactly into `Q8_0` and
+//! The formats of Gemma 3 and Qwen2 also stay in GGML's blocks: `Q5_0`, and the K-quants `Q4_K` and
+//! `Q6_K` (256-weight super-blocks with 6- or 8-bit sub-block scales), with kernels that take an exact
+//! integer product per (sub-)block and accumulate `d·sc·scale_a·product` in a fixed order (AVX2 and
+//! portable; the VNNI build runs the AVX2 kernels for these three). `Q4_0` is repacked exactly into
 //! `Q4_1`; what is left (`Q5_K`, `F16`, ...) is widened to f32 at load time (see
 //! [`QMatrix::from_qtensor`]).
 //!
@@ -177,6 +177,26 @@ pub struct BlockQ8_0 {
     qs: [i8; 32],
 }
 
+/// A GGML `Q5_0` block, byte for byte: `w = d·(q − 16)`, `q` 5 bits: the low four in nibbles
+/// (low nibbles are elements 0..16), the fifth of element `j` in bit `j` of `qh`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ5_0 {
+    d: f16,
+    qh: [u8; 4],
+    qs: [u8; 16],
+}
+
+impl BlockQ5_0 {
+    /// Element `j` as `q − 16`.
+    #[inline(always)]
+    fn q(&self, j: usize) -> i8 {
+        let nibble = if j < 16 { self.qs[j] & 0x0F } else { self.qs[j - 16] >> 4 };
+        let fifth = ((u32::from_le_bytes(self.qh) >> j) & 1) as u8;
+        (nibble | (fifth << 4)) as i8 - 16
+    }
+}
+
 /// Weights in one GGML K-quant super-block.
 pub const K_BLOCK: usize = 256;
 
@@ -331,6 +351,7 @@ fn q4_1_block(row: &[Q4_1Slot], b: usize) -> BlockQ4_1 {
 enum Storage {
     Q4_1(Vec<Q4_1Slot>),
     Q8_0(Vec<BlockQ8_0>),
+    Q5_0(Vec<BlockQ5_0>),
     Q4K(Vec<BlockQ4K>),
     Q6K(Vec<BlockQ6K>),
     /// Plain f32, row-major.
@@ -402,28 +423,18 @@ impl QMatrix {
                     .collect();
                 Storage::Q4_1(pack_q4_1(&blocks, cols / BLOCK))
             }
-            // `Q5_0` (`w = d·(q − 16)`, `q` 5 bits: 4 in nibbles, the fifth in a 32-bit mask) is `Q8_0`
-            // with the signed byte `q − 16`: exact, and it runs on the `Q8_0` kernels (8.5 bits per
-            // weight in memory instead of 5.5; a native `Q5_0` kernel would keep the file's size).
+            // `Q5_0` in GGML's own blocks, on its own kernels (5.5 bits per weight, no widening).
             GgmlDType::Q5_0 if cols % BLOCK == 0 => {
                 let bytes = tensor.data()?;
                 if bytes.len() != rows * cols / BLOCK * 22 {
                     return Err(Error::BadTensor { name: name.into(), reason: "Q5_0 data has the wrong length".into() });
                 }
-                let blocks = bytes
-                    .chunks_exact(22)
-                    .map(|b| {
-                        let high = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                        let qs = &b[6..22];
-                        let q = |j: usize| {
-                            let nibble = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 };
-                            let fifth = ((high >> j) & 1) as u8;
-                            (nibble | (fifth << 4)) as i8 - 16
-                        };
-                        BlockQ8_0 { d: f16_at(b, 0), qs: std::array::from_fn(q) }
-                    })
-                    .collect();
-                Storage::Q8_0(blocks)
+                Storage::Q5_0(
+                    bytes
+                        .chunks_exact(22)
+                        .map(|b| BlockQ5_0 { d: f16_at(b, 0), qh: b[2..6].try_into().expect("4 bytes"), qs: b[6..22].try_into().expect("16 bytes") })
+                        .collect(),
+                )
             }
             // The K-quants in GGML's own blocks, on their own kernels (no widening).
             GgmlDType::Q4K | GgmlDType::Q6K if cols % K_BLOCK == 0 => {
@@ -481,6 +492,7 @@ impl QMatrix {
         let same = parts.iter().all(|p| p.cols == cols)
             && (parts.iter().all(|p| matches!(p.storage, Storage::Q4_1(_)))
                 || parts.iter().all(|p| matches!(p.storage, Storage::Q8_0(_)))
+                || parts.iter().all(|p| matches!(p.storage, Storage::Q5_0(_)))
                 || parts.iter().all(|p| matches!(p.storage, Storage::Q4K(_)))
                 || parts.iter().all(|p| matches!(p.storage, Storage::Q6K(_))));
         if !same {
@@ -491,6 +503,7 @@ impl QMatrix {
             Storage::Q4_1(_) => Storage::Q4_1(
                 parts.into_iter().flat_map(|p| if let Storage::Q4_1(b) = p.storage { b } else { Vec::new() }).collect(),
             ),
+            Storage::Q5_0(_) => Storage::Q5_0(parts.into_iter().flat_map(|p| if let Storage::Q5_0(b) = p.storage { b } else { Vec::new() }).collect()),
             Storage::Q4K(_) => Storage::Q4K(parts.into_iter().flat_map(|p| if let Storage::Q4K(b) = p.storage { b } else { Vec::new() }).collect()),
             Storage::Q6K(_) => Storage::Q6K(parts.into_iter().flat_map(|p| if let Storage::Q6K(b) = p.storage { b } else { Vec::new() }).collect()),
             _ => Storage::Q8_0(parts.into_iter().flat_map(|p| if let Storage::Q8_0(b) = p.storage { b } else { Vec::new() }).collect()),
@@ -513,6 +526,7 @@ impl QMatrix {
         match &self.storage {
             Storage::Q4_1(_) => "Q4_1",
             Storage::Q8_0(_) => "Q8_0",
+            Storage::Q5_0(_) => "Q5_0",
             Storage::Q4K(_) => "Q4K",
             Storage::Q6K(_) => "Q6K",
             Storage::F32(_) => "F32",
@@ -539,6 +553,14 @@ impl QMatrix {
                     let d = blk.d.to_f32();
                     for (j, q) in blk.qs.iter().enumerate() {
                         out[b * BLOCK + j] = d * *q as f32;
+                    }
+                }
+            }
+            Storage::Q5_0(blocks) => {
+                for (b, blk) in blocks[r * bpr..(r + 1) * bpr].iter().enumerate() {
+                    let d = blk.d.to_f32();
+                    for j in 0..BLOCK {
+                        out[b * BLOCK + j] = blk.q(j) as f32 * d;
                     }
                 }
             }
@@ -592,6 +614,7 @@ impl QMatrix {
             })),
             Storage::Q4_1(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
             Storage::Q8_0(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
+            Storage::Q5_0(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
             Storage::Q4K(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
             Storage::Q6K(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
         }
@@ -708,7 +731,7 @@ mod kernels {
     //! output element goes through the same operations whatever the tile's shape, so the shape is
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
-    use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ6K, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK};
+    use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK};
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
     /// made by [`detect`] and [`supported`], so holding one means this CPU supports it.
@@ -924,6 +947,29 @@ mod kernels {
         }
     }
 
+    /// `Q5_0`: as `Q8_0` with the signed 5-bit `q − 16` rebuilt per block. The VNNI build runs the
+    /// AVX2 kernel (on 16-bit words) until a byte-plane kernel exists.
+    impl KernelBlock for BlockQ5_0 {
+        const VNNI_LAYOUT: Layout = Layout::Words;
+        #[cfg(target_arch = "x86_64")]
+        fn vnni(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q5_0_avx2, g)
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn avx2(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q5_0_avx2, g)
+        }
+        fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
+            let mut acc = 0f32;
+            for (b, blk) in row.iter().enumerate() {
+                let (ad, _, aq) = a.block(activation_row, b);
+                let s: i32 = (0..32).map(|i| blk.q(i) as i32 * aq[i] as i32).sum();
+                acc += blk.d.to_f32() * ad * s as f32;
+            }
+            acc
+        }
+    }
+
     /// `Q4_K`: per 32-weight sub-block, an exact integer dot product with one activation block,
     /// then `d·sc·scale_a·dot` accumulated in sub-block order (and `dmin·m·Σa` apart). The VNNI
     /// build runs the AVX2 kernel (on 16-bit words) until a byte-plane kernel exists.
@@ -1013,7 +1059,7 @@ mod kernels {
         //! `r0..r0 + G` exist in the layout the kernel reads, and `out[k * stride]` is writable for
         //! every `k < G`.
         use super::super::Q4_1_GROUP;
-        use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ6K, BlockQ8_0, Q4_1Slot, QuantizedActivations};
+        use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Q4_1Slot, QuantizedActivations};
         use std::arch::x86_64::*;
 
         #[inline]
@@ -1072,6 +1118,40 @@ mod kernels {
                 // SAFETY: the kernel contract; 32 readable bytes.
                 let blk = unsafe { &*w.add(b) };
                 let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
+                let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
+                let d = blk.d.to_f32();
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract.
+                    let (ad, x0, x1) = unsafe {
+                        let p = values.add(i * 32);
+                        (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                    };
+                    let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
+                }
+            }
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = hsum256(acc[k]) };
+            }
+        }
+
+        /// `Q5_0`: nibbles unpacked as for `Q4_1`, the fifth bits spread to bytes (bit `j` of `qh`
+        /// to byte `j`, as llama.cpp's `bytes_from_bits_32`), less 16, then as `q8_0_avx2`.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn q5_0_avx2<const G: usize>(w: *const BlockQ5_0, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); G];
+            let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+            let (bit_mask, ones, fifth, bias) =
+                (_mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), _mm256_set1_epi64x(-1), _mm256_set1_epi8(0x10), _mm256_set1_epi8(16));
+            for b in 0..bpr {
+                // SAFETY: the kernel contract (block b is in the row).
+                let blk = unsafe { &*w.add(b) };
+                let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(u32::from_le_bytes(blk.qh) as i32), spread);
+                let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_or_si256(bits, bit_mask), ones), fifth);
+                let q = _mm256_sub_epi8(_mm256_or_si256(unpack_q4(&blk.qs), high), bias);
                 let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
                 let d = blk.d.to_f32();
                 for k in 0..G {
@@ -1472,9 +1552,10 @@ mod tests {
     }
 
     #[test]
-    fn q5_0_and_q4_0_run_exactly_on_the_q8_0_and_q4_1_kernels() {
-        // The repacked blocks dequantize to exactly candle's values, and the products are batch-invariant.
-        for (dtype, format) in [(GgmlDType::Q5_0, "Q8_0"), (GgmlDType::Q4_0, "Q4_1")] {
+    fn q5_0_and_q4_0_match_dequantized_product_and_are_batch_invariant() {
+        // Rows dequantize to exactly candle's values (`Q4_0` repacked as `Q4_1`), and the products
+        // are batch-invariant.
+        for (dtype, format) in [(GgmlDType::Q5_0, "Q5_0"), (GgmlDType::Q4_0, "Q4_1")] {
             let (rows, cols, n) = (19, 224, 9);
             let w = rand_vec(rows * cols, 5);
             let x = rand_vec(n * cols, 6);
