@@ -268,7 +268,7 @@ impl Transformer {
     pub fn from_gguf(file: &mut GgufFile) -> Result<Self> {
         let config = Config::from_gguf(file)?;
         let gemma = config.architecture == Architecture::Gemma3;
-        let mat = |file: &mut GgufFile, name: &str| -> Result<QMatrix> { QMatrix::from_qtensor(name, file.tensor(name)?) };
+        let mat = |file: &mut GgufFile, name: &str| -> Result<QMatrix> { QMatrix::from_gguf(file, name) };
         let embedding = mat(file, "token_embd.weight")?;
         if embedding.cols() != config.hidden || embedding.rows() != config.vocab_size {
             return Err(Error::BadTensor { name: "token_embd.weight".into(), reason: "shape does not match the metadata".into() });

@@ -27,6 +27,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
 
 /// Number of weights in one GGML block for the formats handled here.
 pub const BLOCK: usize = 32;
@@ -368,7 +369,76 @@ fn f16_at(bytes: &[u8], at: usize) -> f16 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
 
+/// Block types whose bytes are GGML's exactly (`repr(C)`, no padding, every bit pattern valid):
+/// a file's tensor can be read straight into a `Vec` of them.
+///
+/// # Safety
+/// Implementors must be `repr(C)` aggregates of `f16`/`u8`/`i8` (arrays) with no padding, and
+/// `GGML_SIZE` must be their size.
+unsafe trait GgmlBytes: Copy {
+    /// GGML's size of one block.
+    const GGML_SIZE: usize;
+    const ZERO: Self;
+}
+
+// SAFETY: all four are `repr(C)` structs of f16 and byte arrays; the assertions check there is no padding.
+unsafe impl GgmlBytes for BlockQ8_0 {
+    const GGML_SIZE: usize = 34;
+    const ZERO: Self = Self { d: f16::ZERO, qs: [0; 32] };
+}
+// SAFETY: as above.
+unsafe impl GgmlBytes for BlockQ5_0 {
+    const GGML_SIZE: usize = 22;
+    const ZERO: Self = Self { d: f16::ZERO, qh: [0; 4], qs: [0; 16] };
+}
+// SAFETY: as above.
+unsafe impl GgmlBytes for BlockQ4K {
+    const GGML_SIZE: usize = 144;
+    const ZERO: Self = Self { d: f16::ZERO, dmin: f16::ZERO, scales: [0; 12], qs: [0; 128] };
+}
+// SAFETY: as above.
+unsafe impl GgmlBytes for BlockQ6K {
+    const GGML_SIZE: usize = 210;
+    const ZERO: Self = Self { ql: [0; 128], qh: [0; 64], scales: [0; 16], d: f16::ZERO };
+}
+const _: () = assert!(
+    std::mem::size_of::<BlockQ8_0>() == 34
+        && std::mem::size_of::<BlockQ5_0>() == 22
+        && std::mem::size_of::<BlockQ4K>() == 144
+        && std::mem::size_of::<BlockQ6K>() == 210
+);
+
+/// Reads tensor `name` (`n` blocks) from `file` straight into blocks.
+fn read_blocks<B: GgmlBytes>(file: &mut GgufFile, name: &str, n: usize) -> Result<Vec<B>> {
+    let mut blocks = vec![B::ZERO; n];
+    // SAFETY: `B` is plain bytes without padding (`GgmlBytes`), so its `n` blocks are
+    // `n * GGML_SIZE` initialised bytes, and any bytes written make valid blocks.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, n * B::GGML_SIZE) };
+    file.read_tensor_bytes(name, bytes)?;
+    Ok(blocks)
+}
+
 impl QMatrix {
+    /// Loads tensor `name` of a GGUF file. Formats kept in GGML's blocks (`Q8_0`, `Q5_0`, `Q4_K`,
+    /// `Q6_K`) are read from the file straight into place, so peak memory stays near the file's size;
+    /// the others go through [`QMatrix::from_qtensor`].
+    pub fn from_gguf(file: &mut GgufFile, name: &str) -> Result<Self> {
+        let (dtype, dims) = file.tensor_info(name)?;
+        let (rows, cols) = match dims.as_slice() {
+            [r, c] => (*r, *c),
+            [c] => (1, *c),
+            _ => return Err(Error::BadTensor { name: name.into(), reason: format!("expected a matrix, got shape {dims:?}") }),
+        };
+        let storage = match dtype {
+            GgmlDType::Q8_0 if cols % BLOCK == 0 => Storage::Q8_0(read_blocks(file, name, rows * cols / BLOCK)?),
+            GgmlDType::Q5_0 if cols % BLOCK == 0 => Storage::Q5_0(read_blocks(file, name, rows * cols / BLOCK)?),
+            GgmlDType::Q4K if cols % K_BLOCK == 0 => Storage::Q4K(read_blocks(file, name, rows * cols / K_BLOCK)?),
+            GgmlDType::Q6K if cols % K_BLOCK == 0 => Storage::Q6K(read_blocks(file, name, rows * cols / K_BLOCK)?),
+            _ => return Self::from_qtensor(name, file.tensor(name)?),
+        };
+        Ok(Self { rows, cols, storage })
+    }
+
     /// Builds a matrix from a GGML tensor of shape `(rows, cols)` (candle's order: outputs first).
     pub fn from_qtensor(name: &str, tensor: QTensor) -> Result<Self> {
         let dims = tensor.shape().dims().to_vec();
@@ -1627,6 +1697,31 @@ mod tests {
                     assert_eq!(pool.install(|| m.matmul_on(isa, &x, n).unwrap()), y, "{dtype:?} {isa:?} {threads} threads");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn matrices_read_straight_from_the_file_equal_those_built_from_candles_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let formats = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_1];
+        let tensors: Vec<(String, QTensor)> = formats
+            .iter()
+            .enumerate()
+            .map(|(i, &dtype)| {
+                let w = rand_vec(6 * 512, i as u64 + 20);
+                (format!("t{i}"), QTensor::quantize(&Tensor::from_slice(&w, (6, 512), &Device::Cpu).unwrap(), dtype).unwrap())
+            })
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        candle_core::quantized::gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[], &refs).unwrap();
+        let mut file = GgufFile::open(&path).unwrap();
+        let x = rand_vec(3 * 512, 30);
+        for (name, _) in &tensors {
+            let direct = QMatrix::from_gguf(&mut file, name).unwrap();
+            let built = QMatrix::from_qtensor(name, file.tensor(name).unwrap()).unwrap();
+            assert_eq!((direct.rows(), direct.cols(), direct.format()), (built.rows(), built.cols(), built.format()));
+            assert_eq!(direct.matmul(&x, 3).unwrap(), built.matmul(&x, 3).unwrap(), "{name}");
         }
     }
 
