@@ -10,8 +10,8 @@
 //!
 //! The formats of Gemma 3 and Qwen2 also stay in GGML's blocks: `Q5_0`, and the K-quants `Q4_K` and
 //! `Q6_K` (256-weight super-blocks with 6- or 8-bit sub-block scales), with kernels that take an exact
-//! integer product per (sub-)block and accumulate `d·sc·scale_a·product` in a fixed order (AVX2 and
-//! portable; the VNNI build runs the AVX2 kernels for these three). `Q4_0` is repacked exactly into
+//! integer product per (sub-)block and accumulate `d·sc·scale_a·product` in a fixed order (`Q5_0` also
+//! with AVX-512 VNNI, as `Q8_0`; the K-quants with AVX2 on VNNI machines too, and portable). `Q4_0` is repacked exactly into
 //! `Q4_1`; what is left (`Q5_K`, `F16`, ...) is widened to f32 at load time (see
 //! [`QMatrix::from_qtensor`]).
 //!
@@ -1017,13 +1017,12 @@ mod kernels {
         }
     }
 
-    /// `Q5_0`: as `Q8_0` with the signed 5-bit `q − 16` rebuilt per block. The VNNI build runs the
-    /// AVX2 kernel (on 16-bit words) until a byte-plane kernel exists.
+    /// `Q5_0`: as `Q8_0` with the signed 5-bit `q − 16` rebuilt per block.
     impl KernelBlock for BlockQ5_0 {
-        const VNNI_LAYOUT: Layout = Layout::Words;
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes { order: PairOrder::Natural, unsigned_high: true };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
-            tile_kernel!(x86::q5_0_avx2, g)
+            tile_kernel!(x86::q5_0_vnni, g)
         }
         #[cfg(target_arch = "x86_64")]
         fn avx2(g: usize) -> TileKernel<Self> {
@@ -1207,21 +1206,28 @@ mod kernels {
             }
         }
 
-        /// `Q5_0`: nibbles unpacked as for `Q4_1`, the fifth bits spread to bytes (bit `j` of `qh`
-        /// to byte `j`, as llama.cpp's `bytes_from_bits_32`), less 16, then as `q8_0_avx2`.
+        /// The 32 weights of a `Q5_0` block as signed bytes `q − 16`: nibbles unpacked as for
+        /// `Q4_1`, the fifth bits spread to bytes (bit `j` of `qh` to byte `j`, as llama.cpp's
+        /// `bytes_from_bits_32`).
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn q5_0_bytes(blk: &BlockQ5_0) -> __m256i {
+            let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+            let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(u32::from_le_bytes(blk.qh) as i32), spread);
+            let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+            let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+            _mm256_sub_epi8(_mm256_or_si256(unpack_q4(&blk.qs), high), _mm256_set1_epi8(16))
+        }
+
+        /// `Q5_0`: the weights as signed bytes ([`q5_0_bytes`]), then as `q8_0_avx2`.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn q5_0_avx2<const G: usize>(w: *const BlockQ5_0, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
             let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
             let mut acc = [_mm256_setzero_ps(); G];
-            let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-            let (bit_mask, ones, fifth, bias) =
-                (_mm256_set1_epi64x(0x7fbfdfeff7fbfdfe), _mm256_set1_epi64x(-1), _mm256_set1_epi8(0x10), _mm256_set1_epi8(16));
             for b in 0..bpr {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
-                let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(u32::from_le_bytes(blk.qh) as i32), spread);
-                let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_or_si256(bits, bit_mask), ones), fifth);
-                let q = _mm256_sub_epi8(_mm256_or_si256(unpack_q4(&blk.qs), high), bias);
+                let q = q5_0_bytes(blk);
                 let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
                 let d = blk.d.to_f32();
                 for k in 0..G {
@@ -1479,69 +1485,82 @@ mod kernels {
             }
         }
 
-        /// `Q8_0` against byte-plane activations (high bytes stored +128, unsigned): as for `Q4_1`,
-        /// less `128·Σw`, which depends on the weights alone and is computed once per pair.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        pub unsafe fn q8_0_vnni<const G: usize>(w: *const BlockQ8_0, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
-            let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
-            let mut acc = [_mm512_setzero_ps(); G];
-            let (ones, lanes) = (_mm512_set1_epi8(1), natural_pair_lanes());
-            let mut b = 0;
-            while b + 2 <= bpr {
-                // SAFETY: the kernel contract (blocks b and b + 1 are in the row).
-                let (b0, b1) = unsafe { (&*w.add(b), &*w.add(b + 1)) };
-                // SAFETY: 32 readable bytes each.
-                let q = unsafe {
-                    let q0 = _mm256_loadu_si256(b0.qs.as_ptr() as *const __m256i);
-                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), _mm256_loadu_si256(b1.qs.as_ptr() as *const __m256i))
-                };
-                let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
-                // SAFETY: block starts (`[d0, q0, d1, q1]`; only d0 and d1 are used).
-                let d = unsafe { head_pair(b0 as *const _ as *const u8, b1 as *const _ as *const u8) };
-                for k in 0..G {
-                    let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract: pair (b, b + 1) of row r0 + k.
-                    let (hi, lo, ss) = unsafe {
-                        let p = planes.add(i * 64);
-                        (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _), _mm_loadu_ps(scale_sums.add(2 * i)))
-                    };
-                    let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
-                    let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
-                    let scale = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(d, ss)));
-                    acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
+        /// A kernel for blocks of 32 signed-byte weights `w = d·q` whose block starts with `d` (f16),
+        /// against byte-plane activations (high bytes stored +128, unsigned): as for `Q4_1`, less
+        /// `128·Σw`, which depends on the weights alone and is computed once per pair. `$bytes`
+        /// gives a block's 32 weights as signed bytes.
+        macro_rules! signed_byte_vnni {
+            ($name:ident, $block:ty, $bytes:path) => {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+                pub unsafe fn $name<const G: usize>(w: *const $block, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+                    let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+                    let mut acc = [_mm512_setzero_ps(); G];
+                    let (ones, lanes) = (_mm512_set1_epi8(1), natural_pair_lanes());
+                    let mut b = 0;
+                    while b + 2 <= bpr {
+                        // SAFETY: the kernel contract (blocks b and b + 1 are in the row).
+                        let (b0, b1) = unsafe { (&*w.add(b), &*w.add(b + 1)) };
+                        let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512($bytes(b0)), $bytes(b1));
+                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
+                        // SAFETY: block starts (`[d0, q0, d1, q1]`; only d0 and d1 are used).
+                        let d = unsafe { head_pair(b0 as *const _ as *const u8, b1 as *const _ as *const u8) };
+                        for k in 0..G {
+                            let i = (r0 + k) * bpr + b;
+                            // SAFETY: the kernel contract: pair (b, b + 1) of row r0 + k.
+                            let (hi, lo, ss) = unsafe {
+                                let p = planes.add(i * 64);
+                                (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _), _mm_loadu_ps(scale_sums.add(2 * i)))
+                            };
+                            let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
+                            let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                            let scale = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(d, ss)));
+                            acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
+                        }
+                        b += 2;
+                    }
+                    if b < bpr {
+                        // SAFETY: the kernel contract (block b is in the row).
+                        let blk = unsafe { &*w.add(b) };
+                        let q = _mm512_zextsi256_si512($bytes(blk));
+                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
+                        // SAFETY: a block start, twice.
+                        let d = unsafe { head_pair(blk as *const _ as *const u8, blk as *const _ as *const u8) };
+                        for k in 0..G {
+                            let i = (r0 + k) * bpr + b;
+                            // SAFETY: the kernel contract: the last block of row r0 + k (32 + 32 bytes).
+                            let (hi, lo, ss) = unsafe {
+                                let p = planes.add(i * 64);
+                                (
+                                    _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const _)),
+                                    _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
+                                    // `scale_sums` is only 4-byte aligned: `movq` has no alignment requirement
+                                    // (`_mm_load_sd` reads through an `*const f64`, which must be 8-aligned).
+                                    _mm_castsi128_ps(_mm_loadl_epi64(scale_sums.add(2 * i) as *const __m128i)),
+                                )
+                            };
+                            let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
+                            let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                            acc[k] = _mm512_fmadd_ps(_mm512_broadcastss_ps(_mm_mul_ps(d, ss)), _mm512_cvtepi32_ps(t), acc[k]);
+                        }
+                    }
+                    for k in 0..G {
+                        // SAFETY: the kernel contract.
+                        unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) };
+                    }
                 }
-                b += 2;
-            }
-            if b < bpr {
-                // SAFETY: the kernel contract; 32 readable bytes.
-                let blk = unsafe { &*w.add(b) };
-                let q = _mm512_zextsi256_si512(unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) });
-                let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
-                // SAFETY: a block start, twice.
-                let d = unsafe { head_pair(blk as *const _ as *const u8, blk as *const _ as *const u8) };
-                for k in 0..G {
-                    let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract: the last block of row r0 + k (32 + 32 bytes).
-                    let (hi, lo, ss) = unsafe {
-                        let p = planes.add(i * 64);
-                        (
-                            _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const _)),
-                            _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
-                            // `scale_sums` is only 4-byte aligned: `movq` has no alignment requirement
-                            // (`_mm_load_sd` reads through an `*const f64`, which must be 8-aligned).
-                            _mm_castsi128_ps(_mm_loadl_epi64(scale_sums.add(2 * i) as *const __m128i)),
-                        )
-                    };
-                    let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
-                    let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
-                    acc[k] = _mm512_fmadd_ps(_mm512_broadcastss_ps(_mm_mul_ps(d, ss)), _mm512_cvtepi32_ps(t), acc[k]);
-                }
-            }
-            for k in 0..G {
-                // SAFETY: the kernel contract.
-                unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) };
-            }
+            };
         }
+
+        /// The 32 weights of a `Q8_0` block.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn q8_0_bytes(blk: &BlockQ8_0) -> __m256i {
+            // SAFETY: 32 readable bytes.
+            unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) }
+        }
+
+        signed_byte_vnni!(q8_0_vnni, BlockQ8_0, q8_0_bytes);
+        signed_byte_vnni!(q5_0_vnni, BlockQ5_0, q5_0_bytes);
     }
 }
 
