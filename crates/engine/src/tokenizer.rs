@@ -465,6 +465,21 @@ fn class(c: char) -> Class {
     }
 }
 
+/// [`class`] by Unicode general category (`\p{L}`, `\p{N}`), as llama.cpp's regex classes are:
+/// combining marks (Thai vowel signs, ...) are not letters, though `char::is_alphabetic` says they are.
+fn unicode_class(c: char) -> Class {
+    use unicode_categories::UnicodeCategories;
+    if c.is_whitespace() {
+        Class::Space
+    } else if c.is_letter() {
+        Class::Letter
+    } else if c.is_number() {
+        Class::Number
+    } else {
+        Class::Other
+    }
+}
+
 /// GPT-2's pre-tokenizer, `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`,
 /// optionally after splitting every digit into its own piece (SmolLM2's `Digits(individual_digits)`).
 pub fn pretokenize_gpt2(text: &str, split_digits: bool) -> Vec<&str> {
@@ -498,7 +513,7 @@ pub fn pretokenize_qwen2(text: &str) -> Vec<&str> {
     let chars: Vec<(usize, char)> = text.char_indices().collect();
     let n = chars.len();
     let at = |k: usize| if k < n { chars[k].0 } else { text.len() };
-    let cls = |k: usize| class(chars[k].1);
+    let cls = |k: usize| unicode_class(chars[k].1);
     let newline = |k: usize| matches!(chars[k].1, '\r' | '\n');
     let mut out = Vec::new();
     let mut i = 0;

@@ -214,3 +214,29 @@ fn qwen_1_5b_loads_and_answers_when_cached() {
     let out = ask(e, "What is the capital of France?", &greedy(24));
     assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
 }
+
+/// Token ids of `tokenizer_corpus.json` as llama.cpp's `llama-tokenize` gives them
+/// (`tests/fixtures/tokenizer_parity.py` regenerates the fixture).
+fn tokenizer_matches_llama_cpp(engine: &Engine, model: &str) {
+    let corpus: Vec<String> = serde_json::from_str(include_str!("fixtures/tokenizer_corpus.json")).unwrap();
+    let fixture: std::collections::HashMap<String, Vec<Vec<u32>>> = serde_json::from_str(include_str!("fixtures/tokenizer_parity.json")).unwrap();
+    let expected = &fixture[model];
+    assert!(corpus.len() >= 200 && expected.len() == corpus.len());
+    let t = engine.tokenizer();
+    let wrong: Vec<(&String, Vec<u32>, &Vec<u32>)> =
+        corpus.iter().zip(expected).map(|(s, e)| (s, t.encode(s), e)).filter(|(_, got, e)| got != *e).collect();
+    for (s, got, e) in wrong.iter().take(10) {
+        eprintln!("{model}: {s:?}\n  ours      {got:?}\n  llama.cpp {e:?}");
+    }
+    assert!(wrong.is_empty(), "{model}: {} of {} strings tokenize differently from llama.cpp", wrong.len(), corpus.len());
+}
+
+#[test]
+fn smollm_tokenizer_matches_llama_cpp_on_the_corpus() {
+    tokenizer_matches_llama_cpp(smollm(), "smollm2-135m");
+}
+
+#[test]
+fn qwen_tokenizer_matches_llama_cpp_on_the_corpus() {
+    tokenizer_matches_llama_cpp(qwen(), "qwen2.5-coder-0.5b");
+}
