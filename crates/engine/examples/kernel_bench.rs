@@ -15,9 +15,16 @@ fn main() -> anyhow::Result<()> {
     // SmolLM2's layer shapes (fused QKV, gate, up, down, output), LAYERS layers (default 30) per
     // pass, so that the weights stream from memory as they do when decoding. THREADS, NS: threads
     // and batch sizes.
-    let shapes = [(960, 576), (1536, 576), (1536, 576), (576, 1536), (576, 576)];
-    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-        let layers: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    // FORMATS (default all) picks formats; the K-quants and Q5_0 run Qwen2.5-1.5B's shapes (their
+    // inputs are multiples of 256), LAYERS (default 4) layers of them.
+    let smollm = [(960, 576), (1536, 576), (1536, 576), (576, 1536), (576, 576)];
+    let qwen = [(2048, 1536), (8960, 1536), (8960, 1536), (1536, 8960), (1536, 1536)];
+    let formats = std::env::var("FORMATS").unwrap_or_else(|_| "Q4_1,Q8_0,Q5_0,Q4K,Q6K".into());
+    let all = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K];
+    for dtype in all.into_iter().filter(|d| formats.split(',').any(|f| f == format!("{d:?}"))) {
+        let big = !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0);
+        let shapes: &[(usize, usize)] = if big { &qwen } else { &smollm };
+        let layers: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(if big { 4 } else { 30 });
         let mats: Vec<_> = (0..layers)
             .flat_map(|l| shapes.iter().map(move |&(r, c)| (l, r, c)))
             .map(|(l, r, c)| {

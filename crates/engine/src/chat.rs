@@ -36,12 +36,16 @@ impl ChatTemplate {
         if t.contains("<start_of_turn>") || (t.is_empty() && architecture.starts_with("gemma")) {
             return ChatTemplate::Gemma;
         }
-        // SmolLM2's template inserts this system prompt when the first message is not a system one.
+        // SmolLM2's and Qwen2's templates insert a fixed system prompt when the first message is not
+        // a system one. Qwen's also opens a system turn with the caller's own text (template code
+        // follows it) and one for tool use, so the first literal one is the default.
+        // Inside the template's string literals a newline is written `\n` (Qwen) or as itself (SmolLM2).
+        let t = t.replace("\\n", "\n");
         let default_system = t
             .split("<|im_start|>system\n")
-            .nth(1)
-            .and_then(|rest| rest.split("<|im_end|>").next())
-            .filter(|s| !s.contains("{{") && !s.contains("{%"))
+            .skip(1)
+            .filter_map(|rest| rest.split("<|im_end|>").next())
+            .find(|s| !s.is_empty() && ["{{", "{%", "' +", "+ '"].iter().all(|code| !s.contains(code)))
             .map(str::to_owned);
         ChatTemplate::ChatMl { default_system }
     }
@@ -116,6 +120,14 @@ mod tests {
         let segs = t.render(&[Message::new(Role::User, "Hi")]);
         let text: String = segs.iter().map(|s| match s { Segment::Markup(x) | Segment::Content(x) => x.as_str() }).collect();
         assert_eq!(text, "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn chatml_finds_qwens_default_system_prompt_after_its_template_code() {
+        let tpl = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\
+                   {%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}";
+        let t = ChatTemplate::detect(Some(tpl), "qwen2");
+        assert_eq!(t, ChatTemplate::ChatMl { default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()) });
     }
 
     #[test]

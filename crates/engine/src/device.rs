@@ -178,6 +178,10 @@ impl DeviceTransformer {
     pub fn from_gguf(file: &mut GgufFile, device: &Device, variant: Variant) -> Result<Self> {
         let started = Instant::now();
         let config = Config::from_gguf(file)?;
+        if config.architecture == Architecture::Qwen2 {
+            // The device pass has no Q/K/V biases or neox RoPE for Qwen yet: refuse rather than run wrong.
+            return Err(Error::UnsupportedArchitecture("qwen2 on the device backend (use the native CPU path)".into()));
+        }
         let gemma = config.architecture == Architecture::Gemma3;
         let requantize = variant == Variant::RequantizedQ4_0;
         let mat = |file: &mut GgufFile, name: &str| -> Result<Tensor> {

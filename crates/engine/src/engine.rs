@@ -12,7 +12,7 @@ use crate::chat::{ChatTemplate, Message, Segment};
 use crate::device::{Compute, DeviceTransformer};
 use crate::error::{Error, Result};
 use crate::gguf::{sha256_file, GgufFile};
-use crate::model::{Architecture, Config, KvCache, SequenceStep, Transformer};
+use crate::model::{Config, KvCache, SequenceStep, Transformer};
 use crate::registry;
 use crate::sampling::{self, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -220,10 +220,7 @@ impl Engine {
             Some(device) => (Model::Device(DeviceTransformer::from_gguf(&mut file, &device, options.variant)?), vec!["F32".to_owned()]),
         };
         let config = model.config();
-        let arch = match config.architecture {
-            Architecture::Llama => "llama",
-            Architecture::Gemma3 => "gemma3",
-        };
+        let arch = config.architecture.name();
         let template = ChatTemplate::detect(file.string("tokenizer.chat_template").ok(), arch);
         let mut stop_tokens: Vec<u32> = tokenizer.eos.into_iter().collect();
         if let Some(id) = tokenizer.token_id(template.end_of_turn()) {
@@ -290,6 +287,19 @@ impl Engine {
         let mut tokens: Vec<u32> = if self.tokenizer.add_bos { self.tokenizer.bos.into_iter().collect() } else { Vec::new() };
         tokens.extend(self.tokenizer.encode(text));
         tokens
+    }
+
+    /// [`Engine::chat_prompt`], refusing conversations whose text exceeds
+    /// [`crate::tokenizer::MAX_TEXT_BYTES`] with [`Error::PromptTooLong`] before tokenizing any of it.
+    pub fn try_chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        crate::tokenizer::check_text_len(messages.iter().map(|m| m.content.len()).sum())?;
+        Ok(self.chat_prompt(messages))
+    }
+
+    /// [`Engine::completion_prompt`], refusing texts over [`crate::tokenizer::MAX_TEXT_BYTES`].
+    pub fn try_completion_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        crate::tokenizer::check_text_len(text.len())?;
+        Ok(self.completion_prompt(text))
     }
 
     fn check_prompt(&self, prompt: &[u32]) -> Result<()> {

@@ -34,7 +34,7 @@ pub enum Error {
         reason: String,
     },
     /// The file's `general.architecture` is not one this engine runs.
-    #[error("unsupported model architecture `{0}` (supported: llama, gemma3)")]
+    #[error("unsupported model architecture `{0}` (supported: llama, qwen2, gemma3)")]
     UnsupportedArchitecture(String),
     /// The prompt plus the requested tokens do not fit the context window.
     #[error("{tokens} tokens exceed the model's context window of {context} tokens")]
@@ -43,6 +43,14 @@ pub enum Error {
         tokens: usize,
         /// The model's context length.
         context: usize,
+    },
+    /// A prompt's text is longer than the engine tokenizes ([`crate::tokenizer::MAX_TEXT_BYTES`]).
+    #[error("the prompt has {bytes} bytes of text, more than the {max} the engine accepts")]
+    PromptTooLong {
+        /// Bytes of text in the prompt.
+        bytes: usize,
+        /// The limit.
+        max: usize,
     },
     /// A token id outside the vocabulary.
     #[error("token id {0} is outside the vocabulary")]

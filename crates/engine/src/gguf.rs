@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 
@@ -105,6 +105,25 @@ impl GgufFile {
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| Error::BadTensor { name: name.into(), reason: e.to_string() })
+    }
+
+    /// The GGML type and shape (outputs first, as candle orders them) of a tensor.
+    pub fn tensor_info(&self, name: &str) -> Result<(GgmlDType, Vec<usize>)> {
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| Error::BadTensor { name: name.into(), reason: "missing from the file".into() })?;
+        Ok((info.ggml_dtype, info.shape.dims().to_vec()))
+    }
+
+    /// Reads a tensor's bytes, as stored, straight into `out` (which must have exactly the tensor's
+    /// size), so that a model loads without a second copy of its largest tensor.
+    pub fn read_tensor_bytes(&mut self, name: &str, out: &mut [u8]) -> Result<()> {
+        let bad = |reason: String| Error::BadTensor { name: name.into(), reason };
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| bad("missing from the file".into()))?;
+        let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        if size != out.len() {
+            return Err(bad(format!("has {size} bytes, expected {}", out.len())));
+        }
+        self.reader.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+        self.reader.read_exact(out).map_err(|e| bad(e.to_string()))
     }
 
     /// Reads a 1-D f32 tensor (norm weights).

@@ -1,4 +1,4 @@
-//! The transformer forward pass for the Llama and Gemma 3 architectures, read from GGUF.
+//! The transformer forward pass for the Llama, Qwen2 and Gemma 3 architectures, read from GGUF.
 //!
 //! One [`Transformer::forward`] call runs any mix of sequences, each with its own KV cache and its own
 //! number of new tokens: a prompt being prefilled, a single decode token, or a whole prompt + answer
@@ -13,6 +13,8 @@
 //!   attention and of the MLP before the residual add, uses GELU (tanh) gating, and alternates five
 //!   sliding-window layers (RoPE base 10k) with one global layer (RoPE base from the file).
 //!   GGUF already stores Gemma's RMSNorm weights as `1 + w`.
+//! - Qwen2 (Yang et al. 2024) is Llama with biases on the Q, K and V projections, "neox" RoPE (GGUF
+//!   does not permute Qwen's Q/K), a RoPE base of 1e6, and the output head usually tied to the embedding.
 
 use rayon::prelude::*;
 
@@ -28,6 +30,24 @@ pub enum Architecture {
     Llama,
     /// Gemma 3.
     Gemma3,
+    /// Qwen2 / Qwen2.5.
+    Qwen2,
+}
+
+impl Architecture {
+    /// The GGUF `general.architecture` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Gemma3 => "gemma3",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Whether RoPE rotates dimension `i` with `i + d/2` (ggml's "neox" mode) rather than adjacent pairs.
+    pub(crate) fn neox_rope(self) -> bool {
+        matches!(self, Architecture::Gemma3 | Architecture::Qwen2)
+    }
 }
 
 /// Hyper-parameters read from GGUF metadata.
@@ -72,6 +92,7 @@ impl Config {
         let architecture = match arch.as_str() {
             "llama" => Architecture::Llama,
             "gemma3" => Architecture::Gemma3,
+            "qwen2" => Architecture::Qwen2,
             other => return Err(Error::UnsupportedArchitecture(other.into())),
         };
         let k = |s: &str| format!("{arch}.{s}");
@@ -155,6 +176,8 @@ impl Projection {
 struct Block {
     attn_norm: Vec<f32>,
     qkv: Projection,
+    /// Q, K and V biases side by side (Qwen2).
+    qkv_bias: Option<Vec<f32>>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     attn_out: QMatrix,
@@ -245,7 +268,7 @@ impl Transformer {
     pub fn from_gguf(file: &mut GgufFile) -> Result<Self> {
         let config = Config::from_gguf(file)?;
         let gemma = config.architecture == Architecture::Gemma3;
-        let mat = |file: &mut GgufFile, name: &str| -> Result<QMatrix> { QMatrix::from_qtensor(name, file.tensor(name)?) };
+        let mat = |file: &mut GgufFile, name: &str| -> Result<QMatrix> { QMatrix::from_gguf(file, name) };
         let embedding = mat(file, "token_embd.weight")?;
         if embedding.cols() != config.hidden || embedding.rows() != config.vocab_size {
             return Err(Error::BadTensor { name: "token_embd.weight".into(), reason: "shape does not match the metadata".into() });
@@ -262,9 +285,24 @@ impl Transformer {
             let gate = mat(file, &n("ffn_gate"))?;
             let up = mat(file, &n("ffn_up"))?;
             let opt = |file: &mut GgufFile, s: &str| -> Result<Option<Vec<f32>>> { if gemma { file.vector(&n(s)).map(Some) } else { Ok(None) } };
+            let qkv_bias = if config.architecture == Architecture::Qwen2 {
+                let mut bias = Vec::with_capacity(config.q_dim() + 2 * config.kv_dim());
+                for (part, width) in [("attn_q", config.q_dim()), ("attn_k", config.kv_dim()), ("attn_v", config.kv_dim())] {
+                    let name = format!("blk.{l}.{part}.bias");
+                    let b = file.vector(&name)?;
+                    if b.len() != width {
+                        return Err(Error::BadTensor { name, reason: format!("expected {width} values, got {}", b.len()) });
+                    }
+                    bias.extend(b);
+                }
+                Some(bias)
+            } else {
+                None
+            };
             blocks.push(Block {
                 attn_norm: file.vector(&n("attn_norm"))?,
                 qkv: Projection::new(vec![q, k, v]),
+                qkv_bias,
                 q_norm: opt(file, "attn_q_norm")?,
                 k_norm: opt(file, "attn_k_norm")?,
                 attn_out: mat(file, &n("attn_output"))?,
@@ -337,7 +375,8 @@ impl Transformer {
         }
         let rope_global = Rope::new(c.head_dim, c.rope_base, &rows);
         let rope_local = Rope::new(c.head_dim, c.rope_base_local, &rows);
-        let neox = c.architecture == Architecture::Gemma3;
+        let neox = c.architecture.neox_rope();
+        let gelu = c.architecture == Architecture::Gemma3;
 
         for (l, block) in self.blocks.iter().enumerate() {
             let h = rms_norm_rows(&x, &block.attn_norm, c.eps);
@@ -345,6 +384,9 @@ impl Transformer {
             let rope = if c.is_sliding(l) { &rope_local } else { &rope_global };
             let width = qd + 2 * kvd;
             qkv.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+                if let Some(bias) = &block.qkv_bias {
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                }
                 let (q, rest) = row.split_at_mut(qd);
                 let k = &mut rest[..kvd];
                 for head in q.chunks_mut(c.head_dim) {
@@ -386,7 +428,7 @@ impl Transformer {
             act.par_chunks_mut(c.ffn).zip(gu.par_chunks(2 * c.ffn)).for_each(|(a, gu)| {
                 let (g, u) = gu.split_at(c.ffn);
                 for i in 0..c.ffn {
-                    let gated = if neox { gelu_tanh(g[i]) } else { silu(g[i]) };
+                    let gated = if gelu { gelu_tanh(g[i]) } else { silu(g[i]) };
                     a[i] = gated * u[i];
                 }
             });

@@ -24,6 +24,8 @@ const TYPE_BYTE: i32 = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
     ByteLevelBpe { split_digits: bool },
+    /// Byte-level BPE behind the `qwen2` pre-tokenizer ([`pretokenize_qwen2`]).
+    Qwen2Bpe,
     SentencePiece,
 }
 
@@ -38,6 +40,8 @@ pub struct Tokenizer {
     scores: Vec<f32>,
     /// Special tokens recognised in text, longest first.
     specials: Vec<(String, u32)>,
+    /// Whether some special token starts with this byte.
+    special_starts: [bool; 256],
     byte_tokens: [Option<u32>; 256],
     byte_to_char: [char; 256],
     char_to_byte: HashMap<char, u8>,
@@ -47,6 +51,19 @@ pub struct Tokenizer {
     pub eos: Option<u32>,
     /// Whether the model expects BOS at the start.
     pub add_bos: bool,
+}
+
+/// The longest text a prompt may have, in bytes (4 MiB): far more than any supported context window
+/// holds (32k tokens are ~130 kB of text), so only abusive requests hit it. Tokenizing is
+/// `O(n log n)` anyway; the bound keeps one request's tokenizing work small (issue 10, finding 6).
+pub const MAX_TEXT_BYTES: usize = 4 << 20;
+
+/// [`Error::PromptTooLong`] when `bytes` exceeds [`MAX_TEXT_BYTES`].
+pub(crate) fn check_text_len(bytes: usize) -> Result<()> {
+    if bytes > MAX_TEXT_BYTES {
+        return Err(Error::PromptTooLong { bytes, max: MAX_TEXT_BYTES });
+    }
+    Ok(())
 }
 
 /// GPT-2's reversible map from bytes to printable characters.
@@ -80,13 +97,15 @@ impl Tokenizer {
             Err(_) => vec![1; tokens.len()],
         };
         let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let pre = file.string("tokenizer.ggml.pre").unwrap_or_default();
         let family = match model {
+            "gpt2" if pre == "qwen2" => Family::Qwen2Bpe,
             "gpt2" => Family::ByteLevelBpe { split_digits: true },
             "llama" => Family::SentencePiece,
             other => return Err(Error::Tokenizer(format!("unsupported tokenizer model `{other}`"))),
         };
         let mut merges = HashMap::new();
-        if let Family::ByteLevelBpe { .. } = family {
+        if let Family::ByteLevelBpe { .. } | Family::Qwen2Bpe = family {
             for (rank, m) in arr("tokenizer.ggml.merges")?.iter().enumerate() {
                 let m = m.to_string().map_err(|_| Error::Tokenizer("merge is not a string".into()))?;
                 let (a, b) = m.split_once(' ').ok_or_else(|| Error::Tokenizer(format!("bad merge `{m}`")))?;
@@ -109,6 +128,10 @@ impl Tokenizer {
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        let mut special_starts = [false; 256];
+        for (s, _) in &specials {
+            special_starts[s.as_bytes()[0] as usize] = true;
+        }
         let mut byte_tokens = [None; 256];
         for (i, t) in tokens.iter().enumerate() {
             if types[i] == TYPE_BYTE || (t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')) {
@@ -129,6 +152,7 @@ impl Tokenizer {
             merges,
             scores,
             specials,
+            special_starts,
             byte_tokens,
             byte_to_char,
             char_to_byte,
@@ -165,12 +189,25 @@ impl Tokenizer {
         out
     }
 
+    /// [`Tokenizer::encode`], refusing texts longer than [`MAX_TEXT_BYTES`] with
+    /// [`Error::PromptTooLong`]: what callers that take text from the network should use.
+    pub fn try_encode(&self, text: &str) -> Result<Vec<u32>> {
+        check_text_len(text.len())?;
+        Ok(self.encode(text))
+    }
+
+    /// The number of tokens `text` encodes to (plain text, as [`Tokenizer::encode`]).
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.encode(text).len()
+    }
+
     /// Encodes text in which special-token strings (e.g. `<|im_start|>`) become their tokens.
     pub fn encode_with_special(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
         let mut rest = text;
         'outer: while !rest.is_empty() {
-            for (i, _) in rest.char_indices() {
+            // Only bytes that start some special token are tried, so long texts stay linear.
+            for (i, _) in rest.char_indices().filter(|(i, _)| self.special_starts[rest.as_bytes()[*i] as usize]) {
                 if let Some((s, id)) = self.specials.iter().find(|(s, _)| rest[i..].starts_with(s.as_str())) {
                     self.encode_text(&rest[..i], &mut out);
                     out.push(*id);
@@ -189,8 +226,12 @@ impl Tokenizer {
             return;
         }
         match self.family {
-            Family::ByteLevelBpe { split_digits } => {
-                for piece in pretokenize_gpt2(text, split_digits) {
+            Family::ByteLevelBpe { .. } | Family::Qwen2Bpe => {
+                let pieces = match self.family {
+                    Family::ByteLevelBpe { split_digits } => pretokenize_gpt2(text, split_digits),
+                    _ => pretokenize_qwen2(text),
+                };
+                for piece in pieces {
                     let symbols: Vec<u32> = piece
                         .bytes()
                         .map(|b| {
@@ -205,22 +246,58 @@ impl Tokenizer {
         }
     }
 
-    /// Applies the lowest-ranked merge repeatedly (GPT-2 BPE). Pieces are short, so quadratic is fine.
-    fn merge_ranked(&self, mut symbols: Vec<u32>) -> Vec<u32> {
-        loop {
-            let best = symbols
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|(rank, id)| (*rank, i, *id)))
-                .min();
-            match best {
-                Some((_, i, id)) => {
-                    symbols[i] = id;
-                    symbols.remove(i + 1);
-                }
-                None => return symbols,
+    /// Applies the lowest-ranked merge repeatedly (GPT-2 BPE), leftmost first among equal ranks.
+    ///
+    /// A pre-token can be arbitrarily long (a 2 MB run of letters is one piece), so this must not be
+    /// quadratic (issue 10, finding 6). Symbols form a linked list and candidate pairs sit in a
+    /// min-heap ordered by `(rank, left position)`; entries whose symbols have since merged are
+    /// skipped when popped. That picks exactly the pair the naive "scan for the best pair" loop
+    /// picks at every step (the live pairs are all in the heap, and positions keep their order), so
+    /// the token ids are unchanged, in `O(n log n)`. llama.cpp's BPE works the same way.
+    fn merge_ranked(&self, symbols: Vec<u32>) -> Vec<u32> {
+        self.merge_ranked_counting(symbols).0
+    }
+
+    /// [`Tokenizer::merge_ranked`], also returning the number of heap entries popped (the work done).
+    fn merge_ranked_counting(&self, mut symbols: Vec<u32>) -> (Vec<u32>, usize) {
+        use std::cmp::Reverse;
+        let n = symbols.len();
+        if n < 2 {
+            return (symbols, 0);
+        }
+        const NONE: usize = usize::MAX;
+        let mut next: Vec<usize> = (1..=n).map(|i| if i == n { NONE } else { i }).collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
+        let mut alive = vec![true; n];
+        // (rank, left, right, left id, right id, merged id)
+        let mut heap: BinaryHeap<Reverse<(u32, usize, usize, u32, u32, u32)>> = BinaryHeap::new();
+        let candidate = |symbols: &[u32], left: usize, right: usize| {
+            self.merges.get(&(symbols[left], symbols[right])).map(|&(rank, id)| Reverse((rank, left, right, symbols[left], symbols[right], id)))
+        };
+        for i in 0..n - 1 {
+            heap.extend(candidate(&symbols, i, i + 1));
+        }
+        let mut pops = 0;
+        while let Some(Reverse((_, left, right, a, b, id))) = heap.pop() {
+            pops += 1;
+            if !alive[left] || !alive[right] || next[left] != right || symbols[left] != a || symbols[right] != b {
+                continue; // stale: one of its symbols has merged since
+            }
+            symbols[left] = id;
+            alive[right] = false;
+            next[left] = next[right];
+            if next[right] != NONE {
+                prev[next[right]] = left;
+            }
+            if prev[left] != NONE {
+                heap.extend(candidate(&symbols, prev[left], left));
+            }
+            if next[left] != NONE {
+                heap.extend(candidate(&symbols, left, next[left]));
             }
         }
+        let out = symbols.iter().zip(&alive).filter(|(_, a)| **a).map(|(s, _)| *s).collect();
+        (out, pops)
     }
 
     /// SentencePiece BPE: merge the adjacent pair with the best score, via a heap of candidate pairs
@@ -303,7 +380,7 @@ impl Tokenizer {
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         let Some(tok) = self.tokens.get(id as usize) else { return Vec::new() };
         match self.family {
-            Family::ByteLevelBpe { .. } => {
+            Family::ByteLevelBpe { .. } | Family::Qwen2Bpe => {
                 if self.types[id as usize] == TYPE_CONTROL {
                     return tok.as_bytes().to_vec();
                 }
@@ -388,6 +465,21 @@ fn class(c: char) -> Class {
     }
 }
 
+/// [`class`] by Unicode general category (`\p{L}`, `\p{N}`), as llama.cpp's regex classes are:
+/// combining marks (Thai vowel signs, ...) are not letters, though `char::is_alphabetic` says they are.
+fn unicode_class(c: char) -> Class {
+    use unicode_categories::UnicodeCategories;
+    if c.is_whitespace() {
+        Class::Space
+    } else if c.is_letter() {
+        Class::Letter
+    } else if c.is_number() {
+        Class::Number
+    } else {
+        Class::Other
+    }
+}
+
 /// GPT-2's pre-tokenizer, `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`,
 /// optionally after splitting every digit into its own piece (SmolLM2's `Digits(individual_digits)`).
 pub fn pretokenize_gpt2(text: &str, split_digits: bool) -> Vec<&str> {
@@ -410,6 +502,80 @@ pub fn pretokenize_gpt2(text: &str, split_digits: bool) -> Vec<&str> {
         split_gpt2(text, &mut pieces);
     }
     pieces
+}
+
+/// Qwen2's pre-tokenizer (llama.cpp's `qwen2` pre-type, Hugging Face's `Split` of Qwen2's
+/// `tokenizer.json`):
+/// `(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`,
+/// matched by hand (the look-ahead is beyond the `regex` crate), in one linear pass: each branch
+/// below is one alternative, tried in the regex's order.
+pub fn pretokenize_qwen2(text: &str) -> Vec<&str> {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let n = chars.len();
+    let at = |k: usize| if k < n { chars[k].0 } else { text.len() };
+    let cls = |k: usize| unicode_class(chars[k].1);
+    let newline = |k: usize| matches!(chars[k].1, '\r' | '\n');
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let c = chars[i].1;
+        // Contractions, ASCII case-insensitive.
+        if c == '\'' {
+            let lower: String = chars[i + 1..n.min(i + 3)].iter().map(|(_, c)| c.to_ascii_lowercase()).collect();
+            if let Some(len) = ["re", "ve", "ll", "s", "t", "m", "d"].iter().find(|p| lower.starts_with(**p)).map(|p| p.len()) {
+                out.push(&text[at(i)..at(i + 1 + len)]);
+                i += 1 + len;
+                continue;
+            }
+        }
+        // `[^\r\n\p{L}\p{N}]?\p{L}+`
+        let lead = cls(i) != Class::Letter && cls(i) != Class::Number && !newline(i);
+        let body = if lead { i + 1 } else { i };
+        if body < n && cls(body) == Class::Letter {
+            let mut j = body + 1;
+            while j < n && cls(j) == Class::Letter {
+                j += 1;
+            }
+            out.push(&text[at(i)..at(j)]);
+            i = j;
+            continue;
+        }
+        // `\p{N}`: one digit at a time.
+        if cls(i) == Class::Number {
+            out.push(&text[at(i)..at(i + 1)]);
+            i += 1;
+            continue;
+        }
+        // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
+        let body = if c == ' ' { i + 1 } else { i };
+        if body < n && cls(body) == Class::Other {
+            let mut j = body + 1;
+            while j < n && cls(j) == Class::Other {
+                j += 1;
+            }
+            while j < n && newline(j) {
+                j += 1;
+            }
+            out.push(&text[at(i)..at(j)]);
+            i = j;
+            continue;
+        }
+        // Whitespace (the only class left): `\s*[\r\n]+` ends after the run's last newline.
+        let mut run = i;
+        while run < n && cls(run) == Class::Space {
+            run += 1;
+        }
+        if let Some(last) = (i..run).rev().find(|&k| newline(k)) {
+            out.push(&text[at(i)..at(last + 1)]);
+            i = last + 1;
+            continue;
+        }
+        // `\s+(?!\S)`, else `\s+`: leave the run's last space to prefix the next word.
+        let end = if run < n && run - i > 1 { run - 1 } else { run };
+        out.push(&text[at(i)..at(end)]);
+        i = end;
+    }
+    out
 }
 
 fn split_gpt2<'a>(text: &'a str, out: &mut Vec<&'a str>) {
@@ -464,6 +630,112 @@ mod tests {
         assert_eq!(pretokenize_gpt2("a   b", false), vec!["a", "  ", " b"]);
         assert_eq!(pretokenize_gpt2("x \n y", false), vec!["x", " \n", " y"]);
         assert_eq!(pretokenize_gpt2("trailing  ", false), vec!["trailing", "  "]);
+    }
+
+    /// A byte-level BPE tokenizer over the 256 byte symbols plus `merges` (in rank order).
+    fn toy_bpe(merges: &[(&str, &str)]) -> Tokenizer {
+        let byte_to_char = bytes_to_chars();
+        let mut tokens: Vec<String> = byte_to_char.iter().map(|c| c.to_string()).collect();
+        for (a, b) in merges {
+            tokens.push(format!("{a}{b}"));
+        }
+        let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let merges = merges.iter().enumerate().map(|(r, (a, b))| ((ids[*a], ids[*b]), (r as u32, ids[&format!("{a}{b}")]))).collect();
+        Tokenizer {
+            family: Family::ByteLevelBpe { split_digits: true },
+            types: vec![1; tokens.len()],
+            scores: vec![0.0; tokens.len()],
+            tokens,
+            ids,
+            merges,
+            specials: Vec::new(),
+            special_starts: [false; 256],
+            byte_tokens: [None; 256],
+            char_to_byte: byte_to_char.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect(),
+            byte_to_char,
+            bos: None,
+            eos: None,
+            add_bos: false,
+        }
+    }
+
+    /// The merge loop as it was: scan for the lowest-ranked pair, leftmost first, merge, repeat.
+    fn naive_merge(t: &Tokenizer, mut symbols: Vec<u32>) -> Vec<u32> {
+        loop {
+            let best = symbols
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| t.merges.get(&(w[0], w[1])).map(|(rank, id)| (*rank, i, *id)))
+                .min();
+            match best {
+                Some((_, i, id)) => {
+                    symbols[i] = id;
+                    symbols.remove(i + 1);
+                }
+                None => return symbols,
+            }
+        }
+    }
+
+    const TOY_MERGES: &[(&str, &str)] =
+        &[("a", "a"), ("a", "b"), ("b", "a"), ("aa", "aa"), ("ab", "a"), ("b", "b"), ("aa", "b"), ("aaaa", "aaaa"), ("ba", "ab"), ("bb", "a")];
+
+    #[test]
+    fn heap_merge_gives_the_same_tokens_as_the_naive_loop() {
+        let t = toy_bpe(TOY_MERGES);
+        let mut seed = 7u64;
+        for len in 0..200 {
+            let text: String = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ['a', 'b', 'c'][(seed >> 33) as usize % 3]
+                })
+                .collect();
+            let symbols: Vec<u32> = text.bytes().map(|b| t.ids[&t.byte_to_char[b as usize].to_string()]).collect();
+            assert_eq!(t.merge_ranked(symbols.clone()), naive_merge(&t, symbols), "{text}");
+        }
+    }
+
+    /// Issue 10, finding 6: a long run of letters is one pre-token, and the merge loop was quadratic
+    /// in it (a 2 MB prompt kept a node busy for hours). Now the work is linear in the merges done.
+    #[test]
+    fn finding_6_two_megabytes_of_letters_tokenize_in_linear_work() {
+        let t = toy_bpe(TOY_MERGES);
+        let n = 2 << 20;
+        let text = "ab".repeat(n / 4) + &"a".repeat(n / 2);
+        let start = std::time::Instant::now();
+        let symbols: Vec<u32> = text.bytes().map(|b| t.ids[&t.byte_to_char[b as usize].to_string()]).collect();
+        let (merged, pops) = t.merge_ranked_counting(symbols);
+        // Every pop is an initial pair or one of the (at most two) pairs a merge creates.
+        assert!(pops <= 3 * n, "{pops} heap pops for {n} symbols");
+        assert!(merged.len() < n / 2);
+        // The whole path, pre-tokenizer included (one piece: all letters).
+        assert_eq!(pretokenize_gpt2(&text, true).len(), 1);
+        let ids = t.encode(&text);
+        assert_eq!(ids, merged);
+        // Generous: seconds in an optimised build, even on a loaded machine (it took hours before).
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{:?}", start.elapsed());
+        // Over the cap, a typed error instead of work.
+        let huge = "a".repeat(MAX_TEXT_BYTES + 1);
+        assert!(matches!(t.try_encode(&huge), Err(Error::PromptTooLong { max: MAX_TEXT_BYTES, .. })));
+        assert_eq!(t.try_encode("abab").unwrap(), t.encode("abab"));
+        assert_eq!(t.count_tokens("abab"), t.encode("abab").len());
+    }
+
+    #[test]
+    fn qwen2_pretokenizer_matches_the_regex() {
+        let p = pretokenize_qwen2;
+        assert_eq!(p("Hello world"), vec!["Hello", " world"]);
+        assert_eq!(p("it's  OK'S!\n\nYes"), vec!["it", "'s", " ", " OK", "'S", "!\n\n", "Yes"]);
+        assert_eq!(p("year 2024!"), vec!["year", " ", "2", "0", "2", "4", "!"]);
+        assert_eq!(p("a   b"), vec!["a", "  ", " b"]);
+        assert_eq!(p("x \n y"), vec!["x", " \n", " y"]);
+        assert_eq!(p("def f(x):\n\treturn x+1"), vec!["def", " f", "(x", "):\n", "\treturn", " x", "+", "1"]);
+        assert_eq!(p("trailing  "), vec!["trailing", "  "]);
+        assert_eq!(p("(hello"), vec!["(hello"]);
+        assert_eq!(p("日本語 テキスト"), vec!["日本語", " テキスト"]);
+        assert_eq!(p("🙂🙂 ok"), vec!["🙂🙂", " ok"]);
+        assert_eq!(p("a\n\n  b"), vec!["a", "\n\n", " ", " b"]);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! The engine on the real models: SmolLM2-135M (Q4_1) and Gemma 3 270M (Q4_K_M).
+//! The engine on the real models: SmolLM2-135M (Q4_1), Gemma 3 270M (Q4_K_M) and
+//! Qwen2.5-Coder-0.5B-Instruct (Q4_K_M; 1.5B too when it is cached).
 
 mod support;
 
-use support::{gemma, smollm, teacher_forced_matches_incremental};
+use support::{gemma, qwen, qwen_1_5b, smollm, teacher_forced_matches_incremental};
 use tessera_engine::{Engine, GenerateOptions, Message, Role, SamplingParams};
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
@@ -147,4 +148,95 @@ fn model_identity_is_the_file_sha256() {
 fn engine_service_serves_concurrent_requests_in_one_batch() {
     let engine = Engine::load(&smollm().info().path.to_string_lossy(), None).unwrap();
     support::service_answers_match_alone(engine, smollm(), &["What is the capital of France?", "Name a colour.", "What is 3+4?"], &greedy(24));
+}
+
+#[test]
+fn qwen_answers_paris() {
+    let out = ask(qwen(), "What is the capital of France?", &greedy(24));
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+    assert_eq!(out.finish_reason, tessera_engine::FinishReason::Stop);
+}
+
+/// The first fenced code block of a model's answer (or the whole answer when there is none).
+fn code_block(text: &str) -> &str {
+    let Some(start) = text.find("```") else { return text };
+    let body = &text[start + 3..];
+    let body = body.strip_prefix("python").unwrap_or(body);
+    body.split("```").next().unwrap_or(body)
+}
+
+#[test]
+fn qwen_writes_a_python_function_that_works() {
+    let question = "Write a Python function `is_palindrome(s)` that returns True when the string s reads the same \
+                    forwards and backwards. Reply with only the code.";
+    let out = ask(qwen(), question, &greedy(120));
+    let code = code_block(&out.text);
+    let program = format!(
+        "{code}\nassert is_palindrome('racecar')\nassert is_palindrome('')\nassert not is_palindrome('python')\nprint('ok')"
+    );
+    let run = std::process::Command::new("python3").arg("-c").arg(&program).output().expect("python3");
+    assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("ok"), "answer {:?}\nstderr {}", out.text, String::from_utf8_lossy(&run.stderr));
+}
+
+#[test]
+fn qwen_teacher_forced_logits_match_incremental() {
+    let d = teacher_forced_matches_incremental(qwen(), "Explain recursion briefly.", SamplingParams::seeded(0.8, 3));
+    // Every row is computed the same way whatever the batch: bitwise equal.
+    assert_eq!(d, 0.0, "max difference {d}");
+}
+
+#[test]
+fn qwen_tokenizer_and_template() {
+    let e = qwen();
+    let t = e.tokenizer();
+    for text in ["Hello, world!", "naïve café – 東京 🚀 Ωμέγα", "  leading spaces\n\ttabs\r\n", "def f(x):\n    return x + 12345"] {
+        assert_eq!(t.decode(&t.encode(text), false), text);
+    }
+    // Digits one by one, and a well-known merge.
+    assert_eq!(t.encode("2024").len(), 4);
+    assert_eq!(t.encode("Hello"), vec![t.token_id("Hello").unwrap()]);
+    let im_end = t.token_id("<|im_end|>").unwrap();
+    assert_eq!(im_end, 151645);
+    assert!(e.stop_tokens().contains(&im_end));
+    assert!(!t.encode("<|im_end|>").contains(&im_end));
+    // ChatML with Qwen's default system prompt.
+    let p = e.chat_prompt(&[Message::new(Role::User, "Hi")]);
+    let text = t.decode(&p, false);
+    assert!(text.starts_with("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"), "{text:?}");
+    assert!(text.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), "{text:?}");
+    assert_eq!(e.info().architecture, "qwen2");
+    assert_eq!(e.info().sha256, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32");
+}
+
+#[test]
+fn qwen_1_5b_loads_and_answers_when_cached() {
+    let Some(e) = qwen_1_5b() else { return };
+    let out = ask(e, "What is the capital of France?", &greedy(24));
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+}
+
+/// Token ids of `tokenizer_corpus.json` as llama.cpp's `llama-tokenize` gives them
+/// (`tests/fixtures/tokenizer_parity.py` regenerates the fixture).
+fn tokenizer_matches_llama_cpp(engine: &Engine, model: &str) {
+    let corpus: Vec<String> = serde_json::from_str(include_str!("fixtures/tokenizer_corpus.json")).unwrap();
+    let fixture: std::collections::HashMap<String, Vec<Vec<u32>>> = serde_json::from_str(include_str!("fixtures/tokenizer_parity.json")).unwrap();
+    let expected = &fixture[model];
+    assert!(corpus.len() >= 200 && expected.len() == corpus.len());
+    let t = engine.tokenizer();
+    let wrong: Vec<(&String, Vec<u32>, &Vec<u32>)> =
+        corpus.iter().zip(expected).map(|(s, e)| (s, t.encode(s), e)).filter(|(_, got, e)| got != *e).collect();
+    for (s, got, e) in wrong.iter().take(10) {
+        eprintln!("{model}: {s:?}\n  ours      {got:?}\n  llama.cpp {e:?}");
+    }
+    assert!(wrong.is_empty(), "{model}: {} of {} strings tokenize differently from llama.cpp", wrong.len(), corpus.len());
+}
+
+#[test]
+fn smollm_tokenizer_matches_llama_cpp_on_the_corpus() {
+    tokenizer_matches_llama_cpp(smollm(), "smollm2-135m");
+}
+
+#[test]
+fn qwen_tokenizer_matches_llama_cpp_on_the_corpus() {
+    tokenizer_matches_llama_cpp(qwen(), "qwen2.5-coder-0.5b");
 }

@@ -22,10 +22,11 @@ impl Node {
     }
 
     /// The prompt tokens of a request under this node's model and template.
-    fn prompt_tokens(&self, request: &JobRequest) -> Vec<u32> {
+    /// Refuses prompts over the engine's text limit before tokenizing any of it.
+    fn prompt_tokens(&self, request: &JobRequest) -> tessera_engine::Result<Vec<u32>> {
         match &request.prompt {
-            Some(text) => self.engine.completion_prompt(text),
-            None => self.engine.chat_prompt(&request.messages),
+            Some(text) => self.engine.try_completion_prompt(text),
+            None => self.engine.try_chat_prompt(&request.messages),
         }
     }
 
@@ -48,7 +49,18 @@ pub(crate) fn job(
     tx: &UnboundedSender<NodeMessage>,
     cancel: &AtomicBool,
 ) {
-    let prompt = node.prompt_tokens(&request);
+    let prompt = match node.prompt_tokens(&request) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = tx.send(NodeMessage::Failed {
+                job,
+                kind: FailureKind::ContextLength,
+                message: e.to_string(),
+                prompt_hash: None,
+            });
+            return;
+        }
+    };
     let prompt_hash = hash_tokens(&prompt);
     let fail = |kind, message: String| {
         let _ = tx.send(NodeMessage::Failed {
@@ -154,7 +166,16 @@ pub(crate) fn score(node: &Node, score: ScoreRequest) -> NodeMessage {
     } = score;
     let request = &request;
     let _one_at_a_time = node.verify_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let spec = node.spec(request, node.prompt_tokens(request));
+    let prompt = match node.prompt_tokens(request) {
+        Ok(p) => p,
+        Err(e) => {
+            let verdict = Verdict::Inconclusive {
+                error: e.to_string(),
+            };
+            return NodeMessage::Scored { id, verdict };
+        }
+    };
+    let spec = node.spec(request, prompt);
     let job = tessera_proof::Job {
         model: node.engine.info().name.clone(),
         spec,

@@ -22,6 +22,23 @@ pub fn gemma() -> &'static Engine {
     load_once(&E, "gemma3-270m", Compute::Cpu)
 }
 
+/// The real Qwen2.5-Coder-0.5B-Instruct model (Q4_K_M), loaded once per test binary.
+pub fn qwen() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    load_once(&E, "qwen2.5-coder-0.5b", Compute::Cpu)
+}
+
+/// Qwen2.5-Coder-1.5B-Instruct when it is already cached (it is kept out of CI: 1.1 GB); `None`
+/// otherwise, and the tests that want it skip (saying so).
+pub fn qwen_1_5b() -> Option<&'static Engine> {
+    static E: OnceLock<Engine> = OnceLock::new();
+    if E.get().is_none() && registry::resolve("qwen2.5-coder-1.5b").is_err() {
+        eprintln!("skipped: qwen2.5-coder-1.5b is not cached (`tessera model fetch qwen2.5-coder-1.5b`)");
+        return None;
+    }
+    Some(load_once(&E, "qwen2.5-coder-1.5b", Compute::Cpu))
+}
+
 /// The real SmolLM2-135M model on another compute device, loaded once per test binary and device
 /// (`Compute::Cpu` is [`smollm`]).
 pub fn smollm_on(compute: Compute) -> &'static Engine {
