@@ -470,7 +470,7 @@ fn verifier_stopped_mid_verification_finishes_it_and_exits() -> Result<()> {
     assert!(status.success(), "{status}:\n{log}");
     if log.contains("verifications=1") {
         assert!(
-            log.contains("verified a job"),
+            log.contains("scored a claimed generation"),
             "a verification in flight is finished:\n{log}"
         );
         eprintln!("verifying node finished its check and stopped in {took:?}");

@@ -351,20 +351,20 @@ pub async fn nonces(url: String) {
     let verifier = Verifier::default();
     assert_eq!(
         verifier
-            .verify(&signed, 1_900_000_000, &ledger)
+            .verify(&signed, 1_999_990_000, &ledger)
             .await
             .unwrap(),
         agent.address()
     );
     assert!(matches!(
-        verifier.verify(&signed, 1_900_000_000, &ledger).await,
+        verifier.verify(&signed, 1_999_990_000, &ledger).await,
         Err(tessera_protocol::Error::ReplayedNonce { .. })
     ));
     // A bad signature is refused before the nonce store is touched.
     let mut forged = signed.clone();
     forged.message.nonce = 1;
     assert!(matches!(
-        verifier.verify(&forged, 1_900_000_000, &ledger).await,
+        verifier.verify(&forged, 1_999_990_000, &ledger).await,
         Err(tessera_protocol::Error::WrongSigner { .. })
     ));
     assert!(ledger
