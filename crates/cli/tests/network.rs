@@ -247,7 +247,7 @@ impl Hub {
     fn post_key(&self, signed: &impl serde::Serialize) -> Result<(u16, Value)> {
         let mut r = http()
             .post(format!("{}/v1/keys", self.url))
-            .send_json(&signed)?;
+            .send_json(signed)?;
         Ok((r.status().as_u16(), r.body_mut().read_json()?))
     }
 

@@ -270,6 +270,7 @@ impl Tokenizer {
         let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
         let mut alive = vec![true; n];
         // (rank, left, right, left id, right id, merged id)
+        #[allow(clippy::type_complexity)] // the tuple described above, ordered as a tuple
         let mut heap: BinaryHeap<Reverse<(u32, usize, usize, u32, u32, u32)>> = BinaryHeap::new();
         let candidate = |symbols: &[u32], left: usize, right: usize| {
             self.merges.get(&(symbols[left], symbols[right])).map(|&(rank, id)| Reverse((rank, left, right, symbols[left], symbols[right], id)))

@@ -40,7 +40,7 @@ pub(crate) fn scripted_verdict(cheat: Option<Cheat>) -> Option<tessera_proof::Ve
     };
     Some(tessera_proof::Verdict {
         passed,
-        reason: (!passed).then(|| tessera_proof::Reason::PromptMismatch),
+        reason: (!passed).then_some(tessera_proof::Reason::PromptMismatch),
         stats: Default::default(),
     })
 }

@@ -58,7 +58,8 @@ impl SamplingParams {
     /// Whether this is greedy decoding: any temperature below [`MIN_TEMPERATURE`] (or NaN), since
     /// `logit / T` grows without bound as `T` nears 0 and would make the verifier's slack vacuous.
     pub fn is_greedy(&self) -> bool {
-        !(self.temperature >= MIN_TEMPERATURE)
+        // NaN is greedy too: it compares as neither.
+        self.temperature.partial_cmp(&MIN_TEMPERATURE).is_none_or(|o| o.is_lt())
     }
 }
 

@@ -85,10 +85,13 @@ struct Canary {
     passes: bool,
 }
 
+/// Known passes and known fails of one model file.
+type CanaryPools = (VecDeque<Canary>, VecDeque<Canary>);
+
 /// Known-answer checks, per model file.
 #[derive(Default)]
 pub struct Canaries {
-    pool: Mutex<HashMap<String, (VecDeque<Canary>, VecDeque<Canary>)>>,
+    pool: Mutex<HashMap<String, CanaryPools>>,
 }
 
 fn push(queue: &mut VecDeque<Canary>, canary: Canary) {
@@ -311,8 +314,8 @@ impl Hub {
         for _ in 0..MAX_ROUNDS {
             let needed = if !fails.is_empty() {
                 // A fail stands only when confirmed and not outvoted.
-                !(fails.len() >= 2 && fails.len() > passes.len())
-                    && !(passes.len() >= 2 && passes.len() > fails.len())
+                !(fails.len() >= 2 && fails.len() > passes.len()
+                    || passes.len() >= 2 && passes.len() > fails.len())
             } else {
                 passes.is_empty() || (cross_check && passes.len() < 2)
             };
