@@ -334,7 +334,7 @@ fn cheating_verifier(net: &Network, rounds: u32, attack: &'static str, cheat: &s
     let start = 1_000_000;
     let mut attempts = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
-    while attempts < rounds.max(1) * 4 && net.provider(&w)?["quarantined"] != json!(true) && Instant::now() < deadline {
+    while attempts < rounds.max(1) * 10 && net.provider(&w)?["quarantined"] != json!(true) && Instant::now() < deadline {
         net.chat(6)?;
         net.settle()?;
         attempts += 1;
