@@ -4,9 +4,9 @@ use std::time::Instant;
 
 use clap::Subcommand;
 use serde::Serialize;
-use tessera_engine::{registry, Compute, Engine, GenerateOptions, LoadOptions, Message, Role};
 #[cfg(feature = "adversary")]
 use tessera_engine::{quant, SamplingParams, Variant};
+use tessera_engine::{registry, Compute, Engine, GenerateOptions, LoadOptions, Message, Role};
 #[cfg(feature = "adversary")]
 use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines};
 
@@ -106,25 +106,56 @@ struct VerifyFigures {
 }
 
 #[cfg(not(feature = "adversary"))]
-fn bench_verify(_: usize, _: usize, _: u32, _: f64, _: Option<std::path::PathBuf>) -> anyhow::Result<VerifyFigures> {
+fn bench_verify(
+    _: usize,
+    _: usize,
+    _: u32,
+    _: f64,
+    _: Option<std::path::PathBuf>,
+) -> anyhow::Result<VerifyFigures> {
     anyhow::bail!("`bench verify` runs cheating providers; build with `--features adversary`")
 }
 
 #[cfg(feature = "adversary")]
-fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, thresholds: Option<std::path::PathBuf>) -> anyhow::Result<VerifyFigures> {
+fn bench_verify(
+    honest_n: usize,
+    per_adversary: usize,
+    max_tokens: u32,
+    p: f64,
+    thresholds: Option<std::path::PathBuf>,
+) -> anyhow::Result<VerifyFigures> {
     let thresholds = crate::verify_cmd::load_thresholds(thresholds.as_ref())?;
     registry::fetch("smollm2-135m")?;
     registry::fetch("gemma3-270m")?;
     let verifier = Engine::load("smollm2-135m", None)?;
-    let one_thread = Engine::load_with("smollm2-135m", &LoadOptions { threads: Some(1), ..Default::default() })?;
+    let one_thread = Engine::load_with(
+        "smollm2-135m",
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )?;
 
     // Honest jobs under four provider set-ups.
-    let set_ups: [(&Engine, usize, &str); 4] = [(&verifier, 8, "auto"), (&one_thread, 1, "auto"), (&verifier, 8, "avx2"), (&verifier, 1, "auto")];
-    let mut honest = DetectionRow { behaviour: "honest (false positives)".into(), jobs: 0, flagged: 0, rate: 0.0 };
+    let set_ups: [(&Engine, usize, &str); 4] = [
+        (&verifier, 8, "auto"),
+        (&one_thread, 1, "auto"),
+        (&verifier, 8, "avx2"),
+        (&verifier, 1, "auto"),
+    ];
+    let mut honest = DetectionRow {
+        behaviour: "honest (false positives)".into(),
+        jobs: 0,
+        flagged: 0,
+        rate: 0.0,
+    };
     let mut honest_max = 0f32;
     for (i, (engine, batch, isa)) in set_ups.iter().enumerate() {
         let n = honest_n / set_ups.len() + usize::from(i < honest_n % set_ups.len());
-        let specs: Vec<_> = tasks(n, max_tokens, 10_000 + i as u64).iter().map(|t| t.spec(engine)).collect();
+        let specs: Vec<_> = tasks(n, max_tokens, 10_000 + i as u64)
+            .iter()
+            .map(|t| t.spec(engine))
+            .collect();
         quant::set_kernel_isa(isa);
         let mut jobs = Vec::new();
         for chunk in specs.chunks(*batch) {
@@ -137,17 +168,46 @@ fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, 
             honest.flagged += usize::from(!v.passed);
             honest_max = honest_max.max(v.stats.max_abs);
         }
-        tracing::info!(set_up = i, jobs = honest.jobs, flagged = honest.flagged, "honest jobs checked");
+        tracing::info!(
+            set_up = i,
+            jobs = honest.jobs,
+            flagged = honest.flagged,
+            "honest jobs checked"
+        );
     }
     honest.rate = honest.flagged as f64 / honest.jobs.max(1) as f64;
 
     let other = Engine::load("gemma3-270m", None)?;
-    let requantized = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::RequantizedQ4_0, ..Default::default() })?;
-    let skipped = Engine::load_with("smollm2-135m", &LoadOptions { threads: None, variant: Variant::SkipLastLayers(2), ..Default::default() })?;
-    let engines = CheatEngines { honest: &verifier, other: &other, requantized: &requantized, skipped: &skipped };
+    let requantized = Engine::load_with(
+        "smollm2-135m",
+        &LoadOptions {
+            threads: None,
+            variant: Variant::RequantizedQ4_0,
+            ..Default::default()
+        },
+    )?;
+    let skipped = Engine::load_with(
+        "smollm2-135m",
+        &LoadOptions {
+            threads: None,
+            variant: Variant::SkipLastLayers(2),
+            ..Default::default()
+        },
+    )?;
+    let engines = CheatEngines {
+        honest: &verifier,
+        other: &other,
+        requantized: &requantized,
+        skipped: &skipped,
+    };
     let mut adversaries = Vec::new();
     for (k, adversary) in Adversary::ALL.into_iter().enumerate() {
-        let mut row = DetectionRow { behaviour: adversary.name().into(), jobs: 0, flagged: 0, rate: 0.0 };
+        let mut row = DetectionRow {
+            behaviour: adversary.name().into(),
+            jobs: 0,
+            flagged: 0,
+            rate: 0.0,
+        };
         let mut ts = tasks(per_adversary, max_tokens, 20_000 + k as u64);
         if adversary.needs_sampling() {
             for (i, t) in ts.iter_mut().enumerate() {
@@ -164,7 +224,11 @@ fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, 
             }
         }
         row.rate = row.flagged as f64 / row.jobs.max(1) as f64;
-        tracing::info!(adversary = adversary.name(), rate = row.rate, "adversary checked");
+        tracing::info!(
+            adversary = adversary.name(),
+            rate = row.rate,
+            "adversary checked"
+        );
         adversaries.push(row);
     }
 
@@ -175,7 +239,12 @@ fn bench_verify(honest_n: usize, per_adversary: usize, max_tokens: u32, p: f64, 
     spec.prompt_tokens = prompt;
     spec.sampling = SamplingParams::seeded(0.8, 3);
     let start = Instant::now();
-    let opts = GenerateOptions { max_tokens: answer_tokens as usize, sampling: spec.sampling.clone(), ignore_eos: true, ..Default::default() };
+    let opts = GenerateOptions {
+        max_tokens: answer_tokens as usize,
+        sampling: spec.sampling.clone(),
+        ignore_eos: true,
+        ..Default::default()
+    };
     let g = verifier.generate(&spec.prompt_tokens, &opts, |_| true)?;
     let generation_s = start.elapsed().as_secs_f64();
     let mut all = spec.prompt_tokens.clone();
@@ -221,7 +290,11 @@ struct EngineFigures {
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kib| kib / 1024.0)
         .unwrap_or(0.0)
 }
@@ -243,11 +316,29 @@ fn prompt_of(engine: &Engine, n: usize) -> Vec<u32> {
     }
 }
 
-fn bench_engine(name: &str, threads: Option<usize>, device: Compute, prompt_tokens: usize, gen_tokens: usize, repeat: usize) -> anyhow::Result<EngineFigures> {
+fn bench_engine(
+    name: &str,
+    threads: Option<usize>,
+    device: Compute,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    repeat: usize,
+) -> anyhow::Result<EngineFigures> {
     anyhow::ensure!(prompt_tokens >= 16, "--prompt-tokens must be at least 16 (the batch-8 run shortens the prompt by up to 7 tokens)");
-    let engine = Engine::load_with(name, &LoadOptions { threads, device, ..Default::default() })?;
+    let engine = Engine::load_with(
+        name,
+        &LoadOptions {
+            threads,
+            device,
+            ..Default::default()
+        },
+    )?;
     let prompt = prompt_of(&engine, prompt_tokens);
-    let opts = |max_tokens| GenerateOptions { max_tokens, ignore_eos: true, ..Default::default() };
+    let opts = |max_tokens| GenerateOptions {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
     // Warm-up.
     engine.generate(&prompt[..16], &opts(4), |_| true)?;
 
@@ -267,7 +358,9 @@ fn bench_engine(name: &str, threads: Option<usize>, device: Compute, prompt_toke
     }
 
     // Decode, batch 8: eight prompts of different lengths decoded together, after their first round.
-    let requests: Vec<_> = (0..8).map(|i| (prompt[..prompt.len() - i].to_vec(), opts(gen_tokens))).collect();
+    let requests: Vec<_> = (0..8)
+        .map(|i| (prompt[..prompt.len() - i].to_vec(), opts(gen_tokens)))
+        .collect();
     let mut decode8 = 0f64;
     for _ in 0..repeat {
         let start = Instant::now();
@@ -281,12 +374,17 @@ fn bench_engine(name: &str, threads: Option<usize>, device: Compute, prompt_toke
             true
         })?;
         let total = start.elapsed().as_secs_f64();
-        decode8 = decode8.max((tokens - requests.len()) as f64 / (total - first_round.unwrap_or(0.0)));
+        decode8 =
+            decode8.max((tokens - requests.len()) as f64 / (total - first_round.unwrap_or(0.0)));
     }
 
     // Scoring: prompt + answer of 2 × gen_tokens in one teacher-forced pass.
     let mut seq = prompt.clone();
-    seq.extend(std::iter::repeat_n(answer, 2).flatten().take(2 * gen_tokens));
+    seq.extend(
+        std::iter::repeat_n(answer, 2)
+            .flatten()
+            .take(2 * gen_tokens),
+    );
     let mut score = 0f64;
     for _ in 0..repeat {
         let start = Instant::now();
@@ -314,13 +412,30 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Hub(args) => crate::bench_hub::run(args)?,
         #[cfg(feature = "adversary")]
         BenchCommand::Attack(args) => crate::bench_attack::run(args)?,
-        BenchCommand::Engine { threads, device, model, prompt_tokens, gen_tokens, repeat, json } => {
-            let models: Vec<String> =
-                if model.is_empty() { registry::list_cached().into_iter().map(|m| m.name).collect() } else { model };
+        BenchCommand::Engine {
+            threads,
+            device,
+            model,
+            prompt_tokens,
+            gen_tokens,
+            repeat,
+            json,
+        } => {
+            let models: Vec<String> = if model.is_empty() {
+                registry::list_cached()
+                    .into_iter()
+                    .map(|m| m.name)
+                    .collect()
+            } else {
+                model
+            };
             if models.is_empty() {
                 anyhow::bail!("no model is cached; run `tessera model fetch smollm2-135m` first");
             }
-            let figures = models.iter().map(|m| bench_engine(m, threads, device, prompt_tokens, gen_tokens, repeat.max(1))).collect::<anyhow::Result<Vec<_>>>()?;
+            let figures = models
+                .iter()
+                .map(|m| bench_engine(m, threads, device, prompt_tokens, gen_tokens, repeat.max(1)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
@@ -331,16 +446,40 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 for f in &figures {
                     println!(
                         "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
-                        f.model, f.device, f.threads, f.prompt_tok_per_s, f.decode_tok_per_s_batch1, f.decode_tok_per_s_batch8, f.score_tok_per_s,
-                        f.time_to_first_token_ms, f.peak_rss_mib
+                        f.model,
+                        f.device,
+                        f.threads,
+                        f.prompt_tok_per_s,
+                        f.decode_tok_per_s_batch1,
+                        f.decode_tok_per_s_batch8,
+                        f.score_tok_per_s,
+                        f.time_to_first_token_ms,
+                        f.peak_rss_mib
                     );
                 }
             }
         }
-        BenchCommand::Ledger { settlements, concurrency, postgres_url, json } => {
-            crate::block_on(crate::ledger::bench(json, settlements, concurrency, postgres_url.as_deref()))?;
+        BenchCommand::Ledger {
+            settlements,
+            concurrency,
+            postgres_url,
+            json,
+        } => {
+            crate::block_on(crate::ledger::bench(
+                json,
+                settlements,
+                concurrency,
+                postgres_url.as_deref(),
+            ))?;
         }
-        BenchCommand::Verify { honest, per_adversary, max_tokens, p, thresholds, json } => {
+        BenchCommand::Verify {
+            honest,
+            per_adversary,
+            max_tokens,
+            p,
+            thresholds,
+            json,
+        } => {
             let f = bench_verify(honest, per_adversary, max_tokens, p, thresholds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&f)?);
@@ -348,18 +487,40 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 println!("| behaviour | jobs | flagged | rate |");
                 println!("|---|---|---|---|");
                 for r in std::iter::once(&f.honest).chain(&f.adversaries) {
-                    println!("| {} | {} | {} | {:.1}% |", r.behaviour, r.jobs, r.flagged, 100.0 * r.rate);
+                    println!(
+                        "| {} | {} | {} | {:.1}% |",
+                        r.behaviour,
+                        r.jobs,
+                        r.flagged,
+                        100.0 * r.rate
+                    );
                 }
                 println!();
                 println!("| figure | value |");
                 println!("|---|---|");
                 println!("| honest max abs Δ (f16) | {:.4} |", f.honest_max_abs_delta);
-                println!("| thresholds (max Δ / mean Δ / token slack) | {:.3} / {:.3} / {:.3} |", f.thresholds.max_abs, f.thresholds.mean_abs, f.thresholds.token_slack);
-                println!("| commitment bytes per token (binary / JSON base64) | {:.1} / {:.1} |", f.commitment_bytes_per_token, f.commitment_json_bytes_per_token);
-                println!("| generation, {} + {} tokens | {:.2} s |", f.cost_prompt_tokens, f.cost_answer_tokens, f.generation_s);
+                println!(
+                    "| thresholds (max Δ / mean Δ / token slack) | {:.3} / {:.3} / {:.3} |",
+                    f.thresholds.max_abs, f.thresholds.mean_abs, f.thresholds.token_slack
+                );
+                println!(
+                    "| commitment bytes per token (binary / JSON base64) | {:.1} / {:.1} |",
+                    f.commitment_bytes_per_token, f.commitment_json_bytes_per_token
+                );
+                println!(
+                    "| generation, {} + {} tokens | {:.2} s |",
+                    f.cost_prompt_tokens, f.cost_answer_tokens, f.generation_s
+                );
                 println!("| one check (teacher-forced pass) | {:.2} s |", f.check_s);
-                println!("| check / generation | {:.1}% |", 100.0 * f.check_fraction_of_generation);
-                println!("| amortized overhead at p = {} | {:.2}% |", f.sampling_rate_p, 100.0 * f.amortized_overhead);
+                println!(
+                    "| check / generation | {:.1}% |",
+                    100.0 * f.check_fraction_of_generation
+                );
+                println!(
+                    "| amortized overhead at p = {} | {:.2}% |",
+                    f.sampling_rate_p,
+                    100.0 * f.amortized_overhead
+                );
             }
         }
     }

@@ -70,7 +70,9 @@ struct Network {
 }
 
 fn log(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
-    Ok(Stdio::from(std::fs::File::create(dir.join(format!("{name}.log")))?))
+    Ok(Stdio::from(std::fs::File::create(
+        dir.join(format!("{name}.log")),
+    )?))
 }
 
 fn start_hub(exe: &Path, dir: &Path, name: &str, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
@@ -78,7 +80,15 @@ fn start_hub(exe: &Path, dir: &Path, name: &str, extra: &[&str]) -> anyhow::Resu
     let _ = std::fs::remove_file(&addr);
     let db = format!("sqlite://{}", dir.join(format!("{name}.db")).display());
     let child = Command::new(exe)
-        .args(["hub", "--dev", "--listen", "127.0.0.1:0", "--db", &db, "--addr-file"])
+        .args([
+            "hub",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--addr-file",
+        ])
         .arg(&addr)
         .args(extra)
         .env("NO_COLOR", "1")
@@ -92,18 +102,41 @@ fn start_hub(exe: &Path, dir: &Path, name: &str, extra: &[&str]) -> anyhow::Resu
             return Ok((proc, format!("http://{}", a.trim())));
         }
         if Instant::now() > deadline {
-            bail!("hub {name} did not start; see {}", dir.join(format!("{name}.log")).display());
+            bail!(
+                "hub {name} did not start; see {}",
+                dir.join(format!("{name}.log")).display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 impl Network {
-    fn node(&self, name: &str, wallet: &Wallet, price: u64, extra: &[&str]) -> anyhow::Result<Proc> {
+    fn node(
+        &self,
+        name: &str,
+        wallet: &Wallet,
+        price: u64,
+        extra: &[&str],
+    ) -> anyhow::Result<Proc> {
         let child = Command::new(&self.exe)
-            .args(["node", "--hub", &self.url, "--price", &price.to_string(), "--threads", &self.threads.to_string(), "--capacity", "2", "--dev-stake"])
+            .args([
+                "node",
+                "--hub",
+                &self.url,
+                "--price",
+                &price.to_string(),
+                "--threads",
+                &self.threads.to_string(),
+                "--capacity",
+                "2",
+                "--dev-stake",
+            ])
             .args(extra)
-            .env("TESSERA_PRIVATE_KEY", hex::encode(wallet.signer().to_bytes()))
+            .env(
+                "TESSERA_PRIVATE_KEY",
+                hex::encode(wallet.signer().to_bytes()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log(&self.dir, name)?)
@@ -112,14 +145,26 @@ impl Network {
     }
 
     fn get(&self, path: &str) -> anyhow::Result<Value> {
-        Ok(http().get(format!("{}{path}", self.url)).call()?.body_mut().read_json()?)
+        Ok(http()
+            .get(format!("{}{path}", self.url))
+            .call()?
+            .body_mut()
+            .read_json()?)
     }
 
     fn provider(&self, w: &Wallet) -> anyhow::Result<Value> {
         let me = format!("{:#x}", w.address());
         Ok(self.get("/v1/providers")?["providers"]
             .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["address"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(&me))).cloned())
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| {
+                        p["address"]
+                            .as_str()
+                            .is_some_and(|a| a.eq_ignore_ascii_case(&me))
+                    })
+                    .cloned()
+            })
             .unwrap_or(Value::Null))
     }
 
@@ -145,7 +190,11 @@ impl Network {
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.connected()? < n {
             if Instant::now() > deadline {
-                bail!("only {} of {n} providers connected; logs in {}", self.connected()?, self.dir.display());
+                bail!(
+                    "only {} of {n} providers connected; logs in {}",
+                    self.connected()?,
+                    self.dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -156,9 +205,19 @@ impl Network {
     fn settle(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let m = http().get(format!("{}/metrics", self.url)).call()?.body_mut().read_to_string()?;
-            let held = |name: &str| m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map(|v| v.trim() != "0");
-            if held("tessera_balance_escrow_micro") == Some(false) && held("tessera_reserved_micro") == Some(false) {
+            let m = http()
+                .get(format!("{}/metrics", self.url))
+                .call()?
+                .body_mut()
+                .read_to_string()?;
+            let held = |name: &str| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                    .map(|v| v.trim() != "0")
+            };
+            if held("tessera_balance_escrow_micro") == Some(false)
+                && held("tessera_reserved_micro") == Some(false)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -177,7 +236,10 @@ impl Network {
             .send_json(&body)?;
         let status = r.status().as_u16();
         let v: Value = r.body_mut().read_json().unwrap_or_default();
-        let provider = v["tessera"]["provider"].as_str().unwrap_or("").to_lowercase();
+        let provider = v["tessera"]["provider"]
+            .as_str()
+            .unwrap_or("")
+            .to_lowercase();
         Ok((status, provider, v["tessera"]["cost"].as_u64().unwrap_or(0)))
     }
 }
@@ -189,10 +251,15 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("| attack | finding | attempts | prevented | attacker gain (µ) | honest slashed (µ) |");
+    println!(
+        "| attack | finding | attempts | prevented | attacker gain (µ) | honest slashed (µ) |"
+    );
     println!("|---|---|---|---|---|---|");
     for r in &rows {
-        println!("| {} | {} | {} | {} | {} | {} |", r.attack, r.finding, r.attempts, r.prevented, r.attacker_gain, r.honest_slashed);
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.attack, r.finding, r.attempts, r.prevented, r.attacker_gain, r.honest_slashed
+        );
     }
     Ok(())
 }
@@ -203,17 +270,39 @@ pub fn attack_round(args: &AttackArgs) -> anyhow::Result<Vec<AttackRow>> {
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(&dir)?;
     let exe = std::env::current_exe()?;
-    let hub_flags = ["--verify-probability", "1", "--cross-check-probability", "1", "--canary-probability", "1", "--verify-recheck-ms", "200", "--requests-per-minute", "100000"];
+    let hub_flags = [
+        "--verify-probability",
+        "1",
+        "--cross-check-probability",
+        "1",
+        "--canary-probability",
+        "1",
+        "--verify-recheck-ms",
+        "200",
+        "--requests-per-minute",
+        "100000",
+    ];
     let (hub, url) = start_hub(&exe, &dir, "hub", &hub_flags)?;
-    let mut net = Network { exe, dir, url, threads: args.threads, procs: vec![hub], honest: Vec::new(), key: String::new() };
+    let mut net = Network {
+        exe,
+        dir,
+        url,
+        threads: args.threads,
+        procs: vec![hub],
+        honest: Vec::new(),
+        key: String::new(),
+    };
     for (i, price) in [10u64, 11, 12].into_iter().enumerate() {
         let w = Wallet::random();
-        net.procs.push(net.node(&format!("honest-{i}"), &w, price, &[])?);
+        net.procs
+            .push(net.node(&format!("honest-{i}"), &w, price, &[])?);
         net.honest.push(w);
     }
     net.wait_connected(3)?;
     let agent = Wallet::random();
-    http().post(format!("{}/v1/dev/faucet", net.url)).send_json(json!({"address": agent.address(), "amount": 100_000_000u64}))?;
+    http()
+        .post(format!("{}/v1/dev/faucet", net.url))
+        .send_json(json!({"address": agent.address(), "amount": 100_000_000u64}))?;
     net.key = format!("sk-attack-{}", hex::encode(agent.address()));
     register_key(&net.url, &agent, &net.key, 1, Duration::from_secs(3600))?;
     let mut rows = Vec::new();
@@ -225,9 +314,17 @@ pub fn attack_round(args: &AttackArgs) -> anyhow::Result<Vec<AttackRow>> {
         let forged = net.dir.join("forged.gguf");
         std::fs::copy(&real, &forged)?;
         use std::io::Write;
-        std::fs::OpenOptions::new().append(true).open(&forged)?.write_all(b"another file")?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&forged)?
+            .write_all(b"another file")?;
         let w = Wallet::random();
-        let mut p = net.node("forger", &w, 1, &["--model", forged.to_str().context("path")?])?;
+        let mut p = net.node(
+            "forger",
+            &w,
+            1,
+            &["--model", forged.to_str().context("path")?],
+        )?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
             if let Some(s) = p.0.try_wait()? {
@@ -239,16 +336,45 @@ pub fn attack_round(args: &AttackArgs) -> anyhow::Result<Vec<AttackRow>> {
             std::thread::sleep(Duration::from_millis(100));
         };
         let refused = status.is_some_and(|s| !s.success()) && net.provider(&w)?.is_null();
-        rows.push(AttackRow { attack: "serve another model file under a known name", finding: "1", attempts: 1, prevented: u32::from(refused), attacker_gain: net.worth(&w)?, honest_slashed: net.honest_slashed()? - before });
+        rows.push(AttackRow {
+            attack: "serve another model file under a known name",
+            finding: "1",
+            attempts: 1,
+            prevented: u32::from(refused),
+            attacker_gain: net.worth(&w)?,
+            honest_slashed: net.honest_slashed()? - before,
+        });
     }
 
     // 2. Pad answers with tokens never generated (bill more than delivered / than max_tokens).
-    rows.push(cheating_provider(&net, args.rounds, "pad answers with tokens never generated", "2, 3", "pad-tokens")?);
+    rows.push(cheating_provider(
+        &net,
+        args.rounds,
+        "pad answers with tokens never generated",
+        "2, 3",
+        "pad-tokens",
+    )?);
     // 3. Serve cheaper weights under the pinned file's hash.
-    rows.push(cheating_provider(&net, args.rounds, "serve re-quantized weights", "verification", "requantized-q4-0")?);
+    rows.push(cheating_provider(
+        &net,
+        args.rounds,
+        "serve re-quantized weights",
+        "verification",
+        "requantized-q4-0",
+    )?);
     // 4. Verify lazily or lie as a verifier.
-    rows.push(cheating_verifier(&net, args.rounds, "verify lazily (pass without checking)", "lazy-verifier")?);
-    rows.push(cheating_verifier(&net, args.rounds, "lie as a verifier (fail honest work)", "lying-verifier")?);
+    rows.push(cheating_verifier(
+        &net,
+        args.rounds,
+        "verify lazily (pass without checking)",
+        "lazy-verifier",
+    )?);
+    rows.push(cheating_verifier(
+        &net,
+        args.rounds,
+        "lie as a verifier (fail honest work)",
+        "lying-verifier",
+    )?);
 
     // 5. Hang up mid-stream to leave the agent's money locked.
     {
@@ -265,7 +391,14 @@ pub fn attack_round(args: &AttackArgs) -> anyhow::Result<Vec<AttackRow>> {
             drop(reader);
             prevented += u32::from(net.settle().is_ok());
         }
-        rows.push(AttackRow { attack: "hang up mid-stream to lock the agent's money", finding: "5", attempts: args.rounds, prevented, attacker_gain: 0, honest_slashed: net.honest_slashed()? - before });
+        rows.push(AttackRow {
+            attack: "hang up mid-stream to lock the agent's money",
+            finding: "5",
+            attempts: args.rounds,
+            prevented,
+            attacker_gain: 0,
+            honest_slashed: net.honest_slashed()? - before,
+        });
     }
 
     // 6. Register at an absurd price to break admission for everyone.
@@ -284,7 +417,14 @@ pub fn attack_round(args: &AttackArgs) -> anyhow::Result<Vec<AttackRow>> {
         // Its gain is what it earned serving (the fees it earns checking others' work are pay
         // for honest work, not for the attack).
         let served = net.provider(&w)?["revenue"].as_i64().unwrap_or(0);
-        rows.push(AttackRow { attack: "register at price u64::MAX", finding: "7", attempts: args.rounds, prevented, attacker_gain: served, honest_slashed: net.honest_slashed()? - before });
+        rows.push(AttackRow {
+            attack: "register at price u64::MAX",
+            finding: "7",
+            attempts: args.rounds,
+            prevented,
+            attacker_gain: served,
+            honest_slashed: net.honest_slashed()? - before,
+        });
         drop(p);
     }
 
@@ -293,18 +433,40 @@ pub fn attack_round(args: &AttackArgs) -> anyhow::Result<Vec<AttackRow>> {
         let (other, other_url) = start_hub(&net.exe, &net.dir, "other-hub", &[])?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         let signed = agent.sign(
-            ApiKeyRegistration { keyHash: <[u8; 32]>::from(Sha256::digest(b"sk-replayed")).into(), validUntil: now + 3600, nonce: 99, expiry: now + 600 },
+            ApiKeyRegistration {
+                keyHash: <[u8; 32]>::from(Sha256::digest(b"sk-replayed")).into(),
+                validUntil: now + 3600,
+                nonce: 99,
+                expiry: now + 600,
+            },
             domain(&net.url)?,
         )?;
-        let status = http().post(format!("{other_url}/v1/keys")).send_json(&signed)?.status().as_u16();
+        let status = http()
+            .post(format!("{other_url}/v1/keys"))
+            .send_json(&signed)?
+            .status()
+            .as_u16();
         drop(other);
-        rows.push(AttackRow { attack: "replay a signed message at another hub", finding: "8", attempts: 1, prevented: u32::from(status == 401), attacker_gain: 0, honest_slashed: 0 });
+        rows.push(AttackRow {
+            attack: "replay a signed message at another hub",
+            finding: "8",
+            attempts: 1,
+            prevented: u32::from(status == 401),
+            attacker_gain: 0,
+            honest_slashed: 0,
+        });
     }
     Ok(rows)
 }
 
 /// A provider that cheats on every job, cheapest so that it serves first.
-fn cheating_provider(net: &Network, rounds: u32, attack: &'static str, finding: &'static str, cheat: &str) -> anyhow::Result<AttackRow> {
+fn cheating_provider(
+    net: &Network,
+    rounds: u32,
+    attack: &'static str,
+    finding: &'static str,
+    cheat: &str,
+) -> anyhow::Result<AttackRow> {
     let before = net.honest_slashed()?;
     let w = Wallet::random();
     let connected = net.connected()?;
@@ -320,12 +482,28 @@ fn cheating_provider(net: &Network, rounds: u32, attack: &'static str, finding: 
     }
     let gain = net.worth(&w)? - start;
     let p = net.provider(&w)?;
-    let prevented = if gain <= 0 && p["quarantined"] == json!(true) { attempts } else { 0 };
-    Ok(AttackRow { attack, finding, attempts, prevented, attacker_gain: gain, honest_slashed: net.honest_slashed()? - before })
+    let prevented = if gain <= 0 && p["quarantined"] == json!(true) {
+        attempts
+    } else {
+        0
+    };
+    Ok(AttackRow {
+        attack,
+        finding,
+        attempts,
+        prevented,
+        attacker_gain: gain,
+        honest_slashed: net.honest_slashed()? - before,
+    })
 }
 
 /// A provider that cheats as a verifier; honest providers serve.
-fn cheating_verifier(net: &Network, rounds: u32, attack: &'static str, cheat: &str) -> anyhow::Result<AttackRow> {
+fn cheating_verifier(
+    net: &Network,
+    rounds: u32,
+    attack: &'static str,
+    cheat: &str,
+) -> anyhow::Result<AttackRow> {
     let before = net.honest_slashed()?;
     let w = Wallet::random();
     let connected = net.connected()?;
@@ -334,7 +512,10 @@ fn cheating_verifier(net: &Network, rounds: u32, attack: &'static str, cheat: &s
     let start = 1_000_000;
     let mut attempts = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
-    while attempts < rounds.max(1) * 10 && net.provider(&w)?["quarantined"] != json!(true) && Instant::now() < deadline {
+    while attempts < rounds.max(1) * 10
+        && net.provider(&w)?["quarantined"] != json!(true)
+        && Instant::now() < deadline
+    {
         net.chat(6)?;
         net.settle()?;
         attempts += 1;
@@ -343,7 +524,18 @@ fn cheating_verifier(net: &Network, rounds: u32, attack: &'static str, cheat: &s
     let gain = net.worth(&w)? - start;
     // Its attempts are the checks it answered; each is foiled if it ends caught and out of pocket.
     let checks = p["verifications_done"].as_u64().unwrap_or(0) as u32;
-    let prevented = if p["quarantined"] == json!(true) && gain <= 0 { checks } else { 0 };
+    let prevented = if p["quarantined"] == json!(true) && gain <= 0 {
+        checks
+    } else {
+        0
+    };
     let _ = attempts;
-    Ok(AttackRow { attack, finding: "4", attempts: checks, prevented, attacker_gain: gain, honest_slashed: net.honest_slashed()? - before })
+    Ok(AttackRow {
+        attack,
+        finding: "4",
+        attempts: checks,
+        prevented,
+        attacker_gain: gain,
+        honest_slashed: net.honest_slashed()? - before,
+    })
 }

@@ -18,7 +18,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tessera_engine::{Compute, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams};
+use tessera_engine::{
+    Compute, Engine, GenerateOptions, LoadOptions, Message, Role, SamplingParams,
+};
 
 /// Tessera: verifiable inference of small language models on anyone's hardware.
 #[derive(Parser)]
@@ -106,7 +108,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if args.fetch && tessera_engine::registry::known(&args.model).is_some() {
         tessera_engine::registry::fetch(&args.model)?;
     }
-    let engine = Engine::load_with(&args.model, &LoadOptions { threads: args.threads, device: args.device, ..Default::default() })?;
+    let engine = Engine::load_with(
+        &args.model,
+        &LoadOptions {
+            threads: args.threads,
+            device: args.device,
+            ..Default::default()
+        },
+    )?;
     let mut messages = Vec::new();
     if let Some(s) = args.system {
         messages.push(Message::new(Role::System, s));
@@ -115,7 +124,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt = engine.chat_prompt(&messages);
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
         stop: args.stop,
         ignore_eos: false,
     };
@@ -143,18 +157,29 @@ fn hub_config_file() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) != Some("hub") {
         return Ok(());
     }
-    let path = args.iter().position(|a| a == "--config").and_then(|i| args.get(i + 1)).cloned().or_else(|| {
-        args.iter().find_map(|a| a.strip_prefix("--config=").map(str::to_owned))
-    }).or_else(|| std::env::var("TESSERA_HUB_CONFIG").ok());
+    let path = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(str::to_owned))
+        })
+        .or_else(|| std::env::var("TESSERA_HUB_CONFIG").ok());
     match path {
-        Some(path) => tessera_hub::load_config_file(std::path::Path::new(&path)).context("reading the hub config file"),
+        Some(path) => tessera_hub::load_config_file(std::path::Path::new(&path))
+            .context("reading the hub config file"),
         None => Ok(()),
     }
 }
 
 /// Runs an async command on a fresh multi-threaded runtime.
 pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -168,15 +193,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Hub(mut config) => {
             config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;
-            signals::run_service(async { Ok(tessera_hub::run(config, signals::stop_signal()).await?) }).context("hub")
+            signals::run_service(async {
+                Ok(tessera_hub::run(config, signals::stop_signal()).await?)
+            })
+            .context("hub")
         }
-        Command::Node(config) => signals::run_service(async { Ok(tessera_node::run(config, signals::stop_signal()).await?) }).context("node"),
+        Command::Node(config) => signals::run_service(async {
+            Ok(tessera_node::run(config, signals::stop_signal()).await?)
+        })
+        .context("node"),
     }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "tessera=info,tessera_engine=info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tessera=info,tessera_engine=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = hub_config_file() {

@@ -19,8 +19,15 @@ pub enum ModelCommand {
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Fetch { name } => {
-            let names: Vec<&str> =
-                if name == "all" { registry::KNOWN_MODELS.iter().filter(|m| m.in_all).map(|m| m.name).collect() } else { vec![name.as_str()] };
+            let names: Vec<&str> = if name == "all" {
+                registry::KNOWN_MODELS
+                    .iter()
+                    .filter(|m| m.in_all)
+                    .map(|m| m.name)
+                    .collect()
+            } else {
+                vec![name.as_str()]
+            };
             for n in names {
                 let path = registry::fetch(n)?;
                 println!("{n}\t{}", path.display());
@@ -28,7 +35,10 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
         }
         ModelCommand::List => {
             let cached = registry::list_cached();
-            println!("{:<20} {:<8} {:>12}  {:<64}  path", "name", "cached", "bytes", "sha256 (pinned)");
+            println!(
+                "{:<20} {:<8} {:>12}  {:<64}  path",
+                "name", "cached", "bytes", "sha256 (pinned)"
+            );
             for m in registry::KNOWN_MODELS {
                 let c = cached.iter().find(|c| c.name == m.name);
                 println!(
@@ -37,7 +47,8 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                     if c.is_some() { "yes" } else { "no" },
                     m.size,
                     m.sha256,
-                    c.map(|c| c.path.display().to_string()).unwrap_or_else(|| "-".into())
+                    c.map(|c| c.path.display().to_string())
+                        .unwrap_or_else(|| "-".into())
                 );
             }
             println!("cache: {}", registry::cache_dir().display());

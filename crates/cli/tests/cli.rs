@@ -18,15 +18,43 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn generate_streams_the_answer() {
-    let out = tessera(&["generate", "--fetch", "--max-tokens", "24", "What is the capital of France?"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tessera(
+        &[
+            "generate",
+            "--fetch",
+            "--max-tokens",
+            "24",
+            "What is the capital of France?",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout(&out).contains("Paris"), "{}", stdout(&out));
 }
 
 #[test]
 fn generate_runs_on_the_candle_backend_and_rejects_unknown_devices() {
-    let out = tessera(&["generate", "--fetch", "--device", "candle-cpu", "--max-tokens", "24", "What is the capital of France?"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tessera(
+        &[
+            "generate",
+            "--fetch",
+            "--device",
+            "candle-cpu",
+            "--max-tokens",
+            "24",
+            "What is the capital of France?",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout(&out).contains("Paris"), "{}", stdout(&out));
     let out = tessera(&["generate", "--device", "tpu", "Hi"], &[]);
     assert!(!out.status.success());
@@ -36,7 +64,10 @@ fn generate_runs_on_the_candle_backend_and_rejects_unknown_devices() {
 #[test]
 fn generate_with_a_missing_model_says_how_to_fetch_it() {
     let home = tempfile::tempdir().unwrap();
-    let out = tessera(&["generate", "--model", "gemma3-270m", "Hi"], &[("TESSERA_HOME", home.path().to_str().unwrap())]);
+    let out = tessera(
+        &["generate", "--model", "gemma3-270m", "Hi"],
+        &[("TESSERA_HOME", home.path().to_str().unwrap())],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tessera model fetch gemma3-270m"));
 }
@@ -46,13 +77,40 @@ fn verify_passes_an_honest_job_and_fails_an_edited_one() {
     let dir = tempfile::tempdir().unwrap();
     let honest = dir.path().join("honest.json");
     let edited = dir.path().join("edited.json");
-    let o = tessera(&["verify", "sample", "--max-tokens", "24", "--out", honest.to_str().unwrap()], &[]);
+    let o = tessera(
+        &[
+            "verify",
+            "sample",
+            "--max-tokens",
+            "24",
+            "--out",
+            honest.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = tessera(&["verify", honest.to_str().unwrap()], &[]);
-    assert!(o.status.success(), "{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(stdout(&o).starts_with("PASS"));
 
-    let o = tessera(&["verify", "sample", "--max-tokens", "24", "--adversary", "edited-token", "--out", edited.to_str().unwrap()], &[]);
+    let o = tessera(
+        &[
+            "verify",
+            "sample",
+            "--max-tokens",
+            "24",
+            "--adversary",
+            "edited-token",
+            "--out",
+            edited.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = tessera(&["verify", edited.to_str().unwrap(), "--json"], &[]);
     assert_eq!(o.status.code(), Some(1));
@@ -61,7 +119,10 @@ fn verify_passes_an_honest_job_and_fails_an_edited_one() {
 
     // A corrupt job file is a clear error, not a panic.
     std::fs::write(dir.path().join("bad.json"), "{ not json").unwrap();
-    let o = tessera(&["verify", dir.path().join("bad.json").to_str().unwrap()], &[]);
+    let o = tessera(
+        &["verify", dir.path().join("bad.json").to_str().unwrap()],
+        &[],
+    );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad job file"));
 }
@@ -70,23 +131,40 @@ fn verify_passes_an_honest_job_and_fails_an_edited_one() {
 fn wallet_keystore_and_ledger_audit() {
     let dir = tempfile::tempdir().unwrap();
     let ks = dir.path().join("keys");
-    let env = [("TESSERA_KEYSTORE_DIR", ks.to_str().unwrap()), ("TESSERA_WALLET_PASSWORD", "correct horse")];
+    let env = [
+        ("TESSERA_KEYSTORE_DIR", ks.to_str().unwrap()),
+        ("TESSERA_WALLET_PASSWORD", "correct horse"),
+    ];
     let o = tessera(&["wallet", "new", "--name", "alice"], &env);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!stdout(&o).contains("correct horse"));
     let address = tessera(&["wallet", "show", "--name", "alice"], &env);
     let address = stdout(&address).trim().to_string();
-    assert!(address.starts_with("0x") && address.len() == 42, "{address}");
+    assert!(
+        address.starts_with("0x") && address.len() == 42,
+        "{address}"
+    );
     // Creating the same name twice is refused.
-    assert!(!tessera(&["wallet", "new", "--name", "alice"], &env).status.success());
+    assert!(!tessera(&["wallet", "new", "--name", "alice"], &env)
+        .status
+        .success());
     // The keystore is standard encrypted JSON.
-    let ks_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ks.join("alice.json")).unwrap()).unwrap();
+    let ks_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ks.join("alice.json")).unwrap()).unwrap();
     assert!(ks_json["crypto"].is_object());
 
     let db = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let o = tessera(&["wallet", "balance", "--name", "alice", "--ledger", &db], &env);
+    let o = tessera(
+        &["wallet", "balance", "--name", "alice", "--ledger", &db],
+        &env,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout(&o).contains("balance"));
     let o = tessera(&["ledger", "audit", "--url", &db], &[]);
-    assert!(o.status.success(), "{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -472,7 +472,10 @@ fn cheating_provider_is_slashed_and_quarantined() -> Result<()> {
     assert_eq!(hub.account(&agent)?.0, 1_000_000 + 150_000);
     let fees: u64 = [&honest_a, &honest_b]
         .iter()
-        .map(|w| hub.provider(w).map(|p| p["verify_fees"].as_u64().unwrap_or(0)))
+        .map(|w| {
+            hub.provider(w)
+                .map(|p| p["verify_fees"].as_u64().unwrap_or(0))
+        })
         .sum::<Result<u64>>()?;
     assert_eq!(
         hub.account(&honest_a)?.0 + hub.account(&honest_b)?.0,
@@ -772,7 +775,12 @@ fn sigterm_drains_the_stream_in_flight() -> Result<()> {
     let hub = start_hub(&["--verify-probability", "0"])?;
     let provider = Wallet::random();
     // A drain long enough for the whole answer on a busy machine.
-    let mut node = hub.node("node", &provider, 10, &["--dev-stake", "--drain-timeout-secs", "300"])?;
+    let mut node = hub.node(
+        "node",
+        &provider,
+        10,
+        &["--dev-stake", "--drain-timeout-secs", "300"],
+    )?;
     hub.wait_connected(1)?;
     let (_agent, key) = hub.agent(1_000_000)?;
     let request = json!({
@@ -930,9 +938,7 @@ fn signed_request_pays_without_an_api_key_and_cannot_be_replayed() -> Result<()>
             nonce,
             expiry: SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 600,
         };
-        Ok(serde_json::to_string(
-            &agent.sign(request, hub.domain()?)?,
-        )?)
+        Ok(serde_json::to_string(&agent.sign(request, hub.domain()?)?)?)
     };
     let post = |signature: &str, body: &[u8]| -> Result<(u16, Value)> {
         let mut r = http()
@@ -1020,7 +1026,8 @@ fn wait_no_holds(hub: &Hub, within: Duration) -> Result<()> {
 }
 
 #[test]
-fn finding_1_model_names_are_pinned_to_files_and_unverifiable_providers_are_not_scheduled() -> Result<()> {
+fn finding_1_model_names_are_pinned_to_files_and_unverifiable_providers_are_not_scheduled(
+) -> Result<()> {
     let hub = start_strict_hub(&["--verify-probability", "0"])?;
     let honest = Wallet::random();
     let _honest = hub.node("honest", &honest, 10, &["--dev-stake"])?;
@@ -1058,7 +1065,10 @@ fn finding_1_model_names_are_pinned_to_files_and_unverifiable_providers_are_not_
     let (status, _, body) = hub.chat(&key, &question(4))?;
     assert_eq!(status, 200, "{body}");
     let models = hub.get("/v1/models")?;
-    assert_eq!(models["data"][0]["tessera"]["context_length"], 8192, "from the file, not the node");
+    assert_eq!(
+        models["data"][0]["tessera"]["context_length"], 8192,
+        "from the file, not the node"
+    );
     hub.audit()
 }
 
@@ -1114,11 +1124,19 @@ fn finding_2_the_text_delivered_is_the_hubs_decoding_of_the_committed_tokens() -
     body["stop"] = json!(["Paris"]);
     let (status, _, plain) = hub.chat(&key, &body)?;
     assert_eq!(status, 200, "{plain}");
-    let text = plain["choices"][0]["message"]["content"].as_str().context("text")?;
-    assert!(!text.contains("Paris") && text.contains("capital"), "{text}");
+    let text = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .context("text")?;
+    assert!(
+        !text.contains("Paris") && text.contains("capital"),
+        "{text}"
+    );
     body["stream"] = json!(true);
     let (streamed, _) = stream_chat(&hub, &key, &body)?;
-    assert_eq!(streamed, text, "streamed text is the same decoding, stop string withheld");
+    assert_eq!(
+        streamed, text,
+        "streamed text is the same decoding, stop string withheld"
+    );
     hub.audit()
 }
 
@@ -1126,11 +1144,20 @@ fn finding_2_the_text_delivered_is_the_hubs_decoding_of_the_committed_tokens() -
 fn finding_3_tokens_beyond_what_was_generated_are_never_paid() -> Result<()> {
     let hub = start_hub(&["--verify-probability", "0"])?;
     let padder = Wallet::random();
-    let _node = hub.node("padder", &padder, 10, &["--dev-stake", "--cheat", "pad-tokens"])?;
+    let _node = hub.node(
+        "padder",
+        &padder,
+        10,
+        &["--dev-stake", "--cheat", "pad-tokens"],
+    )?;
     hub.wait_connected(1)?;
     let (agent, key) = hub.agent(1_000_000)?;
     let (status, _, body) = hub.chat(&key, &question(8))?;
-    assert_eq!((status, body["error"]["code"].as_str()), (502, Some("provider_failed")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (502, Some("provider_failed")),
+        "{body}"
+    );
     assert_eq!(hub.account(&agent)?.0, 1_000_000, "nothing charged");
     assert_eq!(hub.account(&padder)?.0, 0, "nothing paid");
     assert_eq!(hub.provider(&padder)?["quarantined"], true);
@@ -1160,11 +1187,22 @@ fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -
     let _a = hub.node("honest-a", &honest_a, 10, &["--dev-stake"])?;
     let _b = hub.node("honest-b", &honest_b, 11, &["--dev-stake"])?;
     let _c = hub.node("honest-c", &honest_c, 12, &["--dev-stake"])?;
-    let _lazy = hub.node("lazy", &lazy, 13, &["--dev-stake", "--cheat", "lazy-verifier"])?;
-    let _liar = hub.node("liar", &liar, 14, &["--dev-stake", "--cheat", "lying-verifier"])?;
+    let _lazy = hub.node(
+        "lazy",
+        &lazy,
+        13,
+        &["--dev-stake", "--cheat", "lazy-verifier"],
+    )?;
+    let _liar = hub.node(
+        "liar",
+        &liar,
+        14,
+        &["--dev-stake", "--cheat", "lying-verifier"],
+    )?;
     hub.wait_connected(5)?;
     let (_agent, key) = hub.agent(10_000_000)?;
-    let caught = |w: &Wallet| -> Result<bool> { Ok(hub.provider(w)?["quarantined"] == json!(true)) };
+    let caught =
+        |w: &Wallet| -> Result<bool> { Ok(hub.provider(w)?["quarantined"] == json!(true)) };
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut requests = 0;
     while !(caught(&lazy)? && caught(&liar)?) {
@@ -1188,7 +1226,11 @@ fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -
     let mut fees = 0;
     for honest in [&honest_a, &honest_b, &honest_c] {
         let p = hub.provider(honest)?;
-        assert_eq!((p["quarantined"].clone(), p["slashed"].clone()), (json!(false), json!(0)), "{p}");
+        assert_eq!(
+            (p["quarantined"].clone(), p["slashed"].clone()),
+            (json!(false), json!(0)),
+            "{p}"
+        );
         assert_eq!(p["canaries_failed"], 0, "{p}");
         fees += p["verify_fees"].as_u64().unwrap_or(0);
         assert_eq!(hub.account(honest)?.1, 1_000_000);
@@ -1225,7 +1267,11 @@ fn finding_5_a_client_that_hangs_up_leaves_no_hold_open() -> Result<()> {
             .send_json(json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": long}], "max_tokens": 64}));
         assert!(r.is_err(), "the client timed out");
         wait_no_holds(&hub, Duration::from_secs(30))?;
-        assert_eq!(hub.account(&agent)?.0, 1_000_000, "refunded in full ({mode:?})");
+        assert_eq!(
+            hub.account(&agent)?.0,
+            1_000_000,
+            "refunded in full ({mode:?})"
+        );
         // Mid-stream: the client reads two pieces of text and hangs up.
         let r = http()
             .post(format!("{}/v1/chat/completions", hub.url))
@@ -1247,7 +1293,10 @@ fn finding_5_a_client_that_hangs_up_leaves_no_hold_open() -> Result<()> {
         drop(lines);
         wait_no_holds(&hub, Duration::from_secs(30))?;
         let spent = 1_000_000 - hub.account(&agent)?.0;
-        assert!(spent > 0 && spent < 400 * 10, "paid only what was delivered: {spent} ({mode:?})");
+        assert!(
+            spent > 0 && spent < 400 * 10,
+            "paid only what was delivered: {spent} ({mode:?})"
+        );
         hub.audit()?;
     }
     Ok(())
@@ -1268,7 +1317,10 @@ fn finding_7_an_absurd_registrant_breaks_no_request() -> Result<()> {
         }
         let (status, headers, body) = hub.chat(&key, &body)?;
         assert_eq!(status, 200, "{body}");
-        let by = headers.get("x-tessera-provider").context("provider")?.to_str()?;
+        let by = headers
+            .get("x-tessera-provider")
+            .context("provider")?
+            .to_str()?;
         assert!(by.eq_ignore_ascii_case(&format!("{:#x}", honest.address())));
     }
     assert!(hub.account(&agent)?.0 > 1_000_000 - 1_000);
@@ -1283,7 +1335,11 @@ fn finding_8_signatures_for_one_hub_do_not_replay_at_another() -> Result<()> {
     let wallet = Wallet::random();
     let signed = a.signed_key(&wallet, "sk-one-hub", 1, 3600)?;
     let (status, body) = b.post_key(&signed)?;
-    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("invalid_signature")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_signature")),
+        "{body}"
+    );
     let (status, body) = a.post_key(&signed)?;
     assert_eq!(status, 200, "{body}");
     // The fixed default domain is accepted by no hub.
@@ -1297,10 +1353,19 @@ fn finding_8_signatures_for_one_hub_do_not_replay_at_another() -> Result<()> {
     let (status, _) = a.post_key(&wallet.sign(message.clone(), Domain::default())?)?;
     assert_eq!(status, 401);
     // A signature may not be valid for longer than the hub allows (a day by default).
-    let far = ApiKeyRegistration { expiry: now + 10 * 24 * 3600, nonce: 3, ..message };
+    let far = ApiKeyRegistration {
+        expiry: now + 10 * 24 * 3600,
+        nonce: 3,
+        ..message
+    };
     let (status, body) = a.post_key(&wallet.sign(far, a.domain()?)?)?;
     assert_eq!(status, 401, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("too far")), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too far")),
+        "{body}"
+    );
     Ok(())
 }
 
@@ -1323,7 +1388,11 @@ fn finding_9_per_wallet_limits_and_openai_error_shapes() -> Result<()> {
         .header("Authorization", &format!("Bearer {key}"))
         .send_json(json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "stream": true}))?;
     let (status, _, body) = hub.chat(&key, &question(4))?;
-    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("rate_limit_exceeded")),
+        "{body}"
+    );
     drop(r);
     wait_no_holds(&hub, Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
@@ -1333,14 +1402,24 @@ fn finding_9_per_wallet_limits_and_openai_error_shapes() -> Result<()> {
     let (status, _, _) = hub.chat(&key, &question(4))?;
     assert_eq!(status, 200);
     let (status, _, body) = hub.chat(&key, &question(4))?;
-    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("rate_limit_exceeded")),
+        "{body}"
+    );
     // Too many stop strings, a wrong method, an oversized body: OpenAI-shaped errors.
     let (_, other_key) = hub.agent(1_000)?;
     let mut many = question(4);
     many["stop"] = json!(["a", "b", "c", "d", "e"]);
     let (status, _, body) = hub.chat(&other_key, &many)?;
-    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("stop")), "{body}");
-    let mut r = http().get(format!("{}/v1/chat/completions", hub.url)).call()?;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("stop")),
+        "{body}"
+    );
+    let mut r = http()
+        .get(format!("{}/v1/chat/completions", hub.url))
+        .call()?;
     assert_eq!(r.status(), 405);
     let v: Value = r.body_mut().read_json()?;
     assert_eq!(v["error"]["code"], "method_not_allowed");
@@ -1358,7 +1437,8 @@ fn finding_9_per_wallet_limits_and_openai_error_shapes() -> Result<()> {
 }
 
 #[test]
-fn finding_12_keys_expire_and_revoke_a_refused_request_keeps_its_nonce_and_fees_are_bounded() -> Result<()> {
+fn finding_12_keys_expire_and_revoke_a_refused_request_keeps_its_nonce_and_fees_are_bounded(
+) -> Result<()> {
     let hub = start_hub(&["--verify-probability", "0"])?;
     let _node = hub.node("node", &Wallet::random(), 10, &["--dev-stake"])?;
     hub.wait_connected(1)?;
@@ -1388,7 +1468,10 @@ fn finding_12_keys_expire_and_revoke_a_refused_request_keeps_its_nonce_and_fees_
     assert_eq!(hub.chat("sk-revoked", &question(2))?.0, 401);
     // A signed request refused for want of money keeps its nonce: funded, the same one runs.
     let poor = Wallet::random();
-    let sha = hub.get("/v1/models")?["data"][0]["tessera"]["sha256"].as_str().context("sha")?.to_owned();
+    let sha = hub.get("/v1/models")?["data"][0]["tessera"]["sha256"]
+        .as_str()
+        .context("sha")?
+        .to_owned();
     let body = serde_json::to_vec(&question(4))?;
     let request = tessera_protocol::InferenceRequest {
         model: sha.parse()?,
@@ -1416,7 +1499,15 @@ fn finding_12_keys_expire_and_revoke_a_refused_request_keeps_its_nonce_and_fees_
     assert_eq!(post()?, 401, "and now it is spent");
     // A fee above 100% is refused at start.
     let out = Command::new(BIN)
-        .args(["hub", "--dev", "--listen", "127.0.0.1:0", "--fee-bps", "20000", "--db"])
+        .args([
+            "hub",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--fee-bps",
+            "20000",
+            "--db",
+        ])
         .arg(format!("sqlite://{}", hub.dir().join("other.db").display()))
         .output()?;
     assert!(!out.status.success());
@@ -1429,7 +1520,11 @@ fn bench_attack_round_prevents_every_exploit() -> Result<()> {
     let out = Command::new(BIN)
         .args(["bench", "attack", "--rounds", "2", "--json"])
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout)?;
     assert!(rows.len() >= 7, "{rows:?}");
     for r in &rows {

@@ -258,7 +258,10 @@ impl Hub {
             .read_json()?;
         let domain = Domain::for_hub(
             d["chainId"].as_u64().context("chainId")?,
-            d["verifyingContract"].as_str().context("verifyingContract")?.parse()?,
+            d["verifyingContract"]
+                .as_str()
+                .context("verifyingContract")?
+                .parse()?,
         );
         let signed = wallet.sign(message, domain)?;
         let r = http()

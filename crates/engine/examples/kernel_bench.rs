@@ -6,34 +6,82 @@ use tessera_engine::quant::QMatrix;
 
 /// Deterministic values in [-0.5, 0.5] that look random enough for timing.
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    (0..n).map(|i| ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract() as f32 * 0.5).collect()
+    (0..n)
+        .map(|i| {
+            ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract() as f32 * 0.5
+        })
+        .collect()
 }
 
 fn main() -> anyhow::Result<()> {
-    let threads: usize = std::env::var("THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let threads: usize = std::env::var("THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
     // SmolLM2's layer shapes (fused QKV, gate, up, down, output), LAYERS layers (default 30) per
     // pass, so that the weights stream from memory as they do when decoding. THREADS, NS: threads
     // and batch sizes.
     // FORMATS (default all) picks formats; the K-quants and Q5_0 run Qwen2.5-1.5B's shapes (their
     // inputs are multiples of 256), LAYERS (default 4) layers of them.
-    let smollm = [(960, 576), (1536, 576), (1536, 576), (576, 1536), (576, 576)];
-    let qwen = [(2048, 1536), (8960, 1536), (8960, 1536), (1536, 8960), (1536, 1536)];
+    let smollm = [
+        (960, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+        (576, 576),
+    ];
+    let qwen = [
+        (2048, 1536),
+        (8960, 1536),
+        (8960, 1536),
+        (1536, 8960),
+        (1536, 1536),
+    ];
     let formats = std::env::var("FORMATS").unwrap_or_else(|_| "Q4_1,Q8_0,Q5_0,Q4K,Q6K".into());
-    let all = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K];
-    for dtype in all.into_iter().filter(|d| formats.split(',').any(|f| f == format!("{d:?}"))) {
+    let all = [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
+    for dtype in all
+        .into_iter()
+        .filter(|d| formats.split(',').any(|f| f == format!("{d:?}")))
+    {
         let big = !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0);
         let shapes: &[(usize, usize)] = if big { &qwen } else { &smollm };
-        let layers: usize = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(if big { 4 } else { 30 });
+        let layers: usize = std::env::var("LAYERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if big { 4 } else { 30 });
         let mats: Vec<_> = (0..layers)
             .flat_map(|l| shapes.iter().map(move |&(r, c)| (l, r, c)))
             .map(|(l, r, c)| {
                 let w = rand_vec(r * c, l as u64 * 7 + r as u64);
-                QMatrix::from_qtensor("w", QTensor::quantize(&Tensor::from_slice(&w, (r, c), &Device::Cpu).unwrap(), dtype).unwrap()).unwrap()
+                QMatrix::from_qtensor(
+                    "w",
+                    QTensor::quantize(
+                        &Tensor::from_slice(&w, (r, c), &Device::Cpu).unwrap(),
+                        dtype,
+                    )
+                    .unwrap(),
+                )
+                .unwrap()
             })
             .collect();
         let weights: usize = mats.iter().map(|m| m.rows() * m.cols()).sum();
-        for n in std::env::var("NS").map(|v| v.split(',').map(|x| x.parse().unwrap()).collect::<Vec<usize>>()).unwrap_or(vec![1, 8, 128]) {
+        for n in std::env::var("NS")
+            .map(|v| {
+                v.split(',')
+                    .map(|x| x.parse().unwrap())
+                    .collect::<Vec<usize>>()
+            })
+            .unwrap_or(vec![1, 8, 128])
+        {
             let xs: Vec<Vec<f32>> = mats.iter().map(|m| rand_vec(n * m.cols(), 5)).collect();
             let mut best = f64::MAX;
             for _ in 0..5 {
@@ -46,7 +94,11 @@ fn main() -> anyhow::Result<()> {
                 })?;
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            println!("{dtype:?} n={n:<4} {:.2} ms/pass  {:.1} Gweight-rows/s", best * 1e3, (weights * n) as f64 / best / 1e9);
+            println!(
+                "{dtype:?} n={n:<4} {:.2} ms/pass  {:.1} Gweight-rows/s",
+                best * 1e3,
+                (weights * n) as f64 / best / 1e9
+            );
         }
     }
     Ok(())

@@ -6,7 +6,12 @@ use tessera_engine::*;
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 fn main() -> anyhow::Result<()> {
@@ -15,8 +20,16 @@ fn main() -> anyhow::Result<()> {
     let threads = args.next().map(|t| t.parse()).transpose()?;
     registry::fetch(&name).ok();
     let e = Engine::load(&name, threads)?;
-    let p = e.tokenizer().encode(&"The history of science is the study of the development of science. ".repeat(12))[..128].to_vec();
-    let o = GenerateOptions { max_tokens: 64, ignore_eos: true, ..Default::default() };
+    let p = e
+        .tokenizer()
+        .encode(&"The history of science is the study of the development of science. ".repeat(12))
+        [..128]
+        .to_vec();
+    let o = GenerateOptions {
+        max_tokens: 64,
+        ignore_eos: true,
+        ..Default::default()
+    };
     e.generate(&p[..8], &o, |_| true)?;
     for _ in 0..2 {
         let s = Instant::now();

@@ -4,7 +4,6 @@
 //! the shipped templates: ChatML (SmolLM2: a default system prompt when none is given) and Gemma's
 //! turns (the system prompt is folded into the first user turn; the assistant's role is `model`).
 
-
 pub use tessera_types::{Message, Role};
 
 /// A template family.
@@ -45,7 +44,12 @@ impl ChatTemplate {
             .split("<|im_start|>system\n")
             .skip(1)
             .filter_map(|rest| rest.split("<|im_end|>").next())
-            .find(|s| !s.is_empty() && ["{{", "{%", "' +", "+ '"].iter().all(|code| !s.contains(code)))
+            .find(|s| {
+                !s.is_empty()
+                    && ["{{", "{%", "' +", "+ '"]
+                        .iter()
+                        .all(|code| !s.contains(code))
+            })
             .map(str::to_owned);
         ChatTemplate::ChatMl { default_system }
     }
@@ -57,7 +61,9 @@ impl ChatTemplate {
             ChatTemplate::ChatMl { default_system } => {
                 if messages.first().map(|m| m.role) != Some(Role::System) {
                     if let Some(sys) = default_system {
-                        out.push(Segment::Markup(format!("<|im_start|>system\n{sys}<|im_end|>\n")));
+                        out.push(Segment::Markup(format!(
+                            "<|im_start|>system\n{sys}<|im_end|>\n"
+                        )));
                     }
                 }
                 for m in messages {
@@ -80,7 +86,11 @@ impl ChatTemplate {
                     match m.role {
                         Role::System => system = Some(&m.content),
                         Role::User | Role::Assistant => {
-                            let role = if m.role == Role::User { "user" } else { "model" };
+                            let role = if m.role == Role::User {
+                                "user"
+                            } else {
+                                "model"
+                            };
                             out.push(Segment::Markup(format!("<start_of_turn>{role}\n")));
                             if m.role == Role::User && first_user {
                                 if let Some(sys) = system.take() {
@@ -116,9 +126,19 @@ mod tests {
     fn chatml_adds_the_default_system_prompt() {
         let tpl = "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}";
         let t = ChatTemplate::detect(Some(tpl), "llama");
-        assert_eq!(t, ChatTemplate::ChatMl { default_system: Some("You are helpful".into()) });
+        assert_eq!(
+            t,
+            ChatTemplate::ChatMl {
+                default_system: Some("You are helpful".into())
+            }
+        );
         let segs = t.render(&[Message::new(Role::User, "Hi")]);
-        let text: String = segs.iter().map(|s| match s { Segment::Markup(x) | Segment::Content(x) => x.as_str() }).collect();
+        let text: String = segs
+            .iter()
+            .map(|s| match s {
+                Segment::Markup(x) | Segment::Content(x) => x.as_str(),
+            })
+            .collect();
         assert_eq!(text, "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
@@ -127,14 +147,32 @@ mod tests {
         let tpl = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\
                    {%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}";
         let t = ChatTemplate::detect(Some(tpl), "qwen2");
-        assert_eq!(t, ChatTemplate::ChatMl { default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()) });
+        assert_eq!(
+            t,
+            ChatTemplate::ChatMl {
+                default_system: Some(
+                    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()
+                )
+            }
+        );
     }
 
     #[test]
     fn gemma_folds_the_system_prompt_into_the_first_turn() {
         let t = ChatTemplate::detect(Some("<start_of_turn>"), "gemma3");
-        let segs = t.render(&[Message::new(Role::System, "Be brief."), Message::new(Role::User, "Hi")]);
-        let text: String = segs.iter().map(|s| match s { Segment::Markup(x) | Segment::Content(x) => x.as_str() }).collect();
-        assert_eq!(text, "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n");
+        let segs = t.render(&[
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "Hi"),
+        ]);
+        let text: String = segs
+            .iter()
+            .map(|s| match s {
+                Segment::Markup(x) | Segment::Content(x) => x.as_str(),
+            })
+            .collect();
+        assert_eq!(
+            text,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
     }
 }

@@ -83,12 +83,20 @@ impl FromStr for Compute {
 
     /// `cpu`, `candle-cpu`, `cuda` (GPU 0) or `cuda:N`.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidRequest(format!("unknown device `{s}` (expected cpu, candle-cpu, cuda or cuda:N)"));
+        let bad = || {
+            Error::InvalidRequest(format!(
+                "unknown device `{s}` (expected cpu, candle-cpu, cuda or cuda:N)"
+            ))
+        };
         match s {
             "cpu" => Ok(Compute::Cpu),
             "candle-cpu" => Ok(Compute::CandleCpu),
             "cuda" => Ok(Compute::Cuda(0)),
-            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Compute::Cuda).ok_or_else(bad),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Compute::Cuda)
+                .ok_or_else(bad),
         }
     }
 }
@@ -105,22 +113,40 @@ pub struct DeviceCache {
 
 impl fmt::Debug for DeviceCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceCache").field("layers", &self.layers.len()).field("capacity", &self.capacity).finish()
+        f.debug_struct("DeviceCache")
+            .field("layers", &self.layers.len())
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 
 impl DeviceCache {
     /// Makes room for `needed` positions of which the first `len` are kept, and makes the tensors
     /// this cache's own.
-    fn reserve(&mut self, len: usize, needed: usize, layers: usize, c: &Config, device: &Device) -> Result<()> {
+    fn reserve(
+        &mut self,
+        len: usize,
+        needed: usize,
+        layers: usize,
+        c: &Config,
+        device: &Device,
+    ) -> Result<()> {
         let shared = Arc::strong_count(&self.layers) > 1;
         if needed <= self.capacity && !shared && self.layers.len() == layers {
             return Ok(());
         }
         if len > 0 && self.layers.len() != layers {
-            return Err(Error::InvalidRequest("this KV cache belongs to another model".into()));
+            return Err(Error::InvalidRequest(
+                "this KV cache belongs to another model".into(),
+            ));
         }
-        let capacity = if needed <= self.capacity { self.capacity } else { needed.next_power_of_two().clamp(64, c.context_length.max(needed)) };
+        let capacity = if needed <= self.capacity {
+            self.capacity
+        } else {
+            needed
+                .next_power_of_two()
+                .clamp(64, c.context_length.max(needed))
+        };
         let mut fresh = Vec::with_capacity(layers);
         for l in 0..layers {
             let k = Tensor::zeros((c.kv_heads, capacity, c.head_dim), DType::F32, device)?;
@@ -167,7 +193,10 @@ pub struct DeviceTransformer {
 
 impl fmt::Debug for DeviceTransformer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceTransformer").field("config", &self.config).field("device", &self.device).finish()
+        f.debug_struct("DeviceTransformer")
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .finish()
     }
 }
 
@@ -180,7 +209,9 @@ impl DeviceTransformer {
         let config = Config::from_gguf(file)?;
         if config.architecture == Architecture::Qwen2 {
             // The device pass has no Q/K/V biases or neox RoPE for Qwen yet: refuse rather than run wrong.
-            return Err(Error::UnsupportedArchitecture("qwen2 on the device backend (use the native CPU path)".into()));
+            return Err(Error::UnsupportedArchitecture(
+                "qwen2 on the device backend (use the native CPU path)".into(),
+            ));
         }
         let gemma = config.architecture == Architecture::Gemma3;
         let requantize = variant == Variant::RequantizedQ4_0;
@@ -191,7 +222,10 @@ impl DeviceTransformer {
                 t = QTensor::quantize(&t, GgmlDType::Q4_0)?.dequantize(&Device::Cpu)?;
             }
             if t.rank() != 2 {
-                return Err(Error::BadTensor { name: name.into(), reason: format!("expected a matrix, got shape {:?}", t.dims()) });
+                return Err(Error::BadTensor {
+                    name: name.into(),
+                    reason: format!("expected a matrix, got shape {:?}", t.dims()),
+                });
             }
             Ok(t.to_device(device)?)
         };
@@ -203,7 +237,10 @@ impl DeviceTransformer {
         };
         let embedding = mat(file, "token_embd.weight")?;
         if embedding.dims() != [config.vocab_size, config.hidden] {
-            return Err(Error::BadTensor { name: "token_embd.weight".into(), reason: "shape does not match the metadata".into() });
+            return Err(Error::BadTensor {
+                name: "token_embd.weight".into(),
+                reason: "shape does not match the metadata".into(),
+            });
         }
         let layers = match variant {
             Variant::SkipLastLayers(n) => config.layers.saturating_sub(n).max(1),
@@ -215,12 +252,24 @@ impl DeviceTransformer {
             let q = mat(file, &n("attn_q"))?;
             let k = mat(file, &n("attn_k"))?;
             let v = mat(file, &n("attn_v"))?;
-            if q.dim(0)? != config.q_dim() || k.dim(0)? != config.kv_dim() || v.dim(0)? != config.kv_dim() {
-                return Err(Error::BadTensor { name: n("attn_q"), reason: "attention shapes do not match the metadata".into() });
+            if q.dim(0)? != config.q_dim()
+                || k.dim(0)? != config.kv_dim()
+                || v.dim(0)? != config.kv_dim()
+            {
+                return Err(Error::BadTensor {
+                    name: n("attn_q"),
+                    reason: "attention shapes do not match the metadata".into(),
+                });
             }
             let gate = mat(file, &n("ffn_gate"))?;
             let up = mat(file, &n("ffn_up"))?;
-            let opt = |file: &mut GgufFile, s: &str| -> Result<Option<Tensor>> { if gemma { vector(file, &n(s)).map(Some) } else { Ok(None) } };
+            let opt = |file: &mut GgufFile, s: &str| -> Result<Option<Tensor>> {
+                if gemma {
+                    vector(file, &n(s)).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             blocks.push(DeviceBlock {
                 attn_norm: vector(file, &n("attn_norm"))?,
                 qkv: Tensor::cat(&[q, k, v], 0)?,
@@ -235,9 +284,20 @@ impl DeviceTransformer {
             });
         }
         let output_norm = vector(file, "output_norm.weight")?;
-        let output = if file.has_tensor("output.weight") { Some(mat(file, "output.weight")?) } else { None };
+        let output = if file.has_tensor("output.weight") {
+            Some(mat(file, "output.weight")?)
+        } else {
+            None
+        };
         tracing::info!(device = ?device, layers, seconds = started.elapsed().as_secs_f64(), "weights dequantized to f32 on the device");
-        Ok(Self { config, device: device.clone(), embedding, blocks, output_norm, output })
+        Ok(Self {
+            config,
+            device: device.clone(),
+            embedding,
+            blocks,
+            output_norm,
+            output,
+        })
     }
 
     /// The configuration.
@@ -266,15 +326,23 @@ impl DeviceTransformer {
             }
         }
         let n = rows.len();
-        let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let mut x = self.embedding.index_select(&Tensor::from_vec(tokens, n, dev)?, 0)?;
+        let tokens: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let mut x = self
+            .embedding
+            .index_select(&Tensor::from_vec(tokens, n, dev)?, 0)?;
         let gemma = c.architecture == Architecture::Gemma3;
         if gemma {
             x = x.affine(f64::from((d as f32).sqrt()), 0.0)?;
         }
         let table = |base: f32| -> Result<(Tensor, Tensor)> {
             let rope = Rope::new(hd, base, &rows);
-            Ok((Tensor::from_slice(&rope.cos, (n, hd / 2), dev)?, Tensor::from_slice(&rope.sin, (n, hd / 2), dev)?))
+            Ok((
+                Tensor::from_slice(&rope.cos, (n, hd / 2), dev)?,
+                Tensor::from_slice(&rope.sin, (n, hd / 2), dev)?,
+            ))
         };
         let rope_global = table(c.rope_base)?;
         let rope_local = table(c.rope_base_local)?;
@@ -283,7 +351,10 @@ impl DeviceTransformer {
             .iter()
             .map(|step| {
                 let (past, m) = (step.cache.len(), step.tokens.len());
-                Ok((causal_mask(past, m, None, dev)?, causal_mask(past, m, c.sliding_window, dev)?))
+                Ok((
+                    causal_mask(past, m, None, dev)?,
+                    causal_mask(past, m, c.sliding_window, dev)?,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
 
@@ -299,7 +370,11 @@ impl DeviceTransformer {
             if let Some(w) = &block.k_norm {
                 k = rms_norm(&k, w, c.eps)?;
             }
-            let (cos, sin) = if c.is_sliding(l) { &rope_local } else { &rope_global };
+            let (cos, sin) = if c.is_sliding(l) {
+                &rope_local
+            } else {
+                &rope_global
+            };
             let q = rope(&q, cos, sin, gemma)?;
             let k = rope(&k, cos, sin, gemma)?;
 
@@ -308,13 +383,31 @@ impl DeviceTransformer {
             for (step, (global, local)) in steps.iter().zip(&masks) {
                 let m = step.tokens.len();
                 let past = step.cache.len();
-                let cache = step.cache.device.as_ref().ok_or_else(|| Error::InvalidRequest("missing device cache".into()))?;
+                let cache = step
+                    .cache
+                    .device
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidRequest("missing device cache".into()))?;
                 let (keys, values) = &cache.layers[l];
-                keys.slice_set(&k.narrow(0, start, m)?.transpose(0, 1)?.contiguous()?, 1, past)?;
-                values.slice_set(&v.narrow(0, start, m)?.transpose(0, 1)?.contiguous()?, 1, past)?;
+                keys.slice_set(
+                    &k.narrow(0, start, m)?.transpose(0, 1)?.contiguous()?,
+                    1,
+                    past,
+                )?;
+                values.slice_set(
+                    &v.narrow(0, start, m)?.transpose(0, 1)?.contiguous()?,
+                    1,
+                    past,
+                )?;
                 let total = past + m;
                 let mask = if c.is_sliding(l) { local } else { global };
-                outs.push(attend(c, &q.narrow(0, start, m)?, &keys.narrow(1, 0, total)?, &values.narrow(1, 0, total)?, mask.as_ref())?);
+                outs.push(attend(
+                    c,
+                    &q.narrow(0, start, m)?,
+                    &keys.narrow(1, 0, total)?,
+                    &values.narrow(1, 0, total)?,
+                    mask.as_ref(),
+                )?);
                 start += m;
             }
             let attn = Tensor::cat(&outs, 0)?;
@@ -341,11 +434,21 @@ impl DeviceTransformer {
 
         // Logits only for the rows asked for.
         let wanted = logit_rows(steps);
-        let selected: Vec<u32> = wanted.iter().flat_map(|take| take.clone().map(|r| r as u32)).collect();
+        let selected: Vec<u32> = wanted
+            .iter()
+            .flat_map(|take| take.clone().map(|r| r as u32))
+            .collect();
         let picked = selected.len();
-        let h = rms_norm(&x.index_select(&Tensor::from_vec(selected, picked, dev)?, 0)?, &self.output_norm, c.eps)?;
+        let h = rms_norm(
+            &x.index_select(&Tensor::from_vec(selected, picked, dev)?, 0)?,
+            &self.output_norm,
+            c.eps,
+        )?;
         let logits = linear(&h, self.output.as_ref().unwrap_or(&self.embedding))?;
-        let logits = logits.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let logits = logits
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
         Ok(split_logits(&logits, &wanted, c.vocab_size))
     }
 }
@@ -357,7 +460,9 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm over the last dimension, times `w` (Zhang & Sennrich 2019).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(eps))?.sqrt()?.recip()?;
+    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(eps))?
+        .sqrt()?
+        .recip()?;
     Ok(x.broadcast_mul(&scale)?.broadcast_mul(w)?)
 }
 
@@ -367,14 +472,20 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
     let (n, heads, hd) = x.dims3()?;
     let half = hd / 2;
-    let rotate = |x0: &Tensor, x1: &Tensor, cos: &Tensor, sin: &Tensor| -> Result<(Tensor, Tensor)> {
-        let a = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
-        let b = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
-        Ok((a, b))
-    };
+    let rotate =
+        |x0: &Tensor, x1: &Tensor, cos: &Tensor, sin: &Tensor| -> Result<(Tensor, Tensor)> {
+            let a = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+            let b = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
+            Ok((a, b))
+        };
     if neox {
         let (cos, sin) = (cos.reshape((n, 1, half))?, sin.reshape((n, 1, half))?);
-        let (a, b) = rotate(&x.narrow(2, 0, half)?, &x.narrow(2, half, half)?, &cos, &sin)?;
+        let (a, b) = rotate(
+            &x.narrow(2, 0, half)?,
+            &x.narrow(2, half, half)?,
+            &cos,
+            &sin,
+        )?;
         Ok(Tensor::cat(&[a, b], 2)?)
     } else {
         let pairs = x.reshape((n, heads, half, 2))?;
@@ -388,7 +499,12 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
 /// `past..past + m`: row `i` sees positions `lo..=past + i`, where `lo` is 0 or, with a sliding
 /// `window`, `past + i + 1 − window`. `None` when it would mask nothing (one new row, window not
 /// reached).
-fn causal_mask(past: usize, m: usize, window: Option<usize>, dev: &Device) -> Result<Option<Tensor>> {
+fn causal_mask(
+    past: usize,
+    m: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
     let total = past + m;
     let lowest = |i: usize| window.map_or(0, |w| (past + i + 1).saturating_sub(w));
     if m == 1 && lowest(0) == 0 {
@@ -409,21 +525,36 @@ fn causal_mask(past: usize, m: usize, window: Option<usize>, dev: &Device) -> Re
 /// its cached keys and values (`kv_heads × total × head_dim`, the new rows included), with the
 /// sequence's [`causal_mask`]. Query heads sharing a key/value head are stacked into one matrix
 /// product. Returns `m × (heads · head_dim)`.
-fn attend(c: &Config, q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+fn attend(
+    c: &Config,
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (m, hd, kvh) = (q.dim(0)?, c.head_dim, c.kv_heads);
     let group = c.heads / kvh;
     let total = keys.dim(1)?;
     // Head h = kv_head · group + g, as in the native path.
-    let q = q.reshape((m, kvh, group, hd))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kvh, group * m, hd))?;
+    let q = q
+        .reshape((m, kvh, group, hd))?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?
+        .reshape((kvh, group * m, hd))?;
     let mut scores = (q.matmul(&keys.t()?)? * f64::from(c.attn_scale))?;
     if let Some(mask) = mask {
-        scores = scores.reshape((kvh, group, m, total))?.broadcast_add(mask)?.reshape((kvh, group * m, total))?;
+        scores = scores
+            .reshape((kvh, group, m, total))?
+            .broadcast_add(mask)?
+            .reshape((kvh, group * m, total))?;
     }
     let max = scores.max_keepdim(D::Minus1)?;
     let e = scores.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     let o = p.matmul(values)?;
-    Ok(o.reshape((kvh, group, m, hd))?.permute((2, 0, 1, 3))?.reshape((m, kvh * group * hd))?)
+    Ok(o.reshape((kvh, group, m, hd))?
+        .permute((2, 0, 1, 3))?
+        .reshape((m, kvh * group * hd))?)
 }
 
 #[cfg(test)]
@@ -457,7 +588,14 @@ mod tests {
     }
 
     fn key(cache: &DeviceCache, position: usize) -> f32 {
-        cache.layers[0].0.narrow(1, position, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+        cache.layers[0]
+            .0
+            .narrow(1, position, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
     }
 
     #[test]
@@ -472,10 +610,19 @@ mod tests {
         let mut clone = cache.clone();
         clone.reserve(3, 4, 2, &c, &Device::Cpu).unwrap();
         write(&clone, 0, 9.0);
-        assert_eq!((key(&cache, 0), key(&clone, 0), key(&clone, 2)), (1.0, 9.0, 3.0));
+        assert_eq!(
+            (key(&cache, 0), key(&clone, 0), key(&clone, 2)),
+            (1.0, 9.0, 3.0)
+        );
         cache.reserve(3, 100, 2, &c, &Device::Cpu).unwrap();
         assert_eq!(cache.capacity, 128);
-        assert_eq!((0..3).map(|p| key(&cache, p)).collect::<Vec<_>>(), [1.0, 2.0, 3.0]);
-        assert!(cache.reserve(3, 4, 1, &c, &Device::Cpu).is_err(), "a cache of another model's depth");
+        assert_eq!(
+            (0..3).map(|p| key(&cache, p)).collect::<Vec<_>>(),
+            [1.0, 2.0, 3.0]
+        );
+        assert!(
+            cache.reserve(3, 4, 1, &c, &Device::Cpu).is_err(),
+            "a cache of another model's depth"
+        );
     }
 }

@@ -79,7 +79,12 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 128, sampling: SamplingParams::greedy(), stop: Vec::new(), ignore_eos: false }
+        Self {
+            max_tokens: 128,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -195,7 +200,13 @@ impl Engine {
     /// Loads a model by known name (from the cache) or by path, with `threads` compute threads
     /// (default: all cores).
     pub fn load(name_or_path: &str, threads: Option<usize>) -> Result<Self> {
-        Self::load_with(name_or_path, &LoadOptions { threads, ..Default::default() })
+        Self::load_with(
+            name_or_path,
+            &LoadOptions {
+                threads,
+                ..Default::default()
+            },
+        )
     }
 
     /// Loads a model with options, including the altered variants a cheating provider might run.
@@ -217,7 +228,14 @@ impl Engine {
                 let formats = model.formats().into_iter().map(String::from).collect();
                 (Model::Native(model), formats)
             }
-            Some(device) => (Model::Device(DeviceTransformer::from_gguf(&mut file, &device, options.variant)?), vec!["F32".to_owned()]),
+            Some(device) => (
+                Model::Device(DeviceTransformer::from_gguf(
+                    &mut file,
+                    &device,
+                    options.variant,
+                )?),
+                vec!["F32".to_owned()],
+            ),
         };
         let config = model.config();
         let arch = config.architecture.name();
@@ -240,9 +258,19 @@ impl Engine {
         if let Some(n) = threads {
             pool = pool.num_threads(n);
         }
-        let pool = pool.build().map_err(|e| Error::InvalidRequest(format!("thread pool: {e}")))?;
+        let pool = pool
+            .build()
+            .map_err(|e| Error::InvalidRequest(format!("thread pool: {e}")))?;
         tracing::info!(model = %info.name, sha256 = %info.sha256, device = %options.device, threads = pool.current_num_threads(), "model loaded");
-        Ok(Self { model, compute: options.device, tokenizer, template, info, stop_tokens, pool })
+        Ok(Self {
+            model,
+            compute: options.device,
+            tokenizer,
+            template,
+            info,
+            stop_tokens,
+            pool,
+        })
     }
 
     /// What was loaded.
@@ -284,7 +312,11 @@ impl Engine {
 
     /// Tokens of a plain completion prompt (BOS first when the model wants it).
     pub fn completion_prompt(&self, text: &str) -> Vec<u32> {
-        let mut tokens: Vec<u32> = if self.tokenizer.add_bos { self.tokenizer.bos.into_iter().collect() } else { Vec::new() };
+        let mut tokens: Vec<u32> = if self.tokenizer.add_bos {
+            self.tokenizer.bos.into_iter().collect()
+        } else {
+            Vec::new()
+        };
         tokens.extend(self.tokenizer.encode(text));
         tokens
     }
@@ -308,22 +340,38 @@ impl Engine {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
         if prompt.len() >= context {
-            return Err(Error::ContextOverflow { tokens: prompt.len() + 1, context });
+            return Err(Error::ContextOverflow {
+                tokens: prompt.len() + 1,
+                context,
+            });
         }
-        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.model.config().vocab_size) {
+        if let Some(&t) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.config().vocab_size)
+        {
             return Err(Error::BadToken(t));
         }
         Ok(())
     }
 
     /// Generates for one prompt; `observer` sees every token and may return `false` to cancel.
-    pub fn generate(&self, prompt: &[u32], options: &GenerateOptions, mut observer: impl FnMut(&Step<'_>) -> bool) -> Result<Generation> {
-        let mut out = self.generate_batch(&[(prompt.to_vec(), options.clone())], |s| observer(s))?;
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        mut observer: impl FnMut(&Step<'_>) -> bool,
+    ) -> Result<Generation> {
+        let mut out =
+            self.generate_batch(&[(prompt.to_vec(), options.clone())], |s| observer(s))?;
         Ok(out.remove(0))
     }
 
     /// Generates for several prompts decoded together (one forward pass per step for all of them).
-    pub fn generate_batch(&self, requests: &[(Vec<u32>, GenerateOptions)], mut observer: impl FnMut(&Step<'_>) -> bool) -> Result<Vec<Generation>> {
+    pub fn generate_batch(
+        &self,
+        requests: &[(Vec<u32>, GenerateOptions)],
+        mut observer: impl FnMut(&Step<'_>) -> bool,
+    ) -> Result<Vec<Generation>> {
         let mut live = Vec::with_capacity(requests.len());
         for (prompt, options) in requests {
             live.push(self.start(prompt.clone(), options.clone())?);
@@ -364,7 +412,9 @@ impl Engine {
     /// One forward pass over every unfinished sequence (prefilling new ones, decoding the others),
     /// then one token selected for each.
     fn step(&self, live: &mut [Live], observer: &mut dyn FnMut(&Step<'_>) -> bool) -> Result<()> {
-        let active: Vec<usize> = (0..live.len()).filter(|&i| live[i].finish.is_none()).collect();
+        let active: Vec<usize> = (0..live.len())
+            .filter(|&i| live[i].finish.is_none())
+            .collect();
         if active.is_empty() {
             return Ok(());
         }
@@ -375,7 +425,11 @@ impl Engine {
             for &i in &active {
                 let (_, tail) = rest.split_at_mut(i - base);
                 let (this, tail) = tail.split_first_mut().expect("index in range");
-                steps.push(SequenceStep { cache: &mut this.cache, tokens: &this.pending, logits_from: None });
+                steps.push(SequenceStep {
+                    cache: &mut this.cache,
+                    tokens: &this.pending,
+                    logits_from: None,
+                });
                 rest = tail;
                 base = i + 1;
             }
@@ -390,14 +444,32 @@ impl Engine {
             if l.first_token.is_none() {
                 l.first_token = Some(l.started.elapsed().as_secs_f64());
             }
-            let piece = if self.stop_tokens.contains(&token) { String::new() } else { l.decoder.push(&self.tokenizer, token) };
+            let piece = if self.stop_tokens.contains(&token) {
+                String::new()
+            } else {
+                l.decoder.push(&self.tokenizer, token)
+            };
             l.text.push_str(&piece);
-            let step = Step { sequence: i, index: l.tokens.len() - 1, position, token, logits: &logits[k], text: &piece };
+            let step = Step {
+                sequence: i,
+                index: l.tokens.len() - 1,
+                position,
+                token,
+                logits: &logits[k],
+                text: &piece,
+            };
             if !observer(&step) {
                 l.finish = Some(FinishReason::Cancelled);
             } else if self.stop_tokens.contains(&token) && !l.options.ignore_eos {
                 l.finish = Some(FinishReason::Stop);
-            } else if let Some(at) = l.options.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| l.text.find(s.as_str())).min() {
+            } else if let Some(at) = l
+                .options
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| l.text.find(s.as_str()))
+                .min()
+            {
                 l.text.truncate(at);
                 l.finish = Some(FinishReason::Stop);
             } else if l.tokens.len() >= l.options.max_tokens || position + 1 >= context {
@@ -419,10 +491,17 @@ impl Engine {
     pub fn score_from(&self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
         self.check_prompt(tokens)?;
         if from >= tokens.len() {
-            return Err(Error::InvalidRequest(format!("scoring from position {from} of {} tokens", tokens.len())));
+            return Err(Error::InvalidRequest(format!(
+                "scoring from position {from} of {} tokens",
+                tokens.len()
+            )));
         }
         let mut cache = self.model.new_cache();
-        let mut steps = [SequenceStep { cache: &mut cache, tokens, logits_from: Some(from) }];
+        let mut steps = [SequenceStep {
+            cache: &mut cache,
+            tokens,
+            logits_from: Some(from),
+        }];
         let mut out = self.pool.install(|| self.model.forward(&mut steps))?;
         Ok(out.remove(0))
     }
@@ -489,9 +568,21 @@ impl EngineService {
     }
 
     /// Submits a request; events arrive on the returned receiver.
-    pub fn submit(&self, prompt: Vec<u32>, options: GenerateOptions, with_logits: bool) -> Result<mpsc::Receiver<Event>> {
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        options: GenerateOptions,
+        with_logits: bool,
+    ) -> Result<mpsc::Receiver<Event>> {
         let (events, rx) = mpsc::channel();
-        self.requests.send(ServiceRequest { prompt, options, with_logits, events }).map_err(|_| Error::EngineStopped)?;
+        self.requests
+            .send(ServiceRequest {
+                prompt,
+                options,
+                with_logits,
+                events,
+            })
+            .map_err(|_| Error::EngineStopped)?;
         Ok(rx)
     }
 
@@ -518,7 +609,12 @@ impl EngineService {
             let mut observer = |s: &Step<'_>| {
                 let (sink, with_logits) = &sinks[s.sequence];
                 let logits = with_logits.then(|| s.logits.to_vec());
-                sink.send(Event::Token { token: s.token, text: s.text.to_owned(), logits }).is_ok()
+                sink.send(Event::Token {
+                    token: s.token,
+                    text: s.text.to_owned(),
+                    logits,
+                })
+                .is_ok()
             };
             if let Err(e) = engine.step(&mut live, &mut observer) {
                 for (sink, _) in sinks.drain(..) {
@@ -540,7 +636,12 @@ impl EngineService {
         }
     }
 
-    fn admit(engine: &Engine, r: ServiceRequest, live: &mut Vec<Live>, sinks: &mut Vec<(mpsc::Sender<Event>, bool)>) {
+    fn admit(
+        engine: &Engine,
+        r: ServiceRequest,
+        live: &mut Vec<Live>,
+        sinks: &mut Vec<(mpsc::Sender<Event>, bool)>,
+    ) {
         match engine.start(r.prompt, r.options) {
             Ok(l) => {
                 live.push(l);

@@ -26,7 +26,10 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and validates `path`: the header parses and every tensor lies inside the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let bad = |reason: String| Error::BadGguf { path: path.to_path_buf(), reason };
+        let bad = |reason: String| Error::BadGguf {
+            path: path.to_path_buf(),
+            reason,
+        };
         let file = File::open(path).map_err(|e| bad(e.to_string()))?;
         let len = file.metadata()?.len();
         let mut reader = BufReader::new(file);
@@ -35,15 +38,23 @@ impl GgufFile {
             let elems: usize = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
             if !elems.is_multiple_of(block) {
-                return Err(bad(format!("tensor `{name}` has {elems} elements, not a multiple of its block size")));
+                return Err(bad(format!(
+                    "tensor `{name}` has {elems} elements, not a multiple of its block size"
+                )));
             }
             let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
             let end = content.tensor_data_offset + info.offset + bytes;
             if end > len {
-                return Err(bad(format!("truncated: tensor `{name}` ends at byte {end} but the file has {len}")));
+                return Err(bad(format!(
+                    "truncated: tensor `{name}` ends at byte {end} but the file has {len}"
+                )));
             }
         }
-        Ok(Self { path: path.to_path_buf(), content, reader })
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
     }
 
     /// The file's path.
@@ -58,12 +69,18 @@ impl GgufFile {
 
     /// A metadata value, or an error naming the missing key.
     pub fn value(&self, key: &str) -> Result<&Value> {
-        self.content.metadata.get(key).ok_or_else(|| Error::MissingKey { key: key.into() })
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::MissingKey { key: key.into() })
     }
 
     /// A required string.
     pub fn string(&self, key: &str) -> Result<&str> {
-        self.value(key)?.to_string().map(|s| s.as_str()).map_err(|_| Error::MissingKey { key: key.into() })
+        self.value(key)?
+            .to_string()
+            .map(|s| s.as_str())
+            .map_err(|_| Error::MissingKey { key: key.into() })
     }
 
     /// A required unsigned integer (any integer width).
@@ -79,7 +96,9 @@ impl GgufFile {
     /// A required float.
     pub fn f32(&self, key: &str) -> Result<f32> {
         let v = self.value(key)?;
-        v.to_f32().or_else(|_| v.to_f64().map(|x| x as f32)).map_err(|_| Error::MissingKey { key: key.into() })
+        v.to_f32()
+            .or_else(|_| v.to_f64().map(|x| x as f32))
+            .map_err(|_| Error::MissingKey { key: key.into() })
     }
 
     /// An optional value with a named default.
@@ -100,36 +119,61 @@ impl GgufFile {
     /// Reads a tensor.
     pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
         if !self.has_tensor(name) {
-            return Err(Error::BadTensor { name: name.into(), reason: "missing from the file".into() });
+            return Err(Error::BadTensor {
+                name: name.into(),
+                reason: "missing from the file".into(),
+            });
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| Error::BadTensor { name: name.into(), reason: e.to_string() })
+            .map_err(|e| Error::BadTensor {
+                name: name.into(),
+                reason: e.to_string(),
+            })
     }
 
     /// The GGML type and shape (outputs first, as candle orders them) of a tensor.
     pub fn tensor_info(&self, name: &str) -> Result<(GgmlDType, Vec<usize>)> {
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| Error::BadTensor { name: name.into(), reason: "missing from the file".into() })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::BadTensor {
+                name: name.into(),
+                reason: "missing from the file".into(),
+            })?;
         Ok((info.ggml_dtype, info.shape.dims().to_vec()))
     }
 
     /// Reads a tensor's bytes, as stored, straight into `out` (which must have exactly the tensor's
     /// size), so that a model loads without a second copy of its largest tensor.
     pub fn read_tensor_bytes(&mut self, name: &str, out: &mut [u8]) -> Result<()> {
-        let bad = |reason: String| Error::BadTensor { name: name.into(), reason };
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| bad("missing from the file".into()))?;
-        let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let bad = |reason: String| Error::BadTensor {
+            name: name.into(),
+            reason,
+        };
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| bad("missing from the file".into()))?;
+        let size =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
         if size != out.len() {
             return Err(bad(format!("has {size} bytes, expected {}", out.len())));
         }
-        self.reader.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+        self.reader.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))?;
         self.reader.read_exact(out).map_err(|e| bad(e.to_string()))
     }
 
     /// Reads a 1-D f32 tensor (norm weights).
     pub fn vector(&mut self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensor(name)?;
-        Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(t.dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 }
 

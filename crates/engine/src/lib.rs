@@ -27,7 +27,10 @@ pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message, Role};
 pub use device::Compute;
-pub use engine::{Engine, EngineService, Event, FinishReason, GenerateOptions, Generation, LoadOptions, ModelInfo, Step, Variant};
+pub use engine::{
+    Engine, EngineService, Event, FinishReason, GenerateOptions, Generation, LoadOptions,
+    ModelInfo, Step, Variant,
+};
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;

@@ -105,7 +105,9 @@ impl Config {
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
             .map(|v| v.len())
-            .ok_or_else(|| Error::MissingKey { key: "tokenizer.ggml.tokens".into() })?;
+            .ok_or_else(|| Error::MissingKey {
+                key: "tokenizer.ggml.tokens".into(),
+            })?;
         Ok(Self {
             architecture,
             vocab_size,
@@ -116,9 +118,16 @@ impl Config {
             head_dim,
             ffn: file.usize(&k("feed_forward_length"))?,
             eps: file.f32(&k("attention.layer_norm_rms_epsilon"))?,
-            rope_base: file.f32_or(&k("rope.freq_base"), if gemma { 1_000_000.0 } else { 10_000.0 }),
+            rope_base: file.f32_or(
+                &k("rope.freq_base"),
+                if gemma { 1_000_000.0 } else { 10_000.0 },
+            ),
             rope_base_local: 10_000.0,
-            sliding_window: if gemma { Some(file.usize_or(&k("attention.sliding_window"), 512)) } else { None },
+            sliding_window: if gemma {
+                Some(file.usize_or(&k("attention.sliding_window"), 512))
+            } else {
+                None
+            },
             global_every: if gemma { 6 } else { 1 },
             context_length: file.usize_or(&k("context_length"), 2048),
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
@@ -158,7 +167,10 @@ impl Projection {
         match self {
             Projection::Fused(m) => m.matmul(x, n),
             Projection::Separate(parts) => {
-                let outs = parts.iter().map(|p| p.matmul(x, n)).collect::<Result<Vec<_>>>()?;
+                let outs = parts
+                    .iter()
+                    .map(|p| p.matmul(x, n))
+                    .collect::<Result<Vec<_>>>()?;
                 let width: usize = parts.iter().map(|p| p.rows()).sum();
                 let mut y = Vec::with_capacity(n * width);
                 for r in 0..n {
@@ -205,13 +217,25 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model.
     pub fn new(config: &Config) -> Self {
-        Self { keys: vec![Vec::new(); config.layers], values: vec![Vec::new(); config.layers], kv_dim: config.kv_dim(), len: 0, device: None }
+        Self {
+            keys: vec![Vec::new(); config.layers],
+            values: vec![Vec::new(); config.layers],
+            kv_dim: config.kv_dim(),
+            len: 0,
+            device: None,
+        }
     }
 
     /// An empty cache for a model on the device backend ([`crate::device::DeviceTransformer`]): its
     /// keys and values live in device tensors, allocated by the first forward pass.
     pub fn on_device() -> Self {
-        Self { keys: Vec::new(), values: Vec::new(), kv_dim: 0, len: 0, device: Some(DeviceCache::default()) }
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            kv_dim: 0,
+            len: 0,
+            device: Some(DeviceCache::default()),
+        }
     }
 
     /// Counts `n` positions appended by the device backend.
@@ -268,10 +292,14 @@ impl Transformer {
     pub fn from_gguf(file: &mut GgufFile) -> Result<Self> {
         let config = Config::from_gguf(file)?;
         let gemma = config.architecture == Architecture::Gemma3;
-        let mat = |file: &mut GgufFile, name: &str| -> Result<QMatrix> { QMatrix::from_gguf(file, name) };
+        let mat =
+            |file: &mut GgufFile, name: &str| -> Result<QMatrix> { QMatrix::from_gguf(file, name) };
         let embedding = mat(file, "token_embd.weight")?;
         if embedding.cols() != config.hidden || embedding.rows() != config.vocab_size {
-            return Err(Error::BadTensor { name: "token_embd.weight".into(), reason: "shape does not match the metadata".into() });
+            return Err(Error::BadTensor {
+                name: "token_embd.weight".into(),
+                reason: "shape does not match the metadata".into(),
+            });
         }
         let mut blocks = Vec::with_capacity(config.layers);
         for l in 0..config.layers {
@@ -279,19 +307,38 @@ impl Transformer {
             let q = mat(file, &n("attn_q"))?;
             let k = mat(file, &n("attn_k"))?;
             let v = mat(file, &n("attn_v"))?;
-            if q.rows() != config.q_dim() || k.rows() != config.kv_dim() || v.rows() != config.kv_dim() {
-                return Err(Error::BadTensor { name: n("attn_q"), reason: "attention shapes do not match the metadata".into() });
+            if q.rows() != config.q_dim()
+                || k.rows() != config.kv_dim()
+                || v.rows() != config.kv_dim()
+            {
+                return Err(Error::BadTensor {
+                    name: n("attn_q"),
+                    reason: "attention shapes do not match the metadata".into(),
+                });
             }
             let gate = mat(file, &n("ffn_gate"))?;
             let up = mat(file, &n("ffn_up"))?;
-            let opt = |file: &mut GgufFile, s: &str| -> Result<Option<Vec<f32>>> { if gemma { file.vector(&n(s)).map(Some) } else { Ok(None) } };
+            let opt = |file: &mut GgufFile, s: &str| -> Result<Option<Vec<f32>>> {
+                if gemma {
+                    file.vector(&n(s)).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             let qkv_bias = if config.architecture == Architecture::Qwen2 {
                 let mut bias = Vec::with_capacity(config.q_dim() + 2 * config.kv_dim());
-                for (part, width) in [("attn_q", config.q_dim()), ("attn_k", config.kv_dim()), ("attn_v", config.kv_dim())] {
+                for (part, width) in [
+                    ("attn_q", config.q_dim()),
+                    ("attn_k", config.kv_dim()),
+                    ("attn_v", config.kv_dim()),
+                ] {
                     let name = format!("blk.{l}.{part}.bias");
                     let b = file.vector(&name)?;
                     if b.len() != width {
-                        return Err(Error::BadTensor { name, reason: format!("expected {width} values, got {}", b.len()) });
+                        return Err(Error::BadTensor {
+                            name,
+                            reason: format!("expected {width} values, got {}", b.len()),
+                        });
                     }
                     bias.extend(b);
                 }
@@ -314,8 +361,18 @@ impl Transformer {
             });
         }
         let output_norm = file.vector("output_norm.weight")?;
-        let output = if file.has_tensor("output.weight") { Some(mat(file, "output.weight")?) } else { None };
-        Ok(Self { config, embedding, blocks, output_norm, output })
+        let output = if file.has_tensor("output.weight") {
+            Some(mat(file, "output.weight")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            embedding,
+            blocks,
+            output_norm,
+            output,
+        })
     }
 
     /// Replaces every `Q4_1` block matrix by a `Q4_0` re-quantization (a cheaper, lower-quality copy).
@@ -365,9 +422,13 @@ impl Transformer {
         let rows = step_rows(c, steps, false)?;
         let n = rows.len();
         let mut x = vec![0f32; n * d];
-        let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let tokens: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
         for (r, &tok) in tokens.iter().enumerate() {
-            self.embedding.row(tok as usize, &mut x[r * d..(r + 1) * d])?;
+            self.embedding
+                .row(tok as usize, &mut x[r * d..(r + 1) * d])?;
         }
         if c.architecture == Architecture::Gemma3 {
             let scale = (d as f32).sqrt();
@@ -381,7 +442,11 @@ impl Transformer {
         for (l, block) in self.blocks.iter().enumerate() {
             let h = rms_norm_rows(&x, &block.attn_norm, c.eps);
             let mut qkv = block.qkv.apply(&h, n)?;
-            let rope = if c.is_sliding(l) { &rope_local } else { &rope_global };
+            let rope = if c.is_sliding(l) {
+                &rope_local
+            } else {
+                &rope_global
+            };
             let width = qd + 2 * kvd;
             qkv.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
                 if let Some(bias) = &block.qkv_bias {
@@ -408,13 +473,25 @@ impl Transformer {
                 steps[s].cache.values[l].extend_from_slice(&row[qd + kvd..]);
             }
             let caches: Vec<&KvCache> = steps.iter().map(|s| &*s.cache).collect();
-            let window = if c.is_sliding(l) { c.sliding_window } else { None };
+            let window = if c.is_sliding(l) {
+                c.sliding_window
+            } else {
+                None
+            };
             let mut attn = vec![0f32; n * qd];
             attn.par_chunks_mut(qd).enumerate().for_each(|(r, out)| {
                 let (s, pos) = rows[r];
                 let cache = caches[s];
                 let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                attend(c, &qkv[r * width..r * width + qd], &cache.keys[l], &cache.values[l], lo, pos + 1, out);
+                attend(
+                    c,
+                    &qkv[r * width..r * width + qd],
+                    &cache.keys[l],
+                    &cache.values[l],
+                    lo,
+                    pos + 1,
+                    out,
+                );
             });
             let mut o = block.attn_out.matmul(&attn, n)?;
             if let Some(w) = &block.post_attn_norm {
@@ -425,13 +502,15 @@ impl Transformer {
             let h = rms_norm_rows(&x, &block.ffn_norm, c.eps);
             let gu = block.gate_up.apply(&h, n)?;
             let mut act = vec![0f32; n * c.ffn];
-            act.par_chunks_mut(c.ffn).zip(gu.par_chunks(2 * c.ffn)).for_each(|(a, gu)| {
-                let (g, u) = gu.split_at(c.ffn);
-                for i in 0..c.ffn {
-                    let gated = if gelu { gelu_tanh(g[i]) } else { silu(g[i]) };
-                    a[i] = gated * u[i];
-                }
-            });
+            act.par_chunks_mut(c.ffn)
+                .zip(gu.par_chunks(2 * c.ffn))
+                .for_each(|(a, gu)| {
+                    let (g, u) = gu.split_at(c.ffn);
+                    for i in 0..c.ffn {
+                        let gated = if gelu { gelu_tanh(g[i]) } else { silu(g[i]) };
+                        a[i] = gated * u[i];
+                    }
+                });
             let mut down = block.down.matmul(&act, n)?;
             if let Some(w) = &block.post_ffn_norm {
                 down = rms_norm_rows(&down, w, c.eps);
@@ -458,19 +537,34 @@ impl Transformer {
 /// Checks the steps of a forward call (at least one token each, within the context and the
 /// vocabulary, a cache of the kind the pass uses: `device` or native) and says where each new row
 /// lives: (sequence, absolute position), sequences in order.
-pub(crate) fn step_rows(c: &Config, steps: &[SequenceStep<'_>], device: bool) -> Result<Vec<(usize, usize)>> {
+pub(crate) fn step_rows(
+    c: &Config,
+    steps: &[SequenceStep<'_>],
+    device: bool,
+) -> Result<Vec<(usize, usize)>> {
     let mut rows = Vec::new();
     for (s, step) in steps.iter().enumerate() {
         if step.tokens.is_empty() {
-            return Err(Error::InvalidRequest("a sequence step needs at least one token".into()));
+            return Err(Error::InvalidRequest(
+                "a sequence step needs at least one token".into(),
+            ));
         }
         if step.cache.device.is_some() != device {
-            let owner = if device { "native-path" } else { "device-backend" };
-            return Err(Error::InvalidRequest(format!("this KV cache belongs to a {owner} model")));
+            let owner = if device {
+                "native-path"
+            } else {
+                "device-backend"
+            };
+            return Err(Error::InvalidRequest(format!(
+                "this KV cache belongs to a {owner} model"
+            )));
         }
         let end = step.cache.len() + step.tokens.len();
         if end > c.context_length {
-            return Err(Error::ContextOverflow { tokens: end, context: c.context_length });
+            return Err(Error::ContextOverflow {
+                tokens: end,
+                context: c.context_length,
+            });
         }
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::BadToken(t));
@@ -497,7 +591,11 @@ pub(crate) fn logit_rows(steps: &[SequenceStep<'_>]) -> Vec<std::ops::Range<usiz
 }
 
 /// Splits the logits of the rows `wanted` (stacked, `vocab` each) into one vector per sequence.
-pub(crate) fn split_logits(logits: &[f32], wanted: &[std::ops::Range<usize>], vocab: usize) -> Vec<Vec<f32>> {
+pub(crate) fn split_logits(
+    logits: &[f32],
+    wanted: &[std::ops::Range<usize>],
+    vocab: usize,
+) -> Vec<Vec<f32>> {
     let mut at = 0;
     wanted
         .iter()
@@ -513,7 +611,15 @@ pub(crate) fn split_logits(logits: &[f32], wanted: &[std::ops::Range<usize>], vo
 /// heads that share a key/value head are handled together, so each cached key is read once.
 /// Common head sizes get a copy of the code with the size fixed, so that a head's running
 /// output stays in registers.
-fn attend(c: &Config, q: &[f32], keys: &[f32], values: &[f32], lo: usize, hi: usize, out: &mut [f32]) {
+fn attend(
+    c: &Config,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) {
     match c.head_dim {
         64 => attend_sized::<64>(c, q, keys, values, lo, hi, out),
         128 => attend_sized::<128>(c, q, keys, values, lo, hi, out),
@@ -523,7 +629,15 @@ fn attend(c: &Config, q: &[f32], keys: &[f32], values: &[f32], lo: usize, hi: us
 }
 
 /// [`attend`] for heads of `HD` values (0: any size, read from the config).
-fn attend_sized<const HD: usize>(c: &Config, q: &[f32], keys: &[f32], values: &[f32], lo: usize, hi: usize, out: &mut [f32]) {
+fn attend_sized<const HD: usize>(
+    c: &Config,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) {
     let hd = if HD == 0 { c.head_dim } else { HD };
     let kvd = c.kv_dim();
     let group = c.heads / c.kv_heads;
@@ -562,7 +676,15 @@ fn attend_sized<const HD: usize>(c: &Config, q: &[f32], keys: &[f32], values: &[
 
 /// `o = Σ (weights[i] / sum) · values[lo + i]` over one head's slice of the value rows.
 #[inline(always)]
-fn weigh_values(weights: &[f32], sum: f32, values: &[f32], lo: usize, kvd: usize, offset: usize, o: &mut [f32]) {
+fn weigh_values(
+    weights: &[f32],
+    sum: f32,
+    values: &[f32],
+    lo: usize,
+    kvd: usize,
+    offset: usize,
+    o: &mut [f32],
+) {
     let hd = o.len();
     for (i, &e) in weights.iter().enumerate() {
         let w = e / sum;
@@ -597,9 +719,16 @@ impl Rope {
     }
 
     fn apply(&self, row: usize, x: &mut [f32], neox: bool) {
-        let (cos, sin) = (&self.cos[row * self.half..(row + 1) * self.half], &self.sin[row * self.half..(row + 1) * self.half]);
+        let (cos, sin) = (
+            &self.cos[row * self.half..(row + 1) * self.half],
+            &self.sin[row * self.half..(row + 1) * self.half],
+        );
         for i in 0..self.half {
-            let (a, b) = if neox { (i, i + self.half) } else { (2 * i, 2 * i + 1) };
+            let (a, b) = if neox {
+                (i, i + self.half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
             let (x0, x1) = (x[a], x[b]);
             x[a] = x0 * cos[i] - x1 * sin[i];
             x[b] = x0 * sin[i] + x1 * cos[i];
@@ -616,7 +745,8 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let mut y = x.to_vec();
-    y.par_chunks_mut(w.len()).for_each(|row| rms_norm_in_place(row, w, eps));
+    y.par_chunks_mut(w.len())
+        .for_each(|row| rms_norm_in_place(row, w, eps));
     y
 }
 

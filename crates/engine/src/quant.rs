@@ -95,7 +95,11 @@ impl QuantizedActivations {
         };
         let mut words = vec![0i16; words_len];
         let mut planes = vec![0u8; planes_len];
-        let quantize_row = |x: &[f32], scales: &mut [f32], sums: &mut [f32], words: &mut [i16], planes: &mut [u8]| {
+        let quantize_row = |x: &[f32],
+                            scales: &mut [f32],
+                            sums: &mut [f32],
+                            words: &mut [i16],
+                            planes: &mut [u8]| {
             for (b, block) in x.chunks_exact(BLOCK).enumerate() {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 32767.0;
@@ -105,7 +109,10 @@ impl QuantizedActivations {
                 sums[b] = dot_f32(block, &[1.0; BLOCK]);
                 match layout {
                     Layout::Words => words[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&q),
-                    Layout::BytePlanes { order, unsigned_high } => {
+                    Layout::BytePlanes {
+                        order,
+                        unsigned_high,
+                    } => {
                         // Pairs of blocks take 128 bytes (64 high, 64 low); an odd last block, 64.
                         let (pair, in_pair) = (b / 2, b % 2);
                         let paired = pair * 2 + 1 < scales.len();
@@ -113,7 +120,9 @@ impl QuantizedActivations {
                         let (high, low) = group.split_at_mut(group.len() / 2);
                         for (e, &v) in q.iter().enumerate() {
                             let at = match order {
-                                PairOrder::Nibbles if paired => (e / 16) * 32 + in_pair * 16 + e % 16,
+                                PairOrder::Nibbles if paired => {
+                                    (e / 16) * 32 + in_pair * 16 + e % 16
+                                }
                                 _ => in_pair * BLOCK + e,
                             };
                             let hi = (v >> 8) as i8 as u8;
@@ -127,7 +136,12 @@ impl QuantizedActivations {
         // Each row's share of every output, so that rows can be quantized in parallel.
         let (wc, pc) = (words_len / rows.max(1), planes_len / rows.max(1));
         let mut parts = Vec::with_capacity(rows);
-        let (mut s, mut m, mut w, mut p) = (&mut scales[..], &mut sums[..], &mut words[..], &mut planes[..]);
+        let (mut s, mut m, mut w, mut p) = (
+            &mut scales[..],
+            &mut sums[..],
+            &mut words[..],
+            &mut planes[..],
+        );
         for x in x.chunks(cols) {
             let (s0, s1) = std::mem::take(&mut s).split_at_mut(bpr);
             let (m0, m1) = std::mem::take(&mut m).split_at_mut(bpr);
@@ -137,20 +151,40 @@ impl QuantizedActivations {
             (s, m, w, p) = (s1, m1, w1, p1);
         }
         if rows >= 16 {
-            parts.into_par_iter().for_each(|(x, s, m, w, p)| quantize_row(x, s, m, w, p));
+            parts
+                .into_par_iter()
+                .for_each(|(x, s, m, w, p)| quantize_row(x, s, m, w, p));
         } else {
-            parts.into_iter().for_each(|(x, s, m, w, p)| quantize_row(x, s, m, w, p));
+            parts
+                .into_iter()
+                .for_each(|(x, s, m, w, p)| quantize_row(x, s, m, w, p));
         }
         let scale_sums = match layout {
             Layout::Words => Vec::new(),
-            Layout::BytePlanes { .. } => scales.iter().zip(&sums).flat_map(|(&d, &s)| [d, s]).collect(),
+            Layout::BytePlanes { .. } => scales
+                .iter()
+                .zip(&sums)
+                .flat_map(|(&d, &s)| [d, s])
+                .collect(),
         };
-        Self { blocks_per_row: bpr, layout, scales, sums, values: words, planes, scale_sums }
+        Self {
+            blocks_per_row: bpr,
+            layout,
+            scales,
+            sums,
+            values: words,
+            planes,
+            scale_sums,
+        }
     }
 
     fn block(&self, row: usize, b: usize) -> (f32, f32, &[i16]) {
         let i = row * self.blocks_per_row + b;
-        (self.scales[i], self.sums[i], &self.values[i * BLOCK..(i + 1) * BLOCK])
+        (
+            self.scales[i],
+            self.sums[i],
+            &self.values[i * BLOCK..(i + 1) * BLOCK],
+        )
     }
 }
 
@@ -192,7 +226,11 @@ impl BlockQ5_0 {
     /// Element `j` as `q − 16`.
     #[inline(always)]
     fn q(&self, j: usize) -> i8 {
-        let nibble = if j < 16 { self.qs[j] & 0x0F } else { self.qs[j - 16] >> 4 };
+        let nibble = if j < 16 {
+            self.qs[j] & 0x0F
+        } else {
+            self.qs[j - 16] >> 4
+        };
         let fifth = ((u32::from_le_bytes(self.qh) >> j) & 1) as u8;
         (nibble | (fifth << 4)) as i8 - 16
     }
@@ -230,13 +268,21 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
 impl BlockQ4K {
     fn from_bytes(b: &[u8]) -> Self {
-        Self { d: f16_at(b, 0), dmin: f16_at(b, 2), scales: b[4..16].try_into().expect("12 bytes"), qs: b[16..144].try_into().expect("128 bytes") }
+        Self {
+            d: f16_at(b, 0),
+            dmin: f16_at(b, 2),
+            scales: b[4..16].try_into().expect("12 bytes"),
+            qs: b[16..144].try_into().expect("128 bytes"),
+        }
     }
 
     /// The 256 weights, as candle (and GGML) dequantize them.
@@ -260,7 +306,12 @@ impl BlockQ6K {
         for (s, x) in scales.iter_mut().zip(&b[192..208]) {
             *s = *x as i8;
         }
-        Self { ql: b[0..128].try_into().expect("128 bytes"), qh: b[128..192].try_into().expect("64 bytes"), scales, d: f16_at(b, 208) }
+        Self {
+            ql: b[0..128].try_into().expect("128 bytes"),
+            qh: b[128..192].try_into().expect("64 bytes"),
+            scales,
+            d: f16_at(b, 208),
+        }
     }
 
     /// Element `32t + l` (`l < 32`) of 128-element half `h`, as `q − 32`.
@@ -282,7 +333,8 @@ impl BlockQ6K {
         for h in 0..2 {
             for t in 0..4 {
                 for l in 0..32 {
-                    out[128 * h + 32 * t + l] = d * self.scales[8 * h + 2 * t + l / 16] as f32 * self.q(h, t, l) as f32;
+                    out[128 * h + 32 * t + l] =
+                        d * self.scales[8 * h + 2 * t + l / 16] as f32 * self.q(h, t, l) as f32;
                 }
             }
         }
@@ -315,7 +367,11 @@ fn pack_q4_1(blocks: &[BlockQ4_1], bpr: usize) -> Vec<Q4_1Slot> {
                 bytes[j * 4 + 2..j * 4 + 4].copy_from_slice(&blk.m.to_le_bytes());
                 bytes[16 + j * 16..32 + j * 16].copy_from_slice(&blk.qs);
             }
-            out.extend(bytes.chunks_exact(20).map(|s| Q4_1Slot(s.try_into().expect("20 bytes"))));
+            out.extend(
+                bytes
+                    .chunks_exact(20)
+                    .map(|s| Q4_1Slot(s.try_into().expect("20 bytes"))),
+            );
         }
         for blk in tail {
             let mut s = [0u8; 20];
@@ -340,11 +396,19 @@ fn q4_1_block(row: &[Q4_1Slot], b: usize) -> BlockQ4_1 {
     let full = row.len() / Q4_1_GROUP * Q4_1_GROUP;
     let (bytes, d_at, qs_at) = if b < full {
         let j = b % Q4_1_GROUP;
-        (slot_bytes(&row[b - j..b - j + Q4_1_GROUP]), j * 4, 16 + j * 16)
+        (
+            slot_bytes(&row[b - j..b - j + Q4_1_GROUP]),
+            j * 4,
+            16 + j * 16,
+        )
     } else {
         (slot_bytes(&row[b..b + 1]), 0, 4)
     };
-    BlockQ4_1 { d: f16_at(bytes, d_at), m: f16_at(bytes, d_at + 2), qs: bytes[qs_at..qs_at + 16].try_into().expect("16 bytes") }
+    BlockQ4_1 {
+        d: f16_at(bytes, d_at),
+        m: f16_at(bytes, d_at + 2),
+        qs: bytes[qs_at..qs_at + 16].try_into().expect("16 bytes"),
+    }
 }
 
 /// Weights keep GGML's bytes per weight (one contiguous stream, f16 scales): decoding one token is
@@ -384,22 +448,39 @@ unsafe trait GgmlBytes: Copy {
 // SAFETY: all four are `repr(C)` structs of f16 and byte arrays; the assertions check there is no padding.
 unsafe impl GgmlBytes for BlockQ8_0 {
     const GGML_SIZE: usize = 34;
-    const ZERO: Self = Self { d: f16::ZERO, qs: [0; 32] };
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qs: [0; 32],
+    };
 }
 // SAFETY: as above.
 unsafe impl GgmlBytes for BlockQ5_0 {
     const GGML_SIZE: usize = 22;
-    const ZERO: Self = Self { d: f16::ZERO, qh: [0; 4], qs: [0; 16] };
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qh: [0; 4],
+        qs: [0; 16],
+    };
 }
 // SAFETY: as above.
 unsafe impl GgmlBytes for BlockQ4K {
     const GGML_SIZE: usize = 144;
-    const ZERO: Self = Self { d: f16::ZERO, dmin: f16::ZERO, scales: [0; 12], qs: [0; 128] };
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        dmin: f16::ZERO,
+        scales: [0; 12],
+        qs: [0; 128],
+    };
 }
 // SAFETY: as above.
 unsafe impl GgmlBytes for BlockQ6K {
     const GGML_SIZE: usize = 210;
-    const ZERO: Self = Self { ql: [0; 128], qh: [0; 64], scales: [0; 16], d: f16::ZERO };
+    const ZERO: Self = Self {
+        ql: [0; 128],
+        qh: [0; 64],
+        scales: [0; 16],
+        d: f16::ZERO,
+    };
 }
 const _: () = assert!(
     std::mem::size_of::<BlockQ8_0>() == 34
@@ -413,7 +494,8 @@ fn read_blocks<B: GgmlBytes>(file: &mut GgufFile, name: &str, n: usize) -> Resul
     let mut blocks = vec![B::ZERO; n];
     // SAFETY: `B` is plain bytes without padding (`GgmlBytes`), so its `n` blocks are
     // `n * GGML_SIZE` initialised bytes, and any bytes written make valid blocks.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, n * B::GGML_SIZE) };
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, n * B::GGML_SIZE) };
     file.read_tensor_bytes(name, bytes)?;
     Ok(blocks)
 }
@@ -427,16 +509,33 @@ impl QMatrix {
         let (rows, cols) = match dims.as_slice() {
             [r, c] => (*r, *c),
             [c] => (1, *c),
-            _ => return Err(Error::BadTensor { name: name.into(), reason: format!("expected a matrix, got shape {dims:?}") }),
+            _ => {
+                return Err(Error::BadTensor {
+                    name: name.into(),
+                    reason: format!("expected a matrix, got shape {dims:?}"),
+                })
+            }
         };
         let storage = match dtype {
-            GgmlDType::Q8_0 if cols % BLOCK == 0 => Storage::Q8_0(read_blocks(file, name, rows * cols / BLOCK)?),
-            GgmlDType::Q5_0 if cols % BLOCK == 0 => Storage::Q5_0(read_blocks(file, name, rows * cols / BLOCK)?),
-            GgmlDType::Q4K if cols % K_BLOCK == 0 => Storage::Q4K(read_blocks(file, name, rows * cols / K_BLOCK)?),
-            GgmlDType::Q6K if cols % K_BLOCK == 0 => Storage::Q6K(read_blocks(file, name, rows * cols / K_BLOCK)?),
+            GgmlDType::Q8_0 if cols % BLOCK == 0 => {
+                Storage::Q8_0(read_blocks(file, name, rows * cols / BLOCK)?)
+            }
+            GgmlDType::Q5_0 if cols % BLOCK == 0 => {
+                Storage::Q5_0(read_blocks(file, name, rows * cols / BLOCK)?)
+            }
+            GgmlDType::Q4K if cols % K_BLOCK == 0 => {
+                Storage::Q4K(read_blocks(file, name, rows * cols / K_BLOCK)?)
+            }
+            GgmlDType::Q6K if cols % K_BLOCK == 0 => {
+                Storage::Q6K(read_blocks(file, name, rows * cols / K_BLOCK)?)
+            }
             _ => return Self::from_qtensor(name, file.tensor(name)?),
         };
-        Ok(Self { rows, cols, storage })
+        Ok(Self {
+            rows,
+            cols,
+            storage,
+        })
     }
 
     /// Builds a matrix from a GGML tensor of shape `(rows, cols)` (candle's order: outputs first).
@@ -445,7 +544,12 @@ impl QMatrix {
         let (rows, cols) = match dims.as_slice() {
             [r, c] => (*r, *c),
             [c] => (1, *c),
-            _ => return Err(Error::BadTensor { name: name.into(), reason: format!("expected a matrix, got shape {dims:?}") }),
+            _ => {
+                return Err(Error::BadTensor {
+                    name: name.into(),
+                    reason: format!("expected a matrix, got shape {dims:?}"),
+                })
+            }
         };
         let dtype = tensor.dtype();
         let storage = match dtype {
@@ -454,16 +558,26 @@ impl QMatrix {
                 let n = rows * cols / BLOCK;
                 if dtype == GgmlDType::Q4_1 {
                     if bytes.len() != n * 20 {
-                        return Err(Error::BadTensor { name: name.into(), reason: "Q4_1 data has the wrong length".into() });
+                        return Err(Error::BadTensor {
+                            name: name.into(),
+                            reason: "Q4_1 data has the wrong length".into(),
+                        });
                     }
                     let blocks: Vec<BlockQ4_1> = bytes
                         .chunks_exact(20)
-                        .map(|b| BlockQ4_1 { d: f16_at(b, 0), m: f16_at(b, 2), qs: b[4..20].try_into().expect("16 bytes") })
+                        .map(|b| BlockQ4_1 {
+                            d: f16_at(b, 0),
+                            m: f16_at(b, 2),
+                            qs: b[4..20].try_into().expect("16 bytes"),
+                        })
                         .collect();
                     Storage::Q4_1(pack_q4_1(&blocks, cols / BLOCK))
                 } else {
                     if bytes.len() != n * 34 {
-                        return Err(Error::BadTensor { name: name.into(), reason: "Q8_0 data has the wrong length".into() });
+                        return Err(Error::BadTensor {
+                            name: name.into(),
+                            reason: "Q8_0 data has the wrong length".into(),
+                        });
                     }
                     let blocks = bytes
                         .chunks_exact(34)
@@ -472,7 +586,10 @@ impl QMatrix {
                             for (o, x) in qs.iter_mut().zip(&b[2..34]) {
                                 *o = *x as i8;
                             }
-                            BlockQ8_0 { d: f16_at(b, 0), qs }
+                            BlockQ8_0 {
+                                d: f16_at(b, 0),
+                                qs,
+                            }
                         })
                         .collect();
                     Storage::Q8_0(blocks)
@@ -482,13 +599,20 @@ impl QMatrix {
             GgmlDType::Q4_0 if cols % BLOCK == 0 => {
                 let bytes = tensor.data()?;
                 if bytes.len() != rows * cols / BLOCK * 18 {
-                    return Err(Error::BadTensor { name: name.into(), reason: "Q4_0 data has the wrong length".into() });
+                    return Err(Error::BadTensor {
+                        name: name.into(),
+                        reason: "Q4_0 data has the wrong length".into(),
+                    });
                 }
                 let blocks: Vec<BlockQ4_1> = bytes
                     .chunks_exact(18)
                     .map(|b| {
                         let d = f16_at(b, 0);
-                        BlockQ4_1 { d, m: f16::from_f32(-8.0 * d.to_f32()), qs: b[2..18].try_into().expect("16 bytes") }
+                        BlockQ4_1 {
+                            d,
+                            m: f16::from_f32(-8.0 * d.to_f32()),
+                            qs: b[2..18].try_into().expect("16 bytes"),
+                        }
                     })
                     .collect();
                 Storage::Q4_1(pack_q4_1(&blocks, cols / BLOCK))
@@ -497,21 +621,34 @@ impl QMatrix {
             GgmlDType::Q5_0 if cols % BLOCK == 0 => {
                 let bytes = tensor.data()?;
                 if bytes.len() != rows * cols / BLOCK * 22 {
-                    return Err(Error::BadTensor { name: name.into(), reason: "Q5_0 data has the wrong length".into() });
+                    return Err(Error::BadTensor {
+                        name: name.into(),
+                        reason: "Q5_0 data has the wrong length".into(),
+                    });
                 }
                 Storage::Q5_0(
                     bytes
                         .chunks_exact(22)
-                        .map(|b| BlockQ5_0 { d: f16_at(b, 0), qh: b[2..6].try_into().expect("4 bytes"), qs: b[6..22].try_into().expect("16 bytes") })
+                        .map(|b| BlockQ5_0 {
+                            d: f16_at(b, 0),
+                            qh: b[2..6].try_into().expect("4 bytes"),
+                            qs: b[6..22].try_into().expect("16 bytes"),
+                        })
                         .collect(),
                 )
             }
             // The K-quants in GGML's own blocks, on their own kernels (no widening).
             GgmlDType::Q4K | GgmlDType::Q6K if cols % K_BLOCK == 0 => {
                 let bytes = tensor.data()?;
-                let (size, n) = (if dtype == GgmlDType::Q4K { 144 } else { 210 }, rows * cols / K_BLOCK);
+                let (size, n) = (
+                    if dtype == GgmlDType::Q4K { 144 } else { 210 },
+                    rows * cols / K_BLOCK,
+                );
                 if bytes.len() != n * size {
-                    return Err(Error::BadTensor { name: name.into(), reason: format!("{dtype:?} data has the wrong length") });
+                    return Err(Error::BadTensor {
+                        name: name.into(),
+                        reason: format!("{dtype:?} data has the wrong length"),
+                    });
                 }
                 if dtype == GgmlDType::Q4K {
                     Storage::Q4K(bytes.chunks_exact(144).map(BlockQ4K::from_bytes).collect())
@@ -528,7 +665,11 @@ impl QMatrix {
                 Storage::F32(t.to_vec1::<f32>()?)
             }
         };
-        Ok(Self { rows, cols, storage })
+        Ok(Self {
+            rows,
+            cols,
+            storage,
+        })
     }
 
     /// Re-quantizes this matrix to GGML `Q4_0` (4 bits, no minimum: a lower-quality copy of a `Q4_1`
@@ -548,11 +689,19 @@ impl QMatrix {
             .map(|b| {
                 let d = f16_at(b, 0);
                 // -8d is exact in f16 (a power-of-two multiple).
-                BlockQ4_1 { d, m: f16::from_f32(-8.0 * d.to_f32()), qs: b[2..18].try_into().expect("16 bytes") }
+                BlockQ4_1 {
+                    d,
+                    m: f16::from_f32(-8.0 * d.to_f32()),
+                    qs: b[2..18].try_into().expect("16 bytes"),
+                }
             })
             .collect();
         debug_assert_eq!(blocks.len(), n);
-        Ok(QMatrix { rows: self.rows, cols: self.cols, storage: Storage::Q4_1(pack_q4_1(&blocks, self.cols / BLOCK)) })
+        Ok(QMatrix {
+            rows: self.rows,
+            cols: self.cols,
+            storage: Storage::Q4_1(pack_q4_1(&blocks, self.cols / BLOCK)),
+        })
     }
 
     /// Stacks matrices with the same input width and format into one (e.g. Q, K and V projections),
@@ -571,14 +720,71 @@ impl QMatrix {
         let rows = parts.iter().map(|p| p.rows).sum();
         let storage = match parts[0].storage {
             Storage::Q4_1(_) => Storage::Q4_1(
-                parts.into_iter().flat_map(|p| if let Storage::Q4_1(b) = p.storage { b } else { Vec::new() }).collect(),
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let Storage::Q4_1(b) = p.storage {
+                            b
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect(),
             ),
-            Storage::Q5_0(_) => Storage::Q5_0(parts.into_iter().flat_map(|p| if let Storage::Q5_0(b) = p.storage { b } else { Vec::new() }).collect()),
-            Storage::Q4K(_) => Storage::Q4K(parts.into_iter().flat_map(|p| if let Storage::Q4K(b) = p.storage { b } else { Vec::new() }).collect()),
-            Storage::Q6K(_) => Storage::Q6K(parts.into_iter().flat_map(|p| if let Storage::Q6K(b) = p.storage { b } else { Vec::new() }).collect()),
-            _ => Storage::Q8_0(parts.into_iter().flat_map(|p| if let Storage::Q8_0(b) = p.storage { b } else { Vec::new() }).collect()),
+            Storage::Q5_0(_) => Storage::Q5_0(
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let Storage::Q5_0(b) = p.storage {
+                            b
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect(),
+            ),
+            Storage::Q4K(_) => Storage::Q4K(
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let Storage::Q4K(b) = p.storage {
+                            b
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect(),
+            ),
+            Storage::Q6K(_) => Storage::Q6K(
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let Storage::Q6K(b) = p.storage {
+                            b
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect(),
+            ),
+            _ => Storage::Q8_0(
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        if let Storage::Q8_0(b) = p.storage {
+                            b
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect(),
+            ),
         };
-        Ok(QMatrix { rows, cols, storage })
+        Ok(QMatrix {
+            rows,
+            cols,
+            storage,
+        })
     }
 
     /// Output width.
@@ -636,13 +842,19 @@ impl QMatrix {
             }
             Storage::Q4K(blocks) => {
                 let bpr = self.cols / K_BLOCK;
-                for (blk, out) in blocks[r * bpr..(r + 1) * bpr].iter().zip(out.chunks_exact_mut(K_BLOCK)) {
+                for (blk, out) in blocks[r * bpr..(r + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(K_BLOCK))
+                {
                     blk.dequantize(out);
                 }
             }
             Storage::Q6K(blocks) => {
                 let bpr = self.cols / K_BLOCK;
-                for (blk, out) in blocks[r * bpr..(r + 1) * bpr].iter().zip(out.chunks_exact_mut(K_BLOCK)) {
+                for (blk, out) in blocks[r * bpr..(r + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(K_BLOCK))
+                {
                     blk.dequantize(out);
                 }
             }
@@ -678,7 +890,11 @@ impl QMatrix {
                     let o = tile.first_weight_row + j;
                     for k in 0..tile.activation_rows {
                         let r = tile.first_activation_row + k;
-                        tile.write(j, k, dot_f32(&w[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]));
+                        tile.write(
+                            j,
+                            k,
+                            dot_f32(&w[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]),
+                        );
                     }
                 }
             })),
@@ -692,10 +908,18 @@ impl QMatrix {
 
     /// The product with this matrix's blocks on `isa`'s kernels: activations quantized in the
     /// layout those kernels read, then every tile.
-    fn quantized_product<B: kernels::KernelBlock + Sync>(&self, isa: kernels::Isa, blocks: &[B], x: &[f32], n: usize) -> Vec<f32> {
+    fn quantized_product<B: kernels::KernelBlock + Sync>(
+        &self,
+        isa: kernels::Isa,
+        blocks: &[B],
+        x: &[f32],
+        n: usize,
+    ) -> Vec<f32> {
         let a = QuantizedActivations::quantize(x, n, self.cols, kernels::layout::<B>(isa));
         let bpr = self.cols / B::WEIGHTS;
-        self.run_tiles(n, |tile| kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile))
+        self.run_tiles(n, |tile| {
+            kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile)
+        })
     }
 
     /// Runs `f` over tiles of at most [`ROWS_PER_TASK`] weight rows by [`GROUP`] activation rows,
@@ -801,7 +1025,10 @@ mod kernels {
     //! output element goes through the same operations whatever the tile's shape, so the shape is
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
-    use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK};
+    use super::{
+        q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Layout, PairOrder,
+        Q4_1Slot, QuantizedActivations, Tile, BLOCK,
+    };
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
     /// made by [`detect`] and [`supported`], so holding one means this CPU supports it.
@@ -822,7 +1049,15 @@ mod kernels {
     /// CPU without one of its features is undefined behaviour (issue 10, finding 10). The test
     /// `finding_10_kernel_detection_gates_every_enabled_feature` checks every `enable = "…"` in this
     /// file against these lists.
-    pub const VNNI_FEATURES: &[&str] = &["avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx2", "fma", "f16c"];
+    pub const VNNI_FEATURES: &[&str] = &[
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512vnni",
+        "avx2",
+        "fma",
+        "f16c",
+    ];
 
     /// Every target feature the AVX2 kernels enable.
     pub const AVX2_FEATURES: &[&str] = &["avx2", "fma"];
@@ -846,7 +1081,9 @@ mod kernels {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("TESSERA_NO_AVX512").is_none() && VNNI_FEATURES.iter().all(|f| has_feature(f)) {
+            if std::env::var_os("TESSERA_NO_AVX512").is_none()
+                && VNNI_FEATURES.iter().all(|f| has_feature(f))
+            {
                 return Isa::Avx512Vnni;
             }
             if AVX2_FEATURES.iter().all(|f| has_feature(f)) {
@@ -940,19 +1177,39 @@ mod kernels {
     /// # Safety
     /// The kernel must be supported by this CPU and expect `a`'s layout.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn run<B: KernelBlock>(w: &[B], bpr: usize, a: &QuantizedActivations, tile: &Tile, kernel: TileKernel<B>) {
+    unsafe fn run<B: KernelBlock>(
+        w: &[B],
+        bpr: usize,
+        a: &QuantizedActivations,
+        tile: &Tile,
+        kernel: TileKernel<B>,
+    ) {
         let g = tile.activation_rows;
         assert!(tile.weight_rows * bpr <= w.len(), "weights out of range");
         let abpr = a.blocks_per_row;
-        assert!(abpr * BLOCK == bpr * B::WEIGHTS && (tile.first_activation_row + g) * abpr <= a.scales.len(), "activations out of range");
+        assert!(
+            abpr * BLOCK == bpr * B::WEIGHTS
+                && (tile.first_activation_row + g) * abpr <= a.scales.len(),
+            "activations out of range"
+        );
         assert!(match a.layout {
             Layout::Words => a.values.len() == a.scales.len() * BLOCK,
-            Layout::BytePlanes { .. } => a.planes.len() == a.scales.len() * 64 && a.scale_sums.len() == a.scales.len() * 2,
+            Layout::BytePlanes { .. } =>
+                a.planes.len() == a.scales.len() * 64 && a.scale_sums.len() == a.scales.len() * 2,
         });
         for j in 0..tile.weight_rows {
             // SAFETY: row j is in `w`, the activation rows are in `a` (asserted above), and the
             // output elements are inside the tile.
-            unsafe { kernel(w.as_ptr().add(j * bpr), bpr, a, tile.first_activation_row, tile.out.add(j), tile.stride) };
+            unsafe {
+                kernel(
+                    w.as_ptr().add(j * bpr),
+                    bpr,
+                    a,
+                    tile.first_activation_row,
+                    tile.out.add(j),
+                    tile.stride,
+                )
+            };
         }
     }
 
@@ -971,7 +1228,10 @@ mod kernels {
     }
 
     impl KernelBlock for Q4_1Slot {
-        const VNNI_LAYOUT: Layout = Layout::BytePlanes { order: PairOrder::Nibbles, unsigned_high: false };
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
+            order: PairOrder::Nibbles,
+            unsigned_high: false,
+        };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q4_1_vnni, g)
@@ -988,7 +1248,8 @@ mod kernels {
                 mins = blk.m.to_f32().mul_add(asum, mins);
                 let mut s = 0i32;
                 for i in 0..16 {
-                    s += (blk.qs[i] & 0x0F) as i32 * aq[i] as i32 + (blk.qs[i] >> 4) as i32 * aq[i + 16] as i32;
+                    s += (blk.qs[i] & 0x0F) as i32 * aq[i] as i32
+                        + (blk.qs[i] >> 4) as i32 * aq[i + 16] as i32;
                 }
                 acc += blk.d.to_f32() * ad * s as f32;
             }
@@ -997,7 +1258,10 @@ mod kernels {
     }
 
     impl KernelBlock for BlockQ8_0 {
-        const VNNI_LAYOUT: Layout = Layout::BytePlanes { order: PairOrder::Natural, unsigned_high: true };
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
+            order: PairOrder::Natural,
+            unsigned_high: true,
+        };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q8_0_vnni, g)
@@ -1019,7 +1283,10 @@ mod kernels {
 
     /// `Q5_0`: as `Q8_0` with the signed 5-bit `q − 16` rebuilt per block.
     impl KernelBlock for BlockQ5_0 {
-        const VNNI_LAYOUT: Layout = Layout::BytePlanes { order: PairOrder::Natural, unsigned_high: true };
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
+            order: PairOrder::Natural,
+            unsigned_high: true,
+        };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q5_0_vnni, g)
@@ -1062,7 +1329,9 @@ mod kernels {
                     let (ad, asum, aq) = a.block(activation_row, b * 8 + j);
                     let q = &blk.qs[(j / 2) * 32..(j / 2) * 32 + 32];
                     let shift = if j % 2 == 0 { 0 } else { 4 };
-                    let s: i32 = (0..32).map(|i| ((q[i] >> shift) & 0xF) as i32 * aq[i] as i32).sum();
+                    let s: i32 = (0..32)
+                        .map(|i| ((q[i] >> shift) & 0xF) as i32 * aq[i] as i32)
+                        .sum();
                     mins = (dmin * m as f32).mul_add(asum, mins);
                     acc = ((d * sc as f32) * ad).mul_add(s as f32, acc);
                 }
@@ -1092,8 +1361,11 @@ mod kernels {
                     for t in 0..4 {
                         let (ad, _, aq) = a.block(activation_row, b * 8 + h * 4 + t);
                         for half in 0..2 {
-                            let s: i32 = (16 * half..16 * half + 16).map(|l| blk.q(h, t, l) as i32 * aq[l] as i32).sum();
-                            acc = ((d * blk.scales[8 * h + 2 * t + half] as f32) * ad).mul_add(s as f32, acc);
+                            let s: i32 = (16 * half..16 * half + 16)
+                                .map(|l| blk.q(h, t, l) as i32 * aq[l] as i32)
+                                .sum();
+                            acc = ((d * blk.scales[8 * h + 2 * t + half] as f32) * ad)
+                                .mul_add(s as f32, acc);
                         }
                     }
                 }
@@ -1103,19 +1375,35 @@ mod kernels {
     }
 
     /// One tile of a matrix whose first weight row starts at `w`, on the kernels of `isa`.
-    pub fn tile<B: KernelBlock>(isa: Isa, w: &[B], bpr: usize, a: &QuantizedActivations, tile: Tile) {
-        assert_eq!(a.layout, layout::<B>(isa), "activations quantized for another kernel");
+    pub fn tile<B: KernelBlock>(
+        isa: Isa,
+        w: &[B],
+        bpr: usize,
+        a: &QuantizedActivations,
+        tile: Tile,
+    ) {
+        assert_eq!(
+            a.layout,
+            layout::<B>(isa),
+            "activations quantized for another kernel"
+        );
         #[cfg(target_arch = "x86_64")]
         match isa {
             // SAFETY: `Isa` values other than `Portable` come from `detect()` (see `supported`).
-            Isa::Avx512Vnni => return unsafe { run(w, bpr, a, &tile, B::vnni(tile.activation_rows)) },
+            Isa::Avx512Vnni => {
+                return unsafe { run(w, bpr, a, &tile, B::vnni(tile.activation_rows)) }
+            }
             // SAFETY: as above.
             Isa::Avx2 => return unsafe { run(w, bpr, a, &tile, B::avx2(tile.activation_rows)) },
             Isa::Portable => {}
         }
         for j in 0..tile.weight_rows {
             for k in 0..tile.activation_rows {
-                tile.write(j, k, B::portable_dot(&w[j * bpr..(j + 1) * bpr], a, tile.first_activation_row + k));
+                tile.write(
+                    j,
+                    k,
+                    B::portable_dot(&w[j * bpr..(j + 1) * bpr], a, tile.first_activation_row + k),
+                );
             }
         }
     }
@@ -1128,7 +1416,10 @@ mod kernels {
         //! `r0..r0 + G` exist in the layout the kernel reads, and `out[k * stride]` is writable for
         //! every `k < G`.
         use super::super::Q4_1_GROUP;
-        use super::{q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Q4_1Slot, QuantizedActivations};
+        use super::{
+            q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Q4_1Slot,
+            QuantizedActivations,
+        };
         use std::arch::x86_64::*;
 
         #[inline]
@@ -1146,11 +1437,21 @@ mod kernels {
             // SAFETY: 16 readable bytes.
             let raw = unsafe { _mm_loadu_si128(q.as_ptr() as *const __m128i) };
             let low = _mm_set1_epi8(0x0F);
-            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(raw), low), _mm_and_si128(raw, low))
+            _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16::<4>(raw), low),
+                _mm_and_si128(raw, low),
+            )
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q4_1_avx2<const G: usize>(w: *const Q4_1Slot, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q4_1_avx2<const G: usize>(
+            w: *const Q4_1Slot,
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
             let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
             // SAFETY: the kernel contract.
             let row = unsafe { std::slice::from_raw_parts(w, bpr) };
@@ -1159,14 +1460,22 @@ mod kernels {
             for b in 0..bpr {
                 let blk = &q4_1_block(row, b);
                 let q = unpack_q4(&blk.qs);
-                let (w0, w1) = (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)));
+                let (w0, w1) = (
+                    _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+                );
                 let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
                 for k in 0..G {
                     let i = (r0 + k) * bpr + b;
                     // SAFETY: the kernel contract.
                     let (ad, s, x0, x1) = unsafe {
                         let p = values.add(i * 32);
-                        (*scales.add(i), *sums.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                        (
+                            *scales.add(i),
+                            *sums.add(i),
+                            _mm256_loadu_si256(p as *const __m256i),
+                            _mm256_loadu_si256(p.add(16) as *const __m256i),
+                        )
                     };
                     mins[k] = m.mul_add(s, mins[k]);
                     let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
@@ -1180,21 +1489,35 @@ mod kernels {
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q8_0_avx2<const G: usize>(w: *const BlockQ8_0, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q8_0_avx2<const G: usize>(
+            w: *const BlockQ8_0,
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
             let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
             let mut acc = [_mm256_setzero_ps(); G];
             for b in 0..bpr {
                 // SAFETY: the kernel contract; 32 readable bytes.
                 let blk = unsafe { &*w.add(b) };
                 let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
-                let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
+                let (w0, w1) = (
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
+                );
                 let d = blk.d.to_f32();
                 for k in 0..G {
                     let i = (r0 + k) * bpr + b;
                     // SAFETY: the kernel contract.
                     let (ad, x0, x1) = unsafe {
                         let p = values.add(i * 32);
-                        (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                        (
+                            *scales.add(i),
+                            _mm256_loadu_si256(p as *const __m256i),
+                            _mm256_loadu_si256(p.add(16) as *const __m256i),
+                        )
                     };
                     let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
                     acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
@@ -1212,30 +1535,56 @@ mod kernels {
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         fn q5_0_bytes(blk: &BlockQ5_0) -> __m256i {
-            let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-            let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(u32::from_le_bytes(blk.qh) as i32), spread);
-            let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+            let spread = _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0,
+            );
+            let bits =
+                _mm256_shuffle_epi8(_mm256_set1_epi32(u32::from_le_bytes(blk.qh) as i32), spread);
+            let set = _mm256_cmpeq_epi8(
+                _mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                _mm256_set1_epi64x(-1),
+            );
             let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-            _mm256_sub_epi8(_mm256_or_si256(unpack_q4(&blk.qs), high), _mm256_set1_epi8(16))
+            _mm256_sub_epi8(
+                _mm256_or_si256(unpack_q4(&blk.qs), high),
+                _mm256_set1_epi8(16),
+            )
         }
 
         /// `Q5_0`: the weights as signed bytes ([`q5_0_bytes`]), then as `q8_0_avx2`.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q5_0_avx2<const G: usize>(w: *const BlockQ5_0, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q5_0_avx2<const G: usize>(
+            w: *const BlockQ5_0,
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
             let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
             let mut acc = [_mm256_setzero_ps(); G];
             for b in 0..bpr {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
                 let q = q5_0_bytes(blk);
-                let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
+                let (w0, w1) = (
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
+                );
                 let d = blk.d.to_f32();
                 for k in 0..G {
                     let i = (r0 + k) * bpr + b;
                     // SAFETY: the kernel contract.
                     let (ad, x0, x1) = unsafe {
                         let p = values.add(i * 32);
-                        (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                        (
+                            *scales.add(i),
+                            _mm256_loadu_si256(p as *const __m256i),
+                            _mm256_loadu_si256(p.add(16) as *const __m256i),
+                        )
                     };
                     let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
                     acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
@@ -1250,7 +1599,14 @@ mod kernels {
         /// `Q4_K`: as `q4_1_avx2`, per 32-weight sub-block, with the sub-block's scale `d·sc` and
         /// minimum `dmin·m` (exact in f32) unpacked once per block for all `G` activation rows.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q4_k_avx2<const G: usize>(w: *const BlockQ4K, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q4_k_avx2<const G: usize>(
+            w: *const BlockQ4K,
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
             let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
             let abpr = bpr * 8;
             let mut mins = [0f32; G];
@@ -1262,23 +1618,43 @@ mod kernels {
                 let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
                 for pair in 0..4 {
                     // SAFETY: 32 readable bytes of `qs`.
-                    let raw = unsafe { _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i) };
-                    let halves = [_mm256_and_si256(raw, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask)];
+                    let raw = unsafe {
+                        _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i)
+                    };
+                    let halves = [
+                        _mm256_and_si256(raw, mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask),
+                    ];
                     for (h, q) in halves.into_iter().enumerate() {
                         let j = pair * 2 + h;
                         let (sc, m) = scale_min_k4(j, &blk.scales);
                         let (dj, mj) = (d * sc as f32, dmin * m as f32);
-                        let (w0, w1) = (_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)));
+                        let (w0, w1) = (
+                            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                            _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+                        );
                         for k in 0..G {
                             let i = (r0 + k) * abpr + b * 8 + j;
                             // SAFETY: the kernel contract.
                             let (ad, s, x0, x1) = unsafe {
                                 let p = values.add(i * 32);
-                                (*scales.add(i), *sums.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                                (
+                                    *scales.add(i),
+                                    *sums.add(i),
+                                    _mm256_loadu_si256(p as *const __m256i),
+                                    _mm256_loadu_si256(p.add(16) as *const __m256i),
+                                )
                             };
                             mins[k] = mj.mul_add(s, mins[k]);
-                            let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dj * ad), _mm256_cvtepi32_ps(p), acc[k]);
+                            let p = _mm256_add_epi32(
+                                _mm256_madd_epi16(w0, x0),
+                                _mm256_madd_epi16(w1, x1),
+                            );
+                            acc[k] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dj * ad),
+                                _mm256_cvtepi32_ps(p),
+                                acc[k],
+                            );
                         }
                     }
                 }
@@ -1292,11 +1668,22 @@ mod kernels {
         /// `Q6_K`: the 6-bit weights of 32 elements rebuilt from `ql`/`qh` in one register, less 32,
         /// then per 16-weight sub-block an exact `vpmaddwd` product scaled by `d·sc·scale_a`.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q6_k_avx2<const G: usize>(w: *const BlockQ6K, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q6_k_avx2<const G: usize>(
+            w: *const BlockQ6K,
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
             let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
             let abpr = bpr * 8;
             let mut acc = [_mm256_setzero_ps(); G];
-            let (m4, m2, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+            let (m4, m2, bias) = (
+                _mm256_set1_epi8(0x0F),
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(32),
+            );
             for b in 0..bpr {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
@@ -1326,17 +1713,35 @@ mod kernels {
                     ];
                     for (t, q) in quads.into_iter().enumerate() {
                         let q = _mm256_sub_epi8(q, bias);
-                        let (w0, w1) = (_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)));
-                        let (sa, sb) = (d * blk.scales[8 * h + 2 * t] as f32, d * blk.scales[8 * h + 2 * t + 1] as f32);
+                        let (w0, w1) = (
+                            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                            _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
+                        );
+                        let (sa, sb) = (
+                            d * blk.scales[8 * h + 2 * t] as f32,
+                            d * blk.scales[8 * h + 2 * t + 1] as f32,
+                        );
                         for k in 0..G {
                             let i = (r0 + k) * abpr + b * 8 + h * 4 + t;
                             // SAFETY: the kernel contract.
                             let (ad, x0, x1) = unsafe {
                                 let p = values.add(i * 32);
-                                (*scales.add(i), _mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(16) as *const __m256i))
+                                (
+                                    *scales.add(i),
+                                    _mm256_loadu_si256(p as *const __m256i),
+                                    _mm256_loadu_si256(p.add(16) as *const __m256i),
+                                )
                             };
-                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(sa * ad), _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0)), acc[k]);
-                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(sb * ad), _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1)), acc[k]);
+                            acc[k] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(sa * ad),
+                                _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0)),
+                                acc[k],
+                            );
+                            acc[k] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(sb * ad),
+                                _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1)),
+                                acc[k],
+                            );
                         }
                     }
                 }
@@ -1353,7 +1758,12 @@ mod kernels {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         unsafe fn head_pair(first: *const u8, second: *const u8) -> __m128 {
             // SAFETY: callers pass block starts, which have at least four bytes.
-            let (h0, h1) = unsafe { ((first as *const i32).read_unaligned(), (second as *const i32).read_unaligned()) };
+            let (h0, h1) = unsafe {
+                (
+                    (first as *const i32).read_unaligned(),
+                    (second as *const i32).read_unaligned(),
+                )
+            };
             _mm_cvtph_ps(_mm_set_epi32(0, 0, h1, h0))
         }
 
@@ -1376,21 +1786,34 @@ mod kernels {
         /// one fused multiply-add apply both blocks' scales at once. Repacked groups of four blocks
         /// (see [`Q4_1Slot`]) load their scales and weights in one instruction each.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        pub unsafe fn q4_1_vnni<const G: usize>(w: *const Q4_1Slot, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+        pub unsafe fn q4_1_vnni<const G: usize>(
+            w: *const Q4_1Slot,
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
             let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
             let row = w as *const u8;
             let mut acc = [_mm512_setzero_ps(); G];
             // Odd lanes gather `m·sum` of the blocks at each position in a group; even lanes are unused.
             let mut mins = [_mm256_setzero_ps(); G];
             let (mask, mask512) = (_mm256_set1_epi8(0x0F), _mm512_set1_epi8(0x0F));
-            let (lanes_a, lanes_b) = (nibble_pair_lanes(), _mm512_add_epi32(nibble_pair_lanes(), _mm512_set1_epi32(4)));
+            let (lanes_a, lanes_b) = (
+                nibble_pair_lanes(),
+                _mm512_add_epi32(nibble_pair_lanes(), _mm512_set1_epi32(4)),
+            );
             let groups = bpr / Q4_1_GROUP;
             for gi in 0..groups {
                 let b = gi * Q4_1_GROUP;
                 // SAFETY: the kernel contract: a full group of 80 bytes.
                 let (heads, raw) = unsafe {
                     let p = row.add(b * 20);
-                    (_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm512_loadu_si512(p.add(16) as *const _))
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                        _mm512_loadu_si512(p.add(16) as *const _),
+                    )
                 };
                 let low = _mm512_and_si512(raw, mask512);
                 let high = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask512);
@@ -1417,8 +1840,16 @@ mod kernels {
                     let prod = _mm256_mul_ps(heads, ss);
                     mins[k] = _mm256_add_ps(mins[k], prod);
                     let prod = _mm512_castps256_ps512(prod);
-                    acc[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_a, prod), _mm512_cvtepi32_ps(ta), acc[k]);
-                    acc[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_b, prod), _mm512_cvtepi32_ps(tb), acc[k]);
+                    acc[k] = _mm512_fmadd_ps(
+                        _mm512_permutexvar_ps(lanes_a, prod),
+                        _mm512_cvtepi32_ps(ta),
+                        acc[k],
+                    );
+                    acc[k] = _mm512_fmadd_ps(
+                        _mm512_permutexvar_ps(lanes_b, prod),
+                        _mm512_cvtepi32_ps(tb),
+                        acc[k],
+                    );
                 }
             }
             // The blocks after the last group, in GGML's layout: pairs, then an odd one.
@@ -1427,7 +1858,9 @@ mod kernels {
                 // SAFETY: the kernel contract (blocks b and b + 1 are in the row).
                 let (b0, b1) = unsafe { (row.add(b * 20), row.add(b * 20 + 20)) };
                 // SAFETY: 16 readable bytes each, after the 4-byte head.
-                let raw = unsafe { _mm256_loadu2_m128i(b1.add(4) as *const __m128i, b0.add(4) as *const __m128i) };
+                let raw = unsafe {
+                    _mm256_loadu2_m128i(b1.add(4) as *const __m128i, b0.add(4) as *const __m128i)
+                };
                 let low = _mm256_and_si256(raw, mask);
                 let high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
                 let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high);
@@ -1438,7 +1871,11 @@ mod kernels {
                     // SAFETY: the kernel contract: pair (b, b + 1) of row r0 + k.
                     let (hi, lo, ss) = unsafe {
                         let p = planes.add(i * 64);
-                        (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _), _mm_loadu_ps(scale_sums.add(2 * i)))
+                        (
+                            _mm512_loadu_si512(p as *const _),
+                            _mm512_loadu_si512(p.add(64) as *const _),
+                            _mm_loadu_ps(scale_sums.add(2 * i)),
+                        )
                     };
                     let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
                     let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
@@ -1453,7 +1890,8 @@ mod kernels {
                 // SAFETY: the kernel contract: the last block, in GGML's layout.
                 let blk = unsafe { row.add(b * 20) };
                 // SAFETY: 16 readable bytes after the head.
-                let q = _mm512_zextsi256_si512(unpack_q4(unsafe { &*(blk.add(4) as *const [u8; 16]) }));
+                let q =
+                    _mm512_zextsi256_si512(unpack_q4(unsafe { &*(blk.add(4) as *const [u8; 16]) }));
                 // SAFETY: a block start, twice.
                 let dm = unsafe { head_pair(blk, blk) };
                 for k in 0..G {
@@ -1466,14 +1904,17 @@ mod kernels {
                             _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
                             // `scale_sums` is only 4-byte aligned: `movq` has no alignment requirement
                             // (`_mm_load_sd` reads through an `*const f64`, which must be 8-aligned).
-                            _mm_castsi128_ps(_mm_loadl_epi64(scale_sums.add(2 * i) as *const __m128i)),
+                            _mm_castsi128_ps(_mm_loadl_epi64(
+                                scale_sums.add(2 * i) as *const __m128i
+                            )),
                         )
                     };
                     let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
                     let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
                     let prod = _mm_mul_ps(dm, ss);
                     mins[k] = _mm256_add_ps(mins[k], _mm256_zextps128_ps256(prod));
-                    acc[k] = _mm512_fmadd_ps(_mm512_broadcastss_ps(prod), _mm512_cvtepi32_ps(t), acc[k]);
+                    acc[k] =
+                        _mm512_fmadd_ps(_mm512_broadcastss_ps(prod), _mm512_cvtepi32_ps(t), acc[k]);
                 }
             }
             for k in 0..G {
@@ -1492,7 +1933,14 @@ mod kernels {
         macro_rules! signed_byte_vnni {
             ($name:ident, $block:ty, $bytes:path) => {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-                pub unsafe fn $name<const G: usize>(w: *const $block, bpr: usize, a: &QuantizedActivations, r0: usize, out: *mut f32, stride: usize) {
+                pub unsafe fn $name<const G: usize>(
+                    w: *const $block,
+                    bpr: usize,
+                    a: &QuantizedActivations,
+                    r0: usize,
+                    out: *mut f32,
+                    stride: usize,
+                ) {
                     let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
                     let mut acc = [_mm512_setzero_ps(); G];
                     let (ones, lanes) = (_mm512_set1_epi8(1), natural_pair_lanes());
@@ -1500,20 +1948,37 @@ mod kernels {
                     while b + 2 <= bpr {
                         // SAFETY: the kernel contract (blocks b and b + 1 are in the row).
                         let (b0, b1) = unsafe { (&*w.add(b), &*w.add(b + 1)) };
-                        let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512($bytes(b0)), $bytes(b1));
-                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
+                        let q =
+                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512($bytes(b0)), $bytes(b1));
+                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            ones,
+                            q,
+                        ));
                         // SAFETY: block starts (`[d0, q0, d1, q1]`; only d0 and d1 are used).
-                        let d = unsafe { head_pair(b0 as *const _ as *const u8, b1 as *const _ as *const u8) };
+                        let d = unsafe {
+                            head_pair(b0 as *const _ as *const u8, b1 as *const _ as *const u8)
+                        };
                         for k in 0..G {
                             let i = (r0 + k) * bpr + b;
                             // SAFETY: the kernel contract: pair (b, b + 1) of row r0 + k.
                             let (hi, lo, ss) = unsafe {
                                 let p = planes.add(i * 64);
-                                (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _), _mm_loadu_ps(scale_sums.add(2 * i)))
+                                (
+                                    _mm512_loadu_si512(p as *const _),
+                                    _mm512_loadu_si512(p.add(64) as *const _),
+                                    _mm_loadu_ps(scale_sums.add(2 * i)),
+                                )
                             };
-                            let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
+                            let t = _mm512_sub_epi32(
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q),
+                                bias,
+                            );
                             let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
-                            let scale = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(d, ss)));
+                            let scale = _mm512_permutexvar_ps(
+                                lanes,
+                                _mm512_castps128_ps512(_mm_mul_ps(d, ss)),
+                            );
                             acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
                         }
                         b += 2;
@@ -1522,9 +1987,15 @@ mod kernels {
                         // SAFETY: the kernel contract (block b is in the row).
                         let blk = unsafe { &*w.add(b) };
                         let q = _mm512_zextsi256_si512($bytes(blk));
-                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q));
+                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            ones,
+                            q,
+                        ));
                         // SAFETY: a block start, twice.
-                        let d = unsafe { head_pair(blk as *const _ as *const u8, blk as *const _ as *const u8) };
+                        let d = unsafe {
+                            head_pair(blk as *const _ as *const u8, blk as *const _ as *const u8)
+                        };
                         for k in 0..G {
                             let i = (r0 + k) * bpr + b;
                             // SAFETY: the kernel contract: the last block of row r0 + k (32 + 32 bytes).
@@ -1532,15 +2003,26 @@ mod kernels {
                                 let p = planes.add(i * 64);
                                 (
                                     _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const _)),
-                                    _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(32) as *const _)),
+                                    _mm512_zextsi256_si512(_mm256_loadu_si256(
+                                        p.add(32) as *const _
+                                    )),
                                     // `scale_sums` is only 4-byte aligned: `movq` has no alignment requirement
                                     // (`_mm_load_sd` reads through an `*const f64`, which must be 8-aligned).
-                                    _mm_castsi128_ps(_mm_loadl_epi64(scale_sums.add(2 * i) as *const __m128i)),
+                                    _mm_castsi128_ps(_mm_loadl_epi64(
+                                        scale_sums.add(2 * i) as *const __m128i
+                                    )),
                                 )
                             };
-                            let t = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q), bias);
+                            let t = _mm512_sub_epi32(
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q),
+                                bias,
+                            );
                             let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
-                            acc[k] = _mm512_fmadd_ps(_mm512_broadcastss_ps(_mm_mul_ps(d, ss)), _mm512_cvtepi32_ps(t), acc[k]);
+                            acc[k] = _mm512_fmadd_ps(
+                                _mm512_broadcastss_ps(_mm_mul_ps(d, ss)),
+                                _mm512_cvtepi32_ps(t),
+                                acc[k],
+                            );
                         }
                     }
                     for k in 0..G {
@@ -1584,7 +2066,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect()
@@ -1598,7 +2082,13 @@ mod tests {
             let x = rand_vec(n * cols, 2);
             let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&wt, dtype).unwrap();
-            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let deq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let m = QMatrix::from_qtensor("w", q).unwrap();
             assert_eq!(m.format(), format!("{dtype:?}"));
             let mut first: Option<Vec<f32>> = None;
@@ -1612,15 +2102,23 @@ mod tests {
                 }
                 for r in 0..n {
                     for o in 0..rows {
-                        let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                        let exact =
+                            dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
                         let got = y[r * rows + o];
-                        assert!((exact - got).abs() < 0.02, "{dtype:?} {isa:?} row {r} out {o}: {exact} vs {got}");
+                        assert!(
+                            (exact - got).abs() < 0.02,
+                            "{dtype:?} {isa:?} row {r} out {o}: {exact} vs {got}"
+                        );
                     }
                 }
                 // Each output is independent of how many rows are in the batch.
                 for r in 0..n {
                     let single = m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap();
-                    assert_eq!(&single[..], &y[r * rows..(r + 1) * rows], "{dtype:?} {isa:?} row {r}");
+                    assert_eq!(
+                        &single[..],
+                        &y[r * rows..(r + 1) * rows],
+                        "{dtype:?} {isa:?} row {r}"
+                    );
                 }
             }
             // Dequantized rows match candle's dequantization exactly.
@@ -1648,23 +2146,44 @@ mod tests {
             let (rows, cols, n) = (19, 224, 9);
             let w = rand_vec(rows * cols, 5);
             let x = rand_vec(n * cols, 6);
-            let q = QTensor::quantize(&Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
-            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = QTensor::quantize(
+                &Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(),
+                dtype,
+            )
+            .unwrap();
+            let deq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let m = QMatrix::from_qtensor("w", q).unwrap();
             assert_eq!(m.format(), format);
             let mut row = vec![0f32; cols];
             for r in 0..rows {
                 m.row(r, &mut row).unwrap();
-                assert_eq!(&row[..], &deq[r * cols..(r + 1) * cols], "{dtype:?} row {r}");
+                assert_eq!(
+                    &row[..],
+                    &deq[r * cols..(r + 1) * cols],
+                    "{dtype:?} row {r}"
+                );
             }
             for isa in kernels::supported() {
                 let y = m.matmul_on(isa, &x, n).unwrap();
                 for r in 0..n {
                     for o in 0..rows {
-                        let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
-                        assert!((exact - y[r * rows + o]).abs() < 0.02, "{dtype:?} {isa:?} {r} {o}");
+                        let exact =
+                            dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                        assert!(
+                            (exact - y[r * rows + o]).abs() < 0.02,
+                            "{dtype:?} {isa:?} {r} {o}"
+                        );
                     }
-                    assert_eq!(m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap(), &y[r * rows..(r + 1) * rows]);
+                    assert_eq!(
+                        m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap(),
+                        &y[r * rows..(r + 1) * rows]
+                    );
                 }
             }
         }
@@ -1687,14 +2206,28 @@ mod tests {
         for (rows, cols, n) in [(21, 256, 9), (13, 768, 3)] {
             let w = rand_vec(rows * cols, 11);
             let x = rand_vec(n * cols, 12);
-            let q = QTensor::quantize(&Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
-            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = QTensor::quantize(
+                &Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(),
+                dtype,
+            )
+            .unwrap();
+            let deq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let m = QMatrix::from_qtensor("w", q).unwrap();
             assert_eq!(m.format(), format);
             let mut row = vec![0f32; cols];
             for r in 0..rows {
                 m.row(r, &mut row).unwrap();
-                assert_eq!(&row[..], &deq[r * cols..(r + 1) * cols], "{dtype:?} row {r}");
+                assert_eq!(
+                    &row[..],
+                    &deq[r * cols..(r + 1) * cols],
+                    "{dtype:?} row {r}"
+                );
             }
             let mut first: Option<Vec<f32>> = None;
             for isa in kernels::supported() {
@@ -1705,15 +2238,30 @@ mod tests {
                 }
                 for r in 0..n {
                     for o in 0..rows {
-                        let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                        let exact =
+                            dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
                         let got = y[r * rows + o];
-                        assert!((exact - got).abs() < 0.02, "{dtype:?} {isa:?} row {r} out {o}: {exact} vs {got}");
+                        assert!(
+                            (exact - got).abs() < 0.02,
+                            "{dtype:?} {isa:?} row {r} out {o}: {exact} vs {got}"
+                        );
                     }
-                    assert_eq!(m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap(), &y[r * rows..(r + 1) * rows], "{dtype:?} {isa:?} row {r}");
+                    assert_eq!(
+                        m.matmul_on(isa, &x[r * cols..(r + 1) * cols], 1).unwrap(),
+                        &y[r * rows..(r + 1) * rows],
+                        "{dtype:?} {isa:?} row {r}"
+                    );
                 }
                 for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    assert_eq!(pool.install(|| m.matmul_on(isa, &x, n).unwrap()), y, "{dtype:?} {isa:?} {threads} threads");
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    assert_eq!(
+                        pool.install(|| m.matmul_on(isa, &x, n).unwrap()),
+                        y,
+                        "{dtype:?} {isa:?} {threads} threads"
+                    );
                 }
             }
         }
@@ -1723,24 +2271,49 @@ mod tests {
     fn matrices_read_straight_from_the_file_equal_those_built_from_candles_tensors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        let formats = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_1];
+        let formats = [
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_1,
+        ];
         let tensors: Vec<(String, QTensor)> = formats
             .iter()
             .enumerate()
             .map(|(i, &dtype)| {
                 let w = rand_vec(6 * 512, i as u64 + 20);
-                (format!("t{i}"), QTensor::quantize(&Tensor::from_slice(&w, (6, 512), &Device::Cpu).unwrap(), dtype).unwrap())
+                (
+                    format!("t{i}"),
+                    QTensor::quantize(
+                        &Tensor::from_slice(&w, (6, 512), &Device::Cpu).unwrap(),
+                        dtype,
+                    )
+                    .unwrap(),
+                )
             })
             .collect();
         let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        candle_core::quantized::gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[], &refs).unwrap();
+        candle_core::quantized::gguf_file::write(
+            &mut std::fs::File::create(&path).unwrap(),
+            &[],
+            &refs,
+        )
+        .unwrap();
         let mut file = GgufFile::open(&path).unwrap();
         let x = rand_vec(3 * 512, 30);
         for (name, _) in &tensors {
             let direct = QMatrix::from_gguf(&mut file, name).unwrap();
             let built = QMatrix::from_qtensor(name, file.tensor(name).unwrap()).unwrap();
-            assert_eq!((direct.rows(), direct.cols(), direct.format()), (built.rows(), built.cols(), built.format()));
-            assert_eq!(direct.matmul(&x, 3).unwrap(), built.matmul(&x, 3).unwrap(), "{name}");
+            assert_eq!(
+                (direct.rows(), direct.cols(), direct.format()),
+                (built.rows(), built.cols(), built.format())
+            );
+            assert_eq!(
+                direct.matmul(&x, 3).unwrap(),
+                built.matmul(&x, 3).unwrap(),
+                "{name}"
+            );
         }
     }
 
@@ -1750,14 +2323,29 @@ mod tests {
             let (rows, cols, n) = (8, 512, 3);
             let w = rand_vec(rows * cols, 1);
             let x = rand_vec(n * cols, 2);
-            let q = QTensor::quantize(&Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
-            let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = QTensor::quantize(
+                &Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap(),
+                dtype,
+            )
+            .unwrap();
+            let deq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let m = QMatrix::from_qtensor("w", q).unwrap();
             let y = m.matmul(&x, n).unwrap();
             for r in 0..n {
                 for o in 0..rows {
-                    let exact = dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
-                    assert!((exact - y[r * rows + o]).abs() < 1e-4, "{dtype:?} {r} {o}: {exact} vs {}", y[r * rows + o]);
+                    let exact =
+                        dot_f32(&deq[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                    assert!(
+                        (exact - y[r * rows + o]).abs() < 1e-4,
+                        "{dtype:?} {r} {o}: {exact} vs {}",
+                        y[r * rows + o]
+                    );
                 }
             }
         }
@@ -1773,18 +2361,36 @@ mod tests {
         for (at, _) in source.match_indices(marker) {
             let rest = &source[at + marker.len()..];
             let features = &rest[..rest.find('"').expect("closing quote")];
-            let gate = if features.contains("avx512") { kernels::VNNI_FEATURES } else { kernels::AVX2_FEATURES };
+            let gate = if features.contains("avx512") {
+                kernels::VNNI_FEATURES
+            } else {
+                kernels::AVX2_FEATURES
+            };
             for f in features.split(',') {
-                assert!(gate.contains(&f), "`{f}` (in `{features}`) is enabled but not checked at run time");
+                assert!(
+                    gate.contains(&f),
+                    "`{f}` (in `{features}`) is enabled but not checked at run time"
+                );
             }
             seen += 1;
         }
         assert!(seen >= 8, "found only {seen} target_feature attributes");
         // Aligned-load intrinsics need aligned pointers that activations and blocks do not give.
-        for aligned in ["_load_sd(", "_load_ps(", "_load_pd(", "_load_si128(", "_load_si256(", "_load_si512(", "_load_epi32("] {
+        for aligned in [
+            "_load_sd(",
+            "_load_ps(",
+            "_load_pd(",
+            "_load_si128(",
+            "_load_si256(",
+            "_load_si512(",
+            "_load_epi32(",
+        ] {
             let name = format!("_mm{aligned}");
             let wide = [format!("_mm256{aligned}"), format!("_mm512{aligned}")];
-            assert!(!source.contains(&name) && wide.iter().all(|w| !source.contains(w.as_str())), "aligned load `{aligned}` in a kernel");
+            assert!(
+                !source.contains(&name) && wide.iter().all(|w| !source.contains(w.as_str())),
+                "aligned load `{aligned}` in a kernel"
+            );
         }
         #[cfg(target_arch = "x86_64")]
         for isa in kernels::supported() {
@@ -1793,7 +2399,10 @@ mod tests {
                 kernels::Isa::Avx2 => kernels::AVX2_FEATURES,
                 kernels::Isa::Portable => &[],
             };
-            assert!(gate.iter().all(|f| kernels::has_feature(f)), "{isa:?} chosen without all of {gate:?}");
+            assert!(
+                gate.iter().all(|f| kernels::has_feature(f)),
+                "{isa:?} chosen without all of {gate:?}"
+            );
         }
     }
 

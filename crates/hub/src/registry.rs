@@ -466,9 +466,9 @@ impl Registry {
             .into_iter()
             .filter(|c| {
                 !exclude.contains(&c.address)
-                    && records.get(&c.address).is_none_or(|r| {
-                        r.reputation >= crate::jobs::verify::SIDELINED_BELOW
-                    })
+                    && records
+                        .get(&c.address)
+                        .is_none_or(|r| r.reputation >= crate::jobs::verify::SIDELINED_BELOW)
                     && c.stake.load(Ordering::Relaxed) > 0
                     && c.load() < c.capacity.saturating_mul(2)
             })

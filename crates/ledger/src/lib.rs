@@ -73,9 +73,11 @@ impl Ledger {
 
     /// Ids of every open escrow, oldest first: what a restarted hub must settle or refund.
     pub async fn open_escrows(&self) -> Result<Vec<i64>> {
-        Ok(sqlx::query_scalar("SELECT id FROM escrows WHERE is_open = 1 ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT id FROM escrows WHERE is_open = 1 ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// The transaction committed under an idempotency key, if any.

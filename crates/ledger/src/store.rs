@@ -195,7 +195,11 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(Backend, AnyPoo
     let backend = Backend::from_url(url)?;
     let pool = match backend {
         Backend::Sqlite => {
-            let url = if url.contains('?') { url.to_owned() } else { format!("{url}?mode=rwc") };
+            let url = if url.contains('?') {
+                url.to_owned()
+            } else {
+                format!("{url}?mode=rwc")
+            };
             AnyPoolOptions::new()
                 .max_connections(1)
                 .min_connections(1)
@@ -217,7 +221,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(Backend, AnyPoo
                 .connect(&url)
                 .await?
         }
-        Backend::Postgres => AnyPoolOptions::new().max_connections(max_connections.max(1)).connect(url).await?,
+        Backend::Postgres => {
+            AnyPoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .connect(url)
+                .await?
+        }
     };
     Ok((backend, pool))
 }

@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 use tessera_engine::{Engine, Message, Role, SamplingParams};
 
+use crate::check::Claim;
 use crate::commitment::{position_values, CommitmentBuilder, Finish, JobSpec};
 use crate::error::{Error, Result};
 use crate::harness::{generate_runs, mix, serve_with_logits, Job, Run, Task};
-use crate::check::Claim;
 
 /// A cheating provider's behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,14 +80,28 @@ pub struct CheatEngines<'a> {
     pub skipped: &'a Engine,
 }
 
-
 /// Produces cheating jobs for `tasks` (all specs on the honest model). `salt` varies random choices.
-pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], salt: u64) -> Result<Vec<Job>> {
+pub fn cheat(
+    adversary: Adversary,
+    engines: &CheatEngines<'_>,
+    tasks: &[Task],
+    salt: u64,
+) -> Result<Vec<Job>> {
     let honest = engines.honest;
     let specs: Vec<JobSpec> = tasks.iter().map(|t| t.spec(honest)).collect();
     let same = |engine: &Engine| -> Result<Vec<Job>> {
-        let runs = specs.iter().map(|s| Run { prompt: s.prompt_tokens.clone(), sampling: s.sampling.clone(), spec: s.clone() }).collect();
-        Ok(generate_runs(engine, runs, false)?.into_iter().map(|s| s.job).collect())
+        let runs = specs
+            .iter()
+            .map(|s| Run {
+                prompt: s.prompt_tokens.clone(),
+                sampling: s.sampling.clone(),
+                spec: s.clone(),
+            })
+            .collect();
+        Ok(generate_runs(engine, runs, false)?
+            .into_iter()
+            .map(|s| s.job)
+            .collect())
     };
     match adversary {
         Adversary::RequantizedQ4_0 => same(engines.requantized),
@@ -97,19 +111,36 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
                 .iter()
                 .zip(&specs)
                 .map(|(t, s)| {
-                    let kept: Vec<Message> = t.messages.iter().filter(|m| m.role != Role::System).cloned().collect();
+                    let kept: Vec<Message> = t
+                        .messages
+                        .iter()
+                        .filter(|m| m.role != Role::System)
+                        .cloned()
+                        .collect();
                     // ChatML models insert a default system prompt when none is given: drop the whole turn.
                     let mut prompt = honest.chat_prompt(&kept);
                     if let Some(start) = honest.tokenizer().token_id("<|im_start|>") {
-                        let turns: Vec<usize> = prompt.iter().enumerate().filter(|(_, &t)| t == start).map(|(i, _)| i).collect();
+                        let turns: Vec<usize> = prompt
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, &t)| t == start)
+                            .map(|(i, _)| i)
+                            .collect();
                         if turns.len() > 2 && kept.len() + 1 < turns.len() {
                             prompt.drain(turns[0]..turns[1]);
                         }
                     }
-                    Run { prompt, sampling: s.sampling.clone(), spec: s.clone() }
+                    Run {
+                        prompt,
+                        sampling: s.sampling.clone(),
+                        spec: s.clone(),
+                    }
                 })
                 .collect();
-            Ok(generate_runs(honest, runs, false)?.into_iter().map(|s| s.job).collect())
+            Ok(generate_runs(honest, runs, false)?
+                .into_iter()
+                .map(|s| s.job)
+                .collect())
         }
         Adversary::WrongSeed | Adversary::WrongTemperature => {
             let runs = specs
@@ -121,12 +152,23 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
                     } else if sampling.is_greedy() {
                         sampling = SamplingParams::seeded(0.8, mix(salt));
                     } else {
-                        sampling.temperature = if sampling.temperature > 0.6 { sampling.temperature * 0.5 } else { sampling.temperature * 2.0 };
+                        sampling.temperature = if sampling.temperature > 0.6 {
+                            sampling.temperature * 0.5
+                        } else {
+                            sampling.temperature * 2.0
+                        };
                     }
-                    Run { prompt: s.prompt_tokens.clone(), sampling, spec: s.clone() }
+                    Run {
+                        prompt: s.prompt_tokens.clone(),
+                        sampling,
+                        spec: s.clone(),
+                    }
                 })
                 .collect();
-            Ok(generate_runs(honest, runs, false)?.into_iter().map(|s| s.job).collect())
+            Ok(generate_runs(honest, runs, false)?
+                .into_iter()
+                .map(|s| s.job)
+                .collect())
         }
         Adversary::OtherModel => {
             let other = engines.other;
@@ -136,7 +178,11 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
                 .map(|(t, s)| {
                     let mut spec = s.clone();
                     spec.model_sha256 = other.info().sha256.clone();
-                    Run { prompt: other.chat_prompt(&t.messages), sampling: s.sampling.clone(), spec }
+                    Run {
+                        prompt: other.chat_prompt(&t.messages),
+                        sampling: s.sampling.clone(),
+                        spec,
+                    }
                 })
                 .collect();
             let served = generate_runs(other, runs, true)?;
@@ -160,7 +206,11 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
                     Job {
                         model: honest.info().name.clone(),
                         spec: spec.clone(),
-                        claim: Claim { output_tokens: tokens, stop_sequence_seen: false, ..Claim::default() },
+                        claim: Claim {
+                            output_tokens: tokens,
+                            stop_sequence_seen: false,
+                            ..Claim::default()
+                        },
                         commitment,
                         output_text: s.job.output_text,
                     }
@@ -183,7 +233,10 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
                         let mut r = mix(salt ^ (k as u64) << 20);
                         let replacement = loop {
                             let t = (r % vocab) as u32;
-                            if t != tokens[at] && !honest.stop_tokens().contains(&t) && !honest.tokenizer().is_control(t) {
+                            if t != tokens[at]
+                                && !honest.stop_tokens().contains(&t)
+                                && !honest.tokenizer().is_control(t)
+                            {
                                 break t;
                             }
                             r = mix(r);
@@ -214,12 +267,20 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
                     _ => {
                         // Replay the next job's output and commitment values.
                         let other = &served[(k + 1) % served.len()];
-                        let ov = other.job.commitment.decode_values().map_err(Error::BadJob)?;
+                        let ov = other
+                            .job
+                            .commitment
+                            .decode_values()
+                            .map_err(Error::BadJob)?;
                         let budget = spec.max_tokens as usize;
                         for (&t, v) in other.job.claim.output_tokens.iter().zip(&ov).take(budget) {
                             b.push_values(t, *v);
                         }
-                        finish = if b.tokens().len() < other.job.claim.output_tokens.len() { Finish::Length } else { other.job.commitment.finish };
+                        finish = if b.tokens().len() < other.job.claim.output_tokens.len() {
+                            Finish::Length
+                        } else {
+                            other.job.commitment.finish
+                        };
                     }
                 }
                 let output_tokens = b.tokens().to_vec();
@@ -227,7 +288,11 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
                 out.push(Job {
                     model: honest.info().name.clone(),
                     spec,
-                    claim: Claim { output_tokens, stop_sequence_seen: false, ..Claim::default() },
+                    claim: Claim {
+                        output_tokens,
+                        stop_sequence_seen: false,
+                        ..Claim::default()
+                    },
                     commitment,
                     output_text: String::new(),
                 });
@@ -236,4 +301,3 @@ pub fn cheat(adversary: Adversary, engines: &CheatEngines<'_>, tasks: &[Task], s
         }
     }
 }
-

@@ -47,7 +47,13 @@ pub struct Calibration {
 /// Runs `jobs_per_condition` honest jobs under each set-up and derives thresholds.
 pub fn calibrate(model: &str, jobs_per_condition: usize, max_tokens: u32) -> Result<Calibration> {
     let verifier = Engine::load(model, None)?;
-    let one_thread = Engine::load_with(model, &LoadOptions { threads: Some(1), ..Default::default() })?;
+    let one_thread = Engine::load_with(
+        model,
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )?;
     let floors = Thresholds::default();
     let set_ups: [(&str, &Engine, usize, &str); 5] = [
         ("threads=1 batch=1 (incremental)", &one_thread, 1, "auto"),
@@ -69,7 +75,15 @@ pub fn calibrate(model: &str, jobs_per_condition: usize, max_tokens: u32) -> Res
             jobs.extend(serve(provider, chunk)?);
         }
         quant::set_kernel_isa("auto");
-        let mut c = Condition { name: name.into(), jobs: jobs.len(), flagged: 0, max_abs: 0.0, mean_abs: 0.0, worst_deficit: 0.0, inexact_fraction: 0.0 };
+        let mut c = Condition {
+            name: name.into(),
+            jobs: jobs.len(),
+            flagged: 0,
+            max_abs: 0.0,
+            mean_abs: 0.0,
+            worst_deficit: 0.0,
+            inexact_fraction: 0.0,
+        };
         for job in &jobs {
             let v = verify(&verifier, job, &floors)?;
             c.flagged += usize::from(!v.passed);
@@ -77,10 +91,18 @@ pub fn calibrate(model: &str, jobs_per_condition: usize, max_tokens: u32) -> Res
             c.mean_abs = c.mean_abs.max(v.stats.mean_abs);
             c.worst_deficit = c.worst_deficit.max(v.stats.worst_deficit);
             if v.stats.positions > 0 {
-                c.inexact_fraction = c.inexact_fraction.max(v.stats.inexact as f32 / v.stats.positions as f32);
+                c.inexact_fraction = c
+                    .inexact_fraction
+                    .max(v.stats.inexact as f32 / v.stats.positions as f32);
             }
         }
-        tracing::info!(condition = name, max_abs = c.max_abs, mean_abs = c.mean_abs, deficit = c.worst_deficit, "calibrated");
+        tracing::info!(
+            condition = name,
+            max_abs = c.max_abs,
+            mean_abs = c.mean_abs,
+            deficit = c.worst_deficit,
+            "calibrated"
+        );
         conditions.push(c);
     }
     quant::set_kernel_isa("auto");
@@ -89,8 +111,13 @@ pub fn calibrate(model: &str, jobs_per_condition: usize, max_tokens: u32) -> Res
         max_abs: (4.0 * worst(|c| c.max_abs)).max(floors.max_abs),
         mean_abs: (4.0 * worst(|c| c.mean_abs)).max(floors.mean_abs),
         token_slack: (4.0 * worst(|c| c.worst_deficit)).max(floors.token_slack),
-        max_inexact_fraction: (4.0 * worst(|c| c.inexact_fraction)).max(floors.max_inexact_fraction),
+        max_inexact_fraction: (4.0 * worst(|c| c.inexact_fraction))
+            .max(floors.max_inexact_fraction),
         free_inexact: floors.free_inexact,
     };
-    Ok(Calibration { model: model.into(), conditions, thresholds })
+    Ok(Calibration {
+        model: model.into(),
+        conditions,
+        thresholds,
+    })
 }

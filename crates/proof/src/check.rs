@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 use tessera_types::sampling;
 pub use tessera_types::Reason;
 
-use crate::commitment::{hash_stop, hash_tokens, position_values, Commitment, Finish, JobSpec, VALUES_PER_POSITION, VERSION};
+use crate::commitment::{
+    hash_stop, hash_tokens, position_values, Commitment, Finish, JobSpec, VALUES_PER_POSITION,
+    VERSION,
+};
 
 /// Decision thresholds, derived by calibration on honest runs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -54,7 +57,13 @@ impl Default for Thresholds {
         // Honest noise measured across instruction sets is at most 0.031 logits (0 on one
         // instruction set); the slack is three times that, not the eightfold it once was, because
         // a slack is a free choice for a provider that substitutes tokens.
-        Self { max_abs: 0.25, mean_abs: 0.05, token_slack: 0.1, max_inexact_fraction: default_max_inexact_fraction(), free_inexact: default_free_inexact() }
+        Self {
+            max_abs: 0.25,
+            mean_abs: 0.05,
+            token_slack: 0.1,
+            max_inexact_fraction: default_max_inexact_fraction(),
+            free_inexact: default_free_inexact(),
+        }
     }
 }
 
@@ -87,7 +96,11 @@ pub struct Verdict {
 
 impl Verdict {
     fn fail(reason: Reason, stats: CheckStats) -> Self {
-        Self { passed: false, reason: Some(reason), stats }
+        Self {
+            passed: false,
+            reason: Some(reason),
+            stats,
+        }
     }
 }
 
@@ -115,7 +128,10 @@ pub fn check_binding(spec: &JobSpec, claim: &Claim, c: &Commitment) -> Result<()
         return Err(Reason::WrongVersion { found: c.version });
     }
     if c.model_sha256 != spec.model_sha256 {
-        return Err(Reason::WrongModel { expected: spec.model_sha256.clone(), found: c.model_sha256.clone() });
+        return Err(Reason::WrongModel {
+            expected: spec.model_sha256.clone(),
+            found: c.model_sha256.clone(),
+        });
     }
     let unknown_prompt = claim.partial && c.prompt_hash.is_empty();
     if !unknown_prompt && c.prompt_hash != hash_tokens(&spec.prompt_tokens) {
@@ -127,7 +143,9 @@ pub fn check_binding(spec: &JobSpec, claim: &Claim, c: &Commitment) -> Result<()
             return Err(Reason::PromptLengthMismatch { claimed, actual });
         }
     }
-    if c.output_hash != hash_tokens(&claim.output_tokens) || c.positions as usize != claim.output_tokens.len() {
+    if c.output_hash != hash_tokens(&claim.output_tokens)
+        || c.positions as usize != claim.output_tokens.len()
+    {
         return Err(Reason::OutputMismatch);
     }
     let s = &spec.sampling;
@@ -147,10 +165,18 @@ pub fn check_binding(spec: &JobSpec, claim: &Claim, c: &Commitment) -> Result<()
         None
     };
     if let Some(field) = field {
-        return Err(Reason::ParamsMismatch { field: field.into() });
+        return Err(Reason::ParamsMismatch {
+            field: field.into(),
+        });
     }
     if claim.output_tokens.len() > spec.max_tokens as usize {
-        return Err(Reason::FalseFinish { detail: format!("{} tokens exceed max_tokens {}", claim.output_tokens.len(), spec.max_tokens) });
+        return Err(Reason::FalseFinish {
+            detail: format!(
+                "{} tokens exceed max_tokens {}",
+                claim.output_tokens.len(),
+                spec.max_tokens
+            ),
+        });
     }
     Ok(())
 }
@@ -159,7 +185,15 @@ pub fn check_binding(spec: &JobSpec, claim: &Claim, c: &Commitment) -> Result<()
 /// row `i` (of `vocab` values) is the distribution the `i`-th output token was drawn from, i.e. the
 /// rows from position `prompt_len − 1` of a pass over prompt + output. `stop_tokens` are the model's
 /// end-of-turn tokens.
-pub fn check(spec: &JobSpec, claim: &Claim, c: &Commitment, logits: &[f32], vocab: usize, stop_tokens: &[u32], t: &Thresholds) -> Verdict {
+pub fn check(
+    spec: &JobSpec,
+    claim: &Claim,
+    c: &Commitment,
+    logits: &[f32],
+    vocab: usize,
+    stop_tokens: &[u32],
+    t: &Thresholds,
+) -> Verdict {
     let mut stats = CheckStats::default();
     if let Err(r) = check_binding(spec, claim, c) {
         return Verdict::fail(r, stats);
@@ -170,27 +204,59 @@ pub fn check(spec: &JobSpec, claim: &Claim, c: &Commitment, logits: &[f32], voca
     };
     let n = claim.output_tokens.len();
     if logits.len() != n * vocab {
-        return Verdict::fail(Reason::Malformed { detail: format!("verifier supplied {} logits for {n} positions", logits.len()) }, stats);
+        return Verdict::fail(
+            Reason::Malformed {
+                detail: format!(
+                    "verifier supplied {} logits for {n} positions",
+                    logits.len()
+                ),
+            },
+            stats,
+        );
     }
     if committed.iter().flatten().any(|v| !v.is_finite()) {
-        return Verdict::fail(Reason::Malformed { detail: "non-finite committed value".into() }, stats);
+        return Verdict::fail(
+            Reason::Malformed {
+                detail: "non-finite committed value".into(),
+            },
+            stats,
+        );
     }
 
     // The finish reason.
     let last = claim.output_tokens.last().copied();
     let finish_problem = match c.finish {
-        Finish::Eos if !last.is_some_and(|t| stop_tokens.contains(&t)) => Some("claims an end-of-turn token but the output does not end with one".to_string()),
-        Finish::Length if n != spec.max_tokens as usize => Some(format!("claims the token budget was reached with {n} of {} tokens", spec.max_tokens)),
-        Finish::StopSequence if !claim.stop_sequence_seen => Some("claims a stop string that the output does not contain".to_string()),
-        Finish::Cancelled if !claim.partial => Some("claims the job was cancelled, but the hub never cancelled it".to_string()),
-        _ if claim.partial && c.finish != Finish::Cancelled => Some("a job that broke off must be committed as cancelled".to_string()),
+        Finish::Eos if !last.is_some_and(|t| stop_tokens.contains(&t)) => {
+            Some("claims an end-of-turn token but the output does not end with one".to_string())
+        }
+        Finish::Length if n != spec.max_tokens as usize => Some(format!(
+            "claims the token budget was reached with {n} of {} tokens",
+            spec.max_tokens
+        )),
+        Finish::StopSequence if !claim.stop_sequence_seen => {
+            Some("claims a stop string that the output does not contain".to_string())
+        }
+        Finish::Cancelled if !claim.partial => {
+            Some("claims the job was cancelled, but the hub never cancelled it".to_string())
+        }
+        _ if claim.partial && c.finish != Finish::Cancelled => {
+            Some("a job that broke off must be committed as cancelled".to_string())
+        }
         _ => None,
     };
     if let Some(detail) = finish_problem {
         return Verdict::fail(Reason::FalseFinish { detail }, stats);
     }
-    if let Some(i) = claim.output_tokens[..n.saturating_sub(1)].iter().position(|t| stop_tokens.contains(t)) {
-        return Verdict::fail(Reason::FalseFinish { detail: format!("an end-of-turn token at {i} is followed by more output") }, stats);
+    if let Some(i) = claim.output_tokens[..n.saturating_sub(1)]
+        .iter()
+        .position(|t| stop_tokens.contains(t))
+    {
+        return Verdict::fail(
+            Reason::FalseFinish {
+                detail: format!("an end-of-turn token at {i} is followed by more output"),
+            },
+            stats,
+        );
     }
 
     // Committed values against recomputed ones (both rounded to f16, as committed).
@@ -202,7 +268,13 @@ pub fn check(spec: &JobSpec, claim: &Claim, c: &Commitment, logits: &[f32], voca
     for (i, (&token, values)) in claim.output_tokens.iter().zip(&committed).enumerate() {
         let row = &logits[i * vocab..(i + 1) * vocab];
         if token as usize >= vocab {
-            return Verdict::fail(Reason::TokenInconsistent { index: i, deficit: f32::INFINITY }, stats);
+            return Verdict::fail(
+                Reason::TokenInconsistent {
+                    index: i,
+                    deficit: f32::INFINITY,
+                },
+                stats,
+            );
         }
         let mine = position_values(row, token);
         for k in 0..VALUES_PER_POSITION {
@@ -221,7 +293,11 @@ pub fn check(spec: &JobSpec, claim: &Claim, c: &Commitment, logits: &[f32], voca
         }
     }
     stats.positions = n;
-    stats.mean_abs = if count > 0 { (sum / count as f64) as f32 } else { 0.0 };
+    stats.mean_abs = if count > 0 {
+        (sum / count as f64) as f32
+    } else {
+        0.0
+    };
     if stats.max_abs > t.max_abs || stats.mean_abs > t.mean_abs {
         let (max_abs, mean_abs) = (stats.max_abs, stats.mean_abs);
         return Verdict::fail(Reason::LogitsDiverge { max_abs, mean_abs }, stats);
@@ -231,14 +307,29 @@ pub fn check(spec: &JobSpec, claim: &Claim, c: &Commitment, logits: &[f32], voca
     }
     let allowed = t.free_inexact as usize + (t.max_inexact_fraction * n as f32).floor() as usize;
     if stats.inexact > allowed {
-        return Verdict::fail(Reason::TooManyNearTies { inexact: stats.inexact, positions: n }, stats);
+        return Verdict::fail(
+            Reason::TooManyNearTies {
+                inexact: stats.inexact,
+                positions: n,
+            },
+            stats,
+        );
     }
-    Verdict { passed: true, reason: None, stats }
+    Verdict {
+        passed: true,
+        reason: None,
+        stats,
+    }
 }
 
 /// How far (in logit units) an emitted token falls short of what the rule would pick.
 /// 0 when it is exactly the rule's choice.
-pub fn token_deficit(logits: &[f32], params: &sampling::SamplingParams, position: u64, token: u32) -> f32 {
+pub fn token_deficit(
+    logits: &[f32],
+    params: &sampling::SamplingParams,
+    position: u64,
+    token: u32,
+) -> f32 {
     let own = logits[token as usize];
     if params.is_greedy() {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -248,14 +339,29 @@ pub fn token_deficit(logits: &[f32], params: &sampling::SamplingParams, position
     let (boundary_deficit, candidates) = match sampling::candidates(logits, params) {
         None => (0.0, None),
         Some(ids) => {
-            let lowest = ids.iter().map(|&i| logits[i as usize]).fold(f32::INFINITY, f32::min);
-            (if ids.contains(&token) { 0.0 } else { (lowest - own).max(0.0) }, Some(ids))
+            let lowest = ids
+                .iter()
+                .map(|&i| logits[i as usize])
+                .fold(f32::INFINITY, f32::min);
+            (
+                if ids.contains(&token) {
+                    0.0
+                } else {
+                    (lowest - own).max(0.0)
+                },
+                Some(ids),
+            )
         }
     };
     let own_score = sampling::score(logits, params, position, token);
     let best = match &candidates {
-        None => (0..logits.len() as u32).map(|i| sampling::score(logits, params, position, i)).fold(f32::NEG_INFINITY, f32::max),
-        Some(ids) => ids.iter().map(|&i| sampling::score(logits, params, position, i)).fold(f32::NEG_INFINITY, f32::max),
+        None => (0..logits.len() as u32)
+            .map(|i| sampling::score(logits, params, position, i))
+            .fold(f32::NEG_INFINITY, f32::max),
+        Some(ids) => ids
+            .iter()
+            .map(|&i| sampling::score(logits, params, position, i))
+            .fold(f32::NEG_INFINITY, f32::max),
     };
     // Scores are logits / T plus noise: multiply back by T to compare in logit units.
     boundary_deficit.max((best - own_score).max(0.0) * temperature)
@@ -279,13 +385,26 @@ mod tests {
 
     /// A greedy job of `n` positions whose emitted tokens are `pick(i)`, committed honestly
     /// against `logits` (a provider that re-scored its tokens with the real model).
-    fn job(rows: &[Vec<f32>], tokens: &[u32], finish: Finish) -> (JobSpec, Claim, Commitment, Vec<f32>) {
-        let spec = JobSpec { model_sha256: "m".into(), prompt_tokens: vec![1, 2], sampling: SamplingParams::greedy(), max_tokens: tokens.len() as u32, stop: vec![] };
+    fn job(
+        rows: &[Vec<f32>],
+        tokens: &[u32],
+        finish: Finish,
+    ) -> (JobSpec, Claim, Commitment, Vec<f32>) {
+        let spec = JobSpec {
+            model_sha256: "m".into(),
+            prompt_tokens: vec![1, 2],
+            sampling: SamplingParams::greedy(),
+            max_tokens: tokens.len() as u32,
+            stop: vec![],
+        };
         let mut b = CommitmentBuilder::new(spec.clone());
         for (r, &t) in rows.iter().zip(tokens) {
             b.push(r, t);
         }
-        let claim = Claim { output_tokens: tokens.to_vec(), ..Claim::default() };
+        let claim = Claim {
+            output_tokens: tokens.to_vec(),
+            ..Claim::default()
+        };
         (spec, claim, b.finish(finish), rows.concat())
     }
 
@@ -301,7 +420,16 @@ mod tests {
         let substituted: Vec<u32> = (0..40).map(|i| ((i + 1) % VOCAB) as u32).collect();
         let (spec, claim, c, logits) = job(&rows, &substituted, Finish::Length);
         let v = check(&spec, &claim, &c, &logits, VOCAB, &[], &t);
-        assert!(matches!(v.reason, Some(Reason::TooManyNearTies { inexact: 40, positions: 40 })), "{v:?}");
+        assert!(
+            matches!(
+                v.reason,
+                Some(Reason::TooManyNearTies {
+                    inexact: 40,
+                    positions: 40
+                })
+            ),
+            "{v:?}"
+        );
         // Two flips in 40 (what measured noise can do) still pass.
         let mut two = honest.clone();
         two[3] = 4;
@@ -311,7 +439,10 @@ mod tests {
         // The slack itself is tight: a deficit of 0.2 is no near tie any more.
         let rows: Vec<Vec<f32>> = (0..4).map(|i| row(i, 0.2)).collect();
         let (spec, claim, c, logits) = job(&rows, &[1, 2, 3, 4], Finish::Length);
-        assert!(matches!(check(&spec, &claim, &c, &logits, VOCAB, &[], &t).reason, Some(Reason::TokenInconsistent { .. })));
+        assert!(matches!(
+            check(&spec, &claim, &c, &logits, VOCAB, &[], &t).reason,
+            Some(Reason::TokenInconsistent { .. })
+        ));
     }
 
     #[test]
@@ -320,16 +451,25 @@ mod tests {
         let (spec, claim, c, logits) = job(&rows, &[0, 1, 2], Finish::Cancelled);
         let t = Thresholds::default();
         let v = check(&spec, &claim, &c, &logits, VOCAB, &[], &t);
-        assert!(matches!(v.reason, Some(Reason::FalseFinish { .. })), "{v:?}");
+        assert!(
+            matches!(v.reason, Some(Reason::FalseFinish { .. })),
+            "{v:?}"
+        );
         // The hub says the job broke off: a partial check, with its prompt hash unknown.
         let mut c = c;
         c.prompt_hash = String::new();
-        let partial = Claim { partial: true, ..claim.clone() };
+        let partial = Claim {
+            partial: true,
+            ..claim.clone()
+        };
         assert!(check(&spec, &partial, &c, &logits, VOCAB, &[], &t).passed);
         // A partial job must be committed as cancelled, whatever the provider claims.
         let (spec, _, c, logits) = job(&rows, &[0, 1, 2], Finish::Length);
         let v = check(&spec, &partial, &c, &logits, VOCAB, &[], &t);
-        assert!(matches!(v.reason, Some(Reason::FalseFinish { .. })), "{v:?}");
+        assert!(
+            matches!(v.reason, Some(Reason::FalseFinish { .. })),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -337,10 +477,22 @@ mod tests {
         let rows: Vec<Vec<f32>> = (0..2).map(|i| row(i, 1.0)).collect();
         let (spec, claim, c, logits) = job(&rows, &[0, 1], Finish::Length);
         let t = Thresholds::default();
-        let honest = Claim { prompt_tokens: Some(2), ..claim.clone() };
+        let honest = Claim {
+            prompt_tokens: Some(2),
+            ..claim.clone()
+        };
         assert!(check(&spec, &honest, &c, &logits, VOCAB, &[], &t).passed);
-        let padded = Claim { prompt_tokens: Some(900), ..claim };
+        let padded = Claim {
+            prompt_tokens: Some(900),
+            ..claim
+        };
         let v = check(&spec, &padded, &c, &logits, VOCAB, &[], &t);
-        assert_eq!(v.reason, Some(Reason::PromptLengthMismatch { claimed: 900, actual: 2 }));
+        assert_eq!(
+            v.reason,
+            Some(Reason::PromptLengthMismatch {
+                claimed: 900,
+                actual: 2
+            })
+        );
     }
 }

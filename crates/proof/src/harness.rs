@@ -66,22 +66,40 @@ pub struct Served {
 
 fn finish_of(engine: &Engine, reason: FinishReason, tokens: &[u32]) -> Finish {
     match reason {
-        FinishReason::Stop if tokens.last().is_some_and(|t| engine.stop_tokens().contains(t)) => Finish::Eos,
+        FinishReason::Stop
+            if tokens
+                .last()
+                .is_some_and(|t| engine.stop_tokens().contains(t)) =>
+        {
+            Finish::Eos
+        }
         FinishReason::Stop => Finish::StopSequence,
         FinishReason::Length => Finish::Length,
         FinishReason::Cancelled => Finish::Cancelled,
     }
 }
 
-pub(crate) fn generate_runs(engine: &Engine, runs: Vec<Run>, keep_logits: bool) -> Result<Vec<Served>> {
+pub(crate) fn generate_runs(
+    engine: &Engine,
+    runs: Vec<Run>,
+    keep_logits: bool,
+) -> Result<Vec<Served>> {
     let requests: Vec<(Vec<u32>, GenerateOptions)> = runs
         .iter()
         .map(|r| {
-            let options = GenerateOptions { max_tokens: r.spec.max_tokens as usize, sampling: r.sampling.clone(), stop: r.spec.stop.clone(), ignore_eos: false };
+            let options = GenerateOptions {
+                max_tokens: r.spec.max_tokens as usize,
+                sampling: r.sampling.clone(),
+                stop: r.spec.stop.clone(),
+                ignore_eos: false,
+            };
             (r.prompt.clone(), options)
         })
         .collect();
-    let mut builders: Vec<CommitmentBuilder> = runs.iter().map(|r| CommitmentBuilder::new(r.spec.clone())).collect();
+    let mut builders: Vec<CommitmentBuilder> = runs
+        .iter()
+        .map(|r| CommitmentBuilder::new(r.spec.clone()))
+        .collect();
     let mut logits: Vec<Vec<Vec<f32>>> = vec![Vec::new(); runs.len()];
     let generations = engine.generate_batch(&requests, |s| {
         builders[s.sequence].push(s.logits, s.token);
@@ -103,7 +121,11 @@ pub(crate) fn generate_runs(engine: &Engine, runs: Vec<Run>, keep_logits: bool) 
                 job: Job {
                     model: engine.info().name.clone(),
                     spec: run.spec,
-                    claim: Claim { output_tokens: g.tokens, stop_sequence_seen, ..Claim::default() },
+                    claim: Claim {
+                        output_tokens: g.tokens,
+                        stop_sequence_seen,
+                        ..Claim::default()
+                    },
                     commitment,
                     output_text: g.text,
                 },
@@ -115,13 +137,30 @@ pub(crate) fn generate_runs(engine: &Engine, runs: Vec<Run>, keep_logits: bool) 
 
 /// An honest provider: generates every spec (decoded together) and commits to what it computed.
 pub fn serve(engine: &Engine, specs: &[JobSpec]) -> Result<Vec<Job>> {
-    let runs = specs.iter().map(|s| Run { prompt: s.prompt_tokens.clone(), sampling: s.sampling.clone(), spec: s.clone() }).collect();
-    Ok(generate_runs(engine, runs, false)?.into_iter().map(|s| s.job).collect())
+    let runs = specs
+        .iter()
+        .map(|s| Run {
+            prompt: s.prompt_tokens.clone(),
+            sampling: s.sampling.clone(),
+            spec: s.clone(),
+        })
+        .collect();
+    Ok(generate_runs(engine, runs, false)?
+        .into_iter()
+        .map(|s| s.job)
+        .collect())
 }
 
 /// Like [`serve`], keeping the logits of each generated position.
 pub fn serve_with_logits(engine: &Engine, specs: &[JobSpec]) -> Result<Vec<Served>> {
-    let runs = specs.iter().map(|s| Run { prompt: s.prompt_tokens.clone(), sampling: s.sampling.clone(), spec: s.clone() }).collect();
+    let runs = specs
+        .iter()
+        .map(|s| Run {
+            prompt: s.prompt_tokens.clone(),
+            sampling: s.sampling.clone(),
+            spec: s.clone(),
+        })
+        .collect();
     generate_runs(engine, runs, true)
 }
 
@@ -131,23 +170,46 @@ pub fn verify(engine: &Engine, job: &Job, thresholds: &Thresholds) -> Result<Ver
     if engine.info().sha256 != job.spec.model_sha256 {
         return Ok(Verdict {
             passed: false,
-            reason: Some(Reason::WrongModel { expected: job.spec.model_sha256.clone(), found: engine.info().sha256.clone() }),
+            reason: Some(Reason::WrongModel {
+                expected: job.spec.model_sha256.clone(),
+                found: engine.info().sha256.clone(),
+            }),
             stats: Default::default(),
         });
     }
     // Binding first: a malformed or misbound commitment needs no forward pass.
     if let Err(reason) = crate::check::check_binding(&job.spec, &job.claim, &job.commitment) {
-        return Ok(Verdict { passed: false, reason: Some(reason), stats: Default::default() });
+        return Ok(Verdict {
+            passed: false,
+            reason: Some(reason),
+            stats: Default::default(),
+        });
     }
     let output = &job.claim.output_tokens;
     if output.is_empty() {
         let reason = crate::check::check_binding(&job.spec, &job.claim, &job.commitment).err();
-        return Ok(Verdict { passed: reason.is_none(), reason, stats: Default::default() });
+        return Ok(Verdict {
+            passed: reason.is_none(),
+            reason,
+            stats: Default::default(),
+        });
     }
     let vocab = engine.vocab_size();
-    if let Some(&bad) = job.spec.prompt_tokens.iter().chain(output).find(|&&t| t as usize >= vocab) {
-        let reason = Reason::Malformed { detail: format!("token id {bad} is outside the vocabulary") };
-        return Ok(Verdict { passed: false, reason: Some(reason), stats: Default::default() });
+    if let Some(&bad) = job
+        .spec
+        .prompt_tokens
+        .iter()
+        .chain(output)
+        .find(|&&t| t as usize >= vocab)
+    {
+        let reason = Reason::Malformed {
+            detail: format!("token id {bad} is outside the vocabulary"),
+        };
+        return Ok(Verdict {
+            passed: false,
+            reason: Some(reason),
+            stats: Default::default(),
+        });
     }
     let mut all = job.spec.prompt_tokens.clone();
     all.extend(output);
@@ -156,8 +218,23 @@ pub fn verify(engine: &Engine, job: &Job, thresholds: &Thresholds) -> Result<Ver
     // last token's own row is not needed.
     let logits = engine.score_from(&all[..all.len() - 1], prompt_len - 1)?;
     let text = engine.tokenizer().decode(output, true);
-    let claim = Claim { stop_sequence_seen: job.spec.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())), ..job.claim.clone() };
-    Ok(check(&job.spec, &claim, &job.commitment, &logits, vocab, engine.stop_tokens(), thresholds))
+    let claim = Claim {
+        stop_sequence_seen: job
+            .spec
+            .stop
+            .iter()
+            .any(|s| !s.is_empty() && text.contains(s.as_str())),
+        ..job.claim.clone()
+    };
+    Ok(check(
+        &job.spec,
+        &claim,
+        &job.commitment,
+        &logits,
+        vocab,
+        engine.stop_tokens(),
+        thresholds,
+    ))
 }
 
 /// Reads a saved job.
@@ -177,9 +254,26 @@ pub(crate) fn mix(x: u64) -> u64 {
 /// and the rest seeded sampling at several temperatures, most with a system prompt.
 pub fn tasks(n: usize, max_tokens: u32, salt: u64) -> Vec<Task> {
     const TOPICS: [&str; 20] = [
-        "the moon", "volcanoes", "photosynthesis", "the Roman Empire", "black holes", "honey bees", "the internet", "rainbows",
-        "chess", "the ocean tides", "electric cars", "the human heart", "glaciers", "coffee", "the printing press", "earthquakes",
-        "penguins", "solar panels", "the Great Wall of China", "vaccines",
+        "the moon",
+        "volcanoes",
+        "photosynthesis",
+        "the Roman Empire",
+        "black holes",
+        "honey bees",
+        "the internet",
+        "rainbows",
+        "chess",
+        "the ocean tides",
+        "electric cars",
+        "the human heart",
+        "glaciers",
+        "coffee",
+        "the printing press",
+        "earthquakes",
+        "penguins",
+        "solar panels",
+        "the Great Wall of China",
+        "vaccines",
     ];
     const ASKS: [&str; 6] = [
         "Explain {} to a child.",
@@ -189,7 +283,11 @@ pub fn tasks(n: usize, max_tokens: u32, salt: u64) -> Vec<Task> {
         "Describe {} in one paragraph.",
         "Give me a quiz question about {} and its answer.",
     ];
-    const SYSTEMS: [&str; 3] = ["You are a concise assistant.", "You are a friendly teacher who answers clearly.", "Answer like a careful scientist."];
+    const SYSTEMS: [&str; 3] = [
+        "You are a concise assistant.",
+        "You are a friendly teacher who answers clearly.",
+        "Answer like a careful scientist.",
+    ];
     (0..n)
         .map(|i| {
             let h = mix(salt ^ i as u64);
@@ -197,15 +295,26 @@ pub fn tasks(n: usize, max_tokens: u32, salt: u64) -> Vec<Task> {
             let ask = ASKS[((h >> 8) % ASKS.len() as u64) as usize].replace("{}", topic);
             let mut messages = Vec::new();
             if !(h >> 16).is_multiple_of(5) {
-                messages.push(Message::new(Role::System, SYSTEMS[((h >> 20) % 3) as usize]));
+                messages.push(Message::new(
+                    Role::System,
+                    SYSTEMS[((h >> 20) % 3) as usize],
+                ));
             }
             messages.push(Message::new(Role::User, ask));
             let sampling = match i % 3 {
                 0 => SamplingParams::greedy(),
                 1 => SamplingParams::seeded(0.7, h >> 24),
-                _ => SamplingParams { top_k: Some(40), top_p: Some(0.95), ..SamplingParams::seeded(1.0, h >> 28) },
+                _ => SamplingParams {
+                    top_k: Some(40),
+                    top_p: Some(0.95),
+                    ..SamplingParams::seeded(1.0, h >> 28)
+                },
             };
-            Task { messages, sampling, max_tokens }
+            Task {
+                messages,
+                sampling,
+                max_tokens,
+            }
         })
         .collect()
 }

@@ -40,10 +40,10 @@ pub mod commitment;
 pub mod error;
 pub mod harness;
 
+#[cfg(feature = "adversary")]
+pub use adversary::{cheat, Adversary, CheatEngines};
 pub use calibrate::{calibrate, Calibration};
 pub use check::{check, Claim, Reason, Thresholds, Verdict};
 pub use commitment::{Commitment, CommitmentBuilder, Finish, JobSpec};
 pub use error::{Error, Result};
-#[cfg(feature = "adversary")]
-pub use adversary::{cheat, Adversary, CheatEngines};
 pub use harness::{read_job, serve, tasks, verify, Job, Task};

@@ -8,7 +8,15 @@ use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines, Reason
 
 fn load(name: &str, variant: Variant) -> Engine {
     registry::fetch(name).unwrap();
-    Engine::load_with(name, &LoadOptions { threads: None, variant, ..Default::default() }).unwrap()
+    Engine::load_with(
+        name,
+        &LoadOptions {
+            threads: None,
+            variant,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn smollm() -> &'static Engine {
@@ -21,18 +29,34 @@ const MAX_TOKENS: u32 = 32;
 #[test]
 fn honest_jobs_pass_across_threads_batches_and_kernels() {
     let verifier = smollm();
-    let one_thread = Engine::load_with("smollm2-135m", &LoadOptions { threads: Some(1), ..Default::default() }).unwrap();
+    let one_thread = Engine::load_with(
+        "smollm2-135m",
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let ts = tasks(8, MAX_TOKENS, 1);
     let specs: Vec<_> = ts.iter().map(|t| t.spec(verifier)).collect();
     let mut jobs = serve(verifier, &specs).unwrap(); // batch 8
-    jobs.extend(specs.iter().take(3).flat_map(|s| serve(&one_thread, std::slice::from_ref(s)).unwrap())); // batch 1, 1 thread
+    jobs.extend(
+        specs
+            .iter()
+            .take(3)
+            .flat_map(|s| serve(&one_thread, std::slice::from_ref(s)).unwrap()),
+    ); // batch 1, 1 thread
     assert!(quant::set_kernel_isa("avx2") || !std::is_x86_feature_detected!("avx2"));
     jobs.extend(serve(verifier, &specs[..4]).unwrap());
     quant::set_kernel_isa("auto");
     let mut worst = 0f32;
     for job in &jobs {
         let v = verify(verifier, job, &Thresholds::default()).unwrap();
-        assert!(v.passed, "honest job flagged: {:?} ({:?})", v.reason, v.stats);
+        assert!(
+            v.passed,
+            "honest job flagged: {:?} ({:?})",
+            v.reason, v.stats
+        );
         worst = worst.max(v.stats.max_abs);
     }
     eprintln!("honest max |Δ| over {} jobs: {worst}", jobs.len());
@@ -61,7 +85,12 @@ fn every_adversary_is_caught() {
     let other = load("gemma3-270m", Variant::Faithful);
     let requantized = load("smollm2-135m", Variant::RequantizedQ4_0);
     let skipped = load("smollm2-135m", Variant::SkipLastLayers(2));
-    let engines = CheatEngines { honest, other: &other, requantized: &requantized, skipped: &skipped };
+    let engines = CheatEngines {
+        honest,
+        other: &other,
+        requantized: &requantized,
+        skipped: &skipped,
+    };
     for adversary in Adversary::ALL {
         assert_caught(adversary, &engines, 4);
     }
@@ -82,18 +111,51 @@ fn malformed_commitments_are_rejected_with_a_reason() {
         assert!(!v.passed);
         v.reason.unwrap()
     };
-    assert_eq!(reason(&|j| j.commitment.version = 9), Reason::WrongVersion { found: 9 });
-    assert!(matches!(reason(&|j| j.commitment.model_sha256 = "00".repeat(32)), Reason::WrongModel { .. }));
-    assert!(matches!(reason(&|j| j.spec.model_sha256 = "11".repeat(32)), Reason::WrongModel { .. }));
-    assert_eq!(reason(&|j| j.spec.prompt_tokens.push(42)), Reason::PromptMismatch);
-    assert_eq!(reason(&|j| { j.claim.output_tokens.pop(); }), Reason::OutputMismatch);
-    assert!(matches!(reason(&|j| j.commitment.values = "!!not base64!!".into()), Reason::Malformed { .. }));
-    assert!(matches!(reason(&|j| j.commitment.values.truncate(8)), Reason::Malformed { .. }));
-    assert!(matches!(reason(&|j| j.spec.sampling.temperature = 0.5), Reason::ParamsMismatch { .. }));
-    assert!(matches!(reason(&|j| j.spec.max_tokens = 3), Reason::ParamsMismatch { .. }));
+    assert_eq!(
+        reason(&|j| j.commitment.version = 9),
+        Reason::WrongVersion { found: 9 }
+    );
+    assert!(matches!(
+        reason(&|j| j.commitment.model_sha256 = "00".repeat(32)),
+        Reason::WrongModel { .. }
+    ));
+    assert!(matches!(
+        reason(&|j| j.spec.model_sha256 = "11".repeat(32)),
+        Reason::WrongModel { .. }
+    ));
+    assert_eq!(
+        reason(&|j| j.spec.prompt_tokens.push(42)),
+        Reason::PromptMismatch
+    );
+    assert_eq!(
+        reason(&|j| {
+            j.claim.output_tokens.pop();
+        }),
+        Reason::OutputMismatch
+    );
+    assert!(matches!(
+        reason(&|j| j.commitment.values = "!!not base64!!".into()),
+        Reason::Malformed { .. }
+    ));
+    assert!(matches!(
+        reason(&|j| j.commitment.values.truncate(8)),
+        Reason::Malformed { .. }
+    ));
+    assert!(matches!(
+        reason(&|j| j.spec.sampling.temperature = 0.5),
+        Reason::ParamsMismatch { .. }
+    ));
+    assert!(matches!(
+        reason(&|j| j.spec.max_tokens = 3),
+        Reason::ParamsMismatch { .. }
+    ));
     // A job that does not even parse is a clear error.
     assert!(tessera_proof::read_job("{\"model\": 1").is_err());
     // Round trip through JSON, as `tessera verify JOB.json` reads it.
     let json = serde_json::to_string(&job).unwrap();
-    assert!(verify(e, &tessera_proof::read_job(&json).unwrap(), &t).unwrap().passed);
+    assert!(
+        verify(e, &tessera_proof::read_job(&json).unwrap(), &t)
+            .unwrap()
+            .passed
+    );
 }

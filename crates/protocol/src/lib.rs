@@ -14,11 +14,11 @@ mod wallet;
 pub use alloy_primitives::{Address, B256};
 pub use error::{Error, Result};
 pub use messages::{
-    ApiKeyRegistration, ApiKeyRevocation, InferenceRequest, ProviderRegistration, StakeAction, StakeOrder, TaskClaim,
-    TaskPosting, TypedMessage,
+    ApiKeyRegistration, ApiKeyRevocation, InferenceRequest, ProviderRegistration, StakeAction,
+    StakeOrder, TaskClaim, TaskPosting, TypedMessage,
 };
 pub use signed::{
-    Domain, MemoryNonceStore, NonceStore, Signed, Verifier, DEFAULT_CHAIN_ID, DEFAULT_MAX_VALIDITY_SECS, DOMAIN_NAME,
-    DOMAIN_VERSION, VERIFYING_CONTRACT,
+    Domain, MemoryNonceStore, NonceStore, Signed, Verifier, DEFAULT_CHAIN_ID,
+    DEFAULT_MAX_VALIDITY_SECS, DOMAIN_NAME, DOMAIN_VERSION, VERIFYING_CONTRACT,
 };
 pub use wallet::Wallet;

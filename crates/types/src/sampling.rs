@@ -59,7 +59,9 @@ impl SamplingParams {
     /// `logit / T` grows without bound as `T` nears 0 and would make the verifier's slack vacuous.
     pub fn is_greedy(&self) -> bool {
         // NaN is greedy too: it compares as neither.
-        self.temperature.partial_cmp(&MIN_TEMPERATURE).is_none_or(|o| o.is_lt())
+        self.temperature
+            .partial_cmp(&MIN_TEMPERATURE)
+            .is_none_or(|o| o.is_lt())
     }
 }
 

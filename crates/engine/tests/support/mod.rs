@@ -8,7 +8,10 @@ use std::sync::OnceLock;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use tessera_engine::{registry, Compute, Engine, EngineService, Event, GenerateOptions, LoadOptions, Message, Role, SamplingParams};
+use tessera_engine::{
+    registry, Compute, Engine, EngineService, Event, GenerateOptions, LoadOptions, Message, Role,
+    SamplingParams,
+};
 
 /// The real SmolLM2-135M model, loaded once per test binary.
 pub fn smollm() -> &'static Engine {
@@ -33,7 +36,9 @@ pub fn qwen() -> &'static Engine {
 pub fn qwen_1_5b() -> Option<&'static Engine> {
     static E: OnceLock<Engine> = OnceLock::new();
     if E.get().is_none() && registry::resolve("qwen2.5-coder-1.5b").is_err() {
-        eprintln!("skipped: qwen2.5-coder-1.5b is not cached (`tessera model fetch qwen2.5-coder-1.5b`)");
+        eprintln!(
+            "skipped: qwen2.5-coder-1.5b is not cached (`tessera model fetch qwen2.5-coder-1.5b`)"
+        );
         return None;
     }
     Some(load_once(&E, "qwen2.5-coder-1.5b", Compute::Cpu))
@@ -67,16 +72,34 @@ pub fn gemma_on(compute: Compute) -> &'static Engine {
 fn load_once(cell: &'static OnceLock<Engine>, name: &str, compute: Compute) -> &'static Engine {
     cell.get_or_init(|| {
         registry::fetch(name).unwrap_or_else(|e| panic!("fetch {name}: {e}"));
-        Engine::load_with(name, &LoadOptions { device: compute, ..Default::default() }).unwrap_or_else(|e| panic!("load {name} on {compute}: {e}"))
+        Engine::load_with(
+            name,
+            &LoadOptions {
+                device: compute,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("load {name} on {compute}: {e}"))
     })
 }
 
 /// Submits `questions` all at once to an [`EngineService`] that owns `engine`, and checks that each
 /// answer equals `reference` (the same model) answering alone.
-pub fn service_answers_match_alone(engine: Engine, reference: &Engine, questions: &[&str], options: &GenerateOptions) {
+pub fn service_answers_match_alone(
+    engine: Engine,
+    reference: &Engine,
+    questions: &[&str],
+    options: &GenerateOptions,
+) {
     let service = EngineService::spawn(engine, 8);
-    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| reference.chat_prompt(&[Message::new(Role::User, *q)])).collect();
-    let receivers: Vec<_> = prompts.iter().map(|p| service.submit(p.clone(), options.clone(), false).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| reference.chat_prompt(&[Message::new(Role::User, *q)]))
+        .collect();
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| service.submit(p.clone(), options.clone(), false).unwrap())
+        .collect();
     for (prompt, rx) in prompts.iter().zip(receivers) {
         let done = rx
             .iter()
@@ -86,20 +109,36 @@ pub fn service_answers_match_alone(engine: Engine, reference: &Engine, questions
                 _ => None,
             })
             .unwrap();
-        assert_eq!(done.tokens, reference.generate(prompt, options, |_| true).unwrap().tokens);
+        assert_eq!(
+            done.tokens,
+            reference
+                .generate(prompt, options, |_| true)
+                .unwrap()
+                .tokens
+        );
     }
 }
 
 /// Teacher-forced logits (one batched pass) against the logits seen while decoding with the KV cache.
-pub fn teacher_forced_matches_incremental(engine: &Engine, question: &str, sampling: SamplingParams) -> f32 {
+pub fn teacher_forced_matches_incremental(
+    engine: &Engine,
+    question: &str,
+    sampling: SamplingParams,
+) -> f32 {
     let prompt = engine.chat_prompt(&[Message::new(Role::User, question)]);
     let mut seen: Vec<Vec<f32>> = Vec::new();
-    let opts = GenerateOptions { max_tokens: 48, sampling, ignore_eos: true, ..Default::default() };
-    let out = engine.generate(&prompt, &opts, |s| {
-        seen.push(s.logits.to_vec());
-        true
-    })
-    .unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 48,
+        sampling,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = engine
+        .generate(&prompt, &opts, |s| {
+            seen.push(s.logits.to_vec());
+            true
+        })
+        .unwrap();
     let mut all = prompt.clone();
     all.extend(&out.tokens);
     let scored = engine.score(&all).unwrap();
@@ -111,7 +150,12 @@ pub fn teacher_forced_matches_incremental(engine: &Engine, question: &str, sampl
             max_diff = max_diff.max((a - b).abs());
         }
     }
-    eprintln!("{} on {}: max |incremental - teacher-forced| over {} positions = {max_diff:e}", engine.info().name, engine.compute(), seen.len());
+    eprintln!(
+        "{} on {}: max |incremental - teacher-forced| over {} positions = {max_diff:e}",
+        engine.info().name,
+        engine.compute(),
+        seen.len()
+    );
     max_diff
 }
 
@@ -119,7 +163,9 @@ fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5) * scale
         })
         .collect()
@@ -133,11 +179,29 @@ pub fn write_tiny_gguf(path: &Path, architecture: &str) {
     let mut tokens: Vec<String> = Vec::new();
     let mut next = 256u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        let c = if printable { char::from_u32(b).unwrap() } else { let c = char::from_u32(next).unwrap(); next += 1; c };
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            let c = char::from_u32(next).unwrap();
+            next += 1;
+            c
+        };
         tokens.push(c.to_string());
     }
-    tokens.extend(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "he", "ll", "hell", "hello"].map(String::from));
+    tokens.extend(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "he",
+            "ll",
+            "hell",
+            "hello",
+        ]
+        .map(String::from),
+    );
     let mut types = vec![1i32; tokens.len()];
     for t in &mut types[256..259] {
         *t = 3;
@@ -158,21 +222,40 @@ pub fn write_tiny_gguf(path: &Path, architecture: &str) {
         (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
         (k("rope.freq_base"), Value::F32(10000.0)),
         ("tokenizer.ggml.model".into(), s("gpt2")),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| s(t)).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|t| Value::I32(*t)).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| s(m)).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.iter().map(|t| Value::I32(*t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.iter().map(|m| s(m)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), u(257)),
         ("tokenizer.ggml.eos_token_id".into(), u(258)),
         ("tokenizer.chat_template".into(), s("<|im_start|>")),
     ];
     let q = |shape: (usize, usize), seed: u64, dtype: GgmlDType| {
-        let t = Tensor::from_slice(&random(shape.0 * shape.1, seed, 0.4), shape, &Device::Cpu).unwrap();
+        let t =
+            Tensor::from_slice(&random(shape.0 * shape.1, seed, 0.4), shape, &Device::Cpu).unwrap();
         QTensor::quantize(&t, dtype).unwrap()
     };
-    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let ones = |n: usize| {
+        QTensor::quantize(
+            &Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap()
+    };
     let hd = d / heads;
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q((vocab, d), 1, GgmlDType::Q8_0)),
+        (
+            "token_embd.weight".into(),
+            q((vocab, d), 1, GgmlDType::Q8_0),
+        ),
         ("output_norm.weight".into(), ones(d)),
     ];
     for l in 0..layers {
@@ -180,9 +263,18 @@ pub fn write_tiny_gguf(path: &Path, architecture: &str) {
         let seed = 100 * (l as u64 + 1);
         tensors.push((n("attn_norm"), ones(d)));
         tensors.push((n("attn_q"), q((heads * hd, d), seed + 1, GgmlDType::Q4_1)));
-        tensors.push((n("attn_k"), q((kv_heads * hd, d), seed + 2, GgmlDType::Q4_1)));
-        tensors.push((n("attn_v"), q((kv_heads * hd, d), seed + 3, GgmlDType::Q4_1)));
-        tensors.push((n("attn_output"), q((d, heads * hd), seed + 4, GgmlDType::Q4_1)));
+        tensors.push((
+            n("attn_k"),
+            q((kv_heads * hd, d), seed + 2, GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            n("attn_v"),
+            q((kv_heads * hd, d), seed + 3, GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            n("attn_output"),
+            q((d, heads * hd), seed + 4, GgmlDType::Q4_1),
+        ));
         tensors.push((n("ffn_norm"), ones(d)));
         tensors.push((n("ffn_gate"), q((ffn, d), seed + 5, GgmlDType::Q4_1)));
         tensors.push((n("ffn_up"), q((ffn, d), seed + 6, GgmlDType::Q4_1)));

@@ -146,15 +146,18 @@ impl Hub {
                 .candidates(&entry.sha256, max_price, agent, allow);
         }
         let messages = request.messages.len().max(1);
-        let prompt_bound = request.prompt_bytes()
-            + TEMPLATE_TOKENS
-            + TEMPLATE_TOKENS_PER_MESSAGE * messages;
+        let prompt_bound =
+            request.prompt_bytes() + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * messages;
         let prompt_bound = u32::try_from(prompt_bound).unwrap_or(u32::MAX);
         // A registrant whose price makes the job's maximum cost overflow can never be paid: it
         // is left out, so it cannot break the request for everyone else.
         candidates.retain(|c| {
-            self.cost(c.price, u64::from(request.max_tokens), u64::from(prompt_bound))
-                .is_some()
+            self.cost(
+                c.price,
+                u64::from(request.max_tokens),
+                u64::from(prompt_bound),
+            )
+            .is_some()
         });
         candidates.truncate(MAX_ATTEMPTS);
         if candidates.is_empty() {

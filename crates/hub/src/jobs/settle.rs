@@ -82,7 +82,7 @@ impl Hub {
             prompt_tokens: outcome.prompt_tokens,
         };
         if completion > 0 {
-            self.canaries.offer(&provider, &claimed, cost);
+            self.offer_canary(&provider, &claimed, cost);
         }
         let reputation = self.registry.record(provider.address).reputation;
         // New and low-reputation providers are checked more often: p·(2 − reputation).

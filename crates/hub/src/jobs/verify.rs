@@ -17,6 +17,10 @@
 //!   replaced (which fails by construction). They arrive as the same `Score` message as any other
 //!   work. A lazy verifier (always "pass") fails the tampered ones, a lying one (always "fail") the
 //!   confirmed ones; a wrong answer to a canary is slashed and quarantines the verifier.
+//! - **Dissent is tested at once**: a verifier outvoted or left unconfirmed is sent the kind of
+//!   known-answer check that exposes its answer (a known pass after a lone "fail", a known fail
+//!   after a lone "pass"); when the pool has none yet, it owes one and gets the next that is
+//!   made. A liar cannot wait out the test by being sidelined first.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -92,6 +96,8 @@ type CanaryPools = (VecDeque<Canary>, VecDeque<Canary>);
 #[derive(Default)]
 pub struct Canaries {
     pool: Mutex<HashMap<String, CanaryPools>>,
+    /// Verifiers owed a check of a kind the pool did not have: (verifier, right verdict wanted).
+    owed: Mutex<HashMap<String, Vec<(Arc<Connection>, bool)>>>,
 }
 
 fn push(queue: &mut VecDeque<Canary>, canary: Canary) {
@@ -141,21 +147,51 @@ impl Canaries {
         push(&mut pool.entry(sha256.to_owned()).or_default().0, canary);
     }
 
-    /// A random known-answer check for a verifier (not from its own jobs): a known pass or a
-    /// known fail, half and half when both exist.
-    fn draw(&self, sha256: &str, verifier: Address) -> Option<Canary> {
+    /// A random known-answer check for a verifier (not from its own jobs): of the kind asked
+    /// for (`Some(true)` a known pass), or else a known pass or fail, half and half when both
+    /// exist.
+    fn draw(&self, sha256: &str, verifier: Address, kind: Option<bool>) -> Option<Canary> {
         let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let (passes, fails) = pool.get(sha256)?;
         let pick = |q: &VecDeque<Canary>| {
             let own: Vec<&Canary> = q.iter().filter(|c| c.provider != verifier).collect();
             (!own.is_empty()).then(|| own[rand::rng().random_range(0..own.len())].clone())
         };
-        let (a, b) = if rand::random::<bool>() {
-            (passes, fails)
-        } else {
-            (fails, passes)
+        match kind {
+            Some(true) => pick(passes),
+            Some(false) => pick(fails),
+            None => {
+                let (a, b) = if rand::random::<bool>() {
+                    (passes, fails)
+                } else {
+                    (fails, passes)
+                };
+                pick(a).or_else(|| pick(b))
+            }
+        }
+    }
+
+    /// Remembers that `verifier` owes a check whose right verdict is `passes`.
+    fn owe(&self, sha256: &str, verifier: &Arc<Connection>, passes: bool) {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        let list = owed.entry(sha256.to_owned()).or_default();
+        if !list
+            .iter()
+            .any(|(v, p)| v.address == verifier.address && *p == passes)
+        {
+            list.push((verifier.clone(), passes));
+        }
+    }
+
+    /// The verifiers owed a check of this kind, forgotten as they are returned.
+    fn take_owed(&self, sha256: &str, passes: bool) -> Vec<Arc<Connection>> {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = owed.get_mut(sha256) else {
+            return Vec::new();
         };
-        pick(a).or_else(|| pick(b))
+        let (due, rest): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, p)| *p == passes);
+        *list = rest;
+        due.into_iter().map(|(v, _)| v).collect()
     }
 
     /// Checks in the pool: (known passes, known fails).
@@ -221,11 +257,62 @@ impl Hub {
 
     /// Sends a verifier a known-answer check now (in the background).
     pub fn send_canary(self: &Arc<Self>, verifier: &Arc<Connection>) {
-        let Some(canary) = self.canaries.draw(&verifier.model.sha256, verifier.address) else {
-            return;
-        };
+        if let Some(canary) = self
+            .canaries
+            .draw(&verifier.model.sha256, verifier.address, None)
+        {
+            self.spawn_canary(verifier, canary);
+        }
+    }
+
+    fn spawn_canary(self: &Arc<Self>, verifier: &Arc<Connection>, canary: Canary) {
         let (hub, verifier) = (self.clone(), verifier.clone());
         tokio::spawn(async move { hub.run_canary(verifier, canary).await });
+    }
+
+    /// Tests a verifier whose answer the outcome did not agree with: with a known-answer check
+    /// whose right verdict is `passes` (the opposite of its answer), now or as soon as the pool
+    /// has one.
+    fn test_dissenter(self: &Arc<Self>, verifier: &Arc<Connection>, passes: bool) {
+        let sha = &verifier.model.sha256;
+        match self.canaries.draw(sha, verifier.address, Some(passes)) {
+            Some(canary) => self.spawn_canary(verifier, canary),
+            None => self.canaries.owe(sha, verifier, passes),
+        }
+    }
+
+    /// Keeps a delivered job, one token replaced, as a known-fail check (and sends it to
+    /// verifiers owed one).
+    pub(crate) fn offer_canary(
+        self: &Arc<Self>,
+        provider: &Connection,
+        claimed: &Claimed,
+        cost: u64,
+    ) {
+        self.canaries.offer(provider, claimed, cost);
+        self.pay_owed(&provider.model.sha256, false);
+    }
+
+    /// Keeps a job two verifiers passed as a known-pass check (and sends it to verifiers owed
+    /// one).
+    fn keep_known_pass(
+        self: &Arc<Self>,
+        sha256: &str,
+        provider: Address,
+        claimed: &Claimed,
+        cost: u64,
+    ) {
+        self.canaries.confirmed(sha256, provider, claimed, cost);
+        self.pay_owed(sha256, true);
+    }
+
+    fn pay_owed(self: &Arc<Self>, sha256: &str, passes: bool) {
+        for verifier in self.canaries.take_owed(sha256, passes) {
+            if self.registry.quarantined(verifier.address) {
+                continue;
+            }
+            self.test_dissenter(&verifier, passes);
+        }
     }
 
     async fn run_canary(self: Arc<Self>, verifier: Arc<Connection>, canary: Canary) {
@@ -234,10 +321,7 @@ impl Hub {
             self.run_id,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
-        let Some(verdict) = self
-            .ask(&verifier, &canary.claimed)
-            .await
-        else {
+        let Some(verdict) = self.ask(&verifier, &canary.claimed).await else {
             return;
         };
         inc(&self.metrics.canaries);
@@ -349,9 +433,14 @@ impl Hub {
             Vec::new()
         };
         for v in paid {
-            self.pay_verifier(v, cost, &format!("{}:fee:{v:#x}", hold.key)).await;
+            self.pay_verifier(v, cost, &format!("{}:fee:{v:#x}", hold.key))
+                .await;
         }
         if !confirmed_fail {
+            if passes.len() >= 2 && passes.len() > fails.len() {
+                // Two or more agreeing passes that outnumber any fail: a known pass.
+                self.keep_known_pass(&sha, provider.address, &claimed, cost);
+            }
             if !fails.is_empty() {
                 // Outvoted or unconfirmed: never slashed on one voice. The dissenters are tested.
                 inc(&self.metrics.verifications_unconfirmed);
@@ -359,7 +448,7 @@ impl Hub {
                 for (v, _) in &fails {
                     self.registry.update(v.address, |r| r.reputation *= 0.5);
                     self.persist_record(v.address).await;
-                    self.send_canary(v);
+                    self.test_dissenter(v, true);
                 }
             }
             if passes.is_empty() && fails.is_empty() {
@@ -374,10 +463,6 @@ impl Hub {
                 for v in &passes {
                     self.registry
                         .update(v.address, |r| r.reputation += (1.0 - r.reputation) * 0.02);
-                }
-                if passes.len() >= 2 && fails.is_empty() {
-                    self.canaries
-                        .confirmed(&sha, provider.address, &claimed, cost);
                 }
                 self.persist_record(provider.address).await;
                 tracing::info!(job = %hold.key, provider = %provider.address, passes = passes.len(), "verification passed");
@@ -396,7 +481,7 @@ impl Hub {
         for v in &passes {
             // Passed a job others confirmed failing: tested at once.
             self.registry.update(v.address, |r| r.reputation *= 0.5);
-            self.send_canary(v);
+            self.test_dissenter(v, false);
         }
         self.refund(&hold).await;
         self.forget_verified(&hold).await;
@@ -675,6 +760,41 @@ mod tests {
             1_000_000
         );
         let _ = agent;
+        assert!(hub.ledger.audit().await.expect("audit").is_clean());
+    }
+
+    #[tokio::test]
+    async fn finding_4_a_liar_dissenting_before_any_known_pass_exists_is_still_caught() {
+        // The pool holds only known fails (which a liar answers right); the liar's lone "fail"
+        // is left unconfirmed. It owes a known-pass check and gets the first one that is made.
+        let (hub, _dir, agent) = setup(0.0).await;
+        let provider = fake(&hub, 1, Answers::Honest);
+        let liar = fake(&hub, 2, Answers::Lying);
+        let _honest = fake(&hub, 3, Answers::Honest);
+        hub.canaries.offer(&provider, &claimed(&TRUTH), 40);
+        let mut jobs = 0;
+        while hub.registry.record(liar.address).verifications_done == 0 {
+            assert!(jobs < 200, "the liar is never drawn");
+            let hold = hold(&hub, agent).await;
+            hub.clone()
+                .verify(hold, provider.clone(), claimed(&TRUTH), 40)
+                .await;
+            jobs += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = hub.registry.record(liar.address);
+        assert!(
+            !r.quarantined && r.canaries_failed == 0,
+            "no known pass yet: {r:?}"
+        );
+        hub.keep_known_pass("sha", provider.address, &claimed(&TRUTH), 40);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = hub.registry.record(liar.address);
+        assert!(
+            r.quarantined && r.canaries_failed == 1 && r.slashed == 1_000_000,
+            "{r:?}"
+        );
+        assert!(!hub.registry.record(provider.address).quarantined);
         assert!(hub.ledger.audit().await.expect("audit").is_clean());
     }
 
