@@ -91,13 +91,15 @@ struct Canary {
 
 /// Known passes and known fails of one model file.
 type CanaryPools = (VecDeque<Canary>, VecDeque<Canary>);
+/// Verifiers owed a known-answer check, and the verdict it must get right.
+type Owed = Vec<(Arc<Connection>, bool)>;
 
 /// Known-answer checks, per model file.
 #[derive(Default)]
 pub struct Canaries {
     pool: Mutex<HashMap<String, CanaryPools>>,
     /// Verifiers owed a check of a kind the pool did not have: (verifier, right verdict wanted).
-    owed: Mutex<HashMap<String, Vec<(Arc<Connection>, bool)>>>,
+    owed: Mutex<HashMap<String, Owed>>,
 }
 
 fn push(queue: &mut VecDeque<Canary>, canary: Canary) {
