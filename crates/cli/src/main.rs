@@ -10,6 +10,7 @@ mod demo;
 mod ledger;
 mod model_cmd;
 mod signals;
+mod task_cmd;
 mod verify_cmd;
 mod wallet;
 
@@ -57,6 +58,18 @@ enum Command {
     Hub(tessera_hub::HubConfig),
     /// Run a provider node that connects to a hub and serves a model.
     Node(tessera_node::NodeConfig),
+    /// The task market: post, list, show, claim, deliver, accept, reject, dispute, cancel.
+    Task {
+        #[command(subcommand)]
+        command: task_cmd::TaskCommand,
+    },
+    /// API keys registered by the wallet's signature.
+    Key {
+        #[command(subcommand)]
+        command: task_cmd::KeyCommand,
+    },
+    /// An account's balance, holds and stake, through the hub's API.
+    Account(task_cmd::AccountArgs),
     /// Benchmarks; each prints a table, or JSON with --json.
     Bench {
         #[command(subcommand)]
@@ -190,6 +203,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Wallet { command } => block_on(wallet::run(command)),
         Command::Ledger { command } => block_on(ledger::run(command)),
         Command::Bench { command } => bench::run(command),
+        Command::Task { command } => task_cmd::run(command),
+        Command::Key { command } => task_cmd::run_key(command),
+        Command::Account(args) => task_cmd::run_account(args),
         Command::Demo(args) => demo::run(args),
         Command::Hub(mut config) => {
             config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;

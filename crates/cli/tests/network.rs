@@ -1535,3 +1535,308 @@ fn bench_attack_round_prevents_every_exploit() -> Result<()> {
     }
     Ok(())
 }
+
+/// Runs `tessera task ...` as `wallet` against the hub and parses what it prints.
+fn task_cli(hub: &Hub, wallet: Option<&Wallet>, args: &[&str]) -> Result<Value> {
+    let mut command = Command::new(BIN);
+    command.arg("task").args(args).args(["--hub", &hub.url]);
+    if let Some(w) = wallet {
+        command.args(["--private-key", &hex::encode(w.signer().to_bytes())]);
+    }
+    let out = command.output()?;
+    if !out.status.success() {
+        bail!(
+            "tessera task {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn write_spec(hub: &Hub, name: &str, spec: &Value) -> Result<String> {
+    let path = hub.dir().join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(spec)?)?;
+    Ok(path.display().to_string())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn wait_task_state(hub: &Hub, id: &str, state: &str, within: Duration) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let t = hub.get(&format!("/v1/tasks/{id}"))?;
+        if t["state"] == state && t["settled"] == true {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            bail!("task {id} never reached {state}: {t}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn task_market_full_cycle_with_a_writer_using_network_inference() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 5, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (poster, _) = hub.agent(100_000)?;
+    let (writer, writer_key) = hub.agent(10_000)?;
+    let spec = json!({
+        "kind": "writing", "title": "One capital", "description": "Answer in one word.",
+        "input": "What is the capital of France?", "deadline": unix_now() + 600,
+        "worker_bond": 2_000, "review_secs": 600, "acceptance": {"by": "poster"},
+    });
+    let path = write_spec(&hub, "spec", &spec)?;
+    let task = task_cli(
+        &hub,
+        Some(&poster),
+        &[
+            "post", "--spec", &path, "--bounty", "20000", "--bond", "5000",
+        ],
+    )?;
+    let id = task["id"].as_str().context("id")?.to_owned();
+    assert_eq!(task["state"], "open");
+    assert_eq!(hub.account(&poster)?.0, 75_000, "bounty and bond held");
+    let listed = task_cli(&hub, None, &["list", "--kind", "writing"])?;
+    assert!(listed["data"]
+        .as_array()
+        .context("data")?
+        .iter()
+        .any(|t| t["id"] == id.as_str()));
+
+    let claimed = task_cli(&hub, Some(&writer), &["claim", &id])?;
+    assert_eq!(claimed["state"], "claimed");
+    assert_eq!(hub.account(&writer)?.0, 8_000);
+    // The writer does the work with inference on the network, paid like any request.
+    let (status, _, answer) = hub.chat(&writer_key, &question(8))?;
+    assert_eq!(status, 200, "{answer}");
+    let inference_cost = answer["tessera"]["cost"].as_u64().context("cost")?;
+    let text = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .context("text")?;
+    let delivered = task_cli(&hub, Some(&writer), &["deliver", &id, "--text", text])?;
+    assert_eq!(delivered["state"], "delivered");
+    assert_eq!(delivered["delivery"], text);
+    let accepted = task_cli(&hub, Some(&poster), &["accept", &id])?;
+    assert_eq!(
+        (accepted["state"].as_str(), accepted["settled"].as_bool()),
+        (Some("accepted"), Some(true))
+    );
+    let fee_bps = 500; // the hub's default protocol fee
+    let bounty_paid = 20_000 - 20_000 * fee_bps / 10_000;
+    assert_eq!(
+        hub.account(&writer)?.0,
+        10_000 - inference_cost + bounty_paid
+    );
+    assert_eq!(hub.account(&poster)?.0, 80_000, "the bond came back");
+    // A second accept, or a cancel now, changes nothing.
+    assert!(task_cli(&hub, Some(&poster), &["accept", &id]).is_err());
+    assert!(task_cli(&hub, Some(&poster), &["cancel", &id]).is_err());
+    // Feedback only from a counterparty, once; the reputation summarises it.
+    task_cli(
+        &hub,
+        Some(&poster),
+        &["feedback", &id, "--score", "90", "--tag", "quality"],
+    )?;
+    let stranger = Wallet::random();
+    assert!(task_cli(&hub, Some(&stranger), &["feedback", &id, "--score", "0"]).is_err());
+    assert!(task_cli(&hub, Some(&poster), &["feedback", &id, "--score", "10"]).is_err());
+    let reputation = task_cli(
+        &hub,
+        None,
+        &["reputation", &format!("{:#x}", writer.address())],
+    )?;
+    assert_eq!(reputation["feedback_count"], 1);
+    assert_eq!(reputation["average_score"], 90.0);
+    assert_eq!(reputation["tasks_accepted"], 1);
+    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.audit()
+}
+
+#[test]
+fn task_dispute_is_decided_by_re_execution_and_the_loser_pays() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 5, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (poster, _) = hub.agent(200_000)?;
+    let (honest, honest_key) = hub.agent(20_000)?;
+    let (lazy, _) = hub.agent(20_000)?;
+    let messages = json!([{"role": "user", "content": "Name a primary color."}]);
+    let spec = json!({
+        "kind": "inference", "title": "Run the reference", "deadline": unix_now() + 600,
+        "worker_bond": 3_000, "review_secs": 600, "acceptance": {"by": "poster"},
+        "reference": {"model": "smollm2-135m", "request": {
+            "messages": messages, "max_tokens": 8, "sampling": {"temperature": 0.0, "seed": 3}, "stop": []}},
+    });
+    let path = write_spec(&hub, "spec", &spec)?;
+    let post = || {
+        task_cli(
+            &hub,
+            Some(&poster),
+            &[
+                "post", "--spec", &path, "--bounty", "10000", "--bond", "4000",
+            ],
+        )
+    };
+    let (first, second) = (post()?, post()?);
+    let (first, second) = (
+        first["id"].as_str().context("id")?,
+        second["id"].as_str().context("id")?,
+    );
+
+    // The honest worker runs the reference; the poster rejects it anyway; the network sides
+    // with the worker, who gets the bounty and the poster's bond.
+    task_cli(&hub, Some(&honest), &["claim", first])?;
+    let body = json!({"model": "smollm2-135m", "messages": messages, "max_tokens": 8, "temperature": 0, "seed": 3});
+    let (status, _, answer) = hub.chat(&honest_key, &body)?;
+    assert_eq!(status, 200, "{answer}");
+    let text = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .context("text")?;
+    task_cli(&hub, Some(&honest), &["deliver", first, "--text", text])?;
+    task_cli(&hub, Some(&poster), &["reject", first])?;
+    let before = hub.account(&honest)?.0;
+    task_cli(&hub, Some(&honest), &["dispute", first])?;
+    let won = wait_task_state(&hub, first, "worker_won", Duration::from_secs(60))?;
+    assert!(
+        won["outcome"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is the reference's output"),
+        "{won}"
+    );
+    let honest_after = hub.account(&honest)?.0;
+    assert!(
+        honest_after > before + 10_000,
+        "bounty and bond, less fees and the re-run: {before} → {honest_after}"
+    );
+
+    // The lazy worker delivers junk, is rejected, disputes and loses its bond to the poster.
+    task_cli(&hub, Some(&lazy), &["claim", second])?;
+    task_cli(
+        &hub,
+        Some(&lazy),
+        &["deliver", second, "--text", "lorem ipsum"],
+    )?;
+    task_cli(&hub, Some(&poster), &["reject", second])?;
+    task_cli(&hub, Some(&lazy), &["dispute", second])?;
+    let lost = wait_task_state(&hub, second, "poster_won", Duration::from_secs(60))?;
+    assert!(
+        lost["outcome"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not the reference's output"),
+        "{lost}"
+    );
+    let lazy_after = hub.account(&lazy)?.0;
+    assert!(
+        lazy_after < 20_000 - 3_000,
+        "the bond and the re-run are gone: {lazy_after}"
+    );
+    let reputation = task_cli(
+        &hub,
+        None,
+        &["reputation", &format!("{:#x}", lazy.address())],
+    )?;
+    assert_eq!(reputation["disputes_lost"], 1);
+    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.audit()
+}
+
+#[test]
+fn task_review_window_lapse_pays_and_deadlines_refund() -> Result<()> {
+    let hub = start_hub(&[])?;
+    let (poster, _) = hub.agent(100_000)?;
+    let (worker, _) = hub.agent(10_000)?;
+    let spec = |deadline_in: u64| {
+        json!({"kind": "labeling", "title": "Label", "deadline": unix_now() + deadline_in,
+               "worker_bond": 1_000, "review_secs": 1, "acceptance": {"by": "poster"}})
+    };
+    let lapsing = write_spec(&hub, "lapsing", &spec(600))?;
+    let expiring = write_spec(&hub, "expiring", &spec(3))?;
+    let late = write_spec(&hub, "late", &spec(4))?;
+    let id = |v: Value| v["id"].as_str().map(str::to_owned).context("id");
+    let lapsing = id(task_cli(
+        &hub,
+        Some(&poster),
+        &["post", "--spec", &lapsing, "--bounty", "5000"],
+    )?)?;
+    let expiring = id(task_cli(
+        &hub,
+        Some(&poster),
+        &["post", "--spec", &expiring, "--bounty", "7000"],
+    )?)?;
+    let late = id(task_cli(
+        &hub,
+        Some(&poster),
+        &["post", "--spec", &late, "--bounty", "9000"],
+    )?)?;
+    task_cli(&hub, Some(&worker), &["claim", &lapsing])?;
+    task_cli(&hub, Some(&worker), &["deliver", &lapsing, "--text", "cat"])?;
+    task_cli(&hub, Some(&worker), &["claim", &late])?;
+    // The poster stays silent: the review window lapses and the worker is paid.
+    wait_task_state(&hub, &lapsing, "accepted", Duration::from_secs(20))?;
+    // Nobody claims one; the other is never delivered: both bounties come back, and the late
+    // worker's bond goes to the poster.
+    wait_task_state(&hub, &expiring, "expired", Duration::from_secs(20))?;
+    wait_task_state(&hub, &late, "late", Duration::from_secs(20))?;
+    // Delivering after the deadline is refused.
+    assert!(task_cli(
+        &hub,
+        Some(&worker),
+        &["deliver", &late, "--text", "too late"]
+    )
+    .is_err());
+    let paid = 5_000 - 5_000 * 500 / 10_000;
+    assert_eq!(hub.account(&worker)?.0, 10_000 + paid - 1_000);
+    // The forfeited bond is a capture like any payment: the protocol keeps its fee.
+    assert_eq!(
+        hub.account(&poster)?.0,
+        100_000 - 5_000 + 1_000 - 1_000 * 500 / 10_000
+    );
+    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.audit()
+}
+
+#[test]
+fn task_escrows_survive_a_hub_crash_and_the_cycle_finishes_after_restart() -> Result<()> {
+    let mut hub = start_hub(&[])?;
+    let (poster, _) = hub.agent(50_000)?;
+    let (worker, _) = hub.agent(5_000)?;
+    let spec = json!({"kind": "writing", "title": "Survive", "deadline": unix_now() + 600,
+                      "worker_bond": 2_000, "review_secs": 600, "acceptance": {"by": "poster"}});
+    let path = write_spec(&hub, "spec", &spec)?;
+    let task = task_cli(
+        &hub,
+        Some(&poster),
+        &[
+            "post", "--spec", &path, "--bounty", "10000", "--bond", "1000",
+        ],
+    )?;
+    let id = task["id"].as_str().context("id")?.to_owned();
+    task_cli(&hub, Some(&worker), &["claim", &id])?;
+    // A restart's recovery refunds the escrows of cut-off jobs, never the market's.
+    hub.crash_and_restart()?;
+    let t = hub.get(&format!("/v1/tasks/{id}"))?;
+    assert_eq!(t["state"], "claimed", "{t}");
+    assert_eq!(hub.account(&poster)?.0, 39_000);
+    assert_eq!(hub.account(&worker)?.0, 3_000);
+    task_cli(
+        &hub,
+        Some(&worker),
+        &["deliver", &id, "--text", "still here"],
+    )?;
+    task_cli(&hub, Some(&poster), &["accept", &id])?;
+    assert_eq!(hub.account(&worker)?.0, 5_000 + 10_000 - 500);
+    assert_eq!(hub.account(&poster)?.0, 40_000);
+    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.audit()
+}

@@ -20,6 +20,9 @@ pub enum Error {
     /// Bad configuration.
     #[error("config: {0}")]
     Config(String),
+    /// A row of the hub's tables that cannot be read back.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
 }
 
 /// Result with this crate's [`Error`].

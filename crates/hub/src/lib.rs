@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod registry;
 pub mod store;
+pub mod tasks;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -65,6 +66,8 @@ pub struct Hub {
     pub canaries: jobs::verify::Canaries,
     /// Per-wallet limits.
     pub limits: Arc<api::limits::Limits>,
+    /// The task market's tables.
+    pub tasks: tasks::TaskStore,
     api_keys: RwLock<HashMap<[u8; 32], (Address, u64, Instant)>>,
     /// `--fast-settle`: maximum costs reserved per agent for jobs in flight.
     reservations: std::sync::Mutex<HashMap<Address, u64>>,
@@ -83,6 +86,7 @@ impl Hub {
         };
         let ledger = Ledger::open(&config.db, ledger_config).await?;
         let store = store::Store::open(&config.db).await?;
+        let task_store = tasks::TaskStore::open(store.pool()).await?;
         let registry = registry::Registry::default();
         for (address, record) in store.records().await? {
             registry.update(address, |r| *r = record);
@@ -105,6 +109,7 @@ impl Hub {
             run_id: format!("{:08x}", rand::random::<u32>()),
             canaries: Default::default(),
             limits: Default::default(),
+            tasks: task_store,
             api_keys: RwLock::default(),
             reservations: Default::default(),
             fast_balances: Default::default(),
@@ -138,7 +143,12 @@ impl Hub {
             }
             self.store.job_closed(&job.key).await?;
         }
+        // The task market's escrows live for days: they are the market's, not a cut-off job's.
+        let tasks = self.tasks.live_escrows().await?;
         for escrow in self.ledger.open_escrows().await? {
+            if tasks.contains(&escrow) {
+                continue;
+            }
             match self
                 .ledger
                 .release(&format!("recover-escrow-{escrow}"), escrow)
@@ -220,6 +230,7 @@ pub async fn serve(
         let _ = stop_rx.await;
     });
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let clock = tokio::spawn(tasks::run_clock(hub.clone()));
     tokio::select! {
         served = &mut server => served?,
         _ = shutdown => {
@@ -232,6 +243,7 @@ pub async fn serve(
             }
         }
     }
+    clock.abort();
     hub.close().await
 }
 
@@ -247,7 +259,14 @@ impl Hub {
         // A hub with nothing in flight stops before it has anything to report.
         let mut next_report = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
-            let open = self.ledger.open_escrows().await?.len();
+            let tasks = self.tasks.live_escrows().await?;
+            let open = self
+                .ledger
+                .open_escrows()
+                .await?
+                .into_iter()
+                .filter(|e| !tasks.contains(e))
+                .count();
             if requests_done && open == 0 {
                 tracing::info!("drained");
                 return Ok(());

@@ -50,6 +50,11 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// The connection pool (the task market keeps its tables beside these).
+    pub fn pool(&self) -> sqlx::AnyPool {
+        self.pool.clone()
+    }
+
     /// This hub's identity: a random value made on first start and kept in the database, so
     /// that a restarted hub keeps its EIP-712 domain and two hubs never share one.
     pub async fn identity(&self) -> Result<String> {

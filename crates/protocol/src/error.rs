@@ -70,6 +70,9 @@ pub enum Error {
     /// An unknown stake action code.
     #[error("unknown stake action {0}")]
     UnknownStakeAction(u8),
+    /// An unknown task action code.
+    #[error("unknown task action {0}")]
+    UnknownTaskAction(u8),
 }
 
 /// Result with this crate's [`Error`].

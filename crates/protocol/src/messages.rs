@@ -92,6 +92,47 @@ sol! {
         uint64 expiry;
     }
 
+    /// A worker delivers its work on a task it claimed.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct TaskDelivery {
+        /// The task's id as assigned by the hub.
+        bytes32 taskId;
+        /// SHA-256 of the delivered text.
+        bytes32 deliveryHash;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the delivery is void.
+        uint64 expiry;
+    }
+
+    /// A party's decision on a task: the poster accepts, rejects or cancels, the worker disputes.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct TaskDecision {
+        /// The task's id as assigned by the hub.
+        bytes32 taskId;
+        /// A [`TaskAction`] code: 0 accept, 1 reject, 2 dispute, 3 cancel.
+        uint8 action;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the decision is void.
+        uint64 expiry;
+    }
+
+    /// Feedback on an agent, left by its counterparty on a finished task (after ERC-8004).
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct TaskFeedback {
+        /// The finished task.
+        bytes32 taskId;
+        /// 0 to 100.
+        uint8 score;
+        /// A short tag (`quality`, `speed`, ...), UTF-8, at most 32 bytes.
+        string tag;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the feedback is void.
+        uint64 expiry;
+    }
+
     /// A provider announces a model it serves, its price and its capacity.
     #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
     struct ProviderRegistration {
@@ -135,6 +176,9 @@ typed_message!(
     StakeOrder,
     TaskPosting,
     TaskClaim,
+    TaskDelivery,
+    TaskDecision,
+    TaskFeedback,
     ProviderRegistration
 );
 
@@ -166,5 +210,39 @@ impl StakeOrder {
     /// The order's action, or an error for an unknown code.
     pub fn stake_action(&self) -> Result<StakeAction> {
         StakeAction::try_from(self.action)
+    }
+}
+
+/// What a [`TaskDecision`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum TaskAction {
+    /// The poster accepts the delivery: the worker is paid.
+    Accept = 0,
+    /// The poster rejects the delivery (the worker may dispute).
+    Reject = 1,
+    /// The worker disputes a rejection: the network decides.
+    Dispute = 2,
+    /// The poster withdraws a task nobody has claimed.
+    Cancel = 3,
+}
+
+impl TryFrom<u8> for TaskAction {
+    type Error = Error;
+    fn try_from(code: u8) -> Result<Self> {
+        match code {
+            0 => Ok(Self::Accept),
+            1 => Ok(Self::Reject),
+            2 => Ok(Self::Dispute),
+            3 => Ok(Self::Cancel),
+            other => Err(Error::UnknownTaskAction(other)),
+        }
+    }
+}
+
+impl TaskDecision {
+    /// The decision's action, or an error for an unknown code.
+    pub fn task_action(&self) -> Result<TaskAction> {
+        TaskAction::try_from(self.action)
     }
 }

@@ -2,8 +2,8 @@
 
 use tessera_protocol::{
     Address, ApiKeyRegistration, Domain, Error, InferenceRequest, MemoryNonceStore,
-    ProviderRegistration, Signed, StakeAction, StakeOrder, TaskClaim, TaskPosting, TypedMessage,
-    Verifier, Wallet, B256,
+    ProviderRegistration, Signed, StakeAction, StakeOrder, TaskAction, TaskClaim, TaskDecision,
+    TaskDelivery, TaskFeedback, TaskPosting, TypedMessage, Verifier, Wallet, B256,
 };
 
 const NOW: u64 = 1_700_000_000;
@@ -52,6 +52,31 @@ fn task_claim() -> TaskClaim {
         taskId: hash(5),
         bond: 100,
         nonce: 4,
+        expiry: NOW + 60,
+    }
+}
+fn task_delivery() -> TaskDelivery {
+    TaskDelivery {
+        taskId: hash(5),
+        deliveryHash: hash(7),
+        nonce: 6,
+        expiry: NOW + 60,
+    }
+}
+fn task_decision() -> TaskDecision {
+    TaskDecision {
+        taskId: hash(5),
+        action: TaskAction::Reject as u8,
+        nonce: 7,
+        expiry: NOW + 60,
+    }
+}
+fn task_feedback() -> TaskFeedback {
+    TaskFeedback {
+        taskId: hash(5),
+        score: 90,
+        tag: "quality".into(),
+        nonce: 8,
         expiry: NOW + 60,
     }
 }
@@ -113,6 +138,9 @@ per_type! {
     stake_order: crate::stake_order(), |m| m.action = StakeAction::Withdraw as u8;
     task_posting: crate::task_posting(), |m| m.reward *= 2;
     task_claim: crate::task_claim(), |m| m.bond = 0;
+    task_delivery: crate::task_delivery(), |m| m.deliveryHash = hash(8);
+    task_decision: crate::task_decision(), |m| m.action = TaskAction::Accept as u8;
+    task_feedback: crate::task_feedback(), |m| m.tag = "speed".into();
     provider_registration: crate::provider_registration(), |m| m.capacity += 1;
 }
 
@@ -306,4 +334,17 @@ fn private_key_import() {
         !format!("{wallet:?}").contains("ac0974"),
         "Debug must not leak the key"
     );
+}
+
+#[test]
+fn task_action_codes() {
+    assert_eq!(task_decision().task_action().unwrap(), TaskAction::Reject);
+    let bad = TaskDecision {
+        action: 9,
+        ..task_decision()
+    };
+    assert!(matches!(
+        bad.task_action(),
+        Err(Error::UnknownTaskAction(9))
+    ));
 }

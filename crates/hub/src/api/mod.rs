@@ -1,11 +1,13 @@
 //! The hub's HTTP API: the OpenAI-compatible endpoints ([`openai`]), payment and API keys
-//! ([`auth`]), accounts, providers and metrics ([`accounts`]), per-wallet limits ([`limits`]).
+//! ([`auth`]), accounts, providers and metrics ([`accounts`]), per-wallet limits ([`limits`]), the
+//! task market ([`tasks`]).
 //! Every error, the router's own 404, 405 and 413 included, is in OpenAI's error shape.
 
 pub mod accounts;
 pub mod auth;
 pub mod limits;
 pub mod openai;
+pub mod tasks;
 
 use std::sync::Arc;
 
@@ -36,6 +38,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(tessera_wire::CONNECT_PATH, get(crate::connect::connect))
         .route("/health", get(accounts::health))
         .route("/metrics", get(accounts::metrics_text))
+        .merge(tasks::routes())
         .fallback(|| async {
             ApiError::status(StatusCode::NOT_FOUND, "not_found", "Unknown endpoint.")
         })
