@@ -1102,6 +1102,23 @@ impl Hub {
             .await
         {
             Ok(rerun) => rerun,
+            Err(e) if e.code == "insufficient_quota" => {
+                // The disputing worker pays the re-execution; one who cannot has lost it.
+                let set = Set {
+                    outcome: Some(format!(
+                        "the worker could not pay the re-execution: {}",
+                        e.message
+                    )),
+                    ..Set::default()
+                };
+                if let Ok(true) = self
+                    .move_task(id, TaskState::Disputed, TaskState::PosterWon, set)
+                    .await
+                {
+                    self.settle_task(id).await;
+                }
+                return;
+            }
             Err(e) => {
                 tracing::warn!(task = %id, error = %e.message, "a dispute could not be re-run yet; retrying later");
                 return;
