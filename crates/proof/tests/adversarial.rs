@@ -159,3 +159,53 @@ fn malformed_commitments_are_rejected_with_a_reason() {
             .passed
     );
 }
+
+/// Issue 12: constrained decoding under a JSON Schema is honest work that passes, the output is
+/// valid JSON, and the same tokens claimed under another grammar fail.
+#[test]
+fn constrained_jobs_pass_and_follow_their_schema() {
+    use tessera_engine::sampling::Grammar;
+    let engine = smollm();
+    let schema = r#"{"type":"object","properties":{"city":{"type":"string"},"population":{"type":"integer"}},"required":["city","population"],"additionalProperties":false}"#;
+    let mut specs = Vec::new();
+    for (i, task) in tasks(4, 48, 3).into_iter().enumerate() {
+        let mut spec = task.spec(engine);
+        spec.sampling.grammar = Some(if i % 2 == 0 {
+            Grammar::JsonSchema {
+                schema: schema.into(),
+            }
+        } else {
+            Grammar::JsonObject
+        });
+        specs.push(spec);
+    }
+    let jobs = serve(engine, &specs).unwrap();
+    for job in &jobs {
+        let v = verify(engine, job, &Thresholds::default()).unwrap();
+        assert!(v.passed, "honest constrained job flagged: {:?}", v.reason);
+        assert!(job.output_text.starts_with('{'), "{}", job.output_text);
+        if job.commitment.finish == tessera_proof::Finish::Eos {
+            let value: serde_json::Value = serde_json::from_str(&job.output_text).unwrap();
+            assert!(value.is_object(), "{value}");
+            if matches!(job.spec.sampling.grammar, Some(Grammar::JsonSchema { .. })) {
+                assert!(
+                    value["city"].is_string() && value["population"].is_i64(),
+                    "{value}"
+                );
+            }
+        }
+    }
+    // The schema's output claimed under a stricter schema (an array) fails at its first token.
+    let mut forged = jobs[0].clone();
+    forged.spec.sampling.grammar = Some(Grammar::JsonSchema {
+        schema: r#"{"type":"array"}"#.into(),
+    });
+    forged.commitment.sampling.grammar = forged.spec.sampling.grammar.clone();
+    let v = verify(engine, &forged, &Thresholds::default()).unwrap();
+    assert_eq!(v.reason, Some(Reason::GrammarViolation { index: 0 }));
+    // A schema that cannot compile is refused by the engine before any token.
+    let bad = Grammar::JsonSchema {
+        schema: r##"{"type":"object","properties":{"x":{"$ref":"#/nowhere"}}}"##.into(),
+    };
+    assert!(engine.grammar().unwrap().compile(&bad).is_err());
+}

@@ -258,6 +258,11 @@ impl Commitment {
         h.update(self.max_tokens.to_le_bytes());
         h.update([self.finish as u8]);
         h.update(self.positions.to_le_bytes());
+        // Appended only when present, so unconstrained commitments keep their digest.
+        if let Some(grammar) = &self.sampling.grammar {
+            h.update(b"grammar");
+            h.update(grammar.hash());
+        }
         h.finalize().into()
     }
 }
@@ -303,5 +308,13 @@ mod tests {
         let mut d = c.clone();
         d.finish = Finish::Length;
         assert_ne!(c.digest(), d.digest());
+        let mut d = c.clone();
+        d.sampling.grammar = Some(crate::sampling::Grammar::JsonObject);
+        let mut e = d.clone();
+        e.sampling.grammar = Some(crate::sampling::Grammar::JsonSchema {
+            schema: r#"{"type":"array"}"#.into(),
+        });
+        assert_ne!(c.digest(), d.digest());
+        assert_ne!(d.digest(), e.digest());
     }
 }
