@@ -467,8 +467,9 @@ impl Engine {
             let l = &mut live[i];
             let position = l.cache.len();
             let mask = l.constraint.as_mut().map(Constraint::next_mask);
+            let adjusted = l.options.sampling.adjusted(&logits[k], &l.tokens);
             let token = sampling::select_masked(
-                &logits[k],
+                adjusted.as_deref().unwrap_or(&logits[k]),
                 &l.options.sampling,
                 position as u64,
                 mask.as_ref(),

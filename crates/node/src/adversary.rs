@@ -21,6 +21,9 @@ pub enum Cheat {
     /// Generate without the request's grammar (`response_format`), as if it were plain text,
     /// while the commitment claims the grammar.
     IgnoreGrammar,
+    /// Generate without the request's presence/frequency penalties and logit biases, while the
+    /// commitment claims them.
+    IgnorePenalties,
 }
 
 impl Cheat {
@@ -32,7 +35,8 @@ impl Cheat {
             Cheat::LazyVerifier
             | Cheat::LyingVerifier
             | Cheat::PadTokens
-            | Cheat::IgnoreGrammar => Variant::Faithful,
+            | Cheat::IgnoreGrammar
+            | Cheat::IgnorePenalties => Variant::Faithful,
         }
     }
 }

@@ -97,6 +97,12 @@ pub(crate) fn job(
     if node.config.cheat == Some(crate::Cheat::IgnoreGrammar) {
         options.sampling.grammar = None;
     }
+    #[cfg(feature = "adversary")]
+    if node.config.cheat == Some(crate::Cheat::IgnorePenalties) {
+        options.sampling.presence_penalty = 0.0;
+        options.sampling.frequency_penalty = 0.0;
+        options.sampling.logit_bias.clear();
+    }
     let events = match node.service.submit(prompt.clone(), options, true) {
         Ok(events) => events,
         Err(e) => return fail(FailureKind::Unavailable, e.to_string()),

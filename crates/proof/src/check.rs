@@ -159,6 +159,12 @@ pub fn check_binding(spec: &JobSpec, claim: &Claim, c: &Commitment) -> Result<()
         Some("top_p")
     } else if c.sampling.grammar != s.grammar {
         Some("grammar")
+    } else if c.sampling.presence_penalty.to_bits() != s.presence_penalty.to_bits() {
+        Some("presence_penalty")
+    } else if c.sampling.frequency_penalty.to_bits() != s.frequency_penalty.to_bits() {
+        Some("frequency_penalty")
+    } else if c.sampling.logit_bias != s.logit_bias {
+        Some("logit_bias")
     } else if c.max_tokens != spec.max_tokens {
         Some("max_tokens")
     } else if c.stop_hash != hash_stop(&spec.stop) {
@@ -313,12 +319,16 @@ pub fn check_constrained(
             sum += d as f64;
             count += 1;
         }
+        // The rule chooses from the adjusted logits (penalties over the output so far, biases),
+        // restricted to the grammar's tokens; the committed values are the raw ones.
+        let adjusted = params.adjusted(row, &claim.output_tokens[..i]);
+        let row_for_rule = adjusted.as_deref().unwrap_or(row);
         let masked;
         let rule_row = match masks {
-            None => row,
+            None => row_for_rule,
             Some(masks) => match masks.get(i).filter(|m| m.allows(token)) {
                 Some(mask) => {
-                    masked = mask.apply(row);
+                    masked = mask.apply(row_for_rule);
                     &masked
                 }
                 None => return Verdict::fail(Reason::GrammarViolation { index: i }, stats),

@@ -31,6 +31,21 @@ pub struct SamplingParams {
     /// there (the rule above picks among them). Part of the rule a commitment binds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grammar: Option<Grammar>,
+    /// OpenAI's `presence_penalty` (−2 to 2): subtracted from the logit of every token that
+    /// already occurs in the output.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub presence_penalty: f32,
+    /// OpenAI's `frequency_penalty` (−2 to 2): subtracted once per earlier occurrence in the output.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits (−100 to 100), by ascending token id.
+    /// Ids outside the vocabulary are ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
 }
 
 /// A grammar for constrained decoding (OpenAI's `response_format`). The engine compiles it with
@@ -89,6 +104,9 @@ impl SamplingParams {
             top_p: None,
             seed: 0,
             grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 
@@ -100,7 +118,41 @@ impl SamplingParams {
             top_p: None,
             seed,
             grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
+    }
+
+    /// Whether the rule adjusts logits before choosing (penalties or biases).
+    pub fn adjusts_logits(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || !self.logit_bias.is_empty()
+    }
+
+    /// The logits the rule chooses from after `history` (the output so far): OpenAI's
+    /// `logit − presence·[count > 0] − frequency·count + bias`, or `None` when nothing adjusts.
+    pub fn adjusted(&self, logits: &[f32], history: &[u32]) -> Option<Vec<f32>> {
+        if !self.adjusts_logits() {
+            return None;
+        }
+        let mut out = logits.to_vec();
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            let mut counts: std::collections::BTreeMap<u32, u32> = Default::default();
+            for &t in history {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = out.get_mut(t as usize) {
+                    *l -= self.presence_penalty + self.frequency_penalty * n as f32;
+                }
+            }
+        }
+        for &(t, bias) in &self.logit_bias {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        Some(out)
     }
 
     /// Whether this is greedy decoding: any temperature below [`MIN_TEMPERATURE`] (or NaN), since
@@ -290,6 +342,22 @@ mod tests {
             select_masked(&logits, &SamplingParams::greedy(), 0, None),
             0
         );
+    }
+
+    #[test]
+    fn penalties_and_biases_adjust_the_logits_as_openai_defines() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: vec![(0, -100.0), (3, 2.0), (99, 1.0)],
+            ..SamplingParams::greedy()
+        };
+        let adjusted = params.adjusted(&[1.0, 1.0, 1.0, 1.0], &[1, 1, 2]).unwrap();
+        assert_eq!(
+            adjusted,
+            vec![-99.0, 1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 3.0]
+        );
+        assert_eq!(SamplingParams::greedy().adjusted(&[1.0], &[0]), None);
     }
 
     #[test]

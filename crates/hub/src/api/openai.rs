@@ -108,6 +108,12 @@ struct Common {
     max_price: Option<u64>,
     #[serde(default)]
     response_format: Option<Value>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +228,9 @@ impl Common {
                 top_p: self.top_p,
                 seed: self.seed.unwrap_or_else(rand::random),
                 grammar: params::grammar(self.response_format.as_ref())?,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                logit_bias: params::logit_bias(self.logit_bias.as_ref()),
             },
             stop,
         })

@@ -83,9 +83,9 @@ const COMMON: &[(&str, Treatment)] = &[
     ("metadata", Harmless),
     ("service_tier", Harmless),
     ("store", NeutralOnly(is_false)),
-    ("presence_penalty", NeutralOnly(is_zero)),
-    ("frequency_penalty", NeutralOnly(is_zero)),
-    ("logit_bias", NeutralOnly(is_empty)),
+    ("presence_penalty", Honoured),
+    ("frequency_penalty", Honoured),
+    ("logit_bias", Honoured),
 ];
 
 /// Parameters only chat completions define.
@@ -162,6 +162,18 @@ fn depth(v: &Value) -> usize {
         Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
         _ => 0,
     }
+}
+
+/// `logit_bias` (already range-checked by [`check`]) as the rule's sorted list.
+pub fn logit_bias(bias: Option<&std::collections::HashMap<String, f32>>) -> Vec<(u32, f32)> {
+    let mut out: Vec<(u32, f32)> = bias
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.parse().ok()?, *v)))
+        .filter(|(_, v)| *v != 0.0)
+        .collect();
+    out.sort_by_key(|(t, _)| *t);
+    out
 }
 
 fn bad_format(message: impl Into<String>) -> ApiError {
@@ -252,7 +264,7 @@ fn limits(body: &Map<String, Value>, kind: Kind, max_n: u32) -> Result<(), ApiEr
         Kind::Completion => ("logprobs", MAX_COMPLETION_LOGPROBS),
     };
     if let Some(v) = body.get(logprobs_limit_name).filter(|v| !v.is_null()) {
-        if !v.as_u64().is_some_and(|k| k <= logprobs_limit) {
+        if v.as_u64().is_none_or(|k| k > logprobs_limit) {
             return Err(ApiError::invalid_param(
                 logprobs_limit_name,
                 format!("{logprobs_limit_name} must be an integer from 0 to {logprobs_limit}."),
@@ -333,9 +345,6 @@ mod tests {
     fn meaning_changing_parameters_are_refused_by_name() {
         for (key, value) in [
             ("logprobs", json!(true)),
-            ("presence_penalty", json!(0.5)),
-            ("frequency_penalty", json!(-1)),
-            ("logit_bias", json!({"42": 5})),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),
