@@ -1606,6 +1606,13 @@ fn issue_12_parameters_are_honoured_or_refused_by_name_and_refusals_cost_nothing
         fingerprint.starts_with(&format!("fp_{}_tessera-engine-", &sha[..16])),
         "{fingerprint}"
     );
+    // Penalties and biases are honoured (part of the verified rule), not refused.
+    let mut body = question(6);
+    body["presence_penalty"] = json!(0.5);
+    body["frequency_penalty"] = json!(1.5);
+    body["logit_bias"] = json!({"0": -100, "2": 3});
+    let (status, _, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{b}");
     let mut r = http().get(format!("{}/v1/models/gpt-17", hub.url)).call()?;
     assert_eq!(r.status(), 404);
     let missing: Value = r.body_mut().read_json()?;
@@ -1741,5 +1748,39 @@ fn issue_12_a_provider_ignoring_the_schema_fails_verification() -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(hub.provider(&honest_a)?["verified_failed"], 0);
+    hub.audit()
+}
+
+/// Issue 12: a provider that ignores `frequency_penalty` and `presence_penalty` (sampling with the
+/// plain rule while the commitment claims the penalised one) is caught and slashed.
+#[test]
+fn issue_12_a_provider_ignoring_penalties_fails_verification() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "1", "--slash-amount", "500000"])?;
+    let (a, b, cheater) = (Wallet::random(), Wallet::random(), Wallet::random());
+    let _a = hub.node("honest-a", &a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &b, 12, &["--dev-stake"])?;
+    let _cheater = hub.node(
+        "cheater",
+        &cheater,
+        5,
+        &["--dev-stake", "--cheat", "ignore-penalties"],
+    )?;
+    hub.wait_connected(3)?;
+    let (_, key) = hub.agent(1_000_000)?;
+    let mut body = question(48);
+    body["messages"] =
+        json!([{"role": "user", "content": "Write a story about the sea and the sea shore."}]);
+    body["frequency_penalty"] = json!(2.0);
+    body["presence_penalty"] = json!(1.0);
+    let (status, _, answer) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while hub.provider(&cheater)?["quarantined"] != json!(true) {
+        if Instant::now() > deadline {
+            bail!("the cheater was not caught: {}", hub.provider(&cheater)?);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(hub.provider(&cheater)?["slashed"], 500_000);
     hub.audit()
 }
