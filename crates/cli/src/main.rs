@@ -142,6 +142,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            ..SamplingParams::default()
         },
         stop: args.stop,
         ignore_eos: false,

@@ -1838,5 +1838,251 @@ fn task_escrows_survive_a_hub_crash_and_the_cycle_finishes_after_restart() -> Re
     assert_eq!(hub.account(&worker)?.0, 5_000 + 10_000 - 500);
     assert_eq!(hub.account(&poster)?.0, 40_000);
     wait_no_holds(&hub, Duration::from_secs(10))?;
+/// Issue 12: a parameter that would change the answer is honoured or refused by name (never
+/// silently ignored), harmless ones are accepted, limits are 400s naming the parameter, and no
+/// refusal moves money. `GET /v1/models/{id}`, `system_fingerprint` and the seed echo.
+#[test]
+fn issue_12_parameters_are_honoured_or_refused_by_name_and_refusals_cost_nothing() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0", "--max-n", "3"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 5, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(100_000)?;
+
+    let refused = [
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+            "unsupported_parameter",
+        ),
+        (
+            "audio",
+            json!({"voice": "alloy", "format": "wav"}),
+            "unsupported_parameter",
+        ),
+        ("store", json!(true), "unsupported_parameter"),
+        ("top_logprobs", json!(50), "invalid_value"),
+        ("n", json!(4), "invalid_value"),
+        ("presence_penalty", json!(3), "invalid_value"),
+        ("stop", json!(["a", "b", "c", "d", "e"]), "invalid_value"),
+    ];
+    for (param, value, code) in refused {
+        let mut body = question(4);
+        body[param] = value;
+        let (status, _, b) = hub.chat(&key, &body)?;
+        assert_eq!(status, 400, "{param}: {b}");
+        assert_eq!(b["error"]["code"], code, "{param}: {b}");
+        assert_eq!(b["error"]["param"], param, "{param}: {b}");
+    }
+    let mut body = question(4);
+    body["temprature"] = json!(0.5);
+    let (status, _, b) = hub.chat(&key, &body)?;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (400, Some("unknown_parameter")),
+        "{b}"
+    );
+    assert_eq!(hub.account(&agent)?.0, 100_000, "no refusal costs anything");
+
+    // Harmless parameters change nothing; the answer names model file and engine, and the seed.
+    let mut body = question(6);
+    for (k, v) in [
+        ("user", json!("u-42")),
+        ("metadata", json!({"run": "7"})),
+        ("store", json!(false)),
+        ("service_tier", json!("auto")),
+        ("logprobs", json!(false)),
+        ("seed", json!(1234)),
+    ] {
+        body[k] = v;
+    }
+    let (status, _, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["tessera"]["seed"], 1234);
+    let model = hub.get("/v1/models/smollm2-135m")?;
+    assert_eq!(model["id"], "smollm2-135m");
+    assert_eq!(model["object"], "model");
+    let sha = model["tessera"]["sha256"].as_str().context("sha256")?;
+    let fingerprint = b["system_fingerprint"].as_str().context("fingerprint")?;
+    assert!(
+        fingerprint.starts_with(&format!("fp_{}_tessera-engine-", &sha[..16])),
+        "{fingerprint}"
+    );
+    // Penalties and biases are honoured (part of the verified rule), not refused.
+    let mut body = question(6);
+    body["presence_penalty"] = json!(0.5);
+    body["frequency_penalty"] = json!(1.5);
+    body["logit_bias"] = json!({"0": -100, "2": 3});
+    let (status, _, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{b}");
+    let mut r = http().get(format!("{}/v1/models/gpt-17", hub.url)).call()?;
+    assert_eq!(r.status(), 404);
+    let missing: Value = r.body_mut().read_json()?;
+    assert_eq!(missing["error"]["code"], "model_not_found", "{missing}");
+    hub.audit()
+}
+
+/// Runs a Python script with the official `openai` client against `hub` as `key`.
+fn run_openai_script(hub: &Hub, key: &str, script: &str, env: &[(&str, &str)]) -> Result<Value> {
+    let python = openai_python()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = Command::new(python)
+        .arg(script)
+        .env("TESSERA_HUB", &hub.url)
+        .env("TESSERA_KEY", key)
+        .envs(env.iter().copied())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_str(
+        stdout.trim().lines().last().unwrap_or(""),
+    )?)
+}
+
+/// Issue 12: `response_format` `json_schema` (strict) and `json_object` by grammar-constrained
+/// decoding, through the official client; unusable schemas are 400s that move no money.
+#[test]
+fn issue_12_structured_output_parses_and_validates_through_the_openai_client() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 2, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let started = Instant::now();
+    let report = run_openai_script(
+        &hub,
+        &key,
+        "structured_output.py",
+        &[("TESSERA_REQUESTS", "20")],
+    )?;
+    eprintln!("structured output: {report} in {:?}", started.elapsed());
+    let spent = 1_000_000 - hub.account(&agent)?.0;
+    assert!(spent > 0, "the answers were paid for");
+    // An unusable schema costs nothing: measured alone.
+    let before = hub.account(&agent)?.0;
+    let mut body = question(8);
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "bad",
+        "schema": {"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}}});
+    let (status, _, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 400, "{b}");
+    assert_eq!(b["error"]["code"], "invalid_json_schema", "{b}");
+    assert_eq!(
+        hub.account(&agent)?.0,
+        before,
+        "a refused schema moves no money"
+    );
+    hub.audit()
+}
+
+/// Issue 12: the grammar is part of the verified rule. A provider that ignores `response_format`
+/// is caught by the verifiers and slashed; an honest constrained job then passes its check.
+#[test]
+fn issue_12_a_provider_ignoring_the_schema_fails_verification() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "1", "--slash-amount", "500000"])?;
+    let honest_a = Wallet::random();
+    let honest_b = Wallet::random();
+    let cheater = Wallet::random();
+    let _a = hub.node("honest-a", &honest_a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &honest_b, 12, &["--dev-stake"])?;
+    let _cheater = hub.node(
+        "cheater",
+        &cheater,
+        5,
+        &["--dev-stake", "--cheat", "ignore-grammar"],
+    )?;
+    hub.wait_connected(3)?;
+    let (_, key) = hub.agent(1_000_000)?;
+    let mut body = question(24);
+    body["messages"] = json!([{"role": "user", "content": "Tell me about Paris."}]);
+    body["response_format"] = json!({"type": "json_object"});
+    let served_by = |headers: &ureq::http::HeaderMap| -> Result<String> {
+        Ok(headers
+            .get("x-tessera-provider")
+            .context("provider header")?
+            .to_str()?
+            .to_lowercase())
+    };
+    let (status, headers, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(
+        served_by(&headers)?,
+        format!("{:#x}", cheater.address()),
+        "the cheaper provider serves first"
+    );
+    let text = b["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(
+        !text.starts_with('{'),
+        "the cheater ignored the grammar: {text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while hub.provider(&cheater)?["quarantined"] != json!(true) {
+        if Instant::now() > deadline {
+            bail!("the cheater was not caught: {}", hub.provider(&cheater)?);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(hub.provider(&cheater)?["slashed"], 500_000);
+
+    let (status, headers, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(served_by(&headers)?, format!("{:#x}", honest_a.address()));
+    let text = b["choices"][0]["message"]["content"]
+        .as_str()
+        .context("content")?;
+    assert!(text.starts_with('{'), "{text}");
+    if b["choices"][0]["finish_reason"] == "stop" {
+        serde_json::from_str::<serde_json::Map<String, Value>>(text).context("a JSON object")?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while hub.provider(&honest_a)?["verified_passed"] != json!(1) {
+        if Instant::now() > deadline {
+            bail!(
+                "the honest constrained job did not pass: {}",
+                hub.provider(&honest_a)?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(hub.provider(&honest_a)?["verified_failed"], 0);
+    hub.audit()
+}
+
+/// Issue 12: a provider that ignores `frequency_penalty` and `presence_penalty` (sampling with the
+/// plain rule while the commitment claims the penalised one) is caught and slashed.
+#[test]
+fn issue_12_a_provider_ignoring_penalties_fails_verification() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "1", "--slash-amount", "500000"])?;
+    let (a, b, cheater) = (Wallet::random(), Wallet::random(), Wallet::random());
+    let _a = hub.node("honest-a", &a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &b, 12, &["--dev-stake"])?;
+    let _cheater = hub.node(
+        "cheater",
+        &cheater,
+        5,
+        &["--dev-stake", "--cheat", "ignore-penalties"],
+    )?;
+    hub.wait_connected(3)?;
+    let (_, key) = hub.agent(1_000_000)?;
+    let mut body = question(48);
+    body["messages"] =
+        json!([{"role": "user", "content": "Write a story about the sea and the sea shore."}]);
+    body["frequency_penalty"] = json!(2.0);
+    body["presence_penalty"] = json!(1.0);
+    let (status, _, answer) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while hub.provider(&cheater)?["quarantined"] != json!(true) {
+        if Instant::now() > deadline {
+            bail!("the cheater was not caught: {}", hub.provider(&cheater)?);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(hub.provider(&cheater)?["slashed"], 500_000);
     hub.audit()
 }

@@ -12,9 +12,10 @@ use crate::chat::{ChatTemplate, Message, Segment};
 use crate::device::{Compute, DeviceTransformer};
 use crate::error::{Error, Result};
 use crate::gguf::{sha256_file, GgufFile};
+use crate::grammar::{Constraint, GrammarCompiler};
 use crate::model::{Config, KvCache, SequenceStep, Transformer};
 use crate::registry;
-use crate::sampling::{self, SamplingParams};
+use crate::sampling::{self, Grammar, SamplingParams, TokenMask};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How to load a model.
@@ -174,6 +175,8 @@ pub struct Engine {
     info: ModelInfo,
     stop_tokens: Vec<u32>,
     pool: rayon::ThreadPool,
+    /// Built on the first constrained request (the token trie costs a pass over the vocabulary).
+    grammar: std::sync::OnceLock<std::result::Result<GrammarCompiler, String>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -194,6 +197,8 @@ struct Live {
     finish: Option<FinishReason>,
     started: Instant,
     first_token: Option<f64>,
+    /// The grammar's state, when the sampling rule has one.
+    constraint: Option<Constraint>,
 }
 
 impl Engine {
@@ -270,7 +275,24 @@ impl Engine {
             info,
             stop_tokens,
             pool,
+            grammar: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The grammar compiler over this model's vocabulary (built once, on first use).
+    pub fn grammar(&self) -> Result<&GrammarCompiler> {
+        self.grammar
+            .get_or_init(|| {
+                GrammarCompiler::new(&self.tokenizer, self.vocab_size(), &self.stop_tokens)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| Error::Grammar(e.clone()))
+    }
+
+    /// The token masks of `grammar` at every position of `tokens` (a verifier's replay).
+    pub fn grammar_masks(&self, grammar: &Grammar, tokens: &[u32]) -> Result<Vec<TokenMask>> {
+        self.grammar()?.masks(grammar, tokens)
     }
 
     /// What was loaded.
@@ -384,7 +406,12 @@ impl Engine {
 
     fn start(&self, prompt: Vec<u32>, options: GenerateOptions) -> Result<Live> {
         self.check_prompt(&prompt)?;
+        let constraint = match &options.sampling.grammar {
+            Some(g) => Some(self.grammar()?.compile(g)?),
+            None => None,
+        };
         Ok(Live {
+            constraint,
             cache: self.model.new_cache(),
             pending: prompt.clone(),
             prompt,
@@ -439,7 +466,17 @@ impl Engine {
         for (k, &i) in active.iter().enumerate() {
             let l = &mut live[i];
             let position = l.cache.len();
-            let token = sampling::select(&logits[k], &l.options.sampling, position as u64);
+            let mask = l.constraint.as_mut().map(Constraint::next_mask);
+            let adjusted = l.options.sampling.adjusted(&logits[k], &l.tokens);
+            let token = sampling::select_masked(
+                adjusted.as_deref().unwrap_or(&logits[k]),
+                &l.options.sampling,
+                position as u64,
+                mask.as_ref(),
+            );
+            if let Some(c) = l.constraint.as_mut() {
+                c.accept(token);
+            }
             l.tokens.push(token);
             if l.first_token.is_none() {
                 l.first_token = Some(l.started.elapsed().as_secs_f64());

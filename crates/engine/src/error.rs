@@ -55,6 +55,9 @@ pub enum Error {
     /// A token id outside the vocabulary.
     #[error("token id {0} is outside the vocabulary")]
     BadToken(u32),
+    /// A grammar (JSON Schema) that llguidance cannot compile.
+    #[error("the grammar cannot be compiled: {0}")]
+    Grammar(String),
     /// Invalid request parameters.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -19,6 +19,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod model;
 pub mod quant;
 pub mod registry;
@@ -34,3 +35,6 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;
+
+/// This engine's version, as providers report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -99,6 +99,9 @@ pub struct HubConfig {
     /// Requests one wallet may start per minute.
     #[arg(long, env = "TESSERA_HUB_REQUESTS_PER_MINUTE", default_value_t = 600)]
     pub requests_per_minute: u32,
+    /// Most choices (`n`) one request may ask for.
+    #[arg(long, env = "TESSERA_HUB_MAX_N", default_value_t = 8)]
+    pub max_n: u32,
     /// Largest request body accepted, bytes.
     #[arg(long, env = "TESSERA_HUB_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -145,6 +148,9 @@ impl HubConfig {
         if self.min_stake < self.slash_amount {
             return fail("--min-stake must be at least --slash-amount, or a cheater risks less than the slash");
         }
+        if self.max_n == 0 {
+            return fail("--max-n must be at least 1");
+        }
         if self.max_concurrent_per_agent == 0 || self.requests_per_minute == 0 {
             return fail("per-wallet limits must be at least 1");
         }
@@ -177,6 +183,7 @@ impl HubConfig {
             default_max_price: 1000,
             max_concurrent_per_agent: 8,
             requests_per_minute: 600,
+            max_n: 8,
             max_body_bytes: 1 << 20,
             verifying_contract: None,
             verify_recheck_ms: 2000,

@@ -167,6 +167,7 @@ async fn register(
     let Ok(NodeMessage::Register {
         registration,
         dev_stake,
+        engine,
     }) = serde_json::from_str::<NodeMessage>(text)
     else {
         return Err("the first message must be a registration".into());
@@ -215,13 +216,8 @@ async fn register(
         ));
     }
     let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
-    Ok(Arc::new(Connection::new(
-        id,
-        provider,
-        model,
-        m.pricePerToken,
-        m.capacity,
-        staked,
-        tx,
-    )))
+    Ok(Arc::new(
+        Connection::new(id, provider, model, m.pricePerToken, m.capacity, staked, tx)
+            .with_engine(engine),
+    ))
 }

@@ -78,6 +78,15 @@ impl ApiError {
         }
     }
 
+    /// 400 `unsupported_parameter`: a parameter that would change the result and that this hub
+    /// does not implement (refused rather than silently ignored).
+    pub fn unsupported_param(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::invalid("unsupported_parameter", message)
+        }
+    }
+
     /// 401: missing or unknown API key.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(

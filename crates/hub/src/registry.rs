@@ -64,6 +64,8 @@ pub struct Connection {
     pub capacity: u32,
     /// Stake held when it registered (lowered when slashed), micro-units.
     pub stake: AtomicU64,
+    /// The engine the provider reports running (`tessera-engine 0.1.0`), or empty.
+    pub engine: String,
     outgoing: mpsc::UnboundedSender<HubMessage>,
     jobs: Mutex<HashMap<u64, mpsc::Sender<JobEvent>>>,
     scores: Mutex<HashMap<u64, oneshot::Sender<Verdict>>>,
@@ -97,6 +99,7 @@ impl Connection {
             price,
             capacity: capacity.clamp(1, MAX_CAPACITY),
             stake: AtomicU64::new(stake),
+            engine: String::new(),
             outgoing,
             jobs: Mutex::default(),
             scores: Mutex::default(),
@@ -104,6 +107,28 @@ impl Connection {
             scoring: AtomicU32::new(0),
             last_seen: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Names the engine the provider reports (capped, as it is unsigned and echoed to agents).
+    pub fn with_engine(mut self, engine: String) -> Self {
+        self.engine = engine
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(64)
+            .collect();
+        self
+    }
+
+    /// The `system_fingerprint` of this provider's responses: the model file's sha256 (first 16
+    /// hex digits) and the engine's version.
+    pub fn fingerprint(&self) -> String {
+        let sha = self.model.sha256.get(..16).unwrap_or(&self.model.sha256);
+        let engine = if self.engine.is_empty() {
+            "unknown-engine".to_owned()
+        } else {
+            self.engine.replace(' ', "-")
+        };
+        format!("fp_{sha}_{engine}")
     }
 
     /// Sends a job; its events arrive on the returned receiver (bounded: a provider that floods

@@ -18,6 +18,12 @@ pub enum Cheat {
     /// Pad every answer: after the honest tokens, send as many again (to bill more than it
     /// generated, or more than `max_tokens`).
     PadTokens,
+    /// Generate without the request's grammar (`response_format`), as if it were plain text,
+    /// while the commitment claims the grammar.
+    IgnoreGrammar,
+    /// Generate without the request's presence/frequency penalties and logit biases, while the
+    /// commitment claims them.
+    IgnorePenalties,
 }
 
 impl Cheat {
@@ -26,7 +32,11 @@ impl Cheat {
         match self {
             Cheat::RequantizedQ40 => Variant::RequantizedQ4_0,
             Cheat::SkipLayers => Variant::SkipLastLayers(2),
-            Cheat::LazyVerifier | Cheat::LyingVerifier | Cheat::PadTokens => Variant::Faithful,
+            Cheat::LazyVerifier
+            | Cheat::LyingVerifier
+            | Cheat::PadTokens
+            | Cheat::IgnoreGrammar
+            | Cheat::IgnorePenalties => Variant::Faithful,
         }
     }
 }

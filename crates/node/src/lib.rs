@@ -175,6 +175,7 @@ impl Node {
         Ok(NodeMessage::Register {
             registration: self.wallet.sign(message, domain)?,
             dev_stake: self.config.dev_stake,
+            engine: format!("tessera-engine {}", tessera_engine::VERSION),
         })
     }
 }

@@ -80,12 +80,29 @@ pub(crate) fn job(
         );
         return fail(FailureKind::ContextLength, message);
     }
-    let options = GenerateOptions {
+    // A grammar that does not compile is refused before any token (and so before any charge).
+    if let Some(grammar) = &request.sampling.grammar {
+        if let Err(e) = node.engine.grammar().and_then(|g| g.compile(grammar)) {
+            return fail(FailureKind::InvalidGrammar, e.to_string());
+        }
+    }
+    #[allow(unused_mut)]
+    let mut options = GenerateOptions {
         max_tokens: request.max_tokens as usize,
         sampling: request.sampling.clone(),
         stop: request.stop.clone(),
         ignore_eos: false,
     };
+    #[cfg(feature = "adversary")]
+    if node.config.cheat == Some(crate::Cheat::IgnoreGrammar) {
+        options.sampling.grammar = None;
+    }
+    #[cfg(feature = "adversary")]
+    if node.config.cheat == Some(crate::Cheat::IgnorePenalties) {
+        options.sampling.presence_penalty = 0.0;
+        options.sampling.frequency_penalty = 0.0;
+        options.sampling.logit_bias.clear();
+    }
     let events = match node.service.submit(prompt.clone(), options, true) {
         Ok(events) => events,
         Err(e) => return fail(FailureKind::Unavailable, e.to_string()),

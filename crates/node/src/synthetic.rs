@@ -62,6 +62,7 @@ pub async fn run_synthetic(
     let register = NodeMessage::Register {
         registration: wallet.sign(registration, domain)?,
         dev_stake: true,
+        engine: "tessera-synthetic".into(),
     };
     sink.send(Frame::text(register.to_json())).await?;
     let prompt_hash = tessera_proof::commitment::hash_tokens(&[0]);

@@ -2,6 +2,7 @@
 //! behaviours verification must catch.
 
 use serde::{Deserialize, Serialize};
+use tessera_engine::sampling::Grammar;
 use tessera_engine::{Engine, Message, Role, SamplingParams};
 
 use crate::check::Claim;
@@ -31,11 +32,13 @@ pub enum Adversary {
     WrongTemperature,
     /// Another job's output and commitment values replayed for this job.
     Replay,
+    /// Generated without the requested grammar (`response_format: json_object`), claimed under it.
+    IgnoredGrammar,
 }
 
 impl Adversary {
     /// Every behaviour, in report order.
-    pub const ALL: [Adversary; 9] = [
+    pub const ALL: [Adversary; 10] = [
         Adversary::OtherModel,
         Adversary::RequantizedQ4_0,
         Adversary::SkippedLayers,
@@ -45,6 +48,7 @@ impl Adversary {
         Adversary::WrongSeed,
         Adversary::WrongTemperature,
         Adversary::Replay,
+        Adversary::IgnoredGrammar,
     ];
 
     /// A short name for tables.
@@ -59,6 +63,7 @@ impl Adversary {
             Adversary::WrongSeed => "wrong seed",
             Adversary::WrongTemperature => "wrong temperature",
             Adversary::Replay => "replayed output",
+            Adversary::IgnoredGrammar => "JSON grammar ignored",
         }
     }
 
@@ -105,6 +110,25 @@ pub fn cheat(
     };
     match adversary {
         Adversary::RequantizedQ4_0 => same(engines.requantized),
+        Adversary::IgnoredGrammar => {
+            // The job asks for a JSON object; the cheater samples freely and claims the grammar.
+            let runs = specs
+                .iter()
+                .map(|s| {
+                    let mut spec = s.clone();
+                    spec.sampling.grammar = Some(Grammar::JsonObject);
+                    Run {
+                        prompt: s.prompt_tokens.clone(),
+                        sampling: s.sampling.clone(),
+                        spec,
+                    }
+                })
+                .collect();
+            Ok(generate_runs(honest, runs, false)?
+                .into_iter()
+                .map(|s| s.job)
+                .collect())
+        }
         Adversary::SkippedLayers => same(engines.skipped),
         Adversary::DroppedSystemPrompt => {
             let runs = tasks

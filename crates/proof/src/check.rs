@@ -15,7 +15,7 @@
 
 use half::f16;
 use serde::{Deserialize, Serialize};
-use tessera_types::sampling;
+use tessera_types::sampling::{self, TokenMask};
 pub use tessera_types::Reason;
 
 use crate::commitment::{
@@ -157,6 +157,14 @@ pub fn check_binding(spec: &JobSpec, claim: &Claim, c: &Commitment) -> Result<()
         Some("top_k")
     } else if c.sampling.top_p.map(f32::to_bits) != s.top_p.map(f32::to_bits) {
         Some("top_p")
+    } else if c.sampling.grammar != s.grammar {
+        Some("grammar")
+    } else if c.sampling.presence_penalty.to_bits() != s.presence_penalty.to_bits() {
+        Some("presence_penalty")
+    } else if c.sampling.frequency_penalty.to_bits() != s.frequency_penalty.to_bits() {
+        Some("frequency_penalty")
+    } else if c.sampling.logit_bias != s.logit_bias {
+        Some("logit_bias")
     } else if c.max_tokens != spec.max_tokens {
         Some("max_tokens")
     } else if c.stop_hash != hash_stop(&spec.stop) {
@@ -194,7 +202,35 @@ pub fn check(
     stop_tokens: &[u32],
     t: &Thresholds,
 ) -> Verdict {
+    check_constrained(spec, claim, c, logits, vocab, stop_tokens, t, None)
+}
+
+/// [`check`] for a job whose rule has a grammar: `masks[i]` holds the tokens the grammar allows
+/// at output position `i` (from replaying the claimed tokens through the same grammar; fewer masks
+/// than tokens means the replay stopped at a disallowed token). Each token must be allowed, and the
+/// rule's choice (within the slack) among the allowed tokens. The committed values stay the raw
+/// logits of the forward pass: the mask changes only which token the rule picks.
+#[allow(clippy::too_many_arguments)]
+pub fn check_constrained(
+    spec: &JobSpec,
+    claim: &Claim,
+    c: &Commitment,
+    logits: &[f32],
+    vocab: usize,
+    stop_tokens: &[u32],
+    t: &Thresholds,
+    masks: Option<&[TokenMask]>,
+) -> Verdict {
     let mut stats = CheckStats::default();
+    if spec.sampling.grammar.is_some() != masks.is_some() {
+        let detail = "the grammar's token masks must be given exactly when the rule has a grammar";
+        return Verdict::fail(
+            Reason::Malformed {
+                detail: detail.into(),
+            },
+            stats,
+        );
+    }
     if let Err(r) = check_binding(spec, claim, c) {
         return Verdict::fail(r, stats);
     }
@@ -283,7 +319,22 @@ pub fn check(
             sum += d as f64;
             count += 1;
         }
-        let deficit = token_deficit(row, params, position0 + i as u64, token);
+        // The rule chooses from the adjusted logits (penalties over the output so far, biases),
+        // restricted to the grammar's tokens; the committed values are the raw ones.
+        let adjusted = params.adjusted(row, &claim.output_tokens[..i]);
+        let row_for_rule = adjusted.as_deref().unwrap_or(row);
+        let masked;
+        let rule_row = match masks {
+            None => row_for_rule,
+            Some(masks) => match masks.get(i).filter(|m| m.allows(token)) {
+                Some(mask) => {
+                    masked = mask.apply(row_for_rule);
+                    &masked
+                }
+                None => return Verdict::fail(Reason::GrammarViolation { index: i }, stats),
+            },
+        };
+        let deficit = token_deficit(rule_row, params, position0 + i as u64, token);
         stats.worst_deficit = stats.worst_deficit.max(deficit);
         if deficit > 0.0 {
             stats.inexact += 1;

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use tessera_engine::{Engine, FinishReason, GenerateOptions, Message, Role, SamplingParams};
 
-use crate::check::{check, Claim, Reason, Thresholds, Verdict};
+use crate::check::{check_constrained, Claim, Reason, Thresholds, Verdict};
 use crate::commitment::{Commitment, CommitmentBuilder, Finish, JobSpec};
 use crate::error::{Error, Result};
 
@@ -226,7 +226,24 @@ pub fn verify(engine: &Engine, job: &Job, thresholds: &Thresholds) -> Result<Ver
             .any(|s| !s.is_empty() && text.contains(s.as_str())),
         ..job.claim.clone()
     };
-    Ok(check(
+    // A grammar is replayed over the claimed tokens for the masks the provider had to respect.
+    // One that does not compile here could not have been honestly served.
+    let masks = match &job.spec.sampling.grammar {
+        None => None,
+        Some(grammar) => match engine.grammar_masks(grammar, output) {
+            Ok(masks) => Some(masks),
+            Err(e) => {
+                return Ok(Verdict {
+                    passed: false,
+                    reason: Some(Reason::Malformed {
+                        detail: e.to_string(),
+                    }),
+                    stats: Default::default(),
+                })
+            }
+        },
+    };
+    Ok(check_constrained(
         &job.spec,
         &claim,
         &job.commitment,
@@ -234,6 +251,7 @@ pub fn verify(engine: &Engine, job: &Job, thresholds: &Thresholds) -> Result<Ver
         vocab,
         engine.stop_tokens(),
         thresholds,
+        masks.as_deref(),
     ))
 }
 

@@ -159,3 +159,114 @@ fn malformed_commitments_are_rejected_with_a_reason() {
             .passed
     );
 }
+
+/// Issue 12: constrained decoding under a JSON Schema is honest work that passes, the output is
+/// valid JSON, and the same tokens claimed under another grammar fail.
+#[test]
+fn constrained_jobs_pass_and_follow_their_schema() {
+    use tessera_engine::sampling::Grammar;
+    let engine = smollm();
+    let schema = r#"{"type":"object","properties":{"city":{"type":"string"},"population":{"type":"integer"}},"required":["city","population"],"additionalProperties":false}"#;
+    let mut specs = Vec::new();
+    for (i, task) in tasks(4, 48, 3).into_iter().enumerate() {
+        let mut spec = task.spec(engine);
+        spec.sampling.grammar = Some(if i % 2 == 0 {
+            Grammar::JsonSchema {
+                schema: schema.into(),
+            }
+        } else {
+            Grammar::JsonObject
+        });
+        specs.push(spec);
+    }
+    let jobs = serve(engine, &specs).unwrap();
+    for job in &jobs {
+        let v = verify(engine, job, &Thresholds::default()).unwrap();
+        assert!(v.passed, "honest constrained job flagged: {:?}", v.reason);
+        assert!(job.output_text.starts_with('{'), "{}", job.output_text);
+        if job.commitment.finish == tessera_proof::Finish::Eos {
+            let value: serde_json::Value = serde_json::from_str(&job.output_text).unwrap();
+            assert!(value.is_object(), "{value}");
+            if matches!(job.spec.sampling.grammar, Some(Grammar::JsonSchema { .. })) {
+                assert!(
+                    value["city"].is_string() && value["population"].is_i64(),
+                    "{value}"
+                );
+            }
+        }
+    }
+    // The schema's output claimed under a stricter schema (an array) fails at its first token.
+    let mut forged = jobs[0].clone();
+    forged.spec.sampling.grammar = Some(Grammar::JsonSchema {
+        schema: r#"{"type":"array"}"#.into(),
+    });
+    forged.commitment.sampling.grammar = forged.spec.sampling.grammar.clone();
+    let v = verify(engine, &forged, &Thresholds::default()).unwrap();
+    assert_eq!(v.reason, Some(Reason::GrammarViolation { index: 0 }));
+    // A schema that cannot compile is refused by the engine before any token.
+    let bad = Grammar::JsonSchema {
+        schema: r##"{"type":"object","properties":{"x":{"$ref":"#/nowhere"}}}"##.into(),
+    };
+    assert!(engine.grammar().unwrap().compile(&bad).is_err());
+}
+
+/// Issue 12: presence and frequency penalties and logit biases are part of the verified rule:
+/// honest penalised and biased jobs pass; the same jobs generated without them but claimed with
+/// them fail wherever the output differs.
+#[test]
+fn penalised_and_biased_jobs_pass_and_ignoring_them_is_caught() {
+    let engine = smollm();
+    let first_greedy_token = |spec: &tessera_proof::JobSpec| {
+        let mut plain = spec.clone();
+        plain.sampling = SamplingParams::greedy();
+        serve(engine, &[plain]).unwrap()[0].claim.output_tokens[0]
+    };
+    let mut specs = Vec::new();
+    for (i, task) in tasks(4, 40, 9).into_iter().enumerate() {
+        let mut spec = task.spec(engine);
+        spec.sampling.presence_penalty = 0.6;
+        spec.sampling.frequency_penalty = 1.5;
+        if i % 2 == 0 {
+            // Forbid the token greedy decoding would start with: the output must change.
+            spec.sampling.logit_bias = vec![(first_greedy_token(&spec), -100.0)];
+        }
+        specs.push(spec);
+    }
+    let honest = serve(engine, &specs).unwrap();
+    for job in &honest {
+        let v = verify(engine, job, &Thresholds::default()).unwrap();
+        assert!(v.passed, "honest penalised job flagged: {:?}", v.reason);
+    }
+    // The cheater samples with the plain rule and claims the penalised one.
+    let plain: Vec<_> = specs
+        .iter()
+        .map(|s| {
+            let mut p = s.clone();
+            p.sampling.presence_penalty = 0.0;
+            p.sampling.frequency_penalty = 0.0;
+            p.sampling.logit_bias.clear();
+            p
+        })
+        .collect();
+    let mut caught = 0;
+    for ((cheat, spec), honest) in serve(engine, &plain)
+        .unwrap()
+        .into_iter()
+        .zip(&specs)
+        .zip(&honest)
+    {
+        if cheat.claim.output_tokens == honest.claim.output_tokens {
+            continue;
+        }
+        let mut forged = cheat.clone();
+        forged.spec = spec.clone();
+        forged.commitment.sampling = spec.sampling.clone();
+        let v = verify(engine, &forged, &Thresholds::default()).unwrap();
+        assert!(!v.passed, "ignored penalties not caught: {:?}", v.stats);
+        caught += 1;
+    }
+    assert!(
+        caught >= 2,
+        "the biased jobs at least must differ ({caught} did)"
+    );
+}

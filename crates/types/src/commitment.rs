@@ -258,6 +258,21 @@ impl Commitment {
         h.update(self.max_tokens.to_le_bytes());
         h.update([self.finish as u8]);
         h.update(self.positions.to_le_bytes());
+        // Appended only when present, so unconstrained commitments keep their digest.
+        if let Some(grammar) = &self.sampling.grammar {
+            h.update(b"grammar");
+            h.update(grammar.hash());
+        }
+        if self.sampling.adjusts_logits() {
+            h.update(b"penalties");
+            h.update(self.sampling.presence_penalty.to_le_bytes());
+            h.update(self.sampling.frequency_penalty.to_le_bytes());
+            h.update((self.sampling.logit_bias.len() as u64).to_le_bytes());
+            for (t, b) in &self.sampling.logit_bias {
+                h.update(t.to_le_bytes());
+                h.update(b.to_le_bytes());
+            }
+        }
         h.finalize().into()
     }
 }
@@ -302,6 +317,20 @@ mod tests {
         assert_ne!(c.digest(), d.digest());
         let mut d = c.clone();
         d.finish = Finish::Length;
+        assert_ne!(c.digest(), d.digest());
+        let mut d = c.clone();
+        d.sampling.grammar = Some(crate::sampling::Grammar::JsonObject);
+        let mut e = d.clone();
+        e.sampling.grammar = Some(crate::sampling::Grammar::JsonSchema {
+            schema: r#"{"type":"array"}"#.into(),
+        });
+        assert_ne!(c.digest(), d.digest());
+        assert_ne!(d.digest(), e.digest());
+        let mut d = c.clone();
+        d.sampling.frequency_penalty = 0.5;
+        assert_ne!(c.digest(), d.digest());
+        let mut d = c.clone();
+        d.sampling.logit_bias = vec![(1, 5.0)];
         assert_ne!(c.digest(), d.digest());
     }
 }

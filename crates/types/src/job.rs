@@ -45,6 +45,8 @@ pub enum FailureKind {
     Engine,
     /// The node is shutting down or at capacity.
     Unavailable,
+    /// The request's grammar (`response_format` schema) does not compile.
+    InvalidGrammar,
 }
 
 /// Where a job stands with verification, as the agent is told.

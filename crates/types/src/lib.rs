@@ -16,6 +16,6 @@ mod chat;
 pub use chat::{Message, Role};
 pub use commitment::{Commitment, CommitmentBuilder, Finish, JobSpec};
 pub use job::{FailureKind, JobRequest, VerificationStatus};
-pub use sampling::SamplingParams;
+pub use sampling::{Grammar, SamplingParams};
 pub use verdict::{Reason, Verdict};
 pub use vocab::{TextDecoder, Vocabulary};

@@ -8,6 +8,7 @@
 //! contrast, accumulates logit noise along the cumulative sum (see the verification crate's docs).
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// Temperatures below this are greedy decoding.
 pub const MIN_TEMPERATURE: f32 = 0.01;
@@ -26,6 +27,66 @@ pub struct SamplingParams {
     /// Seed of the sampler's noise.
     #[serde(default)]
     pub seed: u64,
+    /// A grammar the output must follow: only tokens it allows at a position are candidates
+    /// there (the rule above picks among them). Part of the rule a commitment binds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<Grammar>,
+    /// OpenAI's `presence_penalty` (−2 to 2): subtracted from the logit of every token that
+    /// already occurs in the output.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub presence_penalty: f32,
+    /// OpenAI's `frequency_penalty` (−2 to 2): subtracted once per earlier occurrence in the output.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits (−100 to 100), by ascending token id.
+    /// Ids outside the vocabulary are ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
+}
+
+/// A grammar for constrained decoding (OpenAI's `response_format`). The engine compiles it with
+/// llguidance over the model's own vocabulary; a verifier compiles the same text and applies the
+/// same token mask at every position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Grammar {
+    /// Any JSON object (`{"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid under a JSON Schema, given as its canonical text (`serde_json` compact
+    /// serialization), so that the hash a commitment binds is one string's.
+    JsonSchema {
+        /// The schema, as compact JSON text.
+        schema: String,
+    },
+}
+
+impl Grammar {
+    /// The JSON Schema the output follows (`{"type": "object"}` for [`Grammar::JsonObject`]).
+    pub fn schema_text(&self) -> &str {
+        match self {
+            Grammar::JsonObject => r#"{"type":"object"}"#,
+            Grammar::JsonSchema { schema } => schema,
+        }
+    }
+
+    /// sha256 of the grammar's kind and canonical text: what a commitment binds.
+    pub fn hash(&self) -> [u8; 32] {
+        let kind: &[u8] = match self {
+            Grammar::JsonObject => b"json_object",
+            Grammar::JsonSchema { .. } => b"json_schema",
+        };
+        let text = self.schema_text().as_bytes();
+        let mut h = Sha256::new();
+        h.update((kind.len() as u64).to_le_bytes());
+        h.update(kind);
+        h.update((text.len() as u64).to_le_bytes());
+        h.update(text);
+        h.finalize().into()
+    }
 }
 
 impl Default for SamplingParams {
@@ -42,6 +103,10 @@ impl SamplingParams {
             top_k: None,
             top_p: None,
             seed: 0,
+            grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 
@@ -52,7 +117,42 @@ impl SamplingParams {
             top_k: None,
             top_p: None,
             seed,
+            grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
+    }
+
+    /// Whether the rule adjusts logits before choosing (penalties or biases).
+    pub fn adjusts_logits(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || !self.logit_bias.is_empty()
+    }
+
+    /// The logits the rule chooses from after `history` (the output so far): OpenAI's
+    /// `logit − presence·[count > 0] − frequency·count + bias`, or `None` when nothing adjusts.
+    pub fn adjusted(&self, logits: &[f32], history: &[u32]) -> Option<Vec<f32>> {
+        if !self.adjusts_logits() {
+            return None;
+        }
+        let mut out = logits.to_vec();
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            let mut counts: std::collections::BTreeMap<u32, u32> = Default::default();
+            for &t in history {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = out.get_mut(t as usize) {
+                    *l -= self.presence_penalty + self.frequency_penalty * n as f32;
+                }
+            }
+        }
+        for &(t, bias) in &self.logit_bias {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        Some(out)
     }
 
     /// Whether this is greedy decoding: any temperature below [`MIN_TEMPERATURE`] (or NaN), since
@@ -62,6 +162,67 @@ impl SamplingParams {
         self.temperature
             .partial_cmp(&MIN_TEMPERATURE)
             .is_none_or(|o| o.is_lt())
+    }
+}
+
+/// The tokens a grammar allows at one position: a bitset over the vocabulary (bit `t % 32` of
+/// word `t / 32`, as llguidance lays out its masks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenMask {
+    words: Vec<u32>,
+}
+
+impl TokenMask {
+    /// A mask from its 32-bit words.
+    pub fn from_words(words: Vec<u32>) -> Self {
+        Self { words }
+    }
+
+    /// A mask allowing exactly `tokens` in a vocabulary of `vocab` tokens.
+    pub fn only(vocab: usize, tokens: &[u32]) -> Self {
+        let mut words = vec![0u32; vocab.div_ceil(32)];
+        for &t in tokens {
+            if let Some(w) = words.get_mut(t as usize / 32) {
+                *w |= 1 << (t % 32);
+            }
+        }
+        Self { words }
+    }
+
+    /// Whether `token` is allowed.
+    pub fn allows(&self, token: u32) -> bool {
+        self.words
+            .get(token as usize / 32)
+            .is_some_and(|w| (w >> (token % 32)) & 1 == 1)
+    }
+
+    /// The logits with every disallowed token's set to −∞, so that the rule (top-k, top-p and
+    /// the Gumbel-max draw) chooses among the allowed tokens only.
+    pub fn apply(&self, logits: &[f32]) -> Vec<f32> {
+        logits
+            .iter()
+            .enumerate()
+            .map(|(t, &l)| {
+                if self.allows(t as u32) {
+                    l
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect()
+    }
+}
+
+/// [`select`] among the tokens `mask` allows (all of them without a mask).
+pub fn select_masked(
+    logits: &[f32],
+    params: &SamplingParams,
+    position: u64,
+    mask: Option<&TokenMask>,
+) -> u32 {
+    match mask {
+        None => select(logits, params, position),
+        Some(mask) => select(&mask.apply(logits), params, position),
     }
 }
 
@@ -162,6 +323,41 @@ mod tests {
         for pos in 0..100 {
             assert_eq!(select(&logits, &SamplingParams::seeded(1e-7, 9), pos), 1);
         }
+    }
+
+    #[test]
+    fn a_mask_restricts_the_choice_to_allowed_tokens() {
+        let logits = [5.0f32, 4.0, 1.0, 0.0];
+        let mask = TokenMask::only(4, &[2, 3]);
+        assert!(mask.allows(2) && !mask.allows(0) && !mask.allows(99));
+        assert_eq!(
+            select_masked(&logits, &SamplingParams::greedy(), 0, Some(&mask)),
+            2
+        );
+        let sampled = SamplingParams::seeded(1.0, 5);
+        for pos in 0..200 {
+            assert!(select_masked(&logits, &sampled, pos, Some(&mask)) >= 2);
+        }
+        assert_eq!(
+            select_masked(&logits, &SamplingParams::greedy(), 0, None),
+            0
+        );
+    }
+
+    #[test]
+    fn penalties_and_biases_adjust_the_logits_as_openai_defines() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: vec![(0, -100.0), (3, 2.0), (99, 1.0)],
+            ..SamplingParams::greedy()
+        };
+        let adjusted = params.adjusted(&[1.0, 1.0, 1.0, 1.0], &[1, 1, 2]).unwrap();
+        assert_eq!(
+            adjusted,
+            vec![-99.0, 1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 3.0]
+        );
+        assert_eq!(SamplingParams::greedy().adjusted(&[1.0], &[0]), None);
     }
 
     #[test]

@@ -73,6 +73,12 @@ pub enum Reason {
         /// Its score deficit (logit units).
         deficit: f32,
     },
+    /// A token the job's grammar does not allow at its position (a provider that ignored the
+    /// requested `response_format`).
+    GrammarViolation {
+        /// Index in the output.
+        index: usize,
+    },
     /// The finish reason is false.
     FalseFinish {
         /// Details.
@@ -122,6 +128,10 @@ impl std::fmt::Display for Reason {
                 )
             }
             Reason::FalseFinish { detail } => write!(f, "false finish reason: {detail}"),
+            Reason::GrammarViolation { index } => write!(
+                f,
+                "output token {index} is not allowed by the requested grammar (response_format)"
+            ),
             Reason::TooManyNearTies { inexact, positions } => {
                 write!(f, "{inexact} of {positions} tokens deviate from the rule's choice (near ties); honest noise flips far fewer")
             }

@@ -32,6 +32,10 @@ pub enum NodeMessage {
         /// Development only: ask the hub's faucet to fund and stake this provider.
         #[serde(default)]
         dev_stake: bool,
+        /// The engine and its version (`tessera-engine 0.1.0`), named in responses'
+        /// `system_fingerprint`; unsigned, informational.
+        #[serde(default)]
+        engine: String,
     },
     /// Liveness and load.
     Heartbeat {

@@ -29,6 +29,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/v1/keys", post(auth::register_key))
         .route("/v1/keys/revoke", post(auth::revoke_key))
         .route("/v1/domain", get(domain))

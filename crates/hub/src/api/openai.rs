@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +35,8 @@ use crate::jobs::dispatch::{End, Running};
 use crate::jobs::settle::Charge;
 use crate::metrics::inc;
 use crate::{now_secs, Hub};
+
+mod params;
 
 /// Stop strings a request may give (as OpenAI).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -104,6 +106,14 @@ struct Common {
     n: Option<u32>,
     #[serde(default)]
     max_price: Option<u64>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,13 +144,25 @@ enum Kind {
     Completion,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// Parses a request body after [`params::check`] has refused what this hub would not honour.
+fn parse<T: serde::de::DeserializeOwned>(
+    body: &Bytes,
+    kind: Kind,
+    max_n: u32,
+) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(
             "invalid_json",
             format!("We could not parse the JSON body of your request: {e}"),
         )
     })?;
+    let Some(fields) = value.as_object() else {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            "The request body must be a JSON object.",
+        ));
+    };
+    params::check(fields, kind, max_n)?;
     serde_json::from_value(value)
         .map_err(|e| ApiError::invalid("invalid_request", format!("Invalid request: {e}")))
 }
@@ -153,7 +175,10 @@ impl Common {
         default_max_tokens: u32,
     ) -> Result<JobRequest, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid_param("n", "Only n = 1 is supported."));
+            return Err(ApiError::unsupported_param(
+                "n",
+                "Only n = 1 is supported by this hub.",
+            ));
         }
         let max_tokens = self
             .max_completion_tokens
@@ -202,6 +227,10 @@ impl Common {
                 top_k: self.top_k,
                 top_p: self.top_p,
                 seed: self.seed.unwrap_or_else(rand::random),
+                grammar: params::grammar(self.response_format.as_ref())?,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                logit_bias: params::logit_bias(self.logit_bias.as_ref()),
             },
             stop,
         })
@@ -257,7 +286,7 @@ pub async fn chat(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) 
         Err(e) => return reject(&hub, e),
     };
     let prepared = (|| {
-        let request: ChatRequest = parse(&body)?;
+        let request: ChatRequest = parse(&body, Kind::Chat, hub.config.max_n)?;
         let job = request.common.job(messages(request.messages)?, None, 256)?;
         Ok::<_, ApiError>((request.common, job))
     })();
@@ -274,7 +303,7 @@ pub async fn completions(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: 
         Err(e) => return reject(&hub, e),
     };
     let prepared = (|| {
-        let request: CompletionRequest = parse(&body)?;
+        let request: CompletionRequest = parse(&body, Kind::Completion, hub.config.max_n)?;
         let prompt = match request.prompt {
             Prompt::One(p) => p,
             Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -311,6 +340,9 @@ struct Frame {
     id: String,
     created: u64,
     model: String,
+    fingerprint: String,
+    /// The sampling seed (the agent's or the hub's), echoed in the `tessera` extension.
+    seed: u64,
 }
 
 impl Frame {
@@ -325,12 +357,12 @@ impl Frame {
                     delta.insert("content".into(), json!(t));
                 }
                 json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                       "system_fingerprint": null,
+                       "system_fingerprint": self.fingerprint,
                        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
             }
             Kind::Completion => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                       "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
+                       "system_fingerprint": self.fingerprint, "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
             }
         }
     }
@@ -340,8 +372,15 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn extension(running_provider: Address, price: u64, job: &str, charge: &Charge) -> Value {
-    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job, "verification": charge.verification.as_str()})
+fn extension(
+    running_provider: Address,
+    price: u64,
+    job: &str,
+    charge: &Charge,
+    seed: u64,
+) -> Value {
+    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job,
+           "verification": charge.verification.as_str(), "seed": seed})
 }
 
 async fn serve(
@@ -409,6 +448,8 @@ async fn serve(
         ),
         created: now_secs(),
         model: common.model.clone(),
+        fingerprint: running.provider.fingerprint(),
+        seed: job.sampling.seed,
     };
     let mut headers = HeaderMap::new();
     let provider = running.provider.address;
@@ -461,10 +502,10 @@ async fn serve(
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": frame.created,
         "model": frame.model,
-        "system_fingerprint": null,
+        "system_fingerprint": frame.fingerprint,
         "choices": [choice],
         "usage": usage(outcome.billed_prompt_tokens, completion),
-        "tessera": extension(provider, price, &key, &charge),
+        "tessera": extension(provider, price, &key, &charge, frame.seed),
     });
     (headers, Json(body)).into_response()
 }
@@ -497,7 +538,7 @@ fn stream(
                 if frame.kind == Kind::Chat {
                     last["choices"][0]["delta"] = json!({});
                 }
-                last["tessera"] = extension(provider, price, &key, &charge);
+                last["tessera"] = extension(provider, price, &key, &charge, frame.seed);
                 let _ = tx.send(data(last));
                 if include_usage {
                     let mut u = frame.chunk(None, None, false);
@@ -513,7 +554,7 @@ fn stream(
                     charge.cost, completion
                 );
                 let mut body = ApiError::provider_failed(message).body();
-                body["tessera"] = extension(provider, price, &key, &charge);
+                body["tessera"] = extension(provider, price, &key, &charge, frame.seed);
                 let _ = tx.send(data(body));
             }
         }
@@ -526,11 +567,11 @@ fn stream(
     Sse::new(events)
 }
 
-/// `GET /v1/models`: the catalog's models that live providers serve.
-pub async fn models(State(hub): State<Arc<Hub>>) -> Json<Value> {
+/// The model objects (<https://platform.openai.com/docs/api-reference/models/object>) of the
+/// catalog's models that live, unquarantined providers serve.
+fn live_models(hub: &Hub) -> Vec<(String, Value)> {
     let connections = hub.registry.connections();
-    let data: Vec<Value> = hub
-        .config
+    hub.config
         .catalog
         .entries()
         .iter()
@@ -540,9 +581,22 @@ pub async fn models(State(hub): State<Arc<Hub>>) -> Json<Value> {
                 .filter(|c| c.model.sha256 == m.sha256 && !hub.registry.quarantined(c.address))
                 .collect();
             let min_price = live.iter().map(|c| c.price).min()?;
-            Some(json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tessera",
-                   "tessera": {"sha256": m.sha256, "context_length": m.context_length, "providers": live.len(), "min_price_per_token": min_price}}))
+            Some((m.name.clone(), json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tessera",
+                   "tessera": {"sha256": m.sha256, "context_length": m.context_length, "providers": live.len(), "min_price_per_token": min_price}})))
         })
-        .collect();
+        .collect()
+}
+
+/// `GET /v1/models`: the catalog's models that live providers serve.
+pub async fn models(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    let data: Vec<Value> = live_models(&hub).into_iter().map(|(_, m)| m).collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: one served model, or 404 `model_not_found` in OpenAI's shape.
+pub async fn model(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Response {
+    match live_models(&hub).into_iter().find(|(name, _)| *name == id) {
+        Some((_, m)) => Json(m).into_response(),
+        None => ApiError::model_not_found(&id).into_response(),
+    }
 }

@@ -158,6 +158,23 @@ impl Hub {
                         ..ApiError::invalid("context_length_exceeded", message)
                     });
                 }
+                Ok(Some(JobEvent::Failed {
+                    kind: FailureKind::InvalidGrammar,
+                    message,
+                    ..
+                })) => {
+                    // Every provider compiles the same grammar the same way: no retry.
+                    self.refund(&ticket.close()).await;
+                    return Err(ApiError {
+                        param: Some("response_format"),
+                        ..ApiError::invalid(
+                            "invalid_json_schema",
+                            format!(
+                                "The JSON Schema cannot be used for structured output: {message}"
+                            ),
+                        )
+                    });
+                }
                 Ok(Some(JobEvent::Failed { kind, message, .. })) => {
                     tracing::warn!(job = %ticket.key(), provider = %provider.address, ?kind, %message, "provider failed before the first token; retrying elsewhere");
                 }
