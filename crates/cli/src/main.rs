@@ -8,8 +8,10 @@ mod catalog;
 mod client;
 mod demo;
 mod ledger;
+mod local;
 mod model_cmd;
 mod signals;
+mod synth_cmd;
 mod verify_cmd;
 mod wallet;
 
@@ -53,6 +55,8 @@ enum Command {
     Verify(verify_cmd::VerifyArgs),
     /// A whole network on this machine: a hub, two honest nodes and a cheater, an agent's requests, a slash.
     Demo(demo::DemoArgs),
+    /// Make a dataset from a spec through a hub (or a network of its own on this machine).
+    Synth(synth_cmd::SynthArgs),
     /// Run the hub: OpenAI-compatible API, provider registry, settlement, verification.
     Hub(tessera_hub::HubConfig),
     /// Run a provider node that connects to a hub and serves a model.
@@ -191,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger { command } => block_on(ledger::run(command)),
         Command::Bench { command } => bench::run(command),
         Command::Demo(args) => demo::run(args),
+        Command::Synth(args) => synth_cmd::run(args),
         Command::Hub(mut config) => {
             config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;
             signals::run_service(async {

@@ -340,8 +340,18 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn extension(running_provider: Address, price: u64, job: &str, charge: &Charge) -> Value {
-    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job, "verification": charge.verification.as_str()})
+/// The `tessera` object of a response: who served the job, what it cost, and what pins the
+/// result (the model file, the seed, the digest of the provider's commitment), so a client can
+/// record each result's provenance.
+fn extension(
+    running_provider: Address,
+    price: u64,
+    job: &str,
+    charge: &Charge,
+    commitment: &tessera_types::Commitment,
+) -> Value {
+    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job, "verification": charge.verification.as_str(),
+           "model_sha256": commitment.model_sha256, "seed": commitment.sampling.seed, "commitment_digest": hex::encode(commitment.digest())})
 }
 
 async fn serve(
@@ -464,7 +474,7 @@ async fn serve(
         "system_fingerprint": null,
         "choices": [choice],
         "usage": usage(outcome.billed_prompt_tokens, completion),
-        "tessera": extension(provider, price, &key, &charge),
+        "tessera": extension(provider, price, &key, &charge, &outcome.commitment),
     });
     (headers, Json(body)).into_response()
 }
@@ -497,7 +507,7 @@ fn stream(
                 if frame.kind == Kind::Chat {
                     last["choices"][0]["delta"] = json!({});
                 }
-                last["tessera"] = extension(provider, price, &key, &charge);
+                last["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
                 let _ = tx.send(data(last));
                 if include_usage {
                     let mut u = frame.chunk(None, None, false);
@@ -513,7 +523,7 @@ fn stream(
                     charge.cost, completion
                 );
                 let mut body = ApiError::provider_failed(message).body();
-                body["tessera"] = extension(provider, price, &key, &charge);
+                body["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
                 let _ = tx.send(data(body));
             }
         }
@@ -541,7 +551,7 @@ pub async fn models(State(hub): State<Arc<Hub>>) -> Json<Value> {
                 .collect();
             let min_price = live.iter().map(|c| c.price).min()?;
             Some(json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tessera",
-                   "tessera": {"sha256": m.sha256, "context_length": m.context_length, "providers": live.len(), "min_price_per_token": min_price}}))
+                   "tessera": {"sha256": m.sha256, "context_length": m.context_length, "providers": live.len(), "min_price_per_token": min_price, "prompt_price_bps": hub.config.prompt_price_bps}}))
         })
         .collect();
     Json(json!({"object": "list", "data": data}))
