@@ -139,6 +139,8 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         Ending::Complete => Ok(()),
         Ending::Interrupted => {
             eprintln!("interrupted: run the same command again to continue");
+            // `exit` runs no destructors: stop the local network first.
+            children.stop(local::CHILD_STOP_TIMEOUT);
             std::process::exit(130)
         }
         Ending::BudgetExhausted => anyhow::bail!("the budget ran out after {rows} rows"),

@@ -216,6 +216,20 @@ fn manifest(out: &Path) -> Result<Value> {
     )?)?)
 }
 
+/// Waits until a running synth has stored `n` rows (and is still running).
+fn wait_stored(store: &Path, n: usize, run: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while std::fs::read_to_string(store).map_or(0, |s| s.lines().count()) < n {
+        anyhow::ensure!(Instant::now() < deadline, "no rows were stored");
+        anyhow::ensure!(
+            run.try_wait()?.is_none(),
+            "the run ended before it could be stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// A virtual environment with Hugging Face `datasets`, made once per target directory.
 fn datasets_python() -> Result<PathBuf> {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("datasets-venv");
@@ -378,15 +392,7 @@ fn synth_killed_mid_run_resumes_without_paying_twice() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     let store = out.join("rows.jsonl");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(&store).map_or(0, |s| s.lines().count()) < 2 {
-        anyhow::ensure!(Instant::now() < deadline, "no rows were stored");
-        anyhow::ensure!(
-            first.try_wait()?.is_none(),
-            "the run ended before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_stored(&store, 2, &mut first)?;
     first.kill()?; // SIGKILL: no chance to clean up.
     first.wait()?;
     assert!(
@@ -479,4 +485,76 @@ fn synth_budget_cap_holds_under_concurrency() -> Result<()> {
     assert_eq!(m["ending"], "budget_exhausted");
     assert!(m["rows_paid"].as_u64().is_some_and(|n| n >= 1), "{m}");
     net.audit()
+}
+
+#[test]
+fn synth_on_its_own_local_network_stops_gracefully_on_ctrl_c_and_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        dir.path(),
+        &QA_SPEC
+            .replace("rows = 3", "rows = 5")
+            .replace("[[steps]]\nname = \"answer\"\nsystem = \"You answer in one short sentence.\"\nprompt = \"{question}\"\n", ""),
+    )?;
+    let out = dir.path().join("out");
+    let local = |cmd: &mut Command| {
+        cmd.arg("synth")
+            .arg(&spec)
+            .arg("--out")
+            .arg(&out)
+            .args(["--local-nodes", "1"])
+            .env("RUST_LOG", "tessera=info");
+    };
+    let mut first = Command::new(BIN);
+    local(&mut first);
+    let mut first = first
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let store = out.join("rows.jsonl");
+    wait_stored(&store, 1, &mut first)?;
+    let pid = i32::try_from(first.id())?;
+    // SAFETY: kill(2) with our own child's pid, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let interrupted = first.wait_with_output()?;
+    assert_eq!(
+        interrupted.status.code(),
+        Some(130),
+        "{}",
+        text(&interrupted)
+    );
+    let said = text(&interrupted);
+    let url = said
+        .split("local network at ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("the local network's address")?;
+    assert!(
+        http().get(format!("{url}/health")).call().is_err(),
+        "the local hub stopped with the run"
+    );
+    let m = manifest(&out)?;
+    assert_eq!(m["ending"], "interrupted", "{m}");
+    let kept = jsonl(&out.join("data.jsonl"))?;
+    let stored = jsonl(&store)?;
+    let accepted = stored
+        .iter()
+        .filter(|r| r["verdict"]["outcome"] == "accepted")
+        .count();
+    assert!(
+        !kept.is_empty() && kept.len() == accepted && kept.len() < 5,
+        "every finished row kept: {m}"
+    );
+
+    // A re-run, on a network of its own again, continues from the store.
+    let mut second = Command::new(BIN);
+    local(&mut second);
+    let second = second.output()?;
+    assert!(second.status.success(), "{}", text(&second));
+    let rows = jsonl(&out.join("data.jsonl"))?;
+    assert_eq!(rows.len(), 5);
+    for old in &kept {
+        assert!(rows.contains(old), "a kept row stays as it was");
+    }
+    Ok(())
 }

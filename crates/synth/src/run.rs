@@ -177,6 +177,42 @@ fn cheapest_row(spec: &Spec, bps: u64) -> u64 {
         .sum()
 }
 
+/// The request of step `step` of a row: the spec's sampling, the row's seed, the price cap, and
+/// on the last step of a JSON spec with `response_format = true`, OpenAI's structured output
+/// (`response_format: {type: json_schema}`), which a hub that supports it enforces while
+/// sampling; the schema is checked as a filter either way.
+pub fn request_for(
+    spec: &Spec,
+    model_sha256: &str,
+    step: usize,
+    messages: Vec<ChatMessage>,
+    seed: u64,
+) -> ChatRequest {
+    let last = step + 1 == spec.steps.len();
+    let response_format = match &spec.output {
+        Output::Json {
+            schema,
+            response_format: true,
+        } if last => Some(serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {"name": "row", "schema": schema.as_json(), "strict": true},
+        })),
+        _ => None,
+    };
+    ChatRequest {
+        model: model_sha256.to_owned(),
+        messages,
+        max_tokens: Some(spec.sampling.max_tokens),
+        temperature: Some(spec.sampling.temperature),
+        top_p: spec.sampling.top_p,
+        top_k: spec.sampling.top_k,
+        seed: Some(seed),
+        stop: spec.sampling.stop.clone(),
+        max_price: Some(spec.budget.max_price),
+        response_format,
+    }
+}
+
 struct Schedule {
     next_index: u64,
     in_flight: u64,
@@ -295,7 +331,7 @@ impl Shared<'_> {
                 messages.push(ChatMessage::new("system", system.render(&values)));
             }
             messages.push(ChatMessage::new("user", step.prompt.render(&values)));
-            let bytes = messages.iter().map(|m| m.content.len()).sum();
+            let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
             let hold = max_request_cost(
                 spec.budget.max_price,
                 spec.sampling.max_tokens,
@@ -303,29 +339,7 @@ impl Shared<'_> {
                 messages.len(),
                 self.bps,
             );
-            let last = i + 1 == spec.steps.len();
-            let response_format = match &spec.output {
-                Output::Json {
-                    schema,
-                    response_format: true,
-                } if last => Some(serde_json::json!({
-                    "type": "json_schema",
-                    "json_schema": {"name": "row", "schema": schema.as_json(), "strict": true},
-                })),
-                _ => None,
-            };
-            let request = ChatRequest {
-                model: self.plan.model_sha256().to_owned(),
-                messages,
-                max_tokens: Some(spec.sampling.max_tokens),
-                temperature: Some(spec.sampling.temperature),
-                top_p: spec.sampling.top_p,
-                top_k: spec.sampling.top_k,
-                seed: Some(c.seed),
-                stop: spec.sampling.stop.clone(),
-                max_price: Some(spec.budget.max_price),
-                response_format,
-            };
+            let request = request_for(spec, self.plan.model_sha256(), i, messages, c.seed);
             let Some(reservation) = self.reserve(hold) else {
                 return Made::Broken {
                     paid,
@@ -549,4 +563,66 @@ pub fn run(
         elapsed: shared.started.elapsed(),
         completion_tokens: schedule.progress.completion_tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON_SPEC: &str = r#"
+name = "t"
+model = "m"
+rows = 1
+[sampling]
+max_tokens = 9
+[budget]
+max_spend = 100
+max_price = 3
+[[steps]]
+name = "draft"
+prompt = "draft"
+[[steps]]
+name = "final"
+prompt = "{draft}"
+[output]
+format = "json"
+response_format = true
+schema = { type = "object", required = ["label"] }
+"#;
+
+    #[test]
+    fn only_the_last_step_of_a_json_spec_asks_for_structured_output() {
+        let spec = Spec::parse(Path::new("s.toml"), JSON_SPEC).unwrap();
+        let first = request_for(&spec, "abc", 0, vec![ChatMessage::new("user", "x")], 5);
+        assert_eq!(first.response_format, None);
+        let last = serde_json::to_value(request_for(&spec, "abc", 1, vec![], 5)).unwrap();
+        assert_eq!(last["response_format"]["type"], "json_schema");
+        assert_eq!(
+            last["response_format"]["json_schema"]["schema"]["required"][0],
+            "label"
+        );
+        assert_eq!(
+            (
+                last["seed"].as_u64(),
+                last["max_price"].as_u64(),
+                last["max_tokens"].as_u64()
+            ),
+            (Some(5), Some(3), Some(9))
+        );
+        assert_eq!(last["model"], "abc");
+        let off = Spec::parse(
+            Path::new("s.toml"),
+            &JSON_SPEC.replace("response_format = true", ""),
+        )
+        .unwrap();
+        assert_eq!(request_for(&off, "abc", 1, vec![], 5).response_format, None);
+    }
+
+    #[test]
+    fn the_cheapest_row_sums_every_steps_least_hold() {
+        let spec = Spec::parse(Path::new("s.toml"), JSON_SPEC).unwrap();
+        // "draft" (5 bytes) then "{draft}" rendered empty, one message each, at price 3.
+        let expected = max_request_cost(3, 9, 5, 1, 2500) + max_request_cost(3, 9, 0, 1, 2500);
+        assert_eq!(cheapest_row(&spec, 2500), expected);
+    }
 }
