@@ -4,6 +4,7 @@ mod bench;
 #[cfg(feature = "adversary")]
 mod bench_attack;
 mod bench_hub;
+mod bench_synth;
 mod catalog;
 mod client;
 mod demo;

@@ -116,7 +116,17 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("decrypting {} (wrong password?)", file.display()))?;
             Client::new(url, &wallet)?
         }
-        _ => local_network(&args, &spec, &children, network.path())?,
+        _ => local_network(
+            &LocalNetwork {
+                nodes: args.local_nodes,
+                threads: args.threads,
+                verify_probability: args.verify_probability,
+                price: spec.budget.max_price.min(10),
+                funds: spec.budget.max_spend,
+            },
+            &children,
+            network.path(),
+        )?,
     };
     let observer = Lines::new(spec.rows);
     let report = tessera_synth::run(&spec, &client, &args.out, &stop, &observer)?;
@@ -151,17 +161,30 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Starts a hub and `--local-nodes` nodes, funds a fresh agent with the spec's budget.
-fn local_network(
-    args: &SynthArgs,
-    spec: &Spec,
+/// How a local network is made.
+pub struct LocalNetwork {
+    /// Provider nodes.
+    pub nodes: usize,
+    /// Compute threads per node.
+    pub threads: usize,
+    /// The hub's verification probability.
+    pub verify_probability: f64,
+    /// Each node's price per generated token.
+    pub price: u64,
+    /// Micro-units the agent is funded with.
+    pub funds: u64,
+}
+
+/// Starts a hub and nodes as children, funds a fresh agent from the dev faucet.
+pub fn local_network(
+    network: &LocalNetwork,
     children: &Children,
     dir: &std::path::Path,
 ) -> anyhow::Result<Client> {
-    let nodes = args.local_nodes.max(1);
+    let nodes = network.nodes.max(1);
     let mut hub_args = vec![
         "--verify-probability".to_owned(),
-        args.verify_probability.to_string(),
+        network.verify_probability.to_string(),
     ];
     if nodes == 1 {
         // No other provider could verify the only one.
@@ -170,7 +193,6 @@ fn local_network(
     let hub_args: Vec<&str> = hub_args.iter().map(String::as_str).collect();
     let (url, _db) = local::start_hub(children, dir, &hub_args)?;
     for i in 0..nodes {
-        let price = spec.budget.max_price.min(10);
         local::start_node(
             children,
             dir,
@@ -178,8 +200,8 @@ fn local_network(
             &local::NodeSpec {
                 name: &format!("node-{i}"),
                 wallet: &Wallet::random(),
-                price,
-                threads: args.threads,
+                price: network.price,
+                threads: network.threads,
                 extra: &["--capacity", "2"],
             },
         )?;
@@ -188,7 +210,7 @@ fn local_network(
     let agent = Wallet::random();
     let r = http()
         .post(format!("{url}/v1/dev/faucet"))
-        .send_json(json!({"address": agent.address(), "amount": spec.budget.max_spend}))?;
+        .send_json(json!({"address": agent.address(), "amount": network.funds}))?;
     anyhow::ensure!(r.status() == 200, "the local faucet refused");
     eprintln!(
         "synth: local network at {url} with {nodes} node(s) (logs in {})",

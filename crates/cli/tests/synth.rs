@@ -558,3 +558,38 @@ fn synth_on_its_own_local_network_stops_gracefully_on_ctrl_c_and_resumes() -> Re
     }
     Ok(())
 }
+
+#[test]
+fn bench_synth_measures_one_and_two_providers() -> Result<()> {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "synth",
+            "--rows",
+            "2",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
+    let runs = v["runs"].as_array().context("runs")?;
+    assert_eq!(runs.len(), 2);
+    for (run, providers) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["providers"], providers);
+        assert_eq!(run["rows"], 2, "{v}");
+        assert!(run["rows_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+        assert!(
+            run["cost_per_1000_rows"].as_f64().is_some_and(|c| c > 0.0),
+            "{v}"
+        );
+    }
+    let ratio = runs[1]["rows_per_s"].as_f64().unwrap_or(0.0)
+        / runs[0]["rows_per_s"].as_f64().unwrap_or(1.0);
+    assert!(
+        (v["scaling_ratio"].as_f64().unwrap_or(0.0) - ratio).abs() < 1e-9,
+        "{v}"
+    );
+    Ok(())
+}
