@@ -19,6 +19,8 @@ pub enum BenchCommand {
     /// attempts, prevented, the attacker's gain and honest providers wrongly slashed.
     #[cfg(feature = "adversary")]
     Attack(crate::bench_attack::AttackArgs),
+    /// Synthetic-data throughput: rows/s and cost per 1,000 rows with 1 and 2 local providers.
+    Synth(crate::bench_synth::SynthBenchArgs),
     /// Engine throughput for each cached model: prompt processing, decode (batch 1 and 8),
     /// teacher-forced scoring, time to first token, peak RSS.
     Engine {
@@ -410,6 +412,7 @@ fn bench_engine(
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Hub(args) => crate::bench_hub::run(args)?,
+        BenchCommand::Synth(args) => crate::bench_synth::run(args)?,
         #[cfg(feature = "adversary")]
         BenchCommand::Attack(args) => crate::bench_attack::run(args)?,
         BenchCommand::Engine {

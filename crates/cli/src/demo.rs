@@ -5,9 +5,7 @@
 //! Ctrl-C or SIGTERM (and any error) stops every child process before the demo exits: none is
 //! left behind (issue 17).
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,6 +13,7 @@ use serde_json::{json, Value};
 use tessera_protocol::Wallet;
 
 use crate::client::http;
+use crate::local::{self, Children, StopOnDrop, CHILD_STOP_TIMEOUT};
 
 /// `tessera demo` options.
 #[derive(clap::Args, Debug)]
@@ -34,161 +33,6 @@ pub struct DemoArgs {
     /// Keep the hub's database and logs here instead of a temporary directory.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-}
-
-/// How long the children get to drain (`--drain-timeout-secs` of the hub and the nodes).
-const CHILD_DRAIN_SECS: u64 = 5;
-/// How long the demo waits for its children to exit after SIGTERM before it kills them.
-const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(CHILD_DRAIN_SECS + 5);
-
-/// The hub and node processes the demo started. Each runs in its own process group, so a
-/// terminal's Ctrl-C reaches only the demo, which then stops them itself: SIGTERM, up to
-/// [`CHILD_STOP_TIMEOUT`] to exit, then SIGKILL, and every one is reaped. Once stopping, no
-/// further child is started, so none can slip past the stop.
-#[derive(Clone, Default)]
-struct Children(Arc<Mutex<ChildSet>>);
-
-#[derive(Default)]
-struct ChildSet {
-    running: Vec<Child>,
-    stopping: bool,
-    interrupted: bool,
-}
-
-impl Children {
-    fn lock(&self) -> MutexGuard<'_, ChildSet> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn spawn(&self, cmd: &mut Command) -> anyhow::Result<()> {
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(cmd, 0);
-        let mut set = self.lock();
-        if set.stopping {
-            bail!("interrupted");
-        }
-        set.running.push(cmd.spawn()?);
-        Ok(())
-    }
-
-    fn interrupted(&self) -> bool {
-        self.lock().interrupted
-    }
-
-    /// Asks every child to stop, waits up to `grace` for them, kills the rest; returns once all
-    /// are reaped. Safe to call from several threads.
-    fn stop(&self, grace: Duration) {
-        let deadline = Instant::now() + grace;
-        {
-            let mut set = self.lock();
-            if !set.stopping {
-                set.stopping = true;
-                for child in &mut set.running {
-                    terminate(child);
-                }
-            }
-        }
-        loop {
-            let mut set = self.lock();
-            set.running
-                .retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
-            if set.running.is_empty() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                drop(set);
-                return self.kill();
-            }
-            drop(set);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Kills every child at once and reaps it.
-    fn kill(&self) {
-        let mut set = self.lock();
-        set.stopping = true;
-        for mut child in set.running.drain(..) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Stops the children on the first Ctrl-C or SIGTERM (kills them at once on a second one),
-    /// then exits with status 130. Returns once the handlers are installed.
-    fn stop_on_signal(&self) -> anyhow::Result<()> {
-        let children = self.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let mut signals = match crate::signals::Signals::install() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                let name = signals.next().await;
-                children.lock().interrupted = true;
-                eprintln!(
-                    "\n{name}: stopping the hub and nodes (up to {} s; again to kill them at once)",
-                    CHILD_STOP_TIMEOUT.as_secs()
-                );
-                let stopping = children.clone();
-                let stopped =
-                    tokio::task::spawn_blocking(move || stopping.stop(CHILD_STOP_TIMEOUT));
-                tokio::select! {
-                    _ = stopped => {}
-                    _ = signals.next() => children.kill(),
-                }
-                std::process::exit(130);
-            });
-        });
-        ready_rx
-            .recv()
-            .context("the signal thread ended")?
-            .context("installing the signal handlers")
-    }
-}
-
-/// Stops the children when the demo returns, by success or by any error.
-struct StopOnDrop(Children);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.stop(CHILD_STOP_TIMEOUT);
-    }
-}
-
-#[cfg(unix)]
-fn terminate(child: &mut Child) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped, so the
-        // id cannot belong to another process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-}
-
-#[cfg(not(unix))]
-fn terminate(child: &mut Child) {
-    let _ = child.kill();
-}
-
-fn log(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
-    Ok(Stdio::from(std::fs::File::create(
-        dir.join(format!("{name}.log")),
-    )?))
 }
 
 /// Runs the demo.
@@ -213,42 +57,11 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     let _stop = StopOnDrop(children.clone());
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(&dir)?;
-    let exe = std::env::current_exe()?;
-    let db = format!("sqlite://{}", dir.join("hub.db").display());
-    let addr_file = dir.join("hub.addr");
-    let _ = std::fs::remove_file(&addr_file);
-    children.spawn(
-        Command::new(&exe)
-            .args([
-                "hub",
-                "--drain-timeout-secs",
-                &CHILD_DRAIN_SECS.to_string(),
-                "--dev",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                &db,
-                "--verify-probability",
-                &args.verify_probability.to_string(),
-            ])
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .stdout(Stdio::null())
-            .stderr(log(&dir, "hub")?),
+    let (url, db) = local::start_hub(
+        children,
+        &dir,
+        &["--verify-probability", &args.verify_probability.to_string()],
     )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let url = loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            break format!("http://{}", a.trim());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the hub did not start; see {}",
-                dir.join("hub.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
     println!("hub        {url}   (logs and ledger in {})", dir.display());
     let nodes = [
         ("honest-a", 10u64, None),
@@ -258,29 +71,19 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     let mut wallets = Vec::new();
     for (name, price, cheat) in nodes {
         let wallet = Wallet::random();
-        let mut cmd = Command::new(&exe);
-        cmd.args([
-            "node",
-            "--hub",
+        let cheat_args = cheat.map(|c| ["--cheat", c]);
+        local::start_node(
+            children,
+            &dir,
             &url,
-            "--price",
-            &price.to_string(),
-            "--threads",
-            &args.threads.to_string(),
-            "--dev-stake",
-            "--drain-timeout-secs",
-            &CHILD_DRAIN_SECS.to_string(),
-        ])
-        .env(
-            "TESSERA_PRIVATE_KEY",
-            hex::encode(wallet.signer().to_bytes()),
-        )
-        .stdout(Stdio::null())
-        .stderr(log(&dir, name)?);
-        if let Some(cheat) = cheat {
-            cmd.args(["--cheat", cheat]);
-        }
-        children.spawn(&mut cmd)?;
+            &local::NodeSpec {
+                name,
+                wallet: &wallet,
+                price,
+                threads: args.threads,
+                extra: cheat_args.as_ref().map_or(&[][..], |a| &a[..]),
+            },
+        )?;
         println!(
             "node       {name:<9} {:#x}  price {price}/token{}",
             wallet.address(),
@@ -292,21 +95,7 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
         );
         wallets.push((name, wallet));
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v: Value = http()
-            .get(format!("{url}/health"))
-            .call()?
-            .body_mut()
-            .read_json()?;
-        if v["providers"].as_u64() == Some(3) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("nodes did not connect; see the logs in {}", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    local::wait_providers(&url, 3, Duration::from_secs(120), &dir)?;
 
     let agent = Wallet::random();
     http()
@@ -412,7 +201,7 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
         .body_mut()
         .read_json()?;
     println!("agent balance {}", a["balance"]);
-    let audit = Command::new(&exe)
+    let audit = Command::new(std::env::current_exe()?)
         .args(["ledger", "audit", "--url", &db])
         .output()?;
     println!(

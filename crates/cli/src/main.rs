@@ -4,13 +4,16 @@ mod bench;
 #[cfg(feature = "adversary")]
 mod bench_attack;
 mod bench_hub;
+mod bench_synth;
 mod catalog;
 mod client;
 mod demo;
 mod ledger;
+mod local;
 mod model_cmd;
 mod signals;
 mod task_cmd;
+mod synth_cmd;
 mod verify_cmd;
 mod wallet;
 
@@ -54,6 +57,8 @@ enum Command {
     Verify(verify_cmd::VerifyArgs),
     /// A whole network on this machine: a hub, two honest nodes and a cheater, an agent's requests, a slash.
     Demo(demo::DemoArgs),
+    /// Make a dataset from a spec through a hub (or a network of its own on this machine).
+    Synth(synth_cmd::SynthArgs),
     /// Run the hub: OpenAI-compatible API, provider registry, settlement, verification.
     Hub(tessera_hub::HubConfig),
     /// Run a provider node that connects to a hub and serves a model.
@@ -208,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key { command } => task_cmd::run_key(command),
         Command::Account(args) => task_cmd::run_account(args),
         Command::Demo(args) => demo::run(args),
+        Command::Synth(args) => synth_cmd::run(args),
         Command::Hub(mut config) => {
             config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;
             signals::run_service(async {

@@ -90,3 +90,61 @@ pub fn run_service(f: impl Future<Output = anyhow::Result<()>>) -> anyhow::Resul
     runtime.shutdown_background();
     result
 }
+
+/// What to do once the first signal's action has returned.
+pub enum AfterFirst {
+    /// Exit with status 130.
+    Exit,
+    /// Keep running; a second signal still runs the second action and exits.
+    Continue,
+}
+
+/// Runs `first` (on a blocking thread) at the first SIGINT or SIGTERM; a second signal, even
+/// while `first` runs, runs `second` and exits with status 130. Returns once the handlers are
+/// installed, from a thread of its own, so it works from synchronous commands too.
+pub fn on_signals(
+    first: impl FnOnce(&'static str) -> AfterFirst + Send + 'static,
+    second: impl FnOnce(&'static str) + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let mut signals = match Signals::install() {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let name = signals.next().await;
+            let mut running = tokio::task::spawn_blocking(move || first(name));
+            let after = tokio::select! {
+                after = &mut running => after.unwrap_or(AfterFirst::Exit),
+                name = signals.next() => {
+                    second(name);
+                    std::process::exit(130);
+                }
+            };
+            if let AfterFirst::Continue = after {
+                second(signals.next().await);
+            }
+            std::process::exit(130);
+        });
+    });
+    ready_rx
+        .recv()
+        .context("the signal thread ended")?
+        .context("installing the signal handlers")
+}

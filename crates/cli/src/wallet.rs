@@ -175,7 +175,7 @@ fn address(args: &WalletArgs) -> anyhow::Result<Address> {
     Ok(wallet.address())
 }
 
-fn password(prompt: &str) -> anyhow::Result<String> {
+pub fn password(prompt: &str) -> anyhow::Result<String> {
     match std::env::var(PASSWORD_ENV) {
         Ok(password) => Ok(password),
         Err(_) => rpassword::prompt_password(prompt).context("reading password"),

@@ -372,15 +372,18 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// The `tessera` object of a response: who served the job, what it cost, and what pins the
+/// result (the model file, the seed, the digest of the provider's commitment), so a client can
+/// record each result's provenance.
 fn extension(
     running_provider: Address,
     price: u64,
     job: &str,
     charge: &Charge,
-    seed: u64,
+    commitment: &tessera_types::Commitment,
 ) -> Value {
-    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job,
-           "verification": charge.verification.as_str(), "seed": seed})
+    json!({"provider": running_provider, "price_per_token": price, "cost": charge.cost, "job_id": job, "verification": charge.verification.as_str(),
+           "model_sha256": commitment.model_sha256, "seed": commitment.sampling.seed, "commitment_digest": hex::encode(commitment.digest())})
 }
 
 async fn serve(
@@ -505,7 +508,7 @@ async fn serve(
         "system_fingerprint": frame.fingerprint,
         "choices": [choice],
         "usage": usage(outcome.billed_prompt_tokens, completion),
-        "tessera": extension(provider, price, &key, &charge, frame.seed),
+        "tessera": extension(provider, price, &key, &charge, &outcome.commitment),
     });
     (headers, Json(body)).into_response()
 }
@@ -538,7 +541,7 @@ fn stream(
                 if frame.kind == Kind::Chat {
                     last["choices"][0]["delta"] = json!({});
                 }
-                last["tessera"] = extension(provider, price, &key, &charge, frame.seed);
+                last["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
                 let _ = tx.send(data(last));
                 if include_usage {
                     let mut u = frame.chunk(None, None, false);
@@ -554,7 +557,7 @@ fn stream(
                     charge.cost, completion
                 );
                 let mut body = ApiError::provider_failed(message).body();
-                body["tessera"] = extension(provider, price, &key, &charge, frame.seed);
+                body["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
                 let _ = tx.send(data(body));
             }
         }
@@ -582,7 +585,7 @@ fn live_models(hub: &Hub) -> Vec<(String, Value)> {
                 .collect();
             let min_price = live.iter().map(|c| c.price).min()?;
             Some((m.name.clone(), json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tessera",
-                   "tessera": {"sha256": m.sha256, "context_length": m.context_length, "providers": live.len(), "min_price_per_token": min_price}})))
+                   "tessera": {"sha256": m.sha256, "context_length": m.context_length, "providers": live.len(), "min_price_per_token": min_price, "prompt_price_bps": hub.config.prompt_price_bps}})))
         })
         .collect()
 }

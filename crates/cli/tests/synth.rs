@@ -1,0 +1,595 @@
+//! `tessera synth` end to end: real hub and node processes on loopback, the real SmolLM2-135M
+//! model, the agent paying from a keystore wallet; datasets checked against the ledger.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tessera_protocol::Wallet;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+const PASSWORD: &str = "synth-test-password";
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A hub with one provider and a funded agent whose keystore the synth command opens.
+struct Network {
+    url: String,
+    db: String,
+    dir: tempfile::TempDir,
+    agent: Wallet,
+    keystore: PathBuf,
+    funds: u64,
+    _procs: Vec<Proc>,
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+impl Network {
+    fn start(funds: u64) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db = format!("sqlite://{}", dir.path().join("hub.db").display());
+        let addr_file = dir.path().join("addr");
+        let log = |name: &str| -> Result<Stdio> {
+            Ok(std::fs::File::create(dir.path().join(format!("{name}.log")))?.into())
+        };
+        let hub = Proc(
+            Command::new(BIN)
+                .args([
+                    "hub",
+                    "--db",
+                    &db,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--dev",
+                    "--allow-unverified",
+                ])
+                .args(["--verify-probability", "0", "--addr-file"])
+                .arg(&addr_file)
+                .stdout(Stdio::null())
+                .stderr(log("hub")?)
+                .spawn()?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                break format!("http://{}", a.trim());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the hub did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let provider = Wallet::random();
+        let node = Proc(
+            Command::new(BIN)
+                .args([
+                    "node",
+                    "--hub",
+                    &url,
+                    "--price",
+                    "10",
+                    "--capacity",
+                    "2",
+                    "--threads",
+                    "1",
+                    "--dev-stake",
+                ])
+                .env(
+                    "TESSERA_PRIVATE_KEY",
+                    hex::encode(provider.signer().to_bytes()),
+                )
+                .stdout(Stdio::null())
+                .stderr(log("node")?)
+                .spawn()?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v: Value = http()
+                .get(format!("{url}/health"))
+                .call()?
+                .body_mut()
+                .read_json()?;
+            if v["providers"].as_u64() == Some(1) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the node did not connect");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let agent = Wallet::random();
+        let r = http()
+            .post(format!("{url}/v1/dev/faucet"))
+            .send_json(json!({"address": agent.address(), "amount": funds}))?;
+        anyhow::ensure!(r.status() == 200);
+        let keystore = agent.save_keystore(dir.path(), "agent.json", PASSWORD)?;
+        Ok(Self {
+            url,
+            db,
+            dir,
+            agent,
+            keystore,
+            funds,
+            _procs: vec![hub, node],
+        })
+    }
+
+    fn balance(&self) -> Result<u64> {
+        let v: Value = http()
+            .get(format!(
+                "{}/v1/accounts/{:#x}",
+                self.url,
+                self.agent.address()
+            ))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        v["balance"].as_u64().context("balance")
+    }
+
+    /// What the agent has paid, from the ledger, once no escrow is open.
+    fn spent(&self) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = http()
+                .get(format!("{}/metrics", self.url))
+                .call()?
+                .body_mut()
+                .read_to_string()?;
+            let escrow = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("tessera_balance_escrow_micro "))
+                .context("escrow gauge")?;
+            if escrow.trim() == "0" {
+                return Ok(self.funds - self.balance()?);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "an escrow stayed open");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn synth(&self, spec: &Path, out: &Path) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("synth")
+            .arg(spec)
+            .arg("--out")
+            .arg(out)
+            .args(["--hub", &self.url, "--wallet"])
+            .arg(&self.keystore)
+            .env("TESSERA_WALLET_PASSWORD", PASSWORD)
+            .env("RUST_LOG", "tessera=info,tessera_synth=debug");
+        cmd
+    }
+
+    fn audit(&self) -> Result<()> {
+        let out = Command::new(BIN)
+            .args(["ledger", "audit", "--url", &self.db])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ledger audit failed:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn write_spec(dir: &Path, body: &str) -> Result<PathBuf> {
+    let path = dir.join("spec.toml");
+    std::fs::write(&path, body)?;
+    Ok(path)
+}
+
+fn jsonl(path: &Path) -> Result<Vec<Value>> {
+    std::fs::read_to_string(path)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+fn manifest(out: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        out.join("manifest.json"),
+    )?)?)
+}
+
+/// Waits until a running synth has stored `n` rows (and is still running).
+fn wait_stored(store: &Path, n: usize, run: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while std::fs::read_to_string(store).map_or(0, |s| s.lines().count()) < n {
+        anyhow::ensure!(Instant::now() < deadline, "no rows were stored");
+        anyhow::ensure!(
+            run.try_wait()?.is_none(),
+            "the run ended before it could be stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A virtual environment with Hugging Face `datasets`, made once per target directory.
+fn datasets_python() -> Result<PathBuf> {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("datasets-venv");
+    let python = venv.join("bin").join("python");
+    let ready = Command::new(&python)
+        .args(["-c", "import datasets, yaml"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let status = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()?;
+        anyhow::ensure!(status.success(), "python3 -m venv failed");
+        let status = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "datasets", "pyyaml"])
+            .status()?;
+        anyhow::ensure!(status.success(), "pip install datasets failed");
+    }
+    Ok(python)
+}
+
+const QA_SPEC: &str = r#"
+name = "tiny-qa"
+description = "Questions about a few topics and their answers."
+license = "apache-2.0"
+task_categories = ["question-answering"]
+model = "smollm2-135m"
+rows = 3
+seed = 7
+concurrency = 2
+
+[sampling]
+temperature = 0.8
+max_tokens = 8
+
+[budget]
+max_spend = 200000
+max_price = 10
+
+[variables]
+topic = ["the sea", "bread", "trains"]
+
+[[steps]]
+name = "question"
+prompt = "Ask one short question about {topic}."
+
+[[steps]]
+name = "answer"
+system = "You answer in one short sentence."
+prompt = "{question}"
+
+[dedup]
+near_threshold = 0.9
+"#;
+
+#[test]
+fn synth_makes_a_multi_step_dataset_that_python_datasets_loads() -> Result<()> {
+    let python = datasets_python()?;
+    let net = Network::start(1_000_000)?;
+    let spec = write_spec(net.dir.path(), QA_SPEC)?;
+    let out = net.dir.path().join("out");
+    let run = net.synth(&spec, &out).output()?;
+    assert!(run.status.success(), "{}", text(&run));
+
+    let rows = jsonl(&out.join("data.jsonl"))?;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let ids: HashSet<_> = rows
+        .iter()
+        .map(|r| r["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ids.len(), 3);
+    for r in &rows {
+        assert!(
+            r["topic"].is_string() && r["question"].is_string() && r["answer"].is_string(),
+            "{r}"
+        );
+        assert_eq!(r["job_ids"].as_array().map(Vec::len), Some(2), "{r}");
+        assert_eq!(r["model_sha256"].as_str().map(str::len), Some(64), "{r}");
+        for d in r["commitment_digests"].as_array().context("digests")? {
+            assert_eq!(d.as_str().map(str::len), Some(64), "{r}");
+        }
+        assert!(r["cost"].as_u64().is_some_and(|c| c > 0), "{r}");
+    }
+    let m = manifest(&out)?;
+    let spent = net.spent()?;
+    assert_eq!(
+        m["spend"].as_u64(),
+        Some(spent),
+        "manifest and ledger agree: {m}"
+    );
+    assert!(spent <= 200_000);
+    assert_eq!(m["rows"], 3);
+
+    let check = r#"
+import json, sys, yaml, datasets
+out = sys.argv[1]
+ds = datasets.load_dataset("parquet", data_files=out + "/data.parquet", split="train")
+card = open(out + "/README.md").read()
+header = yaml.safe_load(card.split("---")[1])
+print(json.dumps({"rows": ds.num_rows, "columns": ds.column_names, "card": header}))
+"#;
+    let py = Command::new(&python)
+        .args(["-c", check])
+        .arg(&out)
+        .output()?;
+    assert!(py.status.success(), "{}", text(&py));
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&py.stdout).trim())?;
+    assert_eq!(v["rows"], 3);
+    let columns: Vec<&str> = v["columns"]
+        .as_array()
+        .context("columns")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "id",
+            "topic",
+            "question",
+            "answer",
+            "seed",
+            "model_sha256",
+            "job_ids",
+            "providers",
+            "commitment_digests",
+            "verifications",
+            "cost"
+        ]
+    );
+    let card = &v["card"];
+    assert_eq!(card["license"], "apache-2.0");
+    assert_eq!(card["task_categories"], json!(["question-answering"]));
+    assert_eq!(card["size_categories"], json!(["n<1K"]));
+    assert_eq!(card["configs"][0]["data_files"][0]["path"], "data.parquet");
+
+    // A second run of the finished spec pays nothing.
+    let again = net.synth(&spec, &out).output()?;
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(net.spent()?, spent);
+    assert_eq!(jsonl(&out.join("data.jsonl"))?, rows);
+    net.audit()
+}
+
+#[test]
+fn synth_killed_mid_run_resumes_without_paying_twice() -> Result<()> {
+    let net = Network::start(1_000_000)?;
+    let spec = write_spec(
+        net.dir.path(),
+        &QA_SPEC
+            .replace("rows = 3", "rows = 6")
+            .replace("[[steps]]\nname = \"answer\"\nsystem = \"You answer in one short sentence.\"\nprompt = \"{question}\"\n", ""),
+    )?;
+    let out = net.dir.path().join("out");
+    let mut first = net
+        .synth(&spec, &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let store = out.join("rows.jsonl");
+    wait_stored(&store, 2, &mut first)?;
+    first.kill()?; // SIGKILL: no chance to clean up.
+    first.wait()?;
+    assert!(
+        !out.join("manifest.json").exists(),
+        "killed before it finished"
+    );
+
+    let second = net.synth(&spec, &out).output()?;
+    assert!(second.status.success(), "{}", text(&second));
+    let rows = jsonl(&out.join("data.jsonl"))?;
+    assert_eq!(rows.len(), 6);
+    let ids: HashSet<_> = rows
+        .iter()
+        .map(|r| r["id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 6, "no duplicate rows");
+    let stored = jsonl(&store)?;
+    let keys: HashSet<_> = stored
+        .iter()
+        .map(|r| r["key"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(keys.len(), stored.len(), "no row paid for twice");
+    let m = manifest(&out)?;
+    assert_eq!(
+        m["spend"].as_u64(),
+        Some(net.spent()?),
+        "ledger and manifest agree to the micro-unit: {m}"
+    );
+    net.audit()
+}
+
+#[test]
+fn synth_refuses_bad_specs_before_money_moves() -> Result<()> {
+    let net = Network::start(1_000_000)?;
+    let dir = net.dir.path();
+    std::fs::write(dir.join("seeds.txt"), "one\ntwo\n")?;
+    let cases = [
+        (QA_SPEC.replace("prompt = \"{question}\"", "prompt = \"{questoin}\""), 29, "unknown variable `{questoin}`"),
+        (
+            format!("{QA_SPEC}\n[output]\nformat = \"json\"\nschema = {{ type = \"obejct\" }}\n"),
+            36,
+            "invalid JSON Schema",
+        ),
+        (
+            format!("{QA_SPEC}\n[filters]\nchecker = {{ run = \"python3\", script = \"missing_check.py\" }}\n"),
+            35,
+            "does not exist",
+        ),
+        (QA_SPEC.replace("max_spend = 200000", "max_spend = 50"), 16, "below the price of one row"),
+        (QA_SPEC.replace("model = \"smollm2-135m\"", "model = \"no-such-model\""), 6, "no-such-model"),
+    ];
+    for (body, line, message) in cases {
+        let spec = write_spec(dir, &body)?;
+        let out = dir.join("refused");
+        let run = net.synth(&spec, &out).output()?;
+        let said = text(&run);
+        assert!(!run.status.success(), "{said}");
+        assert!(
+            said.contains(&format!("spec.toml:{line}:")) && said.contains(message),
+            "line {line}, {message}: {said}"
+        );
+        assert!(!out.join("rows.jsonl").exists(), "nothing stored");
+    }
+    assert_eq!(net.balance()?, 1_000_000, "no money moved");
+    net.audit()
+}
+
+#[test]
+fn synth_budget_cap_holds_under_concurrency() -> Result<()> {
+    let net = Network::start(1_000_000)?;
+    let cap = 2_000;
+    let spec = write_spec(
+        net.dir.path(),
+        &QA_SPEC
+            .replace("rows = 3", "rows = 40")
+            .replace("concurrency = 2", "concurrency = 4")
+            .replace("max_spend = 200000", &format!("max_spend = {cap}")),
+    )?;
+    let out = net.dir.path().join("out");
+    let run = net.synth(&spec, &out).output()?;
+    let said = text(&run);
+    assert!(
+        !run.status.success() && said.contains("the budget ran out"),
+        "{said}"
+    );
+    let spent = net.spent()?;
+    assert!(spent <= cap, "spent {spent} of a cap of {cap}");
+    let m = manifest(&out)?;
+    assert_eq!(m["spend"].as_u64(), Some(spent), "{m}");
+    assert_eq!(m["ending"], "budget_exhausted");
+    assert!(m["rows_paid"].as_u64().is_some_and(|n| n >= 1), "{m}");
+    net.audit()
+}
+
+#[test]
+fn synth_on_its_own_local_network_stops_gracefully_on_ctrl_c_and_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        dir.path(),
+        &QA_SPEC
+            .replace("rows = 3", "rows = 5")
+            .replace("[[steps]]\nname = \"answer\"\nsystem = \"You answer in one short sentence.\"\nprompt = \"{question}\"\n", ""),
+    )?;
+    let out = dir.path().join("out");
+    let local = |cmd: &mut Command| {
+        cmd.arg("synth")
+            .arg(&spec)
+            .arg("--out")
+            .arg(&out)
+            .args(["--local-nodes", "1"])
+            .env("RUST_LOG", "tessera=info");
+    };
+    let mut first = Command::new(BIN);
+    local(&mut first);
+    let mut first = first
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let store = out.join("rows.jsonl");
+    wait_stored(&store, 1, &mut first)?;
+    let pid = i32::try_from(first.id())?;
+    // SAFETY: kill(2) with our own child's pid, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let interrupted = first.wait_with_output()?;
+    assert_eq!(
+        interrupted.status.code(),
+        Some(130),
+        "{}",
+        text(&interrupted)
+    );
+    let said = text(&interrupted);
+    let url = said
+        .split("local network at ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("the local network's address")?;
+    assert!(
+        http().get(format!("{url}/health")).call().is_err(),
+        "the local hub stopped with the run"
+    );
+    let m = manifest(&out)?;
+    assert_eq!(m["ending"], "interrupted", "{m}");
+    let kept = jsonl(&out.join("data.jsonl"))?;
+    let stored = jsonl(&store)?;
+    let accepted = stored
+        .iter()
+        .filter(|r| r["verdict"]["outcome"] == "accepted")
+        .count();
+    assert!(
+        !kept.is_empty() && kept.len() == accepted && kept.len() < 5,
+        "every finished row kept: {m}"
+    );
+
+    // A re-run, on a network of its own again, continues from the store.
+    let mut second = Command::new(BIN);
+    local(&mut second);
+    let second = second.output()?;
+    assert!(second.status.success(), "{}", text(&second));
+    let rows = jsonl(&out.join("data.jsonl"))?;
+    assert_eq!(rows.len(), 5);
+    for old in &kept {
+        assert!(rows.contains(old), "a kept row stays as it was");
+    }
+    Ok(())
+}
+
+#[test]
+fn bench_synth_measures_one_and_two_providers() -> Result<()> {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "synth",
+            "--rows",
+            "2",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
+    let runs = v["runs"].as_array().context("runs")?;
+    assert_eq!(runs.len(), 2);
+    for (run, providers) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["providers"], providers);
+        assert_eq!(run["rows"], 2, "{v}");
+        assert!(run["rows_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+        assert!(
+            run["cost_per_1000_rows"].as_f64().is_some_and(|c| c > 0.0),
+            "{v}"
+        );
+    }
+    let ratio = runs[1]["rows_per_s"].as_f64().unwrap_or(0.0)
+        / runs[0]["rows_per_s"].as_f64().unwrap_or(1.0);
+    assert!(
+        (v["scaling_ratio"].as_f64().unwrap_or(0.0) - ratio).abs() < 1e-9,
+        "{v}"
+    );
+    Ok(())
+}
