@@ -5,6 +5,7 @@ mod bench;
 mod bench_attack;
 mod bench_hub;
 mod catalog;
+mod chain_cmd;
 mod client;
 mod demo;
 mod ledger;
@@ -54,9 +55,18 @@ enum Command {
     /// A whole network on this machine: a hub, two honest nodes and a cheater, an agent's requests, a slash.
     Demo(demo::DemoArgs),
     /// Run the hub: OpenAI-compatible API, provider registry, settlement, verification.
-    Hub(tessera_hub::HubConfig),
+    Hub(Box<tessera_hub::HubConfig>),
     /// Run a provider node that connects to a hub and serves a model.
     Node(tessera_node::NodeConfig),
+    /// A local development chain (anvil) with the vault and test stablecoin deployed.
+    Chain {
+        #[command(subcommand)]
+        command: chain_cmd::ChainCommand,
+    },
+    /// Deposit stablecoin into a hub's vault for an account (credited after confirmations).
+    Deposit(chain_cmd::DepositArgs),
+    /// Withdraw from the ledger to an on-chain address (the hub debits, then its vault pays).
+    Withdraw(chain_cmd::WithdrawArgs),
     /// Benchmarks; each prints a table, or JSON with --json.
     Bench {
         #[command(subcommand)]
@@ -190,11 +200,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Wallet { command } => block_on(wallet::run(command)),
         Command::Ledger { command } => block_on(ledger::run(command)),
         Command::Bench { command } => bench::run(command),
+        Command::Chain { command } => block_on(chain_cmd::run(command)),
+        Command::Deposit(args) => block_on(chain_cmd::deposit(args)),
+        Command::Withdraw(args) => chain_cmd::withdraw(args),
         Command::Demo(args) => demo::run(args),
         Command::Hub(mut config) => {
             config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;
             signals::run_service(async {
-                Ok(tessera_hub::run(config, signals::stop_signal()).await?)
+                Ok(tessera_hub::run(*config, signals::stop_signal()).await?)
             })
             .context("hub")
         }

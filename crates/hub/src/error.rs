@@ -20,6 +20,9 @@ pub enum Error {
     /// Bad configuration.
     #[error("config: {0}")]
     Config(String),
+    /// The chain (JSON-RPC endpoint or contracts) failed.
+    #[error("chain: {0}")]
+    Chain(String),
 }
 
 /// Result with this crate's [`Error`].

@@ -15,7 +15,7 @@ pub use alloy_primitives::{Address, B256};
 pub use error::{Error, Result};
 pub use messages::{
     ApiKeyRegistration, ApiKeyRevocation, InferenceRequest, ProviderRegistration, StakeAction,
-    StakeOrder, TaskClaim, TaskPosting, TypedMessage,
+    StakeOrder, TaskClaim, TaskPosting, TypedMessage, WithdrawalOrder,
 };
 pub use signed::{
     Domain, MemoryNonceStore, NonceStore, Signed, Verifier, DEFAULT_CHAIN_ID,

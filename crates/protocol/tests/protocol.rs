@@ -3,7 +3,7 @@
 use tessera_protocol::{
     Address, ApiKeyRegistration, Domain, Error, InferenceRequest, MemoryNonceStore,
     ProviderRegistration, Signed, StakeAction, StakeOrder, TaskClaim, TaskPosting, TypedMessage,
-    Verifier, Wallet, B256,
+    Verifier, Wallet, WithdrawalOrder, B256,
 };
 
 const NOW: u64 = 1_700_000_000;
@@ -65,6 +65,15 @@ fn provider_registration() -> ProviderRegistration {
     }
 }
 
+fn withdrawal_order() -> WithdrawalOrder {
+    WithdrawalOrder {
+        to: Address::repeat_byte(7),
+        amount: 2_500_000,
+        nonce: 6,
+        expiry: NOW + 60,
+    }
+}
+
 /// Sign, serialise through JSON, and recover the signer.
 fn round_trip<T: TypedMessage + PartialEq + std::fmt::Debug>(message: T) {
     let wallet = Wallet::random();
@@ -114,6 +123,7 @@ per_type! {
     task_posting: crate::task_posting(), |m| m.reward *= 2;
     task_claim: crate::task_claim(), |m| m.bond = 0;
     provider_registration: crate::provider_registration(), |m| m.capacity += 1;
+    withdrawal_order: crate::withdrawal_order(), |m| m.to = Address::repeat_byte(8);
 }
 
 #[test]

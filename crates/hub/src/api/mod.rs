@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod chain;
 pub mod limits;
 pub mod openai;
 
@@ -36,6 +37,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(tessera_wire::CONNECT_PATH, get(crate::connect::connect))
         .route("/health", get(accounts::health))
         .route("/metrics", get(accounts::metrics_text))
+        .merge(chain::routes())
         .fallback(|| async {
             ApiError::status(StatusCode::NOT_FOUND, "not_found", "Unknown endpoint.")
         })

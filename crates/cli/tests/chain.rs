@@ -1,0 +1,533 @@
+//! Money in and out through a real chain: `tessera chain up` (anvil with the contracts), a real
+//! `tessera hub --rpc …`, `tessera deposit` and `tessera withdraw`, and `tessera ledger audit`
+//! reconciling the vault with the ledger. Anvil and solc come from npm via
+//! `scripts/setup-chain.sh`, which the tests run themselves.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tessera_chain::{Chain, Contracts, DevTools};
+use tessera_protocol::{Address, Domain, Wallet, WithdrawalOrder};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+fn tools() -> &'static DevTools {
+    static TOOLS: OnceLock<DevTools> = OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/setup-chain.sh");
+        tessera_chain::install_dev_tools(&script).expect("scripts/setup-chain.sh")
+    })
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Runtime::new().expect("runtime"))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    runtime().block_on(f)
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// A child process stopped on drop: SIGTERM first, so `tessera chain up` takes its anvil down.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tessera chain up` in a temporary directory.
+struct LocalChain {
+    _proc: Proc,
+    rpc: String,
+    contracts: Contracts,
+    operator_key: PathBuf,
+    dev_key: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl LocalChain {
+    fn up() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut child = Command::new(BIN)
+            .args(["chain", "up", "--dir"])
+            .arg(dir.path())
+            .env("TESSERA_ANVIL", &tools().anvil)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let proc = Proc(child);
+        let mut fields = std::collections::HashMap::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            let mut words = line.split_whitespace();
+            if let (Some(name), Some(value)) = (words.next(), words.next()) {
+                fields.insert(name.to_owned(), value.to_owned());
+            }
+            if line.starts_with("hub flags") {
+                break;
+            }
+        }
+        let field = |name: &str| {
+            fields
+                .get(name)
+                .cloned()
+                .with_context(|| format!("`tessera chain up` printed no {name}"))
+        };
+        Ok(Self {
+            rpc: field("chain")?,
+            contracts: Contracts {
+                token: field("token")?.parse()?,
+                vault: field("vault")?.parse()?,
+            },
+            operator_key: dir.path().join("operator.key"),
+            dev_key: dir.path().join("dev.key"),
+            _proc: proc,
+            dir,
+        })
+    }
+
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--rpc".into(),
+            self.rpc.clone(),
+            "--vault".into(),
+            self.contracts.vault.to_string(),
+            "--token".into(),
+            self.contracts.token.to_string(),
+            "--operator-key-file".into(),
+            self.operator_key.display().to_string(),
+        ]
+    }
+
+    fn chain(&self) -> Chain {
+        block_on(Chain::connect(&self.rpc, self.contracts, None)).expect("chain")
+    }
+
+    fn rpc(&self, method: &str, params: Value) -> Result<Value> {
+        let mut r = http().post(&self.rpc).send_json(json!({
+            "jsonrpc": "2.0", "id": 1, "method": method, "params": params
+        }))?;
+        let v: Value = r.body_mut().read_json()?;
+        if v.get("error").is_some() {
+            bail!("{method}: {v}");
+        }
+        Ok(v["result"].clone())
+    }
+
+    fn mine(&self, blocks: u64) -> Result<()> {
+        self.rpc("anvil_mine", json!([format!("{blocks:#x}")]))
+            .map(|_| ())
+    }
+
+    fn token_balance(&self, who: Address) -> u64 {
+        block_on(self.chain().token_balance(who)).expect("balanceOf")
+    }
+
+    fn vault_holdings(&self) -> u64 {
+        block_on(self.chain().vault_holdings()).expect("holdings")
+    }
+
+    /// `tessera deposit` from the funded dev account, minting the test tokens first.
+    fn deposit(&self, account: Address, amount: u64) -> Result<()> {
+        let out = Command::new(BIN)
+            .args(["deposit", "--rpc", &self.rpc])
+            .args(["--vault", &self.contracts.vault.to_string()])
+            .args(["--token", &self.contracts.token.to_string()])
+            .arg("--key-file")
+            .arg(&self.dev_key)
+            .args(["--amount", &amount.to_string(), "--mint"])
+            .args(["--account", &account.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tessera deposit failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+struct Hub {
+    proc: Option<Proc>,
+    args: Vec<String>,
+    url: String,
+    db: String,
+    dir: tempfile::TempDir,
+}
+
+impl Hub {
+    fn start(args: Vec<String>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db = format!("sqlite://{}", dir.path().join("hub.db").display());
+        let mut hub = Self {
+            proc: None,
+            args,
+            url: String::new(),
+            db,
+            dir,
+        };
+        hub.spawn("127.0.0.1:0")?;
+        Ok(hub)
+    }
+
+    fn spawn(&mut self, listen: &str) -> Result<()> {
+        let addr_file = self.dir.path().join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("hub.log"))?;
+        let child = Command::new(BIN)
+            .args(["hub", "--db", &self.db, "--listen", listen, "--addr-file"])
+            .arg(&addr_file)
+            .args(["--chain-poll-ms", "100"])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        self.proc = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                self.url = format!("http://{}", addr.trim());
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the hub did not start: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hub.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, then a start on the same address and database.
+    fn crash_and_restart(&mut self) -> Result<()> {
+        if let Some(mut proc) = self.proc.take() {
+            proc.0.kill()?;
+            proc.0.wait()?;
+            std::mem::forget(proc);
+        }
+        let listen = self.url.trim_start_matches("http://").to_owned();
+        self.spawn(&listen)
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let mut r = http().get(format!("{}{path}", self.url)).call()?;
+        Ok((r.status().as_u16(), r.body_mut().read_json()?))
+    }
+
+    fn balance(&self, who: Address) -> Result<u64> {
+        let (_, v) = self.get(&format!("/v1/accounts/{who}"))?;
+        Ok(v["balance"].as_u64().unwrap_or(0))
+    }
+
+    fn wait_balance(&self, who: Address, expected: u64, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let balance = self.balance(who)?;
+            if balance == expected {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "balance of {who} is {balance}, expected {expected}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn domain(&self) -> Result<Domain> {
+        let (_, v) = self.get("/v1/domain")?;
+        Ok(Domain::for_hub(
+            v["chainId"].as_u64().context("chainId")?,
+            v["verifyingContract"]
+                .as_str()
+                .context("verifyingContract")?
+                .parse()?,
+        ))
+    }
+
+    fn post_withdrawal(&self, signed: &impl serde::Serialize) -> Result<(u16, Value)> {
+        let mut r = http()
+            .post(format!("{}/v1/withdrawals", self.url))
+            .send_json(signed)?;
+        Ok((r.status().as_u16(), r.body_mut().read_json()?))
+    }
+
+    fn withdraw(
+        &self,
+        wallet: &Wallet,
+        to: Address,
+        amount: u64,
+        nonce: u64,
+    ) -> Result<(u16, Value)> {
+        let order = WithdrawalOrder {
+            to,
+            amount,
+            nonce,
+            expiry: now() + 600,
+        };
+        self.post_withdrawal(&wallet.sign(order, self.domain()?)?)
+    }
+
+    /// `tessera ledger audit` with the chain: the books and the vault reconciliation.
+    fn audit(&self, chain: &LocalChain) -> Result<String> {
+        let out = Command::new(BIN)
+            .args(["ledger", "audit", "--url", &self.db])
+            .args(chain.flags().iter().take(6))
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "ledger audit failed:\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn chain_hub(chain: &LocalChain, confirmations: u64) -> Result<Hub> {
+    let mut args = chain.flags();
+    args.extend(["--confirmations".into(), confirmations.to_string()]);
+    Hub::start(args)
+}
+
+#[test]
+fn deposit_is_credited_once_after_confirmations_even_across_hub_restarts() -> Result<()> {
+    let chain = LocalChain::up()?;
+    let mut hub = chain_hub(&chain, 3)?;
+    let agent = Wallet::random().address();
+    chain.deposit(agent, 2_500_000)?;
+    assert_eq!(chain.vault_holdings(), 2_500_000);
+
+    // Zero confirmations on top: not credited, however long the hub looks.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(hub.balance(agent)?, 0);
+    chain.mine(1)?;
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(hub.balance(agent)?, 0, "credited with 1 of 3 confirmations");
+
+    // The hub dies mid-confirmation; the deposit is credited once the restarted hub sees 3.
+    hub.crash_and_restart()?;
+    chain.mine(2)?;
+    hub.wait_balance(agent, 2_500_000, Duration::from_secs(10))?;
+
+    // Restarts and more blocks credit nothing again.
+    hub.crash_and_restart()?;
+    chain.mine(5)?;
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(hub.balance(agent)?, 2_500_000);
+
+    let (status, v) = hub.get("/v1/chain")?;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["vault_holdings"], 2_500_000);
+    assert_eq!(v["ledger_liabilities"], 2_500_000);
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("reconciled"), "{audit}");
+    Ok(())
+}
+
+#[test]
+fn withdrawal_is_debited_then_paid_once_and_bad_orders_move_nothing() -> Result<()> {
+    let chain = LocalChain::up()?;
+    let hub = chain_hub(&chain, 0)?;
+    let agent = Wallet::random();
+    chain.deposit(agent.address(), 3_000_000)?;
+    hub.wait_balance(agent.address(), 3_000_000, Duration::from_secs(10))?;
+    let recipient = Wallet::random().address();
+
+    let (status, paid) = hub.withdraw(&agent, recipient, 1_000_000, 7)?;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(paid["state"], "paid");
+    assert!(paid["tx_hash"].is_string(), "{paid}");
+    assert_eq!(chain.token_balance(recipient), 1_000_000);
+    assert_eq!(hub.balance(agent.address())?, 2_000_000);
+
+    // The same order again (a client retry): the same withdrawal, nothing paid or debited twice.
+    let (status, again) = hub.withdraw(&agent, recipient, 1_000_000, 7)?;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["id"], paid["id"]);
+    assert_eq!(chain.token_balance(recipient), 1_000_000);
+    assert_eq!(hub.balance(agent.address())?, 2_000_000);
+
+    let before = (hub.balance(agent.address())?, chain.vault_holdings());
+    // The same nonce with another amount, more than the balance, zero, the zero address, and a
+    // signature for another hub's domain: each refused, nothing moves.
+    let refusals = [
+        (
+            hub.withdraw(&agent, recipient, 999, 7)?,
+            409,
+            "nonce_reused",
+        ),
+        (
+            hub.withdraw(&agent, recipient, 2_000_001, 8)?,
+            429,
+            "insufficient_quota",
+        ),
+        (
+            hub.withdraw(&agent, recipient, 0, 9)?,
+            400,
+            "invalid_withdrawal",
+        ),
+        (
+            hub.withdraw(&agent, Address::ZERO, 5, 10)?,
+            400,
+            "invalid_withdrawal",
+        ),
+        (
+            hub.post_withdrawal(&agent.sign(
+                WithdrawalOrder {
+                    to: recipient,
+                    amount: 5,
+                    nonce: 11,
+                    expiry: now() + 600,
+                },
+                Domain::for_hub(31337, Address::repeat_byte(9)),
+            )?)?,
+            401,
+            "invalid_signature",
+        ),
+        (
+            hub.withdraw(&Wallet::random(), recipient, 5, 12)?,
+            429,
+            "insufficient_quota",
+        ),
+    ];
+    for ((status, body), want_status, want_code) in refusals {
+        assert_eq!(status, want_status, "{body}");
+        assert_eq!(body["error"]["code"], want_code, "{body}");
+    }
+    assert_eq!(
+        (hub.balance(agent.address())?, chain.vault_holdings()),
+        before
+    );
+    assert_eq!(chain.token_balance(recipient), 1_000_000);
+
+    // The CLI verb pays too.
+    let key_file = chain.dir.path().join("agent.key");
+    std::fs::write(&key_file, hex::encode(agent.signer().to_bytes()))?;
+    let out = Command::new(BIN)
+        .args([
+            "withdraw",
+            "--hub",
+            &hub.url,
+            "--amount",
+            "500000",
+            "--to",
+            &recipient.to_string(),
+        ])
+        .arg("--key-file")
+        .arg(&key_file)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(chain.token_balance(recipient), 1_500_000);
+    assert_eq!(hub.balance(agent.address())?, 1_500_000);
+
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("reconciled"), "{audit}");
+    Ok(())
+}
+
+#[test]
+fn a_withdrawal_debited_but_unpaid_is_paid_once_after_a_crash() -> Result<()> {
+    let chain = LocalChain::up()?;
+    let mut hub = chain_hub(&chain, 0)?;
+    let agent = Wallet::random();
+    chain.deposit(agent.address(), 2_000_000)?;
+    hub.wait_balance(agent.address(), 2_000_000, Duration::from_secs(10))?;
+    let recipient = Wallet::random().address();
+
+    // The operator has no ether for gas: the debit commits, the payment cannot be sent.
+    let operator = tessera_chain::read_key_file(&chain.operator_key)?.address();
+    let funds = chain.rpc("eth_getBalance", json!([operator.to_string(), "latest"]))?;
+    chain.rpc("anvil_setBalance", json!([operator.to_string(), "0x0"]))?;
+    let (status, pending) = hub.withdraw(&agent, recipient, 800_000, 1)?;
+    assert_eq!(status, 200, "{pending}");
+    assert_eq!(pending["state"], "pending");
+    assert_eq!(hub.balance(agent.address())?, 1_200_000);
+    assert_eq!(chain.token_balance(recipient), 0);
+
+    // The hub is killed with the withdrawal owed; the restarted hub pays it, once.
+    hub.crash_and_restart()?;
+    chain.rpc("anvil_setBalance", json!([operator.to_string(), funds]))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chain.token_balance(recipient) == 0 {
+        assert!(Instant::now() < deadline, "never paid:\n{}", hub.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    hub.crash_and_restart()?;
+    std::thread::sleep(Duration::from_millis(600));
+    // A retry of the order after all that replays it as paid.
+    let (status, again) = hub.withdraw(&agent, recipient, 800_000, 1)?;
+    assert_eq!(
+        (status, again["state"].as_str()),
+        (200, Some("paid")),
+        "{again}"
+    );
+    assert_eq!(chain.token_balance(recipient), 800_000);
+    assert_eq!(hub.balance(agent.address())?, 1_200_000);
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("reconciled"), "{audit}");
+    Ok(())
+}
+
+#[test]
+fn a_dev_hub_without_a_chain_answers_that_it_has_none() -> Result<()> {
+    let hub = Hub::start(vec!["--dev".into()])?;
+    let (status, v) = hub.get("/v1/chain")?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("no_chain")),
+        "{v}"
+    );
+    let (status, v) = hub.withdraw(&Wallet::random(), Address::repeat_byte(1), 5, 1)?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("no_chain")),
+        "{v}"
+    );
+    Ok(())
+}
