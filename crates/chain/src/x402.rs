@@ -421,6 +421,58 @@ pub async fn settle(chain: &Chain, payment: &VerifiedPayment) -> Result<B256, Re
     }
 }
 
+/// The client's side: signs an `exact` payment of `value` for `required` (EIP-3009 under the
+/// token's EIP-712 domain from `required.extra`), as an x402 v2 payload.
+pub fn sign_payment(
+    signer: &alloy_signer_local::PrivateKeySigner,
+    required: &PaymentRequirements,
+    value: u64,
+    valid_before: u64,
+    nonce: B256,
+) -> crate::Result<PaymentPayload> {
+    use alloy_signer::SignerSync;
+    let chain_id = required
+        .network
+        .strip_prefix("eip155:")
+        .and_then(|id| id.parse::<u64>().ok())
+        .ok_or_else(|| crate::Error::Rpc(format!("not an EVM network: {}", required.network)))?;
+    let text = |key: &str| required.extra[key].as_str().unwrap_or_default().to_owned();
+    let domain = eip712_domain! {
+        name: text("name"),
+        version: text("version"),
+        chain_id: chain_id,
+        verifying_contract: required.asset,
+    };
+    let message = TransferWithAuthorization {
+        from: signer.address(),
+        to: required.pay_to,
+        value: U256::from(value),
+        validAfter: U256::ZERO,
+        validBefore: U256::from(valid_before),
+        nonce,
+    };
+    let signature = signer
+        .sign_hash_sync(&message.eip712_signing_hash(&domain))
+        .map_err(|e| crate::Error::Rpc(format!("signing: {e}")))?;
+    Ok(PaymentPayload {
+        x402_version: 2,
+        accepted: Some(required.clone()),
+        scheme: None,
+        network: None,
+        payload: ExactPayload {
+            signature: Bytes::from(signature.as_bytes().to_vec()),
+            authorization: Authorization {
+                from: signer.address(),
+                to: required.pay_to,
+                value: value.to_string(),
+                valid_after: "0".into(),
+                valid_before: valid_before.to_string(),
+                nonce,
+            },
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

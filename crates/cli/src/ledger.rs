@@ -15,10 +15,16 @@ pub enum LedgerCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
-        /// With a chain (`--rpc`, `--vault`, `--token`): also prove that the vault holds exactly
-        /// what the ledger owes it (deposits credited minus withdrawals debited).
-        #[command(flatten)]
-        chain: Option<crate::chain_cmd::ChainArgs>,
+        /// With a chain: also prove that the vault holds exactly what the ledger owes it
+        /// (deposits credited minus withdrawals debited). Needs `--vault` and `--token`.
+        #[arg(long, value_name = "URL", requires_all = ["vault", "token"])]
+        rpc: Option<String>,
+        /// The vault contract (with `--rpc`).
+        #[arg(long, requires = "rpc")]
+        vault: Option<tessera_protocol::Address>,
+        /// The stablecoin contract (with `--rpc`).
+        #[arg(long, requires = "rpc")]
+        token: Option<tessera_protocol::Address>,
     },
 }
 
@@ -38,7 +44,19 @@ impl Reconciliation {
 /// Runs a ledger subcommand.
 pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
     match cmd {
-        LedgerCommand::Audit { url, json, chain } => {
+        LedgerCommand::Audit {
+            url,
+            json,
+            rpc,
+            vault,
+            token,
+        } => {
+            let chain = match (rpc, vault, token) {
+                (Some(rpc), Some(vault), Some(token)) => {
+                    Some(crate::chain_cmd::ChainArgs { rpc, vault, token })
+                }
+                _ => None,
+            };
             let url = url.unwrap_or_else(crate::wallet::default_ledger_url);
             let ledger = Ledger::open(&url, LedgerConfig::default())
                 .await

@@ -14,6 +14,10 @@ use serde_json::{json, Value};
 use tessera_chain::{Chain, Contracts, DevTools};
 use tessera_protocol::{Address, Domain, Wallet, WithdrawalOrder};
 
+mod support {
+    pub mod python;
+}
+
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
 fn tools() -> &'static DevTools {
@@ -363,6 +367,13 @@ fn deposit_is_credited_once_after_confirmations_even_across_hub_restarts() -> Re
     assert_eq!(v["ledger_liabilities"], 2_500_000);
     let audit = hub.audit(&chain)?;
     assert!(audit.contains("reconciled"), "{audit}");
+
+    // Tokens that reach the vault without a deposit are owed to no account: the audit says so.
+    mint(&chain, chain.contracts.vault, 1)?;
+    let refused = hub
+        .audit(&chain)
+        .expect_err("a vault holding more than the ledger owes");
+    assert!(format!("{refused:#}").contains("MISMATCH"), "{refused:#}");
     Ok(())
 }
 
@@ -529,5 +540,281 @@ fn a_dev_hub_without_a_chain_answers_that_it_has_none() -> Result<()> {
         (404, Some("no_chain")),
         "{v}"
     );
+    Ok(())
+}
+
+/// A virtual environment with the official `x402` package (v2, EVM and requests extras).
+fn x402_python() -> Result<PathBuf> {
+    support::python::venv(
+        "x402-venv",
+        "import x402.http.clients, eth_account",
+        &["x402[evm,requests]>=2,<3"],
+    )
+}
+
+/// A hub with a chain, dev staking and one real node serving smollm2-135m.
+fn paid_network(chain: &LocalChain) -> Result<(Hub, Proc)> {
+    let mut args = chain.flags();
+    args.extend(
+        [
+            "--confirmations",
+            "0",
+            "--dev",
+            "--allow-unverified",
+            "--verify-probability",
+            "0",
+        ]
+        .map(String::from),
+    );
+    let hub = Hub::start(args)?;
+    let provider = Wallet::random();
+    let log = std::fs::File::create(hub.dir.path().join("node.log"))?;
+    let node = Proc(
+        Command::new(BIN)
+            .args(["node", "--hub", &hub.url, "--private-key"])
+            .arg(hex::encode(provider.signer().to_bytes()))
+            .args([
+                "--price",
+                "3",
+                "--capacity",
+                "2",
+                "--threads",
+                "1",
+                "--dev-stake",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, v) = hub.get("/v1/providers")?;
+        if v["providers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["connected"] == json!(true)))
+        {
+            return Ok((hub, node));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the node did not connect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Mints test tokens to `to` from the funded dev account.
+fn mint(chain: &LocalChain, to: Address, amount: u64) -> Result<()> {
+    let dev = tessera_chain::read_key_file(&chain.dev_key)?;
+    let sender = block_on(Chain::connect(&chain.rpc, chain.contracts, Some(dev)))?;
+    Ok(block_on(sender.mint_test_tokens(to, amount))?)
+}
+
+fn decode_header<T: serde::de::DeserializeOwned>(
+    headers: &ureq::http::HeaderMap,
+    name: &str,
+) -> Result<T> {
+    use base64::Engine;
+    let value = headers
+        .get(name)
+        .with_context(|| format!("no {name} header"))?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(value.as_bytes())?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+#[test]
+fn official_x402_client_pays_for_a_chat_completion() -> Result<()> {
+    let python = x402_python()?;
+    let chain = LocalChain::up()?;
+    let (hub, _node) = paid_network(&chain)?;
+    let payer = Wallet::random();
+    mint(&chain, payer.address(), 5_000_000)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("x402_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .env("TESSERA_HUB", &hub.url)
+        .env("TESSERA_NETWORK", "eip155:31337")
+        .env(
+            "TESSERA_PAYER_KEY",
+            format!("0x{}", hex::encode(payer.signer().to_bytes())),
+        )
+        .env("TESSERA_TOKEN", chain.contracts.token.to_string())
+        .env("TESSERA_SPEND_CAP", "2000000")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        hub.log()
+    );
+    let report: Value = serde_json::from_str(stdout.trim())?;
+    assert_eq!(report["status"], 200, "{report}");
+    assert!(
+        report["text"].as_str().is_some_and(|t| !t.is_empty()),
+        "{report}"
+    );
+    let settlement = &report["settlement"];
+    assert_eq!(settlement["success"], true, "{report}");
+    assert_eq!(settlement["network"], "eip155:31337");
+    assert!(
+        settlement["transaction"]
+            .as_str()
+            .is_some_and(|t| t.len() == 66),
+        "{report}"
+    );
+
+    // The payer paid the maximum cost on-chain; the vault holds it; the ledger charged the
+    // job's cost and left the unused rest on the payer's account.
+    let paid = 5_000_000 - chain.token_balance(payer.address());
+    assert!(paid > 0);
+    assert_eq!(chain.vault_holdings(), paid);
+    let cost = report["body"]["tessera"]["cost"]
+        .as_u64()
+        .context("tessera.cost")?;
+    assert!(cost > 0 && cost < paid, "cost {cost}, paid {paid}");
+    assert_eq!(hub.balance(payer.address())?, paid - cost);
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("reconciled"), "{audit}");
+    Ok(())
+}
+
+#[test]
+fn bad_x402_payments_are_refused_with_x402_errors_and_move_no_money() -> Result<()> {
+    use tessera_chain::x402::{self, PaymentRequired, SettlementResponse};
+    let chain = LocalChain::up()?;
+    let (hub, _node) = paid_network(&chain)?;
+    let payer = Wallet::random();
+    mint(&chain, payer.address(), 5_000_000)?;
+    let body = json!({
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+    });
+    let post = |payment: Option<String>| -> Result<(u16, ureq::http::HeaderMap, Value)> {
+        let mut request = http().post(format!("{}/v1/chat/completions", hub.url));
+        if let Some(p) = payment {
+            request = request.header("PAYMENT-SIGNATURE", p);
+        }
+        let mut r = request.send_json(&body)?;
+        let headers = r.headers().clone();
+        Ok((r.status().as_u16(), headers, r.body_mut().read_json()?))
+    };
+
+    // No key, no payment: 402 with the requirements.
+    let (status, headers, _) = post(None)?;
+    assert_eq!(status, 402);
+    let required: PaymentRequired = decode_header(&headers, "payment-required")?;
+    let req = required.accepts[0].clone();
+    assert_eq!(
+        (req.scheme.as_str(), req.network.as_str()),
+        ("exact", "eip155:31337")
+    );
+    assert_eq!(
+        (req.asset, req.pay_to),
+        (chain.contracts.token, chain.contracts.vault)
+    );
+    let amount: u64 = req.amount.parse()?;
+    assert!(amount > 0);
+
+    let signer = payer.signer().clone();
+    let valid = now() + 300;
+    let nonce = |n: u8| tessera_protocol::B256::repeat_byte(n);
+    let header = |p: &x402::PaymentPayload| x402::encode_header(p);
+    let mut wrong_asset = req.clone();
+    wrong_asset.asset = Address::repeat_byte(0xaa);
+    let mut wrong_network = req.clone();
+    wrong_network.network = "eip155:1".into();
+    let good = x402::sign_payment(&signer, &req, amount, valid, nonce(1))?;
+    let cases = [
+        (
+            x402::sign_payment(&signer, &req, amount - 1, valid, nonce(2))?,
+            "invalid_exact_evm_payload_authorization_value",
+        ),
+        (
+            x402::sign_payment(&signer, &req, amount, now() - 1, nonce(3))?,
+            "invalid_exact_evm_payload_authorization_valid_before",
+        ),
+        (
+            x402::sign_payment(&signer, &wrong_asset, amount, valid, nonce(4))?,
+            "invalid_payment_requirements",
+        ),
+        (
+            x402::sign_payment(&signer, &wrong_network, amount, valid, nonce(5))?,
+            "invalid_network",
+        ),
+        (
+            {
+                // Signed by someone else but claiming the payer.
+                let mut forged =
+                    x402::sign_payment(Wallet::random().signer(), &req, amount, valid, nonce(6))?;
+                forged.payload.authorization.from = payer.address();
+                forged
+            },
+            "invalid_exact_evm_payload_signature",
+        ),
+        (
+            x402::sign_payment(Wallet::random().signer(), &req, amount, valid, nonce(7))?,
+            "insufficient_funds",
+        ),
+    ];
+    let snapshot = || -> Result<(u64, u64, u64)> {
+        Ok((
+            chain.token_balance(payer.address()),
+            chain.vault_holdings(),
+            hub.balance(payer.address())?,
+        ))
+    };
+    let before = snapshot()?;
+    for (payment, code) in &cases {
+        let (status, headers, _) = post(Some(header(payment)))?;
+        assert_eq!(status, 402, "{code}");
+        let required: PaymentRequired = decode_header(&headers, "payment-required")?;
+        assert_eq!(required.error, *code);
+    }
+    let (status, _, _) = post(Some("bm90IGpzb24=".into()))?;
+    assert_eq!(status, 402);
+    assert_eq!(snapshot()?, before, "a refused payment moved money");
+
+    // A good payment is served; the same authorization again is a replay, refused.
+    let (status, headers, v) = post(Some(header(&good)))?;
+    assert_eq!(status, 200, "{v}");
+    let settlement: SettlementResponse = decode_header(&headers, "payment-response")?;
+    assert!(settlement.success);
+    let after_good = snapshot()?;
+    assert_eq!(after_good.0, before.0 - amount);
+    let (status, headers, _) = post(Some(header(&good)))?;
+    assert_eq!(status, 402);
+    let required: PaymentRequired = decode_header(&headers, "payment-required")?;
+    assert_eq!(
+        required.error,
+        "invalid_exact_evm_payload_authorization_nonce"
+    );
+    assert_eq!(snapshot()?, after_good, "a replay moved money");
+
+    // The facilitator endpoints answer the same.
+    let (status, v) = hub.get("/v1/x402/supported")?;
+    assert_eq!(
+        (status, v["kinds"][0]["network"].as_str()),
+        (200, Some("eip155:31337")),
+        "{v}"
+    );
+    let mut r = http()
+        .post(format!("{}/v1/x402/verify", hub.url))
+        .send_json(json!({
+            "x402Version": 2,
+            "paymentPayload": good,
+            "paymentRequirements": req,
+        }))?;
+    let v: Value = r.body_mut().read_json()?;
+    assert_eq!(
+        (v["isValid"].as_bool(), v["invalidReason"].as_str()),
+        (
+            Some(false),
+            Some("invalid_exact_evm_payload_authorization_nonce")
+        ),
+        "{v}"
+    );
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("reconciled"), "{audit}");
     Ok(())
 }

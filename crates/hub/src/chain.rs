@@ -92,6 +92,9 @@ pub struct ChainLink {
     poll: Duration,
     pool: AnyPool,
     paying: tokio::sync::Mutex<()>,
+    /// What x402 payments must be (the token's EIP-712 domain, the vault as payee); `None`
+    /// without an operator key, which settles them.
+    pub offer: Option<tessera_chain::x402::Offer>,
 }
 
 impl ChainLink {
@@ -110,6 +113,14 @@ impl ChainLink {
         let chain = Chain::connect(rpc, Contracts { token, vault }, signer)
             .await
             .map_err(chain_config_error)?;
+        let offer = match chain.sender() {
+            Some(_) => Some(
+                tessera_chain::x402::Offer::for_chain(&chain)
+                    .await
+                    .map_err(chain_config_error)?,
+            ),
+            None => None,
+        };
         let (_, pool) = tessera_ledger::connect(db, 4).await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
@@ -122,6 +133,7 @@ impl ChainLink {
             poll: Duration::from_millis(config.chain_poll_ms.max(10)),
             pool,
             paying: tokio::sync::Mutex::new(()),
+            offer,
         }))
     }
 
