@@ -5,8 +5,9 @@
 #
 #   eval "$(bash scripts/setup-chain.sh | tail -n 1)"
 #
-# Idempotent: a second run reuses the installed packages. Everything but the final `export`
-# line goes to stderr.
+# Idempotent: a second run reuses the installed packages. Installs node and npm from Debian's
+# packages first if they are missing (run as root on Debian then). Everything but the final
+# `export` line goes to stderr.
 set -euo pipefail
 
 CACHE_DIR=${TESSERA_CHAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-chain}
@@ -14,6 +15,13 @@ ANVIL_VERSION=${TESSERA_ANVIL_VERSION:-latest}
 SOLC_VERSION=${TESSERA_SOLC_VERSION:-0.8.26}
 
 log() { echo "setup-chain: $*" >&2; }
+
+if ! command -v npm >/dev/null 2>&1; then
+    log "installing node and npm from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update >&2
+    apt-get install -y --no-install-recommends nodejs npm >&2
+fi
 
 mkdir -p "$CACHE_DIR"
 cd "$CACHE_DIR"

@@ -791,6 +791,59 @@ fn bad_x402_payments_are_refused_with_x402_errors_and_move_no_money() -> Result<
     );
     assert_eq!(snapshot()?, after_good, "a replay moved money");
 
+    // A streaming request pays the same way: the settlement in the headers, the final cost in
+    // the last chunk, the unused rest on the payer's balance.
+    let streaming = json!({
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+        "stream": true,
+    });
+    let (status, _, _) = {
+        let mut r = http()
+            .post(format!("{}/v1/chat/completions", hub.url))
+            .send_json(&streaming)?;
+        (r.status().as_u16(), (), r.body_mut().read_to_string()?)
+    };
+    assert_eq!(status, 402, "the streaming body bounds its own price");
+    let stream_required: PaymentRequired = {
+        let r = http()
+            .post(format!("{}/v1/chat/completions", hub.url))
+            .send_json(&streaming)?;
+        decode_header(r.headers(), "payment-required")?
+    };
+    let stream_amount: u64 = stream_required.accepts[0].amount.parse()?;
+    let paid_stream = x402::sign_payment(
+        &signer,
+        &stream_required.accepts[0],
+        stream_amount,
+        valid,
+        nonce(8),
+    )?;
+    let balance_before = hub.balance(payer.address())?;
+    let mut r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("PAYMENT-SIGNATURE", header(&paid_stream))
+        .send_json(&streaming)?;
+    assert_eq!(r.status().as_u16(), 200);
+    let settlement: SettlementResponse = decode_header(r.headers(), "payment-response")?;
+    assert!(settlement.success);
+    let text = r.body_mut().read_to_string()?;
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let last: Value = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("tessera").is_some())
+        .last()
+        .context("no chunk with the cost")?;
+    let cost = last["tessera"]["cost"].as_u64().context("tessera.cost")?;
+    assert!(cost > 0 && cost < stream_amount);
+    assert_eq!(
+        hub.balance(payer.address())?,
+        balance_before + stream_amount - cost
+    );
+
     // The facilitator endpoints answer the same.
     let (status, v) = hub.get("/v1/x402/supported")?;
     assert_eq!(
