@@ -832,17 +832,18 @@ fn bad_x402_payments_are_refused_with_x402_errors_and_move_no_money() -> Result<
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let last: Value = text
         .lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("tessera").is_some())
-        .last()
+        .find(|v| v.get("tessera").is_some())
         .context("no chunk with the cost")?;
     let cost = last["tessera"]["cost"].as_u64().context("tessera.cost")?;
     assert!(cost > 0 && cost < stream_amount);
-    assert_eq!(
-        hub.balance(payer.address())?,
-        balance_before + stream_amount - cost
-    );
+    hub.wait_balance(
+        payer.address(),
+        balance_before + stream_amount - cost,
+        Duration::from_secs(10),
+    )?;
 
     // The facilitator endpoints answer the same.
     let (status, v) = hub.get("/v1/x402/supported")?;
