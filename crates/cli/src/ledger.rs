@@ -15,28 +15,99 @@ pub enum LedgerCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// With a chain: also prove that the vault holds exactly what the ledger owes it
+        /// (deposits credited minus withdrawals debited). Needs `--vault` and `--token`.
+        #[arg(long, value_name = "URL", requires_all = ["vault", "token"])]
+        rpc: Option<String>,
+        /// The vault contract (with `--rpc`).
+        #[arg(long, requires = "rpc")]
+        vault: Option<tessera_protocol::Address>,
+        /// The stablecoin contract (with `--rpc`).
+        #[arg(long, requires = "rpc")]
+        token: Option<tessera_protocol::Address>,
     },
+}
+
+/// The on-chain side of the audit.
+#[derive(Debug, serde::Serialize)]
+struct Reconciliation {
+    vault_holdings: u64,
+    ledger_liabilities: i64,
+}
+
+impl Reconciliation {
+    fn is_clean(&self) -> bool {
+        i128::from(self.vault_holdings) == i128::from(self.ledger_liabilities)
+    }
 }
 
 /// Runs a ledger subcommand.
 pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
     match cmd {
-        LedgerCommand::Audit { url, json } => {
+        LedgerCommand::Audit {
+            url,
+            json,
+            rpc,
+            vault,
+            token,
+        } => {
+            let chain = match (rpc, vault, token) {
+                (Some(rpc), Some(vault), Some(token)) => {
+                    Some(crate::chain_cmd::ChainArgs { rpc, vault, token })
+                }
+                _ => None,
+            };
             let url = url.unwrap_or_else(crate::wallet::default_ledger_url);
             let ledger = Ledger::open(&url, LedgerConfig::default())
                 .await
                 .context("opening the ledger")?;
             let report = ledger.audit().await.context("auditing")?;
+            let reconciliation = match chain {
+                Some(chain) => {
+                    let chain = chain.connect(None).await?;
+                    // Read the chain first: a deposit the hub credits in between then shows as a
+                    // surplus of the vault, never as a shortfall.
+                    let vault_holdings =
+                        chain.vault_holdings().await.context("reading the vault")?;
+                    let ledger_liabilities = ledger.chain_liabilities().await?;
+                    Some(Reconciliation {
+                        vault_holdings,
+                        ledger_liabilities,
+                    })
+                }
+                None => None,
+            };
             ledger.close().await;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut value = serde_json::to_value(&report)?;
+                value["chain"] = serde_json::to_value(&reconciliation)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print_audit(&report);
+                if let Some(r) = &reconciliation {
+                    println!("vault holds   {}", r.vault_holdings);
+                    println!("ledger owes   {}", r.ledger_liabilities);
+                    println!(
+                        "on-chain      {}",
+                        if r.is_clean() {
+                            "reconciled"
+                        } else {
+                            "MISMATCH"
+                        }
+                    );
+                }
             }
             if !report.is_clean() {
                 bail!(
                     "ledger audit failed: {} problem(s)",
                     report.problems().len()
+                );
+            }
+            if let Some(r) = reconciliation.filter(|r| !r.is_clean()) {
+                bail!(
+                    "on-chain reconciliation failed: the vault holds {} but the ledger owes {}",
+                    r.vault_holdings,
+                    r.ledger_liabilities
                 );
             }
         }

@@ -6,6 +6,7 @@ mod bench_attack;
 mod bench_hub;
 mod bench_synth;
 mod catalog;
+mod chain_cmd;
 mod client;
 mod demo;
 mod ledger;
@@ -60,7 +61,7 @@ enum Command {
     /// Make a dataset from a spec through a hub (or a network of its own on this machine).
     Synth(synth_cmd::SynthArgs),
     /// Run the hub: OpenAI-compatible API, provider registry, settlement, verification.
-    Hub(tessera_hub::HubConfig),
+    Hub(Box<tessera_hub::HubConfig>),
     /// Run a provider node that connects to a hub and serves a model.
     Node(tessera_node::NodeConfig),
     /// The task market: post, list, show, claim, deliver, accept, reject, dispute, cancel.
@@ -75,6 +76,15 @@ enum Command {
     },
     /// An account's balance, holds and stake, through the hub's API.
     Account(task_cmd::AccountArgs),
+    /// A local development chain (anvil) with the vault and test stablecoin deployed.
+    Chain {
+        #[command(subcommand)]
+        command: chain_cmd::ChainCommand,
+    },
+    /// Deposit stablecoin into a hub's vault for an account (credited after confirmations).
+    Deposit(chain_cmd::DepositArgs),
+    /// Withdraw from the ledger to an on-chain address (the hub debits, then its vault pays).
+    Withdraw(chain_cmd::WithdrawArgs),
     /// Benchmarks; each prints a table, or JSON with --json.
     Bench {
         #[command(subcommand)]
@@ -212,12 +222,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Task { command } => task_cmd::run(command),
         Command::Key { command } => task_cmd::run_key(command),
         Command::Account(args) => task_cmd::run_account(args),
+        Command::Chain { command } => block_on(chain_cmd::run(command)),
+        Command::Deposit(args) => block_on(chain_cmd::deposit(args)),
+        Command::Withdraw(args) => chain_cmd::withdraw(args),
         Command::Demo(args) => demo::run(args),
         Command::Synth(args) => synth_cmd::run(args),
         Command::Hub(mut config) => {
             config.catalog = catalog::build(&config.models).context("the hub's model catalog")?;
             signals::run_service(async {
-                Ok(tessera_hub::run(config, signals::stop_signal()).await?)
+                Ok(tessera_hub::run(*config, signals::stop_signal()).await?)
             })
             .context("hub")
         }

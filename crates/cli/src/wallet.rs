@@ -156,6 +156,12 @@ fn save(args: &WalletArgs, wallet: &Wallet, password: &str) -> anyhow::Result<()
     Ok(())
 }
 
+/// Decrypts a wallet's keystore (password from `TESSERA_WALLET_PASSWORD` or a prompt).
+pub fn load(args: &WalletArgs) -> anyhow::Result<Wallet> {
+    Wallet::load_keystore(&args.keystore(), &password("Password: ")?)
+        .with_context(|| format!("decrypting {} (wrong password?)", args.keystore().display()))
+}
+
 fn address(args: &WalletArgs) -> anyhow::Result<Address> {
     if let Ok(text) = std::fs::read_to_string(args.address_file()) {
         return text

@@ -11,6 +11,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tessera_protocol::{ApiKeyRegistration, Domain, Wallet};
 
+mod support {
+    pub mod python;
+}
+
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
 /// A child process killed on drop, so a failing test leaves nothing running.
@@ -610,26 +614,7 @@ fn bad_input_gives_openai_errors_and_changes_nothing() -> Result<()> {
 
 /// A virtual environment with the official `openai` package, made once per target directory.
 fn openai_python() -> Result<std::path::PathBuf> {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
-    let python = venv.join("bin").join("python");
-    let ready = Command::new(&python)
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ready {
-        let status = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .context("python3 -m venv")?;
-        anyhow::ensure!(status.success(), "python3 -m venv failed");
-        let status = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .status()?;
-        anyhow::ensure!(status.success(), "pip install openai failed");
-    }
-    Ok(python)
+    support::python::venv("openai-venv", "import openai", &["openai"])
 }
 
 #[test]

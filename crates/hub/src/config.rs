@@ -124,6 +124,9 @@ pub struct HubConfig {
     /// settles or refunds what is left and exits.
     #[arg(long, env = "TESSERA_HUB_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// The chain holding the vault (deposits, withdrawals); none without `--rpc`.
+    #[command(flatten)]
+    pub chain: crate::chain::ChainConfig,
 }
 
 impl HubConfig {
@@ -189,6 +192,7 @@ impl HubConfig {
             verify_recheck_ms: 2000,
             max_signature_validity_secs: tessera_protocol::DEFAULT_MAX_VALIDITY_SECS,
             drain_timeout_secs: 30,
+            chain: Default::default(),
         }
     }
 }

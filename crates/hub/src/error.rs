@@ -23,6 +23,9 @@ pub enum Error {
     /// A row of the hub's tables that cannot be read back.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The chain (JSON-RPC endpoint or contracts) failed.
+    #[error("chain: {0}")]
+    Chain(String),
 }
 
 /// Result with this crate's [`Error`].

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod chain;
 pub mod config;
 pub mod connect;
 pub mod error;
@@ -68,6 +69,8 @@ pub struct Hub {
     pub limits: Arc<api::limits::Limits>,
     /// The task market's tables.
     pub tasks: tasks::TaskStore,
+    /// The chain holding the vault, when `--rpc` is set.
+    pub chain: Option<chain::ChainLink>,
     api_keys: RwLock<HashMap<[u8; 32], (Address, u64, Instant)>>,
     /// `--fast-settle`: maximum costs reserved per agent for jobs in flight.
     reservations: std::sync::Mutex<HashMap<Address, u64>>,
@@ -93,9 +96,11 @@ impl Hub {
         }
         // Signatures are bound to this hub: to its vault contract when it has one, else to an
         // address derived from its identity (kept in its database across restarts).
-        let verifying_contract = match config.verifying_contract {
-            Some(a) => a,
-            None => identity_address(&store.identity().await?),
+        let chain = chain::ChainLink::open(&config.chain, &config.db).await?;
+        let verifying_contract = match (config.verifying_contract, config.chain.vault) {
+            (Some(a), _) => a,
+            (None, Some(vault)) if chain.is_some() => vault,
+            _ => identity_address(&store.identity().await?),
         };
         let domain = Domain::for_hub(config.chain_id, verifying_contract);
         let hub = Arc::new(Self {
@@ -110,6 +115,7 @@ impl Hub {
             canaries: Default::default(),
             limits: Default::default(),
             tasks: task_store,
+            chain,
             api_keys: RwLock::default(),
             reservations: Default::default(),
             fast_balances: Default::default(),
@@ -225,6 +231,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if let Err(e) = hub.resume_withdrawals(true).await {
+        tracing::warn!(error = %e, "paying the withdrawals a previous run left unpaid failed; the watcher retries");
+    }
+    let watcher = chain::spawn_watcher(hub.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router(hub.clone())).with_graceful_shutdown(async move {
         let _ = stop_rx.await;
@@ -244,6 +254,9 @@ pub async fn serve(
         }
     }
     clock.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     hub.close().await
 }
 

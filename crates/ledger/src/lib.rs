@@ -21,7 +21,10 @@ pub use audit::AuditReport;
 pub use batch::SettleRequest;
 pub use bench::{bench_settlements, BenchReport};
 pub use error::{Error, Result};
-pub use ops::{Capture, Escrow, Faucet, Hold, Release, Settlement, Slash, Unbonding};
+pub use ops::{
+    Capture, Escrow, Faucet, Hold, Release, Settlement, Slash, Unbonding, CHAIN_DEPOSIT,
+    CHAIN_WITHDRAWAL,
+};
 pub use store::{connect, Backend, BatchStats, Ledger, LedgerConfig, Receipt, SlashSplit};
 
 use serde::{Deserialize, Serialize};

@@ -18,6 +18,11 @@ const STAKE: &str = SystemAccount::Stake.id();
 const UNBONDING: &str = SystemAccount::Unbonding.id();
 const TREASURY: &str = SystemAccount::Treasury.id();
 
+/// The journal kind of a deposit credited from the chain ([`Ledger::credit_deposit`]).
+pub const CHAIN_DEPOSIT: &str = "chain_deposit";
+/// The journal kind of a withdrawal debited for payment on-chain ([`Ledger::debit_withdrawal`]).
+pub const CHAIN_WITHDRAWAL: &str = "chain_withdrawal";
+
 /// Money moved into an escrow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
@@ -530,34 +535,67 @@ impl Ledger {
         from: impl Into<AccountId>,
         amount: u64,
     ) -> Result<Receipt<u64>> {
-        let from = free_account(from.into())?;
-        let amount_i = micro(amount)?;
-        let request = format!("{from}:{amount}");
-        self.execute(key, "burn", request, |conn| {
-            let from = from.clone();
-            Box::pin(async move {
-                let burned: Option<i64> = sqlx::query_scalar(
-                    "UPDATE supply SET burned = burned + $1 WHERE id = 1 AND burned <= $2 RETURNING burned",
-                )
-                .bind(amount_i)
-                .bind(i64::MAX - amount_i)
-                .fetch_optional(&mut *conn)
-                .await?;
-                if burned.is_none() {
-                    return Err(Error::Overflow);
-                }
-                Ok((vec![Leg::new(from, -amount_i), Leg::new(ISSUANCE, amount_i)], amount))
-            })
-        })
-        .await
+        self.retire(key, "burn", from.into(), amount).await
+    }
+
+    /// Credits a deposit confirmed on-chain: money enters the books (counted in `minted`) as a
+    /// transaction of kind [`CHAIN_DEPOSIT`]. The key names the deposit (its transaction hash
+    /// and log index), so a deposit seen twice, by a restarted hub or a replica, credits once.
+    pub async fn credit_deposit(
+        &self,
+        key: &str,
+        to: impl Into<AccountId>,
+        amount: u64,
+    ) -> Result<Receipt<u64>> {
+        self.issue(key, CHAIN_DEPOSIT, to.into(), amount).await
+    }
+
+    /// Debits a withdrawal before it is paid on-chain: money leaves the books (counted in
+    /// `burned`) as a transaction of kind [`CHAIN_WITHDRAWAL`]; fails with
+    /// [`Error::InsufficientFunds`] and moves nothing if the balance is short.
+    pub async fn debit_withdrawal(
+        &self,
+        key: &str,
+        from: impl Into<AccountId>,
+        amount: u64,
+    ) -> Result<Receipt<u64>> {
+        self.retire(key, CHAIN_WITHDRAWAL, from.into(), amount)
+            .await
+    }
+
+    /// Micro-units the books owe the vault contract: deposits credited minus withdrawals
+    /// debited. The audit's on-chain reconciliation compares it with the vault's holdings.
+    pub async fn chain_liabilities(&self) -> Result<i64> {
+        let owed: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(-e.amount), 0) AS BIGINT) FROM entries e \
+             JOIN transactions t ON t.id = e.tx_id \
+             WHERE e.account = $1 AND t.kind IN ($2, $3)",
+        )
+        .bind(ISSUANCE)
+        .bind(CHAIN_DEPOSIT)
+        .bind(CHAIN_WITHDRAWAL)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(owed)
     }
 
     /// Mints new money; reachable only through [`Faucet`].
     async fn mint(&self, key: &str, to: AccountId, amount: u64) -> Result<Receipt<u64>> {
+        self.issue(key, "mint", to, amount).await
+    }
+
+    /// Money from the issuance account to `to`, counted in the supply's `minted`.
+    async fn issue(
+        &self,
+        key: &str,
+        kind: &'static str,
+        to: AccountId,
+        amount: u64,
+    ) -> Result<Receipt<u64>> {
         let to = free_account(to)?;
         let amount_i = micro(amount)?;
         let request = format!("{to}:{amount}");
-        self.execute(key, "mint", request, |conn| {
+        self.execute(key, kind, request, |conn| {
             let to = to.clone();
             Box::pin(async move {
                 let minted: Option<i64> = sqlx::query_scalar(
@@ -571,6 +609,36 @@ impl Ledger {
                     return Err(Error::Overflow);
                 }
                 Ok((vec![Leg::new(ISSUANCE, -amount_i), Leg::new(to, amount_i)], amount))
+            })
+        })
+        .await
+    }
+
+    /// Money from `from` back to the issuance account, counted in the supply's `burned`.
+    async fn retire(
+        &self,
+        key: &str,
+        kind: &'static str,
+        from: AccountId,
+        amount: u64,
+    ) -> Result<Receipt<u64>> {
+        let from = free_account(from)?;
+        let amount_i = micro(amount)?;
+        let request = format!("{from}:{amount}");
+        self.execute(key, kind, request, |conn| {
+            let from = from.clone();
+            Box::pin(async move {
+                let burned: Option<i64> = sqlx::query_scalar(
+                    "UPDATE supply SET burned = burned + $1 WHERE id = 1 AND burned <= $2 RETURNING burned",
+                )
+                .bind(amount_i)
+                .bind(i64::MAX - amount_i)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if burned.is_none() {
+                    return Err(Error::Overflow);
+                }
+                Ok((vec![Leg::new(from, -amount_i), Leg::new(ISSUANCE, amount_i)], amount))
             })
         })
         .await

@@ -16,7 +16,7 @@ pub use error::{Error, Result};
 pub use messages::{
     ApiKeyRegistration, ApiKeyRevocation, InferenceRequest, ProviderRegistration, StakeAction,
     StakeOrder, TaskAction, TaskClaim, TaskDecision, TaskDelivery, TaskFeedback, TaskPosting,
-    TypedMessage,
+    TypedMessage, WithdrawalOrder,
 };
 pub use signed::{
     Domain, MemoryNonceStore, NonceStore, Signed, Verifier, DEFAULT_CHAIN_ID,

@@ -147,6 +147,19 @@ sol! {
         /// Unix seconds after which the registration is void.
         uint64 expiry;
     }
+
+    /// An account holder's order to pay `amount` of its balance out of the vault to `to` on-chain.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct WithdrawalOrder {
+        /// The on-chain address that receives the tokens.
+        address to;
+        /// Micro-units (token units) to pay out.
+        uint64 amount;
+        /// Consumed once per signer and message type; also names the withdrawal on-chain.
+        uint64 nonce;
+        /// Unix seconds after which the order is void.
+        uint64 expiry;
+    }
 }
 
 /// A message type that can be signed: an EIP-712 struct with a nonce and an expiry.
@@ -179,7 +192,8 @@ typed_message!(
     TaskDelivery,
     TaskDecision,
     TaskFeedback,
-    ProviderRegistration
+    ProviderRegistration,
+    WithdrawalOrder
 );
 
 /// What a [`StakeOrder`] asks for.

@@ -3,7 +3,7 @@
 use tessera_protocol::{
     Address, ApiKeyRegistration, Domain, Error, InferenceRequest, MemoryNonceStore,
     ProviderRegistration, Signed, StakeAction, StakeOrder, TaskAction, TaskClaim, TaskDecision,
-    TaskDelivery, TaskFeedback, TaskPosting, TypedMessage, Verifier, Wallet, B256,
+    TaskDelivery, TaskFeedback, TaskPosting, TypedMessage, Verifier, Wallet, WithdrawalOrder, B256,
 };
 
 const NOW: u64 = 1_700_000_000;
@@ -90,6 +90,15 @@ fn provider_registration() -> ProviderRegistration {
     }
 }
 
+fn withdrawal_order() -> WithdrawalOrder {
+    WithdrawalOrder {
+        to: Address::repeat_byte(7),
+        amount: 2_500_000,
+        nonce: 6,
+        expiry: NOW + 60,
+    }
+}
+
 /// Sign, serialise through JSON, and recover the signer.
 fn round_trip<T: TypedMessage + PartialEq + std::fmt::Debug>(message: T) {
     let wallet = Wallet::random();
@@ -142,6 +151,7 @@ per_type! {
     task_decision: crate::task_decision(), |m| m.action = TaskAction::Accept as u8;
     task_feedback: crate::task_feedback(), |m| m.tag = "speed".into();
     provider_registration: crate::provider_registration(), |m| m.capacity += 1;
+    withdrawal_order: crate::withdrawal_order(), |m| m.to = Address::repeat_byte(8);
 }
 
 #[test]

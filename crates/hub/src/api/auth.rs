@@ -42,6 +42,10 @@ pub enum Auth {
 
 /// Resolves the payer: a per-request signature if present, else the bearer API key.
 pub async fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<Auth, ApiError> {
+    // A request an x402 payment paid for spends from the payer's account (credited with it).
+    if let Some(payer) = crate::api::x402::payer(headers) {
+        return Ok(Auth::Key(payer));
+    }
     if let Some(signature) = headers.get(SIGNATURE_HEADER) {
         let signed: Signed<InferenceRequest> = signature
             .to_str()

@@ -5,9 +5,11 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod chain;
 pub mod limits;
 pub mod openai;
 pub mod tasks;
+pub mod x402;
 
 use std::sync::Arc;
 
@@ -40,11 +42,17 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/health", get(accounts::health))
         .route("/metrics", get(accounts::metrics_text))
         .merge(tasks::routes())
+        .merge(chain::routes())
+        .merge(x402::routes())
         .fallback(|| async {
             ApiError::status(StatusCode::NOT_FOUND, "not_found", "Unknown endpoint.")
         })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(openai_shaped_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            x402::pay_per_request,
+        ))
         .with_state(hub)
 }
 

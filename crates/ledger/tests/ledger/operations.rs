@@ -17,6 +17,7 @@ both_backends! {
     replayed_nonce_is_rejected => crate::operations::nonces;
     audit_detects_tampering => crate::operations::tampering;
     faucet_only_in_dev_mode => crate::operations::faucet_only_in_dev_mode;
+    chain_deposits_and_withdrawals_once => crate::operations::chain_money;
 }
 
 /// Every balance the tests touch, to compare before and after a refused operation.
@@ -417,4 +418,52 @@ pub async fn faucet_only_in_dev_mode(url: String) {
     let ledger = Ledger::open(&url, LedgerConfig::default()).await.unwrap();
     assert!(ledger.faucet().is_none());
     assert_clean(&ledger).await;
+}
+
+pub async fn chain_money(url: String) {
+    let ledger = open(&url).await;
+    let credited = ledger
+        .credit_deposit("deposit:0xaa:0", wallet(1), 5_000)
+        .await
+        .unwrap();
+    assert!(!credited.replayed);
+    // The same on-chain deposit seen again (a restarted watcher) credits nothing.
+    assert!(
+        ledger
+            .credit_deposit("deposit:0xaa:0", wallet(1), 5_000)
+            .await
+            .unwrap()
+            .replayed
+    );
+    assert_eq!(ledger.balance(wallet(1)).await.unwrap(), 5_000);
+    ledger
+        .debit_withdrawal("withdraw:1", wallet(1), 1_200)
+        .await
+        .unwrap();
+    assert!(
+        ledger
+            .debit_withdrawal("withdraw:1", wallet(1), 1_200)
+            .await
+            .unwrap()
+            .replayed
+    );
+    // More than the balance: refused, nothing moves.
+    let before = snapshot(&ledger).await;
+    assert!(matches!(
+        ledger
+            .debit_withdrawal("withdraw:2", wallet(1), 3_801)
+            .await,
+        Err(Error::InsufficientFunds { .. })
+    ));
+    assert_eq!(snapshot(&ledger).await, before);
+    // Faucet money is not owed to the vault.
+    ledger
+        .faucet()
+        .unwrap()
+        .mint("mint-1", wallet(2), 700)
+        .await
+        .unwrap();
+    assert_eq!(ledger.chain_liabilities().await.unwrap(), 3_800);
+    let report = assert_clean(&ledger).await;
+    assert_eq!((report.minted, report.burned), (5_700, 1_200));
 }
