@@ -13,8 +13,8 @@ mod ledger;
 mod local;
 mod model_cmd;
 mod signals;
-mod task_cmd;
 mod synth_cmd;
+mod task_cmd;
 mod verify_cmd;
 mod wallet;
 

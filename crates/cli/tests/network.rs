@@ -1823,6 +1823,9 @@ fn task_escrows_survive_a_hub_crash_and_the_cycle_finishes_after_restart() -> Re
     assert_eq!(hub.account(&worker)?.0, 5_000 + 10_000 - 500);
     assert_eq!(hub.account(&poster)?.0, 40_000);
     wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.audit()
+}
+
 /// Issue 12: a parameter that would change the answer is honoured or refused by name (never
 /// silently ignored), harmless ones are accepted, limits are 400s naming the parameter, and no
 /// refusal moves money. `GET /v1/models/{id}`, `system_fingerprint` and the seed echo.
