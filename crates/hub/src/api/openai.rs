@@ -341,8 +341,6 @@ struct Frame {
     created: u64,
     model: String,
     fingerprint: String,
-    /// The sampling seed (the agent's or the hub's), echoed in the `tessera` extension.
-    seed: u64,
 }
 
 impl Frame {
@@ -452,7 +450,6 @@ async fn serve(
         created: now_secs(),
         model: common.model.clone(),
         fingerprint: running.provider.fingerprint(),
-        seed: job.sampling.seed,
     };
     let mut headers = HeaderMap::new();
     let provider = running.provider.address;
