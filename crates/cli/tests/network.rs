@@ -1235,7 +1235,16 @@ fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -
         |w: &Wallet| -> Result<bool> { Ok(hub.provider(w)?["quarantined"] == json!(true)) };
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut requests = 0;
-    while !(caught(&lazy)? && caught(&liar)?) {
+    // Honest verifiers' fees come from protocol fees, which exist once jobs have settled: go on
+    // until both cheats are caught and some honest check has been paid.
+    let honest_fees = || -> Result<u64> {
+        let mut fees = 0;
+        for w in [&honest_a, &honest_b, &honest_c] {
+            fees += hub.provider(w)?["verify_fees"].as_u64().unwrap_or(0);
+        }
+        Ok(fees)
+    };
+    while !(caught(&lazy)? && caught(&liar)? && honest_fees()? > 0) {
         if Instant::now() > deadline {
             bail!(
                 "after {requests} requests: lazy {} liar {}",
