@@ -6,6 +6,7 @@
 
 mod error;
 mod types;
+mod verification;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,7 @@ use tessera_protocol::{Address, ApiKeyRegistration, Domain, Wallet};
 
 pub use error::{Error, Result};
 pub use types::{Account, ChatMessage, ChatRequest, ChatResponse, ModelInfo, Receipt, Usage};
+pub use verification::{JobStatus, ProviderStanding};
 
 /// How long a key that [`Client::new`] registers stays valid.
 pub const KEY_VALIDITY: Duration = Duration::from_secs(24 * 3600);

@@ -42,15 +42,41 @@ fn http() -> ureq::Agent {
         .into()
 }
 
+/// A provider node to start: its price and extra arguments.
+struct NodeSpec {
+    price: u64,
+    args: &'static [&'static str],
+    wallet: Wallet,
+}
+
+impl NodeSpec {
+    fn new(price: u64, args: &'static [&'static str]) -> Self {
+        Self {
+            price,
+            args,
+            wallet: Wallet::random(),
+        }
+    }
+}
+
 impl Network {
+    /// One honest provider, nothing sampled for verification.
     fn start(funds: u64) -> Result<Self> {
+        Self::with(
+            funds,
+            &["--verify-probability", "0"],
+            &[NodeSpec::new(10, &[])],
+        )
+    }
+
+    fn with(funds: u64, hub_args: &[&str], nodes: &[NodeSpec]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let db = format!("sqlite://{}", dir.path().join("hub.db").display());
         let addr_file = dir.path().join("addr");
         let log = |name: &str| -> Result<Stdio> {
             Ok(std::fs::File::create(dir.path().join(format!("{name}.log")))?.into())
         };
-        let hub = Proc(
+        let mut procs = vec![Proc(
             Command::new(BIN)
                 .args([
                     "hub",
@@ -61,12 +87,13 @@ impl Network {
                     "--dev",
                     "--allow-unverified",
                 ])
-                .args(["--verify-probability", "0", "--addr-file"])
+                .args(hub_args)
+                .arg("--addr-file")
                 .arg(&addr_file)
                 .stdout(Stdio::null())
                 .stderr(log("hub")?)
                 .spawn()?,
-        );
+        )];
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = loop {
             if let Ok(a) = std::fs::read_to_string(&addr_file) {
@@ -75,29 +102,21 @@ impl Network {
             anyhow::ensure!(Instant::now() < deadline, "the hub did not start");
             std::thread::sleep(Duration::from_millis(50));
         };
-        let provider = Wallet::random();
-        let node = Proc(
-            Command::new(BIN)
-                .args([
-                    "node",
-                    "--hub",
-                    &url,
-                    "--price",
-                    "10",
-                    "--capacity",
-                    "2",
-                    "--threads",
-                    "1",
-                    "--dev-stake",
-                ])
-                .env(
-                    "TESSERA_PRIVATE_KEY",
-                    hex::encode(provider.signer().to_bytes()),
-                )
-                .stdout(Stdio::null())
-                .stderr(log("node")?)
-                .spawn()?,
-        );
+        for (i, node) in nodes.iter().enumerate() {
+            procs.push(Proc(
+                Command::new(BIN)
+                    .args(["node", "--hub", &url, "--price", &node.price.to_string()])
+                    .args(["--capacity", "2", "--threads", "1", "--dev-stake"])
+                    .args(node.args)
+                    .env(
+                        "TESSERA_PRIVATE_KEY",
+                        hex::encode(node.wallet.signer().to_bytes()),
+                    )
+                    .stdout(Stdio::null())
+                    .stderr(log(&format!("node{i}"))?)
+                    .spawn()?,
+            ));
+        }
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let v: Value = http()
@@ -105,10 +124,10 @@ impl Network {
                 .call()?
                 .body_mut()
                 .read_json()?;
-            if v["providers"].as_u64() == Some(1) {
+            if v["providers"].as_u64() == Some(nodes.len() as u64) {
                 break;
             }
-            anyhow::ensure!(Instant::now() < deadline, "the node did not connect");
+            anyhow::ensure!(Instant::now() < deadline, "the nodes did not connect");
             std::thread::sleep(Duration::from_millis(200));
         }
         let agent = Wallet::random();
@@ -124,7 +143,7 @@ impl Network {
             agent,
             keystore,
             funds,
-            _procs: vec![hub, node],
+            _procs: procs,
         })
     }
 
@@ -141,8 +160,34 @@ impl Network {
         v["balance"].as_u64().context("balance")
     }
 
+    /// The hub's view of a provider.
+    fn provider(&self, wallet: &Wallet) -> Result<Value> {
+        let v: Value = http()
+            .get(format!("{}/v1/providers", self.url))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        let me = format!("{:#x}", wallet.address());
+        v["providers"]
+            .as_array()
+            .and_then(|ps| {
+                ps.iter().find(|p| {
+                    p["address"]
+                        .as_str()
+                        .is_some_and(|a| a.eq_ignore_ascii_case(&me))
+                })
+            })
+            .cloned()
+            .context("provider not listed")
+    }
+
     /// What the agent has paid, from the ledger, once no escrow is open.
     fn spent(&self) -> Result<u64> {
+        Ok(self.funds - self.settled_balance()?)
+    }
+
+    /// The agent's balance once no escrow is open.
+    fn settled_balance(&self) -> Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let metrics = http()
@@ -155,7 +200,7 @@ impl Network {
                 .find_map(|l| l.strip_prefix("tessera_balance_escrow_micro "))
                 .context("escrow gauge")?;
             if escrow.trim() == "0" {
-                return Ok(self.funds - self.balance()?);
+                return self.balance();
             }
             anyhow::ensure!(Instant::now() < deadline, "an escrow stayed open");
             std::thread::sleep(Duration::from_millis(100));
@@ -421,6 +466,72 @@ fn synth_killed_mid_run_resumes_without_paying_twice() -> Result<()> {
         Some(net.spent()?),
         "ledger and manifest agree to the micro-unit: {m}"
     );
+    net.audit()
+}
+
+#[test]
+fn synth_drops_and_replaces_every_row_of_a_provider_caught_cheating() -> Result<()> {
+    // Every job is checked; the cheater undercuts the honest pair, so it serves first, until
+    // two honest verifiers confirm its fault and it is slashed and quarantined.
+    let nodes = [
+        NodeSpec::new(10, &[]),
+        NodeSpec::new(12, &[]),
+        NodeSpec::new(5, &["--cheat", "requantized-q4-0"]),
+    ];
+    let cheater = nodes[2].wallet.address();
+    let net = Network::with(
+        1_000_000,
+        &["--verify-probability", "1", "--slash-amount", "500000"],
+        &nodes,
+    )?;
+    let spec = write_spec(
+        net.dir.path(),
+        &QA_SPEC
+            .replace("rows = 3", "rows = 4\nverify_wait_secs = 150")
+            .replace("[[steps]]\nname = \"answer\"\nsystem = \"You answer in one short sentence.\"\nprompt = \"{question}\"\n", ""),
+    )?;
+    let out = net.dir.path().join("out");
+    let run = net.synth(&spec, &out).output()?;
+    assert!(run.status.success(), "{}", text(&run));
+
+    let c = net.provider(&nodes[2].wallet)?;
+    assert_eq!(c["quarantined"], json!(true), "{c}");
+    // Each of its jobs in flight when it was caught is a confirmed failure and a slash.
+    assert!(c["slashed"].as_u64() >= Some(500_000), "{c}");
+    let is_cheater = |p: &Value| {
+        p.as_str()
+            .is_some_and(|a| a.eq_ignore_ascii_case(&format!("{cheater:#x}")))
+    };
+    // The cheater did make rows (it was cheapest), and the store remembers them as dropped.
+    let stored = jsonl(&out.join("rows.jsonl"))?;
+    let by_cheater: Vec<&Value> = stored
+        .iter()
+        .filter(|r| is_cheater(&r["steps"][0]["receipt"]["provider"]))
+        .collect();
+    assert!(!by_cheater.is_empty(), "the cheater served no row: the test proves nothing");
+    let rows = jsonl(&out.join("data.jsonl"))?;
+    assert_eq!(rows.len(), 4, "the dataset is whole again: {rows:?}");
+    for row in &rows {
+        let providers = row["providers"].as_array().context("providers")?;
+        assert!(!providers.iter().any(is_cheater), "a cheater's row remains: {row}");
+        for v in row["verifications"].as_array().context("verifications")? {
+            assert_eq!(v, "passed", "every kept row's job was checked and passed: {row}");
+        }
+    }
+    let m = manifest(&out)?;
+    let dropped = m["rejected"]["failed_verification"].as_u64().unwrap_or(0)
+        + m["rejected"]["provider_slashed"].as_u64().unwrap_or(0);
+    assert!(dropped >= 1, "{m}");
+    // The refunds are off the spend, and the cheater's slash paid the agent compensation.
+    let compensation = m["compensation"].as_u64().context("compensation")?;
+    assert!(compensation > 0, "{m}");
+    // Compensation can exceed what the rows cost: compare what came in with what went out.
+    assert_eq!(
+        net.settled_balance()? + m["spend"].as_u64().context("spend")?,
+        net.funds + compensation,
+        "ledger and manifest agree to the micro-unit: {m}"
+    );
+    assert!(m["spend"].as_u64() <= m["max_spend"].as_u64());
     net.audit()
 }
 

@@ -10,14 +10,68 @@ use tessera_protocol::Address;
 use crate::registry::Record;
 use crate::Result;
 
-const SCHEMA: [&str; 4] = [
+const SCHEMA: [&str; 5] = [
     "CREATE TABLE IF NOT EXISTS hub_api_keys (key_hash TEXT PRIMARY KEY, agent TEXT NOT NULL, \
      valid_until BIGINT NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS hub_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS hub_providers (address TEXT PRIMARY KEY, record TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS hub_jobs (job_key TEXT PRIMARY KEY, escrow_id BIGINT NOT NULL, agent TEXT NOT NULL, \
      provider TEXT, cost BIGINT NOT NULL, state TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS hub_job_verdicts (job_key TEXT PRIMARY KEY, agent TEXT NOT NULL, \
+     provider TEXT NOT NULL, verdict TEXT NOT NULL, compensation BIGINT NOT NULL DEFAULT 0)",
 ];
+
+/// How a job sampled for verification ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobVerdict {
+    /// Checked and passed: paid.
+    Passed,
+    /// Failed a confirmed check: refunded to the agent, the provider slashed.
+    Failed,
+    /// No verifier answered: settled unchecked.
+    Unchecked,
+}
+
+impl JobVerdict {
+    /// The verdict as the API shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passed => "passed",
+            Self::Failed => "failed",
+            Self::Unchecked => "unchecked",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Passed, Self::Failed, Self::Unchecked]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+/// Where a sampled job stands with verification, as `GET /v1/jobs/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStanding {
+    /// Answered, its verdict not in yet.
+    Pending {
+        /// The paying agent.
+        agent: Address,
+        /// The serving provider.
+        provider: Option<Address>,
+    },
+    /// Verified.
+    Decided {
+        /// The paying agent.
+        agent: Address,
+        /// The serving provider.
+        provider: Address,
+        /// How it ended.
+        verdict: JobVerdict,
+        /// Micro-units of the provider's slash paid to the agent (a failed job).
+        compensation: u64,
+    },
+}
 
 /// A job whose escrow a previous run left open.
 #[derive(Debug, Clone)]
@@ -160,6 +214,71 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Records how a verified job ended (once; a repeat keeps the first).
+    pub async fn job_verdict(
+        &self,
+        key: &str,
+        agent: Address,
+        provider: Address,
+        verdict: JobVerdict,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO hub_job_verdicts (job_key, agent, provider, verdict) VALUES ($1, $2, $3, $4) ON CONFLICT (job_key) DO NOTHING")
+            .bind(key)
+            .bind(format!("{agent:#x}"))
+            .bind(format!("{provider:#x}"))
+            .bind(verdict.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records what the agent of the failed job `key` received of its provider's slash.
+    pub async fn job_compensated(&self, key: &str, amount: u64) -> Result<()> {
+        sqlx::query("UPDATE hub_job_verdicts SET compensation = $2 WHERE job_key = $1")
+            .bind(key)
+            .bind(amount as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Where the sampled job `key` stands; `None` for a job never sampled (or unknown).
+    pub async fn job_standing(&self, key: &str) -> Result<Option<JobStanding>> {
+        let decided = sqlx::query(
+            "SELECT agent, provider, verdict, compensation FROM hub_job_verdicts WHERE job_key = $1",
+        )
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = decided {
+            let (agent, provider, verdict): (String, String, String) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            let compensation: i64 = row.try_get(3)?;
+            if let (Ok(agent), Ok(provider), Some(verdict)) =
+                (agent.parse(), provider.parse(), JobVerdict::parse(&verdict))
+            {
+                return Ok(Some(JobStanding::Decided {
+                    agent,
+                    provider,
+                    verdict,
+                    compensation: compensation.max(0) as u64,
+                }));
+            }
+        }
+        let open = sqlx::query("SELECT agent, provider FROM hub_jobs WHERE job_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(open.and_then(|row| {
+            let agent: String = row.try_get(0).ok()?;
+            let provider: Option<String> = row.try_get(1).ok()?;
+            Some(JobStanding::Pending {
+                agent: agent.parse().ok()?,
+                provider: provider.and_then(|p| p.parse().ok()),
+            })
+        }))
     }
 
     /// Closes the pool: waits for the connections in use, then closes every one (on SQLite the

@@ -100,6 +100,12 @@ impl Budget {
         self.books().reserved -= r.amount;
     }
 
+    /// `amount` already spent came back (the hub refunded a job that failed verification).
+    pub fn refund(&self, amount: u64) {
+        let mut b = self.books();
+        b.spent = b.spent.saturating_sub(amount);
+    }
+
     /// Micro-units spent.
     pub fn spent(&self) -> u64 {
         self.books().spent

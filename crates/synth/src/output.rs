@@ -193,6 +193,7 @@ pub fn manifest(spec: &Spec, report: &Report) -> Value {
         "rejected": report.rejected(),
         "failed_this_run": report.failed,
         "spend": report.spent,
+        "compensation": report.records.iter().map(Record::compensation).sum::<u64>(),
         "spend_accepted": report.accepted().map(Record::cost).sum::<u64>(),
         "spend_this_run": report.spent_this_run,
         "max_spend": spec.budget.max_spend,

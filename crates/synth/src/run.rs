@@ -2,6 +2,12 @@
 //! hub one after the other, judged, deduplicated and stored. The run ends when the rows wanted
 //! are accepted, the candidates or the budget run out, or the caller asks it to stop (rows in
 //! flight are finished and kept; no new row is started).
+//!
+//! Then the rows are reviewed against what the network learned since they were paid: each job
+//! sampled for verification is followed to its verdict (waiting up to the spec's
+//! `verify_wait_secs`), and a row with a job that failed (refunded) or made by a provider since
+//! slashed is dropped (stored again as rejected, its refund taken off the spend) and replaced by
+//! new candidates, until the dataset is whole again or the candidates or budget run out.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -375,6 +381,8 @@ impl Shared<'_> {
                 text: answer.text,
                 receipt: answer.receipt,
                 usage: answer.usage,
+                refunded: false,
+                compensation: 0,
             });
         }
         Made::Finished(paid)
@@ -470,6 +478,110 @@ impl Shared<'_> {
     }
 }
 
+/// Rounds of replacements after rows are dropped by verification.
+const MAX_REVIEWS: usize = 8;
+
+impl Shared<'_> {
+    /// Brings every stored row up to date with the network: follows its sampled jobs to their
+    /// verdicts (waiting up to `wait` for pending ones), then drops the accepted rows with a
+    /// failed job or a provider since caught cheating. Returns how many accepted rows it dropped.
+    fn review(&self, wait: Duration) -> Result<u64> {
+        let records: Vec<Record> = self
+            .store
+            .read()?
+            .into_iter()
+            .filter(|r| self.plan.candidate(r.index).key == r.key)
+            .collect();
+        let deadline = Instant::now() + wait;
+        let mut statuses = BTreeMap::new();
+        for id in records
+            .iter()
+            .flat_map(|r| &r.steps)
+            .filter(|s| s.receipt.verification == "pending")
+            .map(|s| s.receipt.job_id.clone())
+        {
+            loop {
+                let status = self.client.job(&id).map_err(Error::Agent)?;
+                match status {
+                    Some(st) if st.is_pending() => {
+                        if Instant::now() >= deadline || self.stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    Some(st) => {
+                        statuses.insert(id.clone(), st);
+                        break;
+                    }
+                    // Closed without a verdict (a hub restart settled it): unchecked.
+                    None => break,
+                }
+            }
+        }
+        let caught: HashSet<String> = self
+            .client
+            .providers()
+            .map_err(Error::Agent)?
+            .into_iter()
+            .filter(|p| p.caught())
+            .map(|p| p.address.to_lowercase())
+            .collect();
+        let mut dropped = 0;
+        for mut record in records {
+            let before = record.clone();
+            let mut failed = false;
+            for step in &mut record.steps {
+                if let Some(st) = statuses.get(&step.receipt.job_id) {
+                    step.receipt.verification = st.verification.clone();
+                    if st.refunded && !step.refunded {
+                        step.refunded = true;
+                        self.budget.refund(step.receipt.cost);
+                    }
+                    step.compensation = st.compensation;
+                }
+                failed |= step.refunded;
+            }
+            let slashed = record
+                .steps
+                .iter()
+                .any(|s| caught.contains(&s.receipt.provider.to_lowercase()));
+            if record.verdict == Verdict::Accepted && (failed || slashed) {
+                record.verdict = Verdict::Rejected(if failed {
+                    RejectReason::FailedVerification
+                } else {
+                    RejectReason::ProviderSlashed
+                });
+                dropped += 1;
+                tracing::warn!(row = record.index, failed, slashed, "dropping a row the network found dishonest");
+            }
+            if record != before {
+                self.store.append(&record)?;
+                let mut s = self.lock();
+                if before.verdict == Verdict::Accepted && record.verdict != Verdict::Accepted {
+                    s.accepted -= 1;
+                    s.progress.accepted -= 1;
+                    s.progress.rejected += 1;
+                }
+                s.progress.spent = self.budget.spent();
+            }
+        }
+        if dropped > 0 {
+            // The dropped rows' texts no longer block their duplicates.
+            let kept = self.store.read()?;
+            let mut s = self.lock();
+            let mut index = Index::new(self.spec.dedup.exact, self.spec.dedup.near_threshold);
+            for r in kept
+                .iter()
+                .filter(|r| r.verdict == Verdict::Accepted && self.plan.candidate(r.index).key == r.key)
+            {
+                index.insert(r.text());
+            }
+            s.index = index;
+        }
+        Ok(dropped)
+    }
+}
+
 /// Makes the dataset of `spec` in `out` through `client`, continuing from what `out` already
 /// holds. `stop` asks it to finish the rows in flight and end.
 pub fn run(
@@ -532,11 +644,35 @@ pub fn run(
         started: Instant::now(),
         plan,
     };
-    std::thread::scope(|scope| {
-        for _ in 0..spec.concurrency {
-            scope.spawn(|| shared.work());
+    let mut reviews = 0;
+    loop {
+        std::thread::scope(|scope| {
+            for _ in 0..spec.concurrency {
+                scope.spawn(|| shared.work());
+            }
+        });
+        let (ending, failed) = {
+            let s = shared.lock();
+            (s.ending, s.error.is_some())
+        };
+        if failed {
+            break;
         }
-    });
+        // Interrupted: statuses already known are recorded, nothing is waited for or remade.
+        let interrupted = ending == Some(Ending::Interrupted);
+        let wait = if interrupted {
+            Duration::ZERO
+        } else {
+            spec.verify_wait
+        };
+        let dropped = shared.review(wait)?;
+        reviews += 1;
+        if dropped == 0 || interrupted || reviews > MAX_REVIEWS {
+            break;
+        }
+        tracing::warn!(dropped, "rows dropped by verification; making replacements");
+        shared.lock().ending = None;
+    }
     let schedule = shared
         .schedule
         .into_inner()

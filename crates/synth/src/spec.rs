@@ -42,6 +42,8 @@ struct RawSpec {
     #[serde(default)]
     retries: Option<u32>,
     #[serde(default)]
+    verify_wait_secs: Option<u64>,
+    #[serde(default)]
     sampling: RawSampling,
     budget: RawBudget,
     #[serde(default)]
@@ -260,6 +262,9 @@ pub struct Spec {
     pub concurrency: usize,
     /// Attempts per request after a transient failure (default 2).
     pub retries: u32,
+    /// How long the end of a run waits for the verdicts of its jobs sampled for verification
+    /// (`verify_wait_secs`, default 60), so rows the network finds dishonest are replaced.
+    pub verify_wait: std::time::Duration,
     /// Sampling.
     pub sampling: Sampling,
     /// Spending limits.
@@ -599,6 +604,7 @@ impl Spec {
             seed: raw.seed,
             concurrency,
             retries: raw.retries.unwrap_or(2),
+            verify_wait: std::time::Duration::from_secs(raw.verify_wait_secs.unwrap_or(60)),
             sampling: Sampling {
                 temperature: raw.sampling.temperature.unwrap_or(0.7),
                 top_p: raw.sampling.top_p,

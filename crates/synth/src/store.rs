@@ -2,7 +2,9 @@
 //! row, accepted or rejected, so that a re-run never pays for a row twice. A request that failed
 //! is never written (the hub charged nothing for it; a re-run tries it again). Each line is
 //! written and synced before the row counts as done; a line torn by a crash is cut off when the
-//! store is next opened.
+//! store is next opened. A row whose standing changed after it was stored (its verification
+//! came in, its provider was slashed) is appended again under the same key: the last line of a
+//! key is the row.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -44,6 +46,10 @@ pub enum RejectReason {
     BudgetExhausted,
     /// A later step's request failed after its retries (the earlier steps were paid).
     RequestFailed,
+    /// One of its jobs failed the network's verification (and was refunded).
+    FailedVerification,
+    /// Made (in part) by a provider the network later caught cheating.
+    ProviderSlashed,
 }
 
 impl RejectReason {
@@ -61,6 +67,8 @@ impl RejectReason {
             Self::NearDuplicate => "near_duplicate",
             Self::BudgetExhausted => "budget_exhausted",
             Self::RequestFailed => "request_failed",
+            Self::FailedVerification => "failed_verification",
+            Self::ProviderSlashed => "provider_slashed",
         }
     }
 }
@@ -86,6 +94,16 @@ pub struct StepResult {
     pub receipt: Receipt,
     /// Token counts.
     pub usage: Usage,
+    /// Whether the hub refunded the job (it failed verification): it costs nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refunded: bool,
+    /// Micro-units of the cheating provider's slash the hub paid us for this job.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub compensation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A paid-for row.
@@ -106,9 +124,18 @@ pub struct Record {
 }
 
 impl Record {
-    /// What the row cost, micro-units.
+    /// What the row cost, micro-units (refunded jobs cost nothing).
     pub fn cost(&self) -> u64 {
-        self.steps.iter().map(|s| s.receipt.cost).sum()
+        self.steps
+            .iter()
+            .filter(|s| !s.refunded)
+            .map(|s| s.receipt.cost)
+            .sum()
+    }
+
+    /// What the hub paid us of cheating providers' slashes for this row's jobs.
+    pub fn compensation(&self) -> u64 {
+        self.steps.iter().map(|s| s.compensation).sum()
     }
 
     /// The last step's text (what the filters judge).
@@ -178,8 +205,27 @@ impl Store {
                 path,
                 file: Mutex::new(file),
             },
-            records,
+            latest(records),
         ))
+    }
+
+    /// The rows stored so far (the last line of each key), in the order first stored.
+    pub fn read(&self) -> Result<Vec<Record>> {
+        let _writing = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let text = std::fs::read(&self.path)
+            .map_err(Error::io(format!("reading {}", self.path.display())))?;
+        let mut records = Vec::new();
+        for (i, line) in text.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            records.push(serde_json::from_slice(line).map_err(|e| Error::Store {
+                path: self.path.clone(),
+                line: i + 1,
+                message: e.to_string(),
+            })?);
+        }
+        Ok(latest(records))
     }
 
     /// Appends a row and syncs it to disk.
@@ -195,6 +241,22 @@ impl Store {
             .map_err(Error::io(context()))?;
         file.sync_data().map_err(Error::io(context()))
     }
+}
+
+/// One record per key: the last written, at the place of the first.
+fn latest(records: Vec<Record>) -> Vec<Record> {
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Record> = Vec::with_capacity(records.len());
+    for r in records {
+        match at.get(&r.key) {
+            Some(&i) => out[i] = r,
+            None => {
+                at.insert(r.key.clone(), out.len());
+                out.push(r);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -215,9 +277,32 @@ mod tests {
                     ..Default::default()
                 },
                 usage: Usage::default(),
+                refunded: false,
+                compensation: 0,
             }],
             verdict,
         }
+    }
+
+    #[test]
+    fn a_row_stored_again_replaces_itself_and_a_refund_costs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.append(&record("a", Verdict::Accepted, 5)).unwrap();
+        store.append(&record("b", Verdict::Accepted, 7)).unwrap();
+        let mut dropped = record("a", Verdict::Rejected(RejectReason::FailedVerification), 5);
+        dropped.steps[0].refunded = true;
+        dropped.steps[0].compensation = 300;
+        store.append(&dropped).unwrap();
+        let rows = store.read().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].key, "a");
+        assert_eq!(rows[0].verdict, dropped.verdict);
+        assert_eq!((rows[0].cost(), rows[0].compensation()), (0, 300));
+        drop(store);
+        let (_, reopened) = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened, rows);
+        assert_eq!(reopened.iter().map(Record::cost).sum::<u64>(), 7);
     }
 
     #[test]

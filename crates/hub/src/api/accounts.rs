@@ -12,6 +12,7 @@ use tessera_ledger::SystemAccount;
 use tessera_protocol::Address;
 
 use crate::error::ApiError;
+use crate::store::{JobStanding, JobVerdict};
 use crate::Hub;
 
 #[derive(Deserialize)]
@@ -61,6 +62,43 @@ pub async fn account(State(hub): State<Arc<Hub>>, Path(address): Path<String>) -
     };
     let staked = hub.ledger.staked(address).await.unwrap_or(0);
     Json(json!({"address": address, "balance": balance, "staked": staked})).into_response()
+}
+
+/// `GET /v1/jobs/{id}`: where a job sampled for verification stands (`pending`, `passed`,
+/// `failed`: refunded to the agent and its provider slashed, `unchecked`: no verifier answered),
+/// so a client can refresh the verification status its receipt showed. A job never sampled is
+/// a 404: its receipt's status (`none`, `skipped`) is final.
+pub async fn job(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Response {
+    let standing = match hub.store.job_standing(&id).await {
+        Ok(s) => s,
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    let (verification, provider, refunded, compensation) = match standing {
+        None => {
+            return ApiError::status(
+                axum::http::StatusCode::NOT_FOUND,
+                "job_not_found",
+                format!("No job `{id}` was sampled for verification: its receipt's status is final."),
+            )
+            .into_response()
+        }
+        Some(JobStanding::Pending { provider, .. }) => ("pending", provider, false, 0),
+        Some(JobStanding::Decided {
+            provider,
+            verdict,
+            compensation,
+            ..
+        }) => (
+            verdict.as_str(),
+            Some(provider),
+            verdict == JobVerdict::Failed,
+            compensation,
+        ),
+    };
+    let quarantined = provider.is_some_and(|p| hub.registry.quarantined(p));
+    Json(json!({"id": id, "object": "tessera.job", "verification": verification, "refunded": refunded,
+                "compensation": compensation, "provider": provider, "provider_quarantined": quarantined}))
+    .into_response()
 }
 
 /// `GET /v1/providers`: every provider seen, with reputation and quarantine, and the economics

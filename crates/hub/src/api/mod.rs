@@ -38,6 +38,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/dev/faucet", post(accounts::faucet))
         .route("/v1/accounts/{address}", get(accounts::account))
         .route("/v1/providers", get(accounts::providers))
+        .route("/v1/jobs/{id}", get(accounts::job))
         .route(tessera_wire::CONNECT_PATH, get(crate::connect::connect))
         .route("/health", get(accounts::health))
         .route("/metrics", get(accounts::metrics_text))

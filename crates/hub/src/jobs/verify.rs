@@ -37,6 +37,7 @@ use tessera_wire::HubMessage;
 use crate::jobs::Hold;
 use crate::metrics::inc;
 use crate::registry::Connection;
+use crate::store::JobVerdict;
 use crate::Hub;
 
 /// How long a verifier may take to answer.
@@ -353,8 +354,8 @@ impl Hub {
         key: &str,
         verifier: Option<Address>,
         agent: Option<Address>,
-    ) {
-        match self
+    ) -> u64 {
+        let to_agent = match self
             .ledger
             .slash(
                 key,
@@ -377,10 +378,15 @@ impl Hub {
                 self.registry
                     .update(provider.address, |r| r.slashed += slashed);
                 tracing::warn!(provider = %provider.address, slashed, to_verifier = receipt.value.to_verifier, to_agent = receipt.value.to_agent, "provider slashed");
+                receipt.value.to_agent
             }
-            Err(e) => tracing::error!(provider = %provider.address, error = %e, "slash failed"),
-        }
+            Err(e) => {
+                tracing::error!(provider = %provider.address, error = %e, "slash failed");
+                0
+            }
+        };
         self.persist_record(provider.address).await;
+        to_agent
     }
 
     /// Has other providers check the job, then settles it: capture on a pass, refund and slash
@@ -469,6 +475,13 @@ impl Hub {
                 self.persist_record(provider.address).await;
                 tracing::info!(job = %hold.key, provider = %provider.address, passes = passes.len(), "verification passed");
             }
+            // Settled without a confirmed failure: a pass only if some check passed.
+            let verdict = if passes.is_empty() {
+                JobVerdict::Unchecked
+            } else {
+                JobVerdict::Passed
+            };
+            self.record_verdict(&hold, provider.address, verdict).await;
             self.settle(&hold, provider.address, cost).await;
             return self.forget_verified(&hold).await;
         }
@@ -485,15 +498,33 @@ impl Hub {
             self.registry.update(v.address, |r| r.reputation *= 0.5);
             self.test_dissenter(v, false);
         }
+        self.record_verdict(&hold, provider.address, JobVerdict::Failed)
+            .await;
         self.refund(&hold).await;
         self.forget_verified(&hold).await;
-        self.slash_provider(
-            &provider,
-            &format!("{}:slash", hold.key),
-            Some(first.address),
-            Some(hold.agent),
-        )
-        .await;
+        let compensation = self
+            .slash_provider(
+                &provider,
+                &format!("{}:slash", hold.key),
+                Some(first.address),
+                Some(hold.agent),
+            )
+            .await;
+        if let Err(e) = self.store.job_compensated(&hold.key, compensation).await {
+            tracing::error!(job = %hold.key, error = %e, "recording the agent's compensation failed");
+        }
+    }
+
+    /// Records a verified job's verdict for `GET /v1/jobs/{id}`, before its open row is forgotten
+    /// (so the job is always either pending or decided).
+    async fn record_verdict(&self, hold: &Hold, provider: Address, verdict: JobVerdict) {
+        if let Err(e) = self
+            .store
+            .job_verdict(&hold.key, hold.agent, provider, verdict)
+            .await
+        {
+            tracing::error!(job = %hold.key, error = %e, "recording a verdict failed");
+        }
     }
 
     /// Forgets a verified job's row once its escrow is closed.
@@ -649,9 +680,17 @@ mod tests {
         while hub.registry.record(liar.address).verifications_done < 2 {
             assert!(jobs < 200, "the liar is never drawn");
             let hold = hold(&hub, agent).await;
+            let key = hold.key.clone();
             hub.clone()
                 .verify(hold, provider.clone(), claimed(&TRUTH), 40)
                 .await;
+            assert!(matches!(
+                hub.store.job_standing(&key).await.expect("standing"),
+                Some(crate::store::JobStanding::Decided {
+                    verdict: JobVerdict::Passed,
+                    ..
+                })
+            ));
             jobs += 1;
         }
         assert!(!hub.registry.record(provider.address).quarantined);
@@ -695,9 +734,28 @@ mod tests {
         let v1 = fake(&hub, 2, Answers::Honest);
         let v2 = fake(&hub, 3, Answers::Honest);
         let hold = hold(&hub, agent).await;
+        let key = hold.key.clone();
+        hub.store
+            .job_verifying(&key, 0, agent, cheater.address, 40)
+            .await
+            .expect("open row");
+        assert!(matches!(
+            hub.store.job_standing(&key).await.expect("standing"),
+            Some(crate::store::JobStanding::Pending { .. })
+        ));
         hub.clone()
             .verify(hold, cheater.clone(), claimed(&[9, 9, 9, 9]), 40)
             .await;
+        // What `GET /v1/jobs/{id}` shows the agent: failed, refunded, with its share of the slash.
+        assert_eq!(
+            hub.store.job_standing(&key).await.expect("standing"),
+            Some(crate::store::JobStanding::Decided {
+                agent,
+                provider: cheater.address,
+                verdict: JobVerdict::Failed,
+                compensation: 300_000,
+            })
+        );
         let record = hub.registry.record(cheater.address);
         assert!(record.quarantined && record.slashed == 1_000_000);
         assert_eq!(hub.ledger.staked(cheater.address).await.expect("stake"), 0);
@@ -778,9 +836,17 @@ mod tests {
         while hub.registry.record(liar.address).verifications_done == 0 {
             assert!(jobs < 200, "the liar is never drawn");
             let hold = hold(&hub, agent).await;
+            let key = hold.key.clone();
             hub.clone()
                 .verify(hold, provider.clone(), claimed(&TRUTH), 40)
                 .await;
+            assert!(matches!(
+                hub.store.job_standing(&key).await.expect("standing"),
+                Some(crate::store::JobStanding::Decided {
+                    verdict: JobVerdict::Passed,
+                    ..
+                })
+            ));
             jobs += 1;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
