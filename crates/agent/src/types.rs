@@ -56,6 +56,9 @@ pub struct ChatRequest {
     /// OpenAI's `response_format` (`{"type": "json_schema", "json_schema": {...}}`), passed as is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_format: Option<Value>,
+    /// OpenAI's `service_tier`: `flex` asks for the batch tier (idle capacity, at a discount).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<String>,
 }
 
 /// Token counts of a completion.

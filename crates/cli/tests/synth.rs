@@ -424,10 +424,11 @@ print(json.dumps({"rows": ds.num_rows, "columns": ds.column_names, "card": heade
 #[test]
 fn synth_killed_mid_run_resumes_without_paying_twice() -> Result<()> {
     let net = Network::start(1_000_000)?;
+    // On the batch tier: the provider asks 10, the hub's batch discount halves it.
     let spec = write_spec(
         net.dir.path(),
         &QA_SPEC
-            .replace("rows = 3", "rows = 6")
+            .replace("rows = 3", "rows = 6\ntier = \"batch\"")
             .replace("[[steps]]\nname = \"answer\"\nsystem = \"You answer in one short sentence.\"\nprompt = \"{question}\"\n", ""),
     )?;
     let out = net.dir.path().join("out");
@@ -460,6 +461,12 @@ fn synth_killed_mid_run_resumes_without_paying_twice() -> Result<()> {
         .map(|r| r["key"].as_str().unwrap_or("").to_owned())
         .collect();
     assert_eq!(keys.len(), stored.len(), "no row paid for twice");
+    for r in &stored {
+        assert_eq!(
+            r["steps"][0]["receipt"]["price_per_token"], 5,
+            "batch jobs pay the batch price: {r}"
+        );
+    }
     let m = manifest(&out)?;
     assert_eq!(
         m["spend"].as_u64(),

@@ -86,6 +86,12 @@ pub struct HubConfig {
     /// Price of a prompt token, in basis points of the provider's price per generated token.
     #[arg(long, env = "TESSERA_HUB_PROMPT_PRICE_BPS", default_value_t = 2500)]
     pub prompt_price_bps: u32,
+    /// Price of a batch-tier job (`service_tier: "flex"`), in basis points of the provider's
+    /// price: batch jobs run only on idle capacity, so a provider that registers with this hub
+    /// sells its idle time at this share of its price (as it accepts the hub's fee).
+    #[arg(long, env = "TESSERA_HUB_BATCH_PRICE_BPS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_price_bps: u32,
     /// The price ceiling per generated token when a request names no `max_price`.
     #[arg(long, env = "TESSERA_HUB_DEFAULT_MAX_PRICE", default_value_t = 1000)]
     pub default_max_price: u64,
@@ -183,6 +189,7 @@ impl HubConfig {
             cross_check_probability: 0.25,
             canary_probability: 0.2,
             prompt_price_bps: 2500,
+            batch_price_bps: 5000,
             default_max_price: 1000,
             max_concurrent_per_agent: 8,
             requests_per_minute: 600,

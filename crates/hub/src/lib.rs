@@ -60,6 +60,8 @@ pub struct Hub {
     pub metrics: metrics::Metrics,
     /// Ids of jobs, sessions and verifications.
     pub next_id: AtomicU64,
+    /// Interactive requests in admission (batch jobs wait while any are).
+    pub interactive_waiting: std::sync::atomic::AtomicUsize,
     /// A per-process random tag in every idempotency key, so job ids of a restarted hub never
     /// collide with those already in the ledger.
     pub run_id: String,
@@ -111,6 +113,7 @@ impl Hub {
             store,
             metrics: metrics::Metrics::default(),
             next_id: AtomicU64::new(1),
+            interactive_waiting: Default::default(),
             run_id: format!("{:08x}", rand::random::<u32>()),
             canaries: Default::default(),
             limits: Default::default(),

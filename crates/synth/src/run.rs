@@ -21,7 +21,7 @@ use crate::budget::{max_request_cost, Budget, Reservation};
 use crate::dedup::{Duplicate, Index};
 use crate::filter::{checker_input, judge};
 use crate::plan::{Candidate, Plan};
-use crate::spec::{Output, Spec};
+use crate::spec::{Output, Spec, Tier};
 use crate::store::{Record, RejectReason, StepResult, Store, Verdict};
 use crate::{Error, Result};
 
@@ -216,6 +216,7 @@ pub fn request_for(
         stop: spec.sampling.stop.clone(),
         max_price: Some(spec.budget.max_price),
         response_format,
+        service_tier: (spec.tier == Tier::Batch).then(|| "flex".to_owned()),
     }
 }
 

@@ -44,6 +44,8 @@ struct RawSpec {
     #[serde(default)]
     verify_wait_secs: Option<u64>,
     #[serde(default)]
+    tier: Option<Spanned<String>>,
+    #[serde(default)]
     sampling: RawSampling,
     budget: RawBudget,
     #[serde(default)]
@@ -262,6 +264,8 @@ pub struct Spec {
     pub concurrency: usize,
     /// Attempts per request after a transient failure (default 2).
     pub retries: u32,
+    /// How the hub schedules and prices the run's requests (`tier`, default `interactive`).
+    pub tier: Tier,
     /// How long the end of a run waits for the verdicts of its jobs sampled for verification
     /// (`verify_wait_secs`, default 60), so rows the network finds dishonest are replaced.
     pub verify_wait: std::time::Duration,
@@ -279,6 +283,17 @@ pub struct Spec {
     pub filters: Filters,
     /// Deduplication.
     pub dedup: Dedup,
+}
+
+/// How the hub schedules and prices a run's requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tier {
+    /// Served as soon as a provider is free, at its price.
+    #[default]
+    Interactive,
+    /// OpenAI's `service_tier: "flex"`: served on idle capacity only (interactive requests go
+    /// first), at the hub's batch discount; `max_price` is the bid against the discounted price.
+    Batch,
 }
 
 /// 1-based line of a byte offset.
@@ -500,6 +515,19 @@ impl Spec {
             Some(m) => *m.get_ref(),
             None => rows.saturating_mul(4),
         };
+        let tier = match &raw.tier {
+            None => Tier::Interactive,
+            Some(t) => match t.get_ref().as_str() {
+                "interactive" => Tier::Interactive,
+                "batch" => Tier::Batch,
+                _ => {
+                    return Err(reader.err(
+                        t.span(),
+                        "tier must be `interactive` or `batch` (idle capacity at the hub's batch discount)",
+                    ))
+                }
+            },
+        };
         let concurrency = match &raw.concurrency {
             Some(c) if !(1..=MAX_CONCURRENCY).contains(c.get_ref()) => {
                 return Err(reader.err(
@@ -604,6 +632,7 @@ impl Spec {
             seed: raw.seed,
             concurrency,
             retries: raw.retries.unwrap_or(2),
+            tier,
             verify_wait: std::time::Duration::from_secs(raw.verify_wait_secs.unwrap_or(60)),
             sampling: Sampling {
                 temperature: raw.sampling.temperature.unwrap_or(0.7),
@@ -717,6 +746,16 @@ prompt = "Answer briefly: {question}"
         assert!(message.contains("colour"), "{message}");
         let (line, _) = refused(&GOOD.replace("max_price = 20", "max_price = \"cheap\""));
         assert_eq!(line, 8);
+    }
+
+    #[test]
+    fn the_tier_is_interactive_or_batch() {
+        assert_eq!(parse(GOOD).unwrap().tier, Tier::Interactive);
+        let batch = parse(&GOOD.replace("rows = 3", "rows = 3\ntier = \"batch\"")).unwrap();
+        assert_eq!(batch.tier, Tier::Batch);
+        let (line, message) = refused(&GOOD.replace("rows = 3", "rows = 3\ntier = \"bulk\""));
+        assert_eq!(line, 5, "{message}");
+        assert!(message.contains("tier must be"), "{message}");
     }
 
     #[test]

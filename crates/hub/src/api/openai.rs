@@ -33,6 +33,7 @@ use crate::api::auth::{authenticate, check_signed, consume_nonce, Auth};
 use crate::error::ApiError;
 use crate::jobs::dispatch::{End, Running};
 use crate::jobs::settle::Charge;
+use crate::jobs::Tier;
 use crate::metrics::inc;
 use crate::{now_secs, Hub};
 
@@ -114,6 +115,8 @@ struct Common {
     frequency_penalty: Option<f32>,
     #[serde(default)]
     logit_bias: Option<std::collections::HashMap<String, f32>>,
+    #[serde(default)]
+    service_tier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -421,7 +424,14 @@ async fn serve(
             return reject(&hub, e);
         }
     };
-    let admitted = match hub.admit(agent, &model_key, &job, max_price).await {
+    let tier = match common.service_tier.as_deref() {
+        Some("flex") => Tier::Batch,
+        _ => Tier::Interactive,
+    };
+    let admitted = match hub
+        .admit_tier(agent, &model_key, &job, max_price, tier)
+        .await
+    {
         Ok(x) => x,
         Err(e) => return reject(&hub, e),
     };
@@ -468,7 +478,7 @@ async fn serve(
     }
     let mut running = running;
     let outcome = running.drive(|_| true).await;
-    let price = running.provider.price;
+    let price = running.price();
     let key = running.key().to_owned();
     let End::Finished(finish) = outcome.end.clone() else {
         // The agent received nothing: nothing is charged (and a protocol violation is punished).
@@ -528,7 +538,7 @@ fn stream(
             .drive(|text| tx.send(data(frame.chunk(Some(text), None, false))).is_ok())
             .await;
         let provider = running.provider.address;
-        let price = running.provider.price;
+        let price = running.price();
         let key = running.key().to_owned();
         let completion = outcome.tokens.len() as u64;
         let charge = hub.conclude(running, &outcome).await;

@@ -202,6 +202,13 @@ impl Running {
         self.ticket.as_ref().map_or("", Ticket::key)
     }
 
+    /// What the job pays per generated token: the provider's price for the job's tier.
+    pub fn price(&self) -> u64 {
+        self.ticket.as_ref().map_or(self.provider.price, |t| {
+            t.hub.job_price(self.provider.price, t.hold().tier)
+        })
+    }
+
     /// Micro-units held for the job.
     pub fn held(&self) -> u64 {
         self.ticket.as_ref().map_or(0, |t| t.hold().held)

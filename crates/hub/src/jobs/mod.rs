@@ -33,6 +33,24 @@ pub const TEMPLATE_TOKENS: usize = 96;
 pub const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Template tokens per message.
 pub const TEMPLATE_TOKENS_PER_MESSAGE: usize = 8;
+/// How long a batch job waits for idle capacity.
+pub const BATCH_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How a job is scheduled and priced.
+///
+/// **The batch rule.** A batch job (OpenAI's `service_tier: "flex"`) is dispatched only when a
+/// provider that fits has a free slot *and* no interactive request is waiting for one; it waits
+/// for that (up to [`BATCH_QUEUE_WAIT`]) otherwise, so interactive requests always go first.
+/// It pays `batch_price_bps` of the serving provider's price, and its `max_price` is a bid
+/// against that discounted price.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tier {
+    /// Served first, at the provider's price.
+    #[default]
+    Interactive,
+    /// Served on idle capacity, at a discount.
+    Batch,
+}
 
 /// What an admitted job's escrow is.
 #[derive(Debug, Clone)]
@@ -46,6 +64,8 @@ pub struct Hold {
     pub escrow_id: Option<i64>,
     /// Micro-units held.
     pub held: u64,
+    /// Its tier (the price it pays).
+    pub tier: Tier,
 }
 
 /// An admitted job: its escrow is held until the ticket is settled, or refunded when the ticket
@@ -116,7 +136,18 @@ impl Hub {
         u64::try_from(completion + prompt).ok()
     }
 
-    /// Finds candidates and escrows the job's maximum cost.
+    /// What a job of `tier` pays per token on a provider asking `price`.
+    pub fn job_price(&self, price: u64, tier: Tier) -> u64 {
+        match tier {
+            Tier::Interactive => price,
+            Tier::Batch => {
+                let bps = u128::from(self.config.batch_price_bps);
+                u64::try_from((u128::from(price) * bps).div_ceil(10_000)).unwrap_or(u64::MAX)
+            }
+        }
+    }
+
+    /// Finds candidates and escrows the job's maximum cost (an interactive job).
     pub async fn admit(
         self: &Arc<Self>,
         agent: Address,
@@ -124,26 +155,62 @@ impl Hub {
         request: &JobRequest,
         max_price: Option<u64>,
     ) -> Result<Admitted, ApiError> {
+        self.admit_tier(agent, model, request, max_price, Tier::Interactive)
+            .await
+    }
+
+    /// Finds candidates for a job of `tier` and escrows its maximum cost.
+    pub async fn admit_tier(
+        self: &Arc<Self>,
+        agent: Address,
+        model: &str,
+        request: &JobRequest,
+        max_price: Option<u64>,
+        tier: Tier,
+    ) -> Result<Admitted, ApiError> {
         let Some(entry) = self.config.catalog.lookup(model) else {
             return Err(ApiError::model_not_found(model));
         };
-        let max_price = max_price.unwrap_or(self.config.default_max_price);
+        let bid = max_price.unwrap_or(self.config.default_max_price);
+        // The dearest provider whose price for this tier is within the bid.
+        let max_price = match tier {
+            Tier::Interactive => bid,
+            Tier::Batch => u64::try_from(
+                u128::from(bid) * 10_000 / u128::from(self.config.batch_price_bps.max(1)),
+            )
+            .unwrap_or(u64::MAX),
+        };
         let allow = self.config.allow_unverified;
-        let mut candidates = self
-            .registry
-            .candidates(&entry.sha256, max_price, agent, allow);
+        let free = |hub: &Self| {
+            let candidates = hub
+                .registry
+                .candidates(&entry.sha256, max_price, agent, allow);
+            // A batch job takes a free slot only when no interactive request waits for one.
+            if tier == Tier::Batch
+                && hub
+                    .interactive_waiting
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    > 0
+            {
+                return Vec::new();
+            }
+            candidates
+        };
+        let mut candidates = free(self);
         // Every provider that fits is at capacity: wait a while for a free slot.
         let queued = Instant::now();
+        let (wait, _waiting) = match tier {
+            Tier::Interactive => (QUEUE_WAIT, Some(Waiting::new(self))),
+            Tier::Batch => (BATCH_QUEUE_WAIT, None),
+        };
         while candidates.is_empty()
-            && queued.elapsed() < QUEUE_WAIT
+            && queued.elapsed() < wait
             && self
                 .registry
                 .all_busy(&entry.sha256, max_price, agent, allow)
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            candidates = self
-                .registry
-                .candidates(&entry.sha256, max_price, agent, allow);
+            candidates = free(self);
         }
         let messages = request.messages.len().max(1);
         let prompt_bound =
@@ -153,7 +220,7 @@ impl Hub {
         // is left out, so it cannot break the request for everyone else.
         candidates.retain(|c| {
             self.cost(
-                c.price,
+                self.job_price(c.price, tier),
                 u64::from(request.max_tokens),
                 u64::from(prompt_bound),
             )
@@ -197,7 +264,11 @@ impl Hub {
         let prompt_bound = u32::try_from(prompt_bound).unwrap_or(u32::MAX);
         // The most any candidate it will try could charge, with checked arithmetic: one
         // registrant's absurd price cannot overflow the hold (it is then simply refused).
-        let price_cap = candidates.iter().map(|c| c.price).max().unwrap_or(0);
+        let price_cap = candidates
+            .iter()
+            .map(|c| self.job_price(c.price, tier))
+            .max()
+            .unwrap_or(0);
         let held = self
             .cost(
                 price_cap,
@@ -225,6 +296,7 @@ impl Hub {
                 agent,
                 escrow_id,
                 held,
+                tier,
             }),
             started: Instant::now(),
         };
@@ -237,6 +309,28 @@ impl Hub {
         })
     }
 
+}
+
+/// An interactive request waiting for a free slot: batch jobs hold back while one exists.
+struct Waiting<'a>(&'a Hub);
+
+impl<'a> Waiting<'a> {
+    fn new(hub: &'a Hub) -> Self {
+        hub.interactive_waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(hub)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .interactive_waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Hub {
     async fn hold_escrow(
         &self,
         key: &str,

@@ -53,7 +53,11 @@ impl Hub {
         }
         let completion = outcome.tokens.len() as u64;
         let cost = self
-            .cost(provider.price, completion, outcome.billed_prompt_tokens)
+            .cost(
+                self.job_price(provider.price, hold_ref.tier),
+                completion,
+                outcome.billed_prompt_tokens,
+            )
             .unwrap_or(u64::MAX)
             .min(hold_ref.held);
         self.metrics

@@ -670,6 +670,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batch_jobs_pay_the_discount_and_yield_to_interactive_requests() {
+        use crate::jobs::Tier;
+        use std::sync::atomic::Ordering::SeqCst;
+        let (hub, _dir, agent) = setup(0.0).await;
+        let _a = fake(&hub, 1, Answers::Honest);
+        let _b = fake(&hub, 2, Answers::Honest);
+        let request = claimed(&TRUTH).request;
+        // Providers ask 10; the batch tier pays half, so a bid of 6 finds them, interactively not.
+        assert_eq!(hub.job_price(10, Tier::Batch), 5);
+        assert!(hub.admit(agent, "m", &request, Some(6)).await.is_err());
+        let batch = hub
+            .admit_tier(agent, "m", &request, Some(6), Tier::Batch)
+            .await
+            .expect("batch admitted");
+        let interactive = hub
+            .admit(agent, "m", &request, Some(10))
+            .await
+            .expect("interactive admitted");
+        assert_eq!(batch.ticket.hold().tier, Tier::Batch);
+        assert!(
+            batch.ticket.hold().held < interactive.ticket.hold().held,
+            "the batch escrow is at the discounted price"
+        );
+        drop((batch, interactive));
+        // While an interactive request waits for a slot, a batch job is not dispatched.
+        hub.interactive_waiting.fetch_add(1, SeqCst);
+        let waiting = {
+            let hub = hub.clone();
+            let request = request.clone();
+            tokio::spawn(async move {
+                hub.admit_tier(agent, "m", &request, Some(6), Tier::Batch)
+                    .await
+                    .map(|a| a.ticket.hold().tier)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the batch job held back");
+        hub.interactive_waiting.fetch_sub(1, SeqCst);
+        let tier = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("admitted once nothing interactive waits")
+            .expect("task")
+            .expect("admitted");
+        assert_eq!(tier, Tier::Batch);
+        assert!(hub.ledger.audit().await.expect("audit").is_clean());
+    }
+
+    #[tokio::test]
     async fn finding_4_one_lying_voice_never_slashes_an_honest_provider() {
         let (hub, _dir, agent) = setup(0.0).await;
         let provider = fake(&hub, 1, Answers::Honest);

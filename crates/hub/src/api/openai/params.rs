@@ -81,7 +81,8 @@ const COMMON: &[(&str, Treatment)] = &[
     ("max_price", Honoured),
     ("user", Harmless),
     ("metadata", Harmless),
-    ("service_tier", Harmless),
+    // `flex` is the batch tier (idle capacity, a discount); `auto` and `default` interactive.
+    ("service_tier", Honoured),
     ("store", NeutralOnly(is_false)),
     ("presence_penalty", Honoured),
     ("frequency_penalty", Honoured),
@@ -297,10 +298,10 @@ fn limits(body: &Map<String, Value>, kind: Kind, max_n: u32) -> Result<(), ApiEr
         }
     }
     if let Some(tier) = body.get("service_tier").filter(|v| !v.is_null()) {
-        if !tier.is_string() {
+        if !matches!(tier.as_str(), Some("auto" | "default" | "flex")) {
             return Err(ApiError::invalid_param(
                 "service_tier",
-                "service_tier must be a string.",
+                "service_tier is `auto` or `default` (interactive) or `flex` (the batch tier: idle capacity at a discount).",
             ));
         }
     }
