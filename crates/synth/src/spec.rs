@@ -827,6 +827,27 @@ prompt = "Answer briefly: {question}"
                 n += 1;
             }
         }
-        assert!(n >= 3, "{n} example specs");
+        assert!(n >= 4, "{n} example specs");
+    }
+
+    #[test]
+    fn the_python_example_checker_runs_the_rows_tests() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/synth/check_python.py");
+        let check = |code: &str| {
+            let row = serde_json::json!({"text": format!("```python\n{code}```"), "variables": {}});
+            let mut child = std::process::Command::new("python3")
+                .arg(&script)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), row.to_string().as_bytes())
+                .unwrap();
+            child.wait().unwrap().success()
+        };
+        let body = "def rev(s):\n    return s[::-1]\n";
+        assert!(check(&format!("{body}assert rev('ab') == 'ba'\nassert rev('') == ''\nassert rev('a') == 'a'\n")));
+        assert!(!check(&format!("{body}assert rev('ab') == 'ab'\nassert rev('') == ''\nassert rev('a') == 'a'\n")), "a failing assert");
+        assert!(!check(&format!("{body}assert rev('ab') == 'ba'\n")), "too few tests");
+        assert!(!check("def loop():\n    pass\nwhile True: pass\nassert 1\nassert 1\nassert 1\n"), "a hang is a reject");
     }
 }

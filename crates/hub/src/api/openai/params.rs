@@ -3,7 +3,7 @@
 //! The rule (from the OpenAI API reference, <https://platform.openai.com/docs/api-reference/chat/create>):
 //! a parameter that would change which tokens are chosen or what the response means is either
 //! implemented or refused with 400 `unsupported_parameter` naming it: never silently ignored.
-//! Parameters that change nothing here (`user`, `metadata`, `store: false`, `service_tier`) are
+//! Parameters that change nothing here (`user`, `metadata`, `store: false`) are
 //! accepted. A parameter at its neutral value (`logprobs: false`, `presence_penalty: 0`,
 //! `response_format: {"type": "text"}`, `tools: []`, …) is accepted, since it asks for nothing.
 //! Names OpenAI does not define are refused as OpenAI refuses them (`unknown_parameter`).
