@@ -11,6 +11,9 @@ if [ -z "${TESSERA_TEST_POSTGRES_URL:-}" ]; then
 fi
 export TESSERA_TEST_POSTGRES_URL
 
+# Chromium for the dashboard's browser test (Debian's package).
+bash scripts/setup-browser.sh
+
 # The real models (tests would also fetch them on first use; doing it once up front is clearer).
 cargo build --quiet -p tessera
 ./target/debug/tessera model fetch all

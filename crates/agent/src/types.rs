@@ -59,6 +59,9 @@ pub struct ChatRequest {
     /// OpenAI's `service_tier`: `flex` asks for the batch tier (idle capacity, at a discount).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_tier: Option<String>,
+    /// OpenAI's `user`: what the request is for (the hub's dashboard groups jobs by it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Token counts of a completion.

@@ -19,6 +19,7 @@ pub mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod registry;
+pub mod activity;
 pub mod store;
 pub mod tasks;
 
@@ -60,6 +61,8 @@ pub struct Hub {
     pub metrics: metrics::Metrics,
     /// Ids of jobs, sessions and verifications.
     pub next_id: AtomicU64,
+    /// Recent jobs, slashes and counters for the dashboard.
+    pub activity: activity::Activity,
     /// Interactive requests in admission (batch jobs wait while any are).
     pub interactive_waiting: std::sync::atomic::AtomicUsize,
     /// A per-process random tag in every idempotency key, so job ids of a restarted hub never
@@ -114,6 +117,7 @@ impl Hub {
             metrics: metrics::Metrics::default(),
             next_id: AtomicU64::new(1),
             interactive_waiting: Default::default(),
+            activity: Default::default(),
             run_id: format!("{:08x}", rand::random::<u32>()),
             canaries: Default::default(),
             limits: Default::default(),
@@ -244,6 +248,16 @@ pub async fn serve(
     });
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
     let clock = tokio::spawn(tasks::run_clock(hub.clone()));
+    let sampler = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(activity::SAMPLE_EVERY);
+            loop {
+                every.tick().await;
+                hub.activity.sample(&hub.metrics);
+            }
+        })
+    };
     tokio::select! {
         served = &mut server => served?,
         _ = shutdown => {
@@ -257,6 +271,7 @@ pub async fn serve(
         }
     }
     clock.abort();
+    sampler.abort();
     if let Some(watcher) = watcher {
         watcher.abort();
     }

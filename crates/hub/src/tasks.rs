@@ -132,7 +132,8 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    fn as_str(self) -> &'static str {
+    /// The state's name (as the API shows it).
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Posting => "posting",
             Self::Open => "open",

@@ -217,6 +217,7 @@ pub fn request_for(
         max_price: Some(spec.budget.max_price),
         response_format,
         service_tier: (spec.tier == Tier::Batch).then(|| "flex".to_owned()),
+        user: Some(format!("synth:{}", spec.name)),
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod chain;
+pub mod dashboard;
 pub mod limits;
 pub mod openai;
 pub mod tasks;
@@ -43,6 +44,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/health", get(accounts::health))
         .route("/metrics", get(accounts::metrics_text))
         .merge(tasks::routes())
+        .merge(dashboard::routes())
         .merge(chain::routes())
         .merge(x402::routes())
         .fallback(|| async {

@@ -117,6 +117,8 @@ struct Common {
     logit_bias: Option<std::collections::HashMap<String, f32>>,
     #[serde(default)]
     service_tier: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -435,6 +437,10 @@ async fn serve(
         Ok(x) => x,
         Err(e) => return reject(&hub, e),
     };
+    if let Some(user) = &common.user {
+        // What the agent says the job is for (a synthetic-data run), for the dashboard.
+        hub.activity.label(admitted.ticket.key(), user);
+    }
     if let Some(signed) = &signed {
         // The nonce is spent only by a request that is going to run.
         if let Err(e) = consume_nonce(&hub, signed).await {

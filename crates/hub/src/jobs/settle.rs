@@ -25,7 +25,27 @@ pub struct Charge {
 impl Hub {
     /// Settles a job from what its stream produced, and decides whether to verify it.
     /// Verification settles later, in the background.
-    pub async fn conclude(self: &Arc<Self>, mut running: Running, outcome: &Outcome) -> Charge {
+    pub async fn conclude(self: &Arc<Self>, running: Running, outcome: &Outcome) -> Charge {
+        let (id, provider, model) = (
+            running.key().to_owned(),
+            running.provider.address,
+            running.provider.model.name.clone(),
+        );
+        let charge = self.settle_outcome(running, outcome).await;
+        self.activity.job(crate::activity::JobEntry {
+            id,
+            at: crate::now_secs(),
+            provider,
+            model,
+            tokens: outcome.tokens.len() as u64,
+            cost: charge.cost,
+            verification: charge.verification.as_str().to_owned(),
+            label: None,
+        });
+        charge
+    }
+
+    async fn settle_outcome(self: &Arc<Self>, mut running: Running, outcome: &Outcome) -> Charge {
         let provider = running.provider.clone();
         let request = running.request.clone();
         let Some(mut hold) = running.take_hold() else {

@@ -377,6 +377,16 @@ impl Hub {
                     });
                 self.registry
                     .update(provider.address, |r| r.slashed += slashed);
+                self.activity.slash(crate::activity::SlashEntry {
+                    at: crate::now_secs(),
+                    provider: provider.address,
+                    amount: slashed,
+                    reason: if agent.is_some() {
+                        "failed a job check".into()
+                    } else {
+                        "failed a known-answer check".into()
+                    },
+                });
                 tracing::warn!(provider = %provider.address, slashed, to_verifier = receipt.value.to_verifier, to_agent = receipt.value.to_agent, "provider slashed");
                 receipt.value.to_agent
             }
@@ -525,6 +535,7 @@ impl Hub {
         {
             tracing::error!(job = %hold.key, error = %e, "recording a verdict failed");
         }
+        self.activity.verdict(&hold.key, verdict.as_str());
     }
 
     /// Forgets a verified job's row once its escrow is closed.

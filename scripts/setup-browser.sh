@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs Debian's chromium for the dashboard's browser test (headless, driven over the DevTools
+# protocol), if it is not there yet. Idempotent.
+set -euo pipefail
+if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+command -v chromium
