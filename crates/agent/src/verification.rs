@@ -53,10 +53,7 @@ impl Client {
     /// The verification status of job `id`; `None` for a job never sampled (its receipt's
     /// status is final).
     pub fn job(&self, id: &str) -> Result<Option<JobStatus>> {
-        let r = self
-            .http
-            .get(format!("{}/v1/jobs/{id}", self.url))
-            .call()?;
+        let r = self.http.get(format!("{}/v1/jobs/{id}", self.url)).call()?;
         match read_json(r) {
             Ok(v) => decode(v).map(Some),
             Err(Error::Api { status: 404, .. }) => Ok(None),

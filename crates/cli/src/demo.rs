@@ -33,7 +33,48 @@ pub struct DemoArgs {
     /// Keep the hub's database and logs here instead of a temporary directory.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Rows of the synthetic dataset the demo makes (0 skips it).
+    #[arg(long, default_value_t = 3)]
+    rows: u64,
+    /// Leave the network up after the report (until Ctrl-C), with the dashboard and a key.
+    #[arg(long)]
+    keep: bool,
 }
+
+/// The demo's dataset: short instruction/answer pairs, two steps per row.
+const DEMO_SPEC: &str = r#"
+name = "demo-instructions"
+description = "Short instructions and their answers, made by the demo's providers."
+license = "apache-2.0"
+task_categories = ["text-generation"]
+model = "smollm2-135m"
+rows = ROWS
+seed = 11
+concurrency = 2
+verify_wait_secs = 120
+
+[sampling]
+temperature = 0.8
+max_tokens = 20
+
+[budget]
+max_spend = 200000
+max_price = 20
+
+[variables]
+topic = ["cooking", "the weather", "music", "the ocean", "trains", "gardens"]
+
+[[steps]]
+name = "instruction"
+prompt = "Write one short instruction someone might give an assistant about {topic}."
+
+[[steps]]
+name = "answer"
+prompt = "{instruction}"
+
+[dedup]
+near_threshold = 0.8
+"#;
 
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -63,6 +104,7 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
         &["--verify-probability", &args.verify_probability.to_string()],
     )?;
     println!("hub        {url}   (logs and ledger in {})", dir.display());
+    println!("dashboard  {url}/   (live: providers, jobs, verifications, slashes, tasks, runs)");
     let nodes = [
         ("honest-a", 10u64, None),
         ("honest-b", 12, None),
@@ -147,6 +189,10 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
         wait_verifications(&url, Duration::from_secs(120))?;
     }
 
+    if args.rows > 0 {
+        synthesize(&url, &agent, &key, &dir, args.rows, &wallets)?;
+    }
+
     let providers: Value = http()
         .get(format!("{url}/v1/providers"))
         .call()?
@@ -214,6 +260,71 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     );
     if !audit.status.success() {
         bail!("{}", String::from_utf8_lossy(&audit.stdout));
+    }
+    if args.keep {
+        println!(
+            "\nThe network stays up until Ctrl-C.\n  dashboard: {url}/\n  an OpenAI client, ready to paste:\n\n\
+             from openai import OpenAI\n\
+             client = OpenAI(base_url=\"{url}/v1\", api_key=\"{key}\")\n\
+             print(client.chat.completions.create(model=\"smollm2-135m\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)\n"
+        );
+        loop {
+            if children.interrupted() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+/// Makes a small synthetic dataset through the demo's network, paid by the agent.
+fn synthesize(
+    url: &str,
+    agent: &Wallet,
+    key: &str,
+    dir: &std::path::Path,
+    rows: u64,
+    nodes: &[(&str, Wallet)],
+) -> anyhow::Result<()> {
+    let spec_path = dir.join("demo-spec.toml");
+    std::fs::write(&spec_path, DEMO_SPEC.replace("ROWS", &rows.to_string()))?;
+    let spec = tessera_synth::Spec::load(&spec_path)?;
+    let client = tessera_agent::Client::with_key(url, key, agent.address());
+    let out = dir.join("dataset");
+    println!(
+        "\nsynthetic data: {rows} instruction/answer rows (spec {}) ...",
+        spec_path.display()
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let report = tessera_synth::run(&spec, &client, &out, &stop, &tessera_synth::Quiet)?;
+    tessera_synth::output::write_dataset(&spec, &report, &out)?;
+    let manifest = tessera_synth::output::manifest(&spec, &report);
+    let name = |address: &str| {
+        nodes
+            .iter()
+            .find(|(_, w)| format!("{:#x}", w.address()).eq_ignore_ascii_case(address))
+            .map_or(address.to_owned(), |(n, _)| (*n).to_owned())
+    };
+    let served: Vec<String> = manifest["providers"]
+        .as_object()
+        .map(|m| m.iter().map(|(a, n)| format!("{} {n}", name(a))).collect())
+        .unwrap_or_default();
+    println!(
+        "  {} rows in {} (data.jsonl, data.parquet, manifest.json, README.md); rejected {}; spend {}; jobs by {}",
+        manifest["rows"],
+        out.display(),
+        manifest["rejected"],
+        manifest["spend"],
+        served.join(", ")
+    );
+    for row in report.accepted().take(2) {
+        let answer = row.text().replace('\n', " ");
+        println!(
+            "  e.g. {} -> {:.70}",
+            row.steps[0].text.replace('\n', " ").trim(),
+            answer.trim()
+        );
     }
     Ok(())
 }

@@ -515,14 +515,23 @@ fn synth_drops_and_replaces_every_row_of_a_provider_caught_cheating() -> Result<
         .iter()
         .filter(|r| is_cheater(&r["steps"][0]["receipt"]["provider"]))
         .collect();
-    assert!(!by_cheater.is_empty(), "the cheater served no row: the test proves nothing");
+    assert!(
+        !by_cheater.is_empty(),
+        "the cheater served no row: the test proves nothing"
+    );
     let rows = jsonl(&out.join("data.jsonl"))?;
     assert_eq!(rows.len(), 4, "the dataset is whole again: {rows:?}");
     for row in &rows {
         let providers = row["providers"].as_array().context("providers")?;
-        assert!(!providers.iter().any(is_cheater), "a cheater's row remains: {row}");
+        assert!(
+            !providers.iter().any(is_cheater),
+            "a cheater's row remains: {row}"
+        );
         for v in row["verifications"].as_array().context("verifications")? {
-            assert_eq!(v, "passed", "every kept row's job was checked and passed: {row}");
+            assert_eq!(
+                v, "passed",
+                "every kept row's job was checked and passed: {row}"
+            );
         }
     }
     let m = manifest(&out)?;

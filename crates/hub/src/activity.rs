@@ -118,7 +118,8 @@ impl Activity {
         if r.labels.len() > 4 * JOBS {
             r.labels.clear();
         }
-        r.labels.insert(id.to_owned(), label.chars().take(64).collect());
+        r.labels
+            .insert(id.to_owned(), label.chars().take(64).collect());
     }
 
     /// A job was settled or sent for checking.
@@ -220,7 +221,10 @@ mod tests {
         assert_eq!(jobs[0].verification, "failed");
         // j1's entry fell out of the ring; only j999 is counted for the label.
         assert_eq!(labels.len(), 1);
-        assert_eq!((labels[0].jobs, labels[0].failed, labels[0].cost), (1, 1, 30));
+        assert_eq!(
+            (labels[0].jobs, labels[0].failed, labels[0].cost),
+            (1, 1, 30)
+        );
         let m = Metrics::default();
         m.completion_tokens.store(7, Ordering::Relaxed);
         a.sample(&m);

@@ -10,6 +10,7 @@
 //! The hub never links the inference engine: it decodes token ids with each model's vocabulary.
 #![deny(missing_docs)]
 
+pub mod activity;
 pub mod api;
 pub mod catalog;
 pub mod chain;
@@ -19,7 +20,6 @@ pub mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod registry;
-pub mod activity;
 pub mod store;
 pub mod tasks;
 

@@ -554,7 +554,12 @@ impl Shared<'_> {
                     RejectReason::ProviderSlashed
                 });
                 dropped += 1;
-                tracing::warn!(row = record.index, failed, slashed, "dropping a row the network found dishonest");
+                tracing::warn!(
+                    row = record.index,
+                    failed,
+                    slashed,
+                    "dropping a row the network found dishonest"
+                );
             }
             if record != before {
                 self.store.append(&record)?;
@@ -572,10 +577,9 @@ impl Shared<'_> {
             let kept = self.store.read()?;
             let mut s = self.lock();
             let mut index = Index::new(self.spec.dedup.exact, self.spec.dedup.near_threshold);
-            for r in kept
-                .iter()
-                .filter(|r| r.verdict == Verdict::Accepted && self.plan.candidate(r.index).key == r.key)
-            {
+            for r in kept.iter().filter(|r| {
+                r.verdict == Verdict::Accepted && self.plan.candidate(r.index).key == r.key
+            }) {
                 index.insert(r.text());
             }
             s.index = index;

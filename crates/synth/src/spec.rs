@@ -832,7 +832,8 @@ prompt = "Answer briefly: {question}"
 
     #[test]
     fn the_python_example_checker_runs_the_rows_tests() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/synth/check_python.py");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/synth/check_python.py");
         let check = |code: &str| {
             let row = serde_json::json!({"text": format!("```python\n{code}```"), "variables": {}});
             let mut child = std::process::Command::new("python3")
@@ -845,9 +846,22 @@ prompt = "Answer briefly: {question}"
             child.wait().unwrap().success()
         };
         let body = "def rev(s):\n    return s[::-1]\n";
-        assert!(check(&format!("{body}assert rev('ab') == 'ba'\nassert rev('') == ''\nassert rev('a') == 'a'\n")));
-        assert!(!check(&format!("{body}assert rev('ab') == 'ab'\nassert rev('') == ''\nassert rev('a') == 'a'\n")), "a failing assert");
-        assert!(!check(&format!("{body}assert rev('ab') == 'ba'\n")), "too few tests");
-        assert!(!check("def loop():\n    pass\nwhile True: pass\nassert 1\nassert 1\nassert 1\n"), "a hang is a reject");
+        assert!(check(&format!(
+            "{body}assert rev('ab') == 'ba'\nassert rev('') == ''\nassert rev('a') == 'a'\n"
+        )));
+        assert!(
+            !check(&format!(
+                "{body}assert rev('ab') == 'ab'\nassert rev('') == ''\nassert rev('a') == 'a'\n"
+            )),
+            "a failing assert"
+        );
+        assert!(
+            !check(&format!("{body}assert rev('ab') == 'ba'\n")),
+            "too few tests"
+        );
+        assert!(
+            !check("def loop():\n    pass\nwhile True: pass\nassert 1\nassert 1\nassert 1\n"),
+            "a hang is a reject"
+        );
     }
 }

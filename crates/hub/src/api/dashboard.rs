@@ -28,7 +28,10 @@ const PUSH_EVERY: Duration = Duration::from_secs(1);
 /// The dashboard's routes.
 pub fn routes() -> Router<Arc<Hub>> {
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", PAGE) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", PAGE) }),
+        )
         .route(
             "/dashboard.js",
             get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
@@ -42,7 +45,14 @@ pub fn routes() -> Router<Arc<Hub>> {
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn snapshot_json(State(hub): State<Arc<Hub>>) -> Json<Value> {

@@ -308,7 +308,6 @@ impl Hub {
             prompt_bound,
         })
     }
-
 }
 
 /// An interactive request waiting for a free slot: batch jobs hold back while one exists.
