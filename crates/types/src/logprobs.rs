@@ -72,7 +72,8 @@ pub fn logprobs_disagree(
 ) -> Option<String> {
     let k = reported.top.len().min(MAX_TOP_LOGPROBS as usize);
     let recomputed = token_logprobs(logits, params, history, token, k);
-    let off = |a: f32, b: f32| !((a - b).abs() <= slack);
+    // NaN is off too: it compares as neither.
+    let off = |a: f32, b: f32| (a - b).abs().partial_cmp(&slack).is_none_or(|o| o.is_gt());
     if off(reported.logprob, recomputed.logprob) {
         return Some(format!(
             "the token's logprob is reported as {} but is {}",
