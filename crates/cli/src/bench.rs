@@ -8,6 +8,8 @@ use serde::Serialize;
 use tessera_engine::{quant, SamplingParams, Variant};
 use tessera_engine::{registry, Compute, Engine, GenerateOptions, LoadOptions, Message, Role};
 #[cfg(feature = "adversary")]
+use tessera_proof::harness::{logprobs_of, serve_with_logits};
+#[cfg(feature = "adversary")]
 use tessera_proof::{cheat, serve, tasks, verify, Adversary, CheatEngines};
 
 /// Benchmarks.
@@ -94,6 +96,8 @@ struct DetectionRow {
 struct VerifyFigures {
     thresholds: tessera_proof::Thresholds,
     honest: DetectionRow,
+    /// Honest jobs under the richer rules: a grammar, penalties with a bias, logprobs reported.
+    honest_rules: Vec<DetectionRow>,
     honest_max_abs_delta: f32,
     adversaries: Vec<DetectionRow>,
     commitment_bytes_per_token: f64,
@@ -179,6 +183,54 @@ fn bench_verify(
     }
     honest.rate = honest.flagged as f64 / honest.jobs.max(1) as f64;
 
+    // Honest jobs under the richer rules (false positives of the rule's replay).
+    let mut honest_rules = Vec::new();
+    for (k, name) in [
+        "honest, JSON grammar (json_object)",
+        "honest, penalties and logit_bias",
+        "honest, logprobs reported (top 5)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let specs: Vec<_> = tasks(per_adversary, max_tokens, 30_000 + k as u64)
+            .iter()
+            .map(|t| {
+                let mut spec = t.spec(&verifier);
+                match k {
+                    0 => spec.sampling.grammar = Some(tessera_engine::sampling::Grammar::JsonObject),
+                    1 => {
+                        spec.sampling.frequency_penalty = 0.8;
+                        spec.sampling.presence_penalty = 0.4;
+                        spec.sampling.logit_bias = vec![(13, 2.0), (30, -5.0)];
+                    }
+                    _ => {}
+                }
+                spec
+            })
+            .collect();
+        let mut row = DetectionRow {
+            behaviour: name.into(),
+            jobs: 0,
+            flagged: 0,
+            rate: 0.0,
+        };
+        for chunk in specs.chunks(8) {
+            for served in serve_with_logits(&verifier, chunk)? {
+                let mut job = served.job;
+                if k == 2 {
+                    job.claim.logprobs = Some(logprobs_of(&job, &served.logits, 5));
+                }
+                let v = verify(&verifier, &job, &thresholds)?;
+                row.jobs += 1;
+                row.flagged += usize::from(!v.passed);
+            }
+        }
+        row.rate = row.flagged as f64 / row.jobs.max(1) as f64;
+        tracing::info!(rule = name, rate = row.rate, "honest rule checked");
+        honest_rules.push(row);
+    }
+
     let other = Engine::load("gemma3-270m", None)?;
     let requantized = Engine::load_with(
         "smollm2-135m",
@@ -260,6 +312,7 @@ fn bench_verify(
     Ok(VerifyFigures {
         thresholds,
         honest,
+        honest_rules,
         honest_max_abs_delta: honest_max,
         adversaries,
         commitment_bytes_per_token: job.commitment.bytes_per_token(),
@@ -489,7 +542,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             } else {
                 println!("| behaviour | jobs | flagged | rate |");
                 println!("|---|---|---|---|");
-                for r in std::iter::once(&f.honest).chain(&f.adversaries) {
+                for r in std::iter::once(&f.honest)
+                    .chain(&f.honest_rules)
+                    .chain(&f.adversaries)
+                {
                     println!(
                         "| {} | {} | {} | {:.1}% |",
                         r.behaviour,

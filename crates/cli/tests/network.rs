@@ -2123,3 +2123,169 @@ fn issue_12_a_provider_ignoring_penalties_fails_verification() -> Result<()> {
     assert_eq!(hub.provider(&cheater)?["slashed"], 500_000);
     hub.audit()
 }
+
+/// Issue 12: `logprobs` / `top_logprobs` through the official client on chat (streamed and not)
+/// and legacy completions, consistent with the text; every job is verified, the reported values
+/// recomputed by another provider, and they pass. Out-of-range requests move no money.
+#[test]
+fn issue_12_logprobs_through_the_openai_client_are_verified() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "1"])?;
+    let (a, b) = (Wallet::random(), Wallet::random());
+    let _a = hub.node("honest-a", &a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &b, 12, &["--dev-stake"])?;
+    hub.wait_connected(2)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let started = Instant::now();
+    let report = run_openai_script(&hub, &key, "logprobs.py", &[])?;
+    eprintln!("logprobs: {report} in {:?}", started.elapsed());
+    assert!(report["positions"].as_u64().is_some_and(|n| n >= 20), "{report}");
+    // Six jobs with logprobs ran; each is checked by the other provider.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let (pa, pb) = (hub.provider(&a)?, hub.provider(&b)?);
+        let passed = pa["verified_passed"].as_u64().unwrap_or(0)
+            + pb["verified_passed"].as_u64().unwrap_or(0);
+        assert_eq!(pa["verified_failed"], 0, "{pa}");
+        assert_eq!(pb["verified_failed"], 0, "{pb}");
+        if passed >= 6 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("honest logprobs jobs did not all pass: {pa} {pb}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let before = hub.account(&agent)?.0;
+    let mut body = question(8);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(50);
+    let (status, _, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 400, "{b}");
+    assert_eq!(b["error"]["param"], "top_logprobs", "{b}");
+    assert_eq!(hub.account(&agent)?.0, before, "a refused request moves no money");
+    hub.audit()
+}
+
+/// Issue 12: a provider that reports invented log-probabilities is caught by the verifier's
+/// recomputation and slashed, though its tokens are honest.
+#[test]
+fn issue_12_a_provider_faking_logprobs_fails_verification() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "1", "--slash-amount", "500000"])?;
+    let (a, b, cheater) = (Wallet::random(), Wallet::random(), Wallet::random());
+    let _a = hub.node("honest-a", &a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &b, 12, &["--dev-stake"])?;
+    let _cheater = hub.node(
+        "cheater",
+        &cheater,
+        5,
+        &["--dev-stake", "--cheat", "fake-logprobs"],
+    )?;
+    hub.wait_connected(3)?;
+    let (_, key) = hub.agent(1_000_000)?;
+    let mut body = question(24);
+    body["temperature"] = json!(0.8);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (status, headers, answer) = hub.chat(&key, &body)?;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        headers
+            .get("x-tessera-provider")
+            .context("provider header")?
+            .to_str()?
+            .to_lowercase(),
+        format!("{:#x}", cheater.address()),
+        "the cheaper provider serves first"
+    );
+    let first = &answer["choices"][0]["logprobs"]["content"][0];
+    assert_eq!(first["logprob"], json!(-0.01), "the invented value: {first}");
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while hub.provider(&cheater)?["quarantined"] != json!(true) {
+        if Instant::now() > deadline {
+            bail!("the cheater was not caught: {}", hub.provider(&cheater)?);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(hub.provider(&cheater)?["slashed"], 500_000);
+    hub.audit()
+}
+
+/// Issue 12: `n` > 1 through the official client: each choice its own job with its own seed,
+/// billed each (the agent's balance falls by exactly the sum of the choices' costs, the provider
+/// is paid for every job) and verified each.
+#[test]
+fn issue_12_n_choices_are_separate_jobs_billed_and_verified_each() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "1"])?;
+    let (a, b) = (Wallet::random(), Wallet::random());
+    let _a = hub.node("honest-a", &a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &b, 12, &["--dev-stake"])?;
+    hub.wait_connected(2)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let started = Instant::now();
+    let report = run_openai_script(&hub, &key, "choices.py", &[])?;
+    eprintln!("n choices: {report} in {:?}", started.elapsed());
+    let jobs = report["jobs"].as_u64().context("jobs")?;
+    let cost = report["cost"].as_u64().context("cost")?;
+    // Every job is checked by the other provider, then settled.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (pa, pb) = (hub.provider(&a)?, hub.provider(&b)?);
+        let count = |key: &str| pa[key].as_u64().unwrap_or(0) + pb[key].as_u64().unwrap_or(0);
+        assert_eq!(count("verified_failed"), 0, "{pa} {pb}");
+        if count("verified_passed") >= jobs && count("jobs") == jobs {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the {jobs} jobs were not all verified: {pa} {pb}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Settlement follows the verdicts: the agent ends up paying exactly the choices' costs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while 1_000_000 - hub.account(&agent)?.0 != cost {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent paid {} for choices costing {cost}",
+                1_000_000 - hub.account(&agent)?.0
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut body = question(4);
+    body["n"] = json!(9);
+    let (status, _, b) = hub.chat(&key, &body)?;
+    assert_eq!(status, 400, "{b}");
+    assert_eq!(b["error"]["param"], "n", "{b}");
+    hub.audit()
+}
+
+/// Issue 12: `POST /v1/responses` through the official client (`client.responses.create`):
+/// text, JSON under a schema, the typed event stream; each answer a job verified like a chat.
+#[test]
+fn issue_12_the_responses_api_through_the_openai_client() -> Result<()> {
+    let hub = start_strict_hub(&["--verify-probability", "1"])?;
+    let (a, b) = (Wallet::random(), Wallet::random());
+    let _a = hub.node("honest-a", &a, 10, &["--dev-stake"])?;
+    let _b = hub.node("honest-b", &b, 12, &["--dev-stake"])?;
+    hub.wait_connected(2)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let started = Instant::now();
+    let report = run_openai_script(&hub, &key, "responses.py", &[])?;
+    eprintln!("responses: {report} in {:?}", started.elapsed());
+    // Four answers ran, each checked by the other provider.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let (pa, pb) = (hub.provider(&a)?, hub.provider(&b)?);
+        let count = |key: &str| pa[key].as_u64().unwrap_or(0) + pb[key].as_u64().unwrap_or(0);
+        assert_eq!(count("verified_failed"), 0, "{pa} {pb}");
+        if count("verified_passed") >= 4 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the responses were not verified: {pa} {pb}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(hub.account(&agent)?.0 < 1_000_000, "the answers were paid for");
+    hub.audit()
+}

@@ -107,8 +107,13 @@ async fn session(hub: Arc<Hub>, socket: WebSocket) {
         };
         connection.touch();
         match serde_json::from_str::<NodeMessage>(&text) {
-            Ok(NodeMessage::Token { job, token, values }) => {
-                if !connection.deliver(job, JobEvent::Token(token, values)) {
+            Ok(NodeMessage::Token {
+                job,
+                token,
+                values,
+                logprobs,
+            }) => {
+                if !connection.deliver(job, JobEvent::Token(token, values, logprobs)) {
                     // Nobody waits (the agent left, or the job overflowed): stop the work.
                     connection.cancel_job(job);
                 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde::Serialize;
 use tessera_protocol::Address;
-use tessera_types::{FailureKind, Finish, Verdict};
+use tessera_types::{FailureKind, Finish, TokenLogprobs, Verdict};
 use tessera_wire::HubMessage;
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,8 +28,9 @@ const NEW_REPUTATION: f64 = 0.5;
 /// What a provider streams back for one job.
 #[derive(Debug)]
 pub enum JobEvent {
-    /// A token id and the half-float bits of its committed values.
-    Token(u32, [u16; 5]),
+    /// A token id, the half-float bits of its committed values, and its log-probabilities when
+    /// the job asked for them.
+    Token(u32, [u16; 5], Option<TokenLogprobs>),
     /// The job finished.
     Done {
         /// Prompt tokens under the template, as the provider counts them.
@@ -579,6 +580,7 @@ mod tests {
             max_tokens: 1,
             sampling: Default::default(),
             stop: vec![],
+            logprobs: None,
         }
     }
 
@@ -662,9 +664,9 @@ mod tests {
         let registry = Registry::default();
         let (a, _rx) = provider(&registry, 1, 5, 10);
         let mut events = a.start_job(7, request()).expect("sent");
-        assert!(a.deliver(7, JobEvent::Token(3, [0; 5])));
+        assert!(a.deliver(7, JobEvent::Token(3, [0; 5], None)));
         registry.remove(&a);
-        assert!(matches!(events.try_recv(), Ok(JobEvent::Token(3, _))));
+        assert!(matches!(events.try_recv(), Ok(JobEvent::Token(3, ..))));
         assert!(matches!(
             events.try_recv(),
             Err(mpsc::error::TryRecvError::Disconnected)
@@ -679,7 +681,7 @@ mod tests {
         let _events = a.start_job(7, request()).expect("sent");
         // max_tokens 1: room for the token, the end, and a little slack; then the job is gone.
         let sent = (0..100)
-            .take_while(|_| a.deliver(7, JobEvent::Token(1, [0; 5])))
+            .take_while(|_| a.deliver(7, JobEvent::Token(1, [0; 5], None)))
             .count();
         assert!(sent <= 5, "{sent} events accepted");
         assert_eq!(a.active(), 0);

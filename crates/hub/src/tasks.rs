@@ -1182,7 +1182,7 @@ impl Hub {
         let mut running = self.dispatch(admitted, request).await?;
         let provider = running.provider.address;
         let job = running.key().to_owned();
-        let outcome = running.drive(|_| true).await;
+        let outcome = running.drive(|_, _, _| true).await;
         self.conclude(running, &outcome).await;
         if !matches!(outcome.end, crate::jobs::dispatch::End::Finished(_)) {
             return Err(ApiError::provider_failed(format!(

@@ -24,6 +24,9 @@ pub enum Cheat {
     /// Generate without the request's presence/frequency penalties and logit biases, while the
     /// commitment claims them.
     IgnorePenalties,
+    /// Report invented log-probabilities (`logprobs`): every token as near certain, its
+    /// alternatives as equally likely.
+    FakeLogprobs,
 }
 
 impl Cheat {
@@ -36,9 +39,20 @@ impl Cheat {
             | Cheat::LyingVerifier
             | Cheat::PadTokens
             | Cheat::IgnoreGrammar
-            | Cheat::IgnorePenalties => Variant::Faithful,
+            | Cheat::IgnorePenalties
+            | Cheat::FakeLogprobs => Variant::Faithful,
         }
     }
+}
+
+/// Invented log-probabilities in place of the computed ones (the shape stays right).
+pub(crate) fn fake_logprobs(mut lp: tessera_types::TokenLogprobs) -> tessera_types::TokenLogprobs {
+    lp.logprob = -0.01;
+    let n = lp.top.len().max(1) as f32;
+    for (_, v) in &mut lp.top {
+        *v = -n.ln();
+    }
+    lp
 }
 
 /// The verdict a cheating verifier gives without checking, if it is one.

@@ -444,9 +444,9 @@ async fn session(
                         // An inconclusive verdict counts for no one, never as a fail.
                         let _ = tx.send(NodeMessage::Scored { id, verdict: tessera_wire::Verdict::Inconclusive { error: "node is shutting down".into() } });
                     }
-                    Ok(HubMessage::Score { id, request, output_tokens, commitment, partial, prompt_tokens }) => {
+                    Ok(HubMessage::Score { id, request, output_tokens, commitment, partial, prompt_tokens, logprobs }) => {
                         let (node, tx, verifying) = (node.clone(), tx.clone(), verifying.clone());
-                        let request = serve::ScoreRequest { id, request, output_tokens, commitment, partial, prompt_tokens };
+                        let request = serve::ScoreRequest { id, request, output_tokens, commitment, partial, prompt_tokens, logprobs };
                         verifying.fetch_add(1, Ordering::Relaxed);
                         tokio::task::spawn_blocking(move || {
                             let _ = tx.send(serve::score(&node, request));

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tessera_engine::{Event, FinishReason, GenerateOptions};
 use tessera_proof::commitment::{hash_tokens, position_bits};
 use tessera_proof::{Claim, Finish, JobSpec, Thresholds};
-use tessera_wire::{Commitment, FailureKind, JobRequest, NodeMessage, Verdict};
+use tessera_types::logprobs::token_logprobs;
+use tessera_wire::{Commitment, FailureKind, JobRequest, NodeMessage, TokenLogprobs, Verdict};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::Node;
@@ -109,6 +110,8 @@ pub(crate) fn job(
     };
     #[cfg(feature = "adversary")]
     let mut sent: Vec<(u32, [u16; 5])> = Vec::new();
+    // The output so far, for the penalties in the reported log-probabilities.
+    let mut history: Vec<u32> = Vec::new();
     for event in events.iter() {
         if cancel.load(Ordering::Relaxed) {
             tracing::info!(job, "job cancelled by the hub");
@@ -122,7 +125,24 @@ pub(crate) fn job(
                 let values = position_bits(&logits, token);
                 #[cfg(feature = "adversary")]
                 sent.push((token, values));
-                if tx.send(NodeMessage::Token { job, token, values }).is_err() {
+                #[allow(unused_mut)]
+                let mut logprobs = request.logprobs.map(|k| {
+                    token_logprobs(&logits, &request.sampling, &history, token, k as usize)
+                });
+                #[cfg(feature = "adversary")]
+                if node.config.cheat == Some(crate::Cheat::FakeLogprobs) {
+                    logprobs = logprobs.map(crate::adversary::fake_logprobs);
+                }
+                if request.logprobs.is_some() {
+                    history.push(token);
+                }
+                let message = NodeMessage::Token {
+                    job,
+                    token,
+                    values,
+                    logprobs,
+                };
+                if tx.send(message).is_err() {
                     return;
                 }
             }
@@ -144,7 +164,13 @@ pub(crate) fn job(
                 #[cfg(feature = "adversary")]
                 if node.config.cheat == Some(crate::Cheat::PadTokens) {
                     for &(token, values) in &sent {
-                        let _ = tx.send(NodeMessage::Token { job, token, values });
+                        let logprobs = None;
+                        let _ = tx.send(NodeMessage::Token {
+                            job,
+                            token,
+                            values,
+                            logprobs,
+                        });
                     }
                 }
                 let _ = tx.send(NodeMessage::Done {
@@ -169,6 +195,7 @@ pub(crate) struct ScoreRequest {
     pub commitment: Commitment,
     pub partial: bool,
     pub prompt_tokens: Option<u32>,
+    pub logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 /// Checks a claimed generation against this node's copy of the model by one teacher-forced pass.
@@ -180,6 +207,7 @@ pub(crate) fn score(node: &Node, score: ScoreRequest) -> NodeMessage {
         commitment,
         partial,
         prompt_tokens,
+        logprobs,
     } = score;
     let request = &request;
     let _one_at_a_time = node.verify_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,6 +229,7 @@ pub(crate) fn score(node: &Node, score: ScoreRequest) -> NodeMessage {
             stop_sequence_seen: false,
             partial,
             prompt_tokens,
+            logprobs,
         },
         commitment,
         output_text: String::new(),

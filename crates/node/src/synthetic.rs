@@ -78,6 +78,7 @@ pub async fn run_synthetic(
                             job,
                             token: 0,
                             values: [0; 5],
+                            logprobs: None,
                         }
                         .to_json(),
                     ))

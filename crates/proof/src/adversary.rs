@@ -8,7 +8,7 @@ use tessera_engine::{Engine, Message, Role, SamplingParams};
 use crate::check::Claim;
 use crate::commitment::{position_values, CommitmentBuilder, Finish, JobSpec};
 use crate::error::{Error, Result};
-use crate::harness::{generate_runs, mix, serve_with_logits, Job, Run, Task};
+use crate::harness::{generate_runs, logprobs_of, mix, serve_with_logits, Job, Run, Task};
 
 /// A cheating provider's behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,11 +34,16 @@ pub enum Adversary {
     Replay,
     /// Generated without the requested grammar (`response_format: json_object`), claimed under it.
     IgnoredGrammar,
+    /// Generated without the requested penalties and `logit_bias` (a bias of −100 against the
+    /// token the model would start with, and frequency/presence penalties), claimed under them.
+    IgnoredPenalties,
+    /// Honest tokens and commitment, but invented log-probabilities (`logprobs`) reported.
+    FakeLogprobs,
 }
 
 impl Adversary {
     /// Every behaviour, in report order.
-    pub const ALL: [Adversary; 10] = [
+    pub const ALL: [Adversary; 12] = [
         Adversary::OtherModel,
         Adversary::RequantizedQ4_0,
         Adversary::SkippedLayers,
@@ -49,6 +54,8 @@ impl Adversary {
         Adversary::WrongTemperature,
         Adversary::Replay,
         Adversary::IgnoredGrammar,
+        Adversary::IgnoredPenalties,
+        Adversary::FakeLogprobs,
     ];
 
     /// A short name for tables.
@@ -64,6 +71,8 @@ impl Adversary {
             Adversary::WrongTemperature => "wrong temperature",
             Adversary::Replay => "replayed output",
             Adversary::IgnoredGrammar => "JSON grammar ignored",
+            Adversary::IgnoredPenalties => "penalties and logit_bias ignored",
+            Adversary::FakeLogprobs => "invented logprobs",
         }
     }
 
@@ -127,6 +136,43 @@ pub fn cheat(
             Ok(generate_runs(honest, runs, false)?
                 .into_iter()
                 .map(|s| s.job)
+                .collect())
+        }
+        Adversary::IgnoredPenalties => {
+            // Sampled with the plain rule; the claimed rule penalises repeats and bans (bias
+            // −100) the very token the plain rule starts with.
+            let mut jobs = same(honest)?;
+            for job in &mut jobs {
+                let first = job.claim.output_tokens.first().copied().unwrap_or(0);
+                let sampling = &mut job.spec.sampling;
+                sampling.frequency_penalty = 1.0;
+                sampling.presence_penalty = 1.0;
+                sampling.logit_bias = vec![(first, -100.0)];
+                job.commitment.sampling = sampling.clone();
+            }
+            Ok(jobs)
+        }
+        Adversary::FakeLogprobs => {
+            let served = serve_with_logits(honest, &specs)?;
+            Ok(served
+                .into_iter()
+                .map(|s| {
+                    let mut job = s.job;
+                    let honest = logprobs_of(&job, &s.logits, 3);
+                    // Every token near certain, the alternatives equally likely.
+                    let fake = honest
+                        .into_iter()
+                        .map(|mut lp| {
+                            lp.logprob = -0.01;
+                            for (_, v) in &mut lp.top {
+                                *v = -(3f32.ln());
+                            }
+                            lp
+                        })
+                        .collect();
+                    job.claim.logprobs = Some(fake);
+                    job
+                })
                 .collect())
         }
         Adversary::SkippedLayers => same(engines.skipped),

@@ -114,6 +114,7 @@ pub fn calibrate(model: &str, jobs_per_condition: usize, max_tokens: u32) -> Res
         max_inexact_fraction: (4.0 * worst(|c| c.inexact_fraction))
             .max(floors.max_inexact_fraction),
         free_inexact: floors.free_inexact,
+        logprob_slack: floors.logprob_slack,
     };
     Ok(Calibration {
         model: model.into(),

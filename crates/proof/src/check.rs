@@ -15,7 +15,9 @@
 
 use half::f16;
 use serde::{Deserialize, Serialize};
+use tessera_types::logprobs::logprobs_disagree;
 use tessera_types::sampling::{self, TokenMask};
+use tessera_types::TokenLogprobs;
 pub use tessera_types::Reason;
 
 use crate::commitment::{
@@ -39,6 +41,16 @@ pub struct Thresholds {
     /// Tokens per job that may deviate within the slack without counting against the fraction.
     #[serde(default = "default_free_inexact")]
     pub free_inexact: u32,
+    /// Largest allowed |reported − recomputed| of a reported log-probability (`logprobs`).
+    #[serde(default = "default_logprob_slack")]
+    pub logprob_slack: f32,
+}
+
+fn default_logprob_slack() -> f32 {
+    // A log-probability is a logit minus the row's log-sum-exp: twice the measured logit noise
+    // (0.031) bounds its honest variation; this leaves a margin, and an invented value is
+    // typically off by whole units.
+    0.1
 }
 
 fn default_max_inexact_fraction() -> f32 {
@@ -63,6 +75,7 @@ impl Default for Thresholds {
             token_slack: 0.1,
             max_inexact_fraction: default_max_inexact_fraction(),
             free_inexact: default_free_inexact(),
+            logprob_slack: default_logprob_slack(),
         }
     }
 }
@@ -120,6 +133,10 @@ pub struct Claim {
     /// Prompt tokens the provider billed; must equal the prompt's count.
     #[serde(default)]
     pub prompt_tokens: Option<u32>,
+    /// The log-probabilities reported to the agent, one per output token, when it asked for
+    /// them; each must be what the verifier's own logits give.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 /// Checks the header of a commitment against the job and the delivered output.
@@ -293,6 +310,22 @@ pub fn check_constrained(
             },
             stats,
         );
+    }
+
+    if let Some(reported) = &claim.logprobs {
+        if reported.len() != n {
+            let detail = format!("{} positions reported for {n} tokens", reported.len());
+            return Verdict::fail(Reason::LogprobsMismatch { index: 0, detail }, stats);
+        }
+        for (i, (lp, &token)) in reported.iter().zip(&claim.output_tokens).enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let history = &claim.output_tokens[..i];
+            if let Some(detail) =
+                logprobs_disagree(lp, row, &spec.sampling, history, token, t.logprob_slack)
+            {
+                return Verdict::fail(Reason::LogprobsMismatch { index: i, detail }, stats);
+            }
+        }
     }
 
     // Committed values against recomputed ones (both rounded to f16, as committed).
@@ -545,5 +578,36 @@ mod tests {
                 actual: 2
             })
         );
+    }
+
+    #[test]
+    fn reported_logprobs_are_recomputed_and_invented_ones_fail() {
+        use tessera_types::logprobs::token_logprobs;
+        let rows: Vec<Vec<f32>> = (0..6).map(|i| row(i % VOCAB, 1.0)).collect();
+        let tokens: Vec<u32> = (0..6).map(|i| (i % VOCAB) as u32).collect();
+        let (spec, claim, c, logits) = job(&rows, &tokens, Finish::Length);
+        let honest: Vec<_> = rows
+            .iter()
+            .zip(&tokens)
+            .enumerate()
+            .map(|(i, (r, &t))| token_logprobs(r, &spec.sampling, &tokens[..i], t, 3))
+            .collect();
+        let t = Thresholds::default();
+        let with = |lps: Vec<TokenLogprobs>| Claim {
+            logprobs: Some(lps),
+            ..claim.clone()
+        };
+        assert!(check(&spec, &with(honest.clone()), &c, &logits, VOCAB, &[], &t).passed);
+        let mut invented = honest.clone();
+        invented[4].logprob = -0.01;
+        let v = check(&spec, &with(invented), &c, &logits, VOCAB, &[], &t);
+        assert!(
+            matches!(v.reason, Some(Reason::LogprobsMismatch { index: 4, .. })),
+            "{v:?}"
+        );
+        let mut short = honest;
+        short.pop();
+        let v = check(&spec, &with(short), &c, &logits, VOCAB, &[], &t);
+        assert!(matches!(v.reason, Some(Reason::LogprobsMismatch { .. })), "{v:?}");
     }
 }

@@ -164,6 +164,20 @@ pub fn serve_with_logits(engine: &Engine, specs: &[JobSpec]) -> Result<Vec<Serve
     generate_runs(engine, runs, true)
 }
 
+/// The log-probabilities an honest provider reports for a served job (`top` alternatives per
+/// token), from the logits it generated with.
+pub fn logprobs_of(job: &Job, logits: &[Vec<f32>], top: usize) -> Vec<tessera_types::TokenLogprobs> {
+    let tokens = &job.claim.output_tokens;
+    tokens
+        .iter()
+        .zip(logits)
+        .enumerate()
+        .map(|(i, (&t, row))| {
+            tessera_types::logprobs::token_logprobs(row, &job.spec.sampling, &tokens[..i], t, top)
+        })
+        .collect()
+}
+
 /// The verifier: one teacher-forced pass over prompt + output on its own copy of the model, then
 /// [`check`]. The engine must hold the model the job names.
 pub fn verify(engine: &Engine, job: &Job, thresholds: &Thresholds) -> Result<Verdict> {

@@ -22,6 +22,10 @@ pub struct JobRequest {
     /// Stop strings.
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Report each output token's log-probability, with this many most likely alternatives
+    /// (OpenAI's `logprobs` / `top_logprobs`); `None` reports none. Changes no token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
 }
 
 impl JobRequest {

@@ -7,6 +7,7 @@
 
 pub mod commitment;
 pub mod job;
+pub mod logprobs;
 pub mod sampling;
 pub mod verdict;
 pub mod vocab;
@@ -16,6 +17,7 @@ mod chat;
 pub use chat::{Message, Role};
 pub use commitment::{Commitment, CommitmentBuilder, Finish, JobSpec};
 pub use job::{FailureKind, JobRequest, VerificationStatus};
+pub use logprobs::TokenLogprobs;
 pub use sampling::{Grammar, SamplingParams};
 pub use verdict::{Reason, Verdict};
 pub use vocab::{TextDecoder, Vocabulary};

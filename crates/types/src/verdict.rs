@@ -79,6 +79,14 @@ pub enum Reason {
         /// Index in the output.
         index: usize,
     },
+    /// The reported log-probabilities (`logprobs`) are not the model's: invented, or computed
+    /// from other logits.
+    LogprobsMismatch {
+        /// Index in the output.
+        index: usize,
+        /// What differs.
+        detail: String,
+    },
     /// The finish reason is false.
     FalseFinish {
         /// Details.
@@ -128,6 +136,9 @@ impl std::fmt::Display for Reason {
                 )
             }
             Reason::FalseFinish { detail } => write!(f, "false finish reason: {detail}"),
+            Reason::LogprobsMismatch { index, detail } => {
+                write!(f, "the logprobs reported for output token {index} are not the model's: {detail}")
+            }
             Reason::GrammarViolation { index } => write!(
                 f,
                 "output token {index} is not allowed by the requested grammar (response_format)"

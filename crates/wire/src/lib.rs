@@ -15,7 +15,8 @@
 use serde::{Deserialize, Serialize};
 use tessera_protocol::{Address, Domain, ProviderRegistration, Signed};
 pub use tessera_types::{
-    Commitment, FailureKind, Finish, JobRequest, Message, Role, SamplingParams, Verdict,
+    Commitment, FailureKind, Finish, JobRequest, Message, Role, SamplingParams, TokenLogprobs,
+    Verdict,
 };
 
 /// The WebSocket path on the hub that nodes connect to.
@@ -50,6 +51,9 @@ pub enum NodeMessage {
         token: u32,
         /// IEEE half-float bits of the emitted token's logit and the top four logits.
         values: [u16; 5],
+        /// The token's log-probabilities, when the job asked for them (from the same logits).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprobs: Option<TokenLogprobs>,
     },
     /// A job finished.
     Done {
@@ -141,6 +145,9 @@ pub enum HubMessage {
         /// Prompt tokens the provider billed, to be checked against the prompt.
         #[serde(default)]
         prompt_tokens: Option<u32>,
+        /// The log-probabilities the provider reported, one per output token, to be recomputed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprobs: Option<Vec<TokenLogprobs>>,
     },
 }
 
@@ -185,6 +192,7 @@ mod tests {
             job: 1,
             token: 42,
             values: [1, 2, 3, 4, 5],
+            logprobs: None,
         };
         assert_eq!(
             t.to_json(),

@@ -1,6 +1,8 @@
 //! The OpenAI-compatible API (<https://platform.openai.com/docs/api-reference/chat>):
 //! `POST /v1/chat/completions`, `POST /v1/completions` (both also streaming over server-sent
-//! events, each chunk a `data: {json}` line, ending with `data: [DONE]`) and `GET /v1/models`.
+//! events, each chunk a `data: {json}` line, ending with `data: [DONE]`), `POST /v1/responses`
+//! (see [`responses`]) and `GET /v1/models`. `n` > 1 runs one job per choice, each with its own
+//! seed, billed and verified on its own; `logprobs` are the provider's, recomputed by verifiers.
 //!
 //! Extensions, all optional: a request may carry `max_price` (micro-units per token, never
 //! exceeded) and `top_k`; each response names the provider and cost in `x-tessera-provider` /
@@ -37,7 +39,9 @@ use crate::jobs::Tier;
 use crate::metrics::inc;
 use crate::{now_secs, Hub};
 
+mod logprobs;
 mod params;
+mod responses;
 
 /// Stop strings a request may give (as OpenAI).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -119,6 +123,12 @@ struct Common {
     service_tier: Option<String>,
     #[serde(default)]
     user: Option<String>,
+    /// Chat: a boolean; legacy completions: how many alternatives (0–5).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    /// Chat only: alternatives per token (0–20), with `logprobs: true`.
+    #[serde(default)]
+    top_logprobs: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,18 +183,47 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 impl Common {
+    /// Alternatives per token to report, when log-probabilities are asked for (ranges are
+    /// checked by [`params::check`] first).
+    fn logprobs(&self, kind: Kind) -> Result<Option<u8>, ApiError> {
+        let value = self.logprobs.as_ref().filter(|v| !v.is_null());
+        match kind {
+            Kind::Chat => {
+                let on = match value {
+                    None => false,
+                    Some(v) => v.as_bool().ok_or_else(|| {
+                        ApiError::invalid_param("logprobs", "logprobs must be a boolean.")
+                    })?,
+                };
+                match (on, self.top_logprobs) {
+                    (true, k) => Ok(Some(k.unwrap_or(0))),
+                    (false, Some(k)) if k > 0 => Err(ApiError::invalid_param(
+                        "top_logprobs",
+                        "top_logprobs needs logprobs to be true.",
+                    )),
+                    (false, _) => Ok(None),
+                }
+            }
+            Kind::Completion => match value {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|k| u8::try_from(k).ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        ApiError::invalid_param("logprobs", "logprobs must be an integer from 0 to 5.")
+                    }),
+            },
+        }
+    }
+
     fn job(
         &self,
+        kind: Kind,
         messages: Vec<Message>,
         prompt: Option<String>,
         default_max_tokens: u32,
     ) -> Result<JobRequest, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::unsupported_param(
-                "n",
-                "Only n = 1 is supported by this hub.",
-            ));
-        }
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
@@ -238,6 +277,7 @@ impl Common {
                 logit_bias: params::logit_bias(self.logit_bias.as_ref()),
             },
             stop,
+            logprobs: self.logprobs(kind)?,
         })
     }
 }
@@ -292,11 +332,12 @@ pub async fn chat(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) 
     };
     let prepared = (|| {
         let request: ChatRequest = parse(&body, Kind::Chat, hub.config.max_n)?;
-        let job = request.common.job(messages(request.messages)?, None, 256)?;
-        Ok::<_, ApiError>((request.common, job))
+        let job = request.common.job(Kind::Chat, messages(request.messages)?, None, 256)?;
+        let n = request.common.n.unwrap_or(1);
+        Ok::<_, ApiError>((request.common, choices(job, n)))
     })();
     match prepared {
-        Ok((common, job)) => serve(hub, Kind::Chat, agent, &body, common, job).await,
+        Ok((common, jobs)) => serve(hub, Kind::Chat, agent, &body, common, jobs, None).await,
         Err(e) => reject(&hub, e),
     }
 }
@@ -319,11 +360,64 @@ pub async fn completions(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: 
                 ))
             }
         };
-        let job = request.common.job(Vec::new(), Some(prompt), 16)?;
-        Ok::<_, ApiError>((request.common, job))
+        let job = request.common.job(Kind::Completion, Vec::new(), Some(prompt), 16)?;
+        let n = request.common.n.unwrap_or(1);
+        Ok::<_, ApiError>((request.common, choices(job, n)))
     })();
     match prepared {
-        Ok((common, job)) => serve(hub, Kind::Completion, agent, &body, common, job).await,
+        Ok((common, jobs)) => {
+            serve(hub, Kind::Completion, agent, &body, common, jobs, None).await
+        }
+        Err(e) => reject(&hub, e),
+    }
+}
+
+/// `POST /v1/responses`: translated into the chat completion it means (see [`responses`]).
+pub async fn create_response(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let agent = match authenticate(&hub, &headers).await {
+        Ok(a) => a,
+        Err(e) => return reject(&hub, e),
+    };
+    let prepared = (|| {
+        let value: Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::invalid(
+                "invalid_json",
+                format!("We could not parse the JSON body of your request: {e}"),
+            )
+        })?;
+        let Some(fields) = value.as_object() else {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                "The request body must be a JSON object.",
+            ));
+        };
+        let chat = Bytes::from(responses::to_chat(fields)?.to_string());
+        let request: ChatRequest = parse(&chat, Kind::Chat, 1)?;
+        let job = request
+            .common
+            .job(Kind::Chat, messages(request.messages)?, None, 256)?;
+        let given = |k: &str| fields.get(k).cloned().unwrap_or(Value::Null);
+        let echo = responses::Echo {
+            id: String::new(),
+            created_at: 0,
+            model: request.common.model.clone(),
+            instructions: given("instructions"),
+            format: responses::format_of(fields),
+            max_output_tokens: given("max_output_tokens"),
+            temperature: given("temperature"),
+            top_p: given("top_p"),
+            metadata: fields.get("metadata").cloned().unwrap_or_else(|| json!({})),
+        };
+        Ok::<_, ApiError>((request.common, choices(job, 1), echo))
+    })();
+    match prepared {
+        Ok((common, jobs, echo)) => {
+            serve(hub, Kind::Chat, agent, &body, common, jobs, Some(echo)).await
+        }
         Err(e) => reject(&hub, e),
     }
 }
@@ -346,6 +440,9 @@ struct Frame {
     created: u64,
     model: String,
     fingerprint: String,
+    /// Set for `/v1/responses`: the response object's echo of its request, and Responses API
+    /// framing instead of chat completion chunks.
+    response: Option<responses::Echo>,
 }
 
 impl Frame {
@@ -371,6 +468,24 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// The `logprobs` object of a choice (or a chunk's piece of it) in this endpoint's shape.
+    fn logprobs(
+        &self,
+        vocab: &tessera_types::Vocabulary,
+        tokens: &[u32],
+        lps: &[tessera_types::TokenLogprobs],
+        offset: usize,
+    ) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                json!({"content": logprobs::chat_content(vocab, tokens, lps), "refusal": null})
+            }
+            Kind::Completion => logprobs::completion(vocab, tokens, lps, offset),
+        }
+    }
+}
+
 fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -389,18 +504,37 @@ fn extension(
            "model_sha256": commitment.model_sha256, "seed": commitment.sampling.seed, "commitment_digest": hex::encode(commitment.digest())})
 }
 
+/// The jobs of a request: one per choice (`n`), each with its own seed. Choice 0 keeps the
+/// request's seed, so `n = 1` is unchanged; the others derive theirs from it and their index
+/// (SplitMix64), so a seeded request is reproducible choice by choice.
+fn choices(job: JobRequest, n: u32) -> Vec<JobRequest> {
+    (0..n.max(1))
+        .map(|i| {
+            let mut choice = job.clone();
+            if i > 0 {
+                let mut z = job.sampling.seed ^ u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                choice.sampling.seed = z ^ (z >> 31);
+            }
+            choice
+        })
+        .collect()
+}
+
 async fn serve(
     hub: Arc<Hub>,
     kind: Kind,
     auth: Auth,
     body: &Bytes,
     common: Common,
-    job: JobRequest,
+    jobs: Vec<JobRequest>,
+    mut response: Option<responses::Echo>,
 ) -> Response {
     // A signed request pins the exact model file (by sha256) and caps the price.
     let (agent, model_key, max_price, signed) = match auth {
         Auth::Key(agent) => (agent, common.model.clone(), common.max_price, None),
-        Auth::Signed(signed) => match check_signed(&hub, &signed, body, &job) {
+        Auth::Signed(signed) => match check_signed(&hub, &signed, body, &jobs[0]) {
             Ok(agent) => (
                 agent,
                 hex::encode(signed.message.model.0),
@@ -430,149 +564,231 @@ async fn serve(
         Some("flex") => Tier::Batch,
         _ => Tier::Interactive,
     };
-    let admitted = match hub
-        .admit_tier(agent, &model_key, &job, max_price, tier)
-        .await
-    {
-        Ok(x) => x,
-        Err(e) => return reject(&hub, e),
-    };
-    if let Some(user) = &common.user {
-        // What the agent says the job is for (a synthetic-data run), for the dashboard.
-        hub.activity.label(admitted.ticket.key(), user);
+    // Every choice is escrowed before any runs: a request the balance cannot cover in full is
+    // refused whole, with nothing moved.
+    let mut admitted = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        match hub.admit_tier(agent, &model_key, job, max_price, tier).await {
+            Ok(a) => {
+                if let Some(user) = &common.user {
+                    // What the agent says the job is for (a synthetic-data run), for the dashboard.
+                    hub.activity.label(a.ticket.key(), user);
+                }
+                admitted.push(a)
+            }
+            Err(e) => {
+                for a in admitted {
+                    hub.refund(&a.ticket.close()).await;
+                }
+                return reject(&hub, e);
+            }
+        }
     }
     if let Some(signed) = &signed {
         // The nonce is spent only by a request that is going to run.
         if let Err(e) = consume_nonce(&hub, signed).await {
-            hub.refund(&admitted.ticket.close()).await;
+            for a in admitted {
+                hub.refund(&a.ticket.close()).await;
+            }
             return reject(&hub, e);
         }
     }
-    let running = match hub.dispatch(admitted, &job).await {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
+    let dispatched = futures_util::future::join_all(
+        admitted
+            .into_iter()
+            .zip(&jobs)
+            .map(|(a, job)| hub.dispatch(a, job)),
+    )
+    .await;
+    let mut running = Vec::with_capacity(dispatched.len());
+    let mut failed = None;
+    for d in dispatched {
+        match d {
+            Ok(r) => running.push(r),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    if let Some(e) = failed {
+        // One choice could not start: the request fails whole; the others are stopped, unpaid.
+        for r in running {
+            hub.abandon(r).await;
+        }
+        return e.into_response();
+    }
+    let first = &running[0];
+    let prefix = match (kind, &response) {
+        (_, Some(_)) => "resp",
+        (Kind::Chat, None) => "chatcmpl",
+        (Kind::Completion, None) => "cmpl",
     };
+    let id = format!("{prefix}-{}", first.key());
+    let created = now_secs();
+    if let Some(echo) = &mut response {
+        echo.id = id.clone();
+        echo.created_at = created;
+    }
     let frame = Frame {
         kind,
-        id: format!(
-            "{}-{}",
-            if kind == Kind::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            },
-            running.key()
-        ),
-        created: now_secs(),
+        id,
+        created,
         model: common.model.clone(),
-        fingerprint: running.provider.fingerprint(),
+        fingerprint: first.provider.fingerprint(),
+        response,
     };
     let mut headers = HeaderMap::new();
-    let provider = running.provider.address;
+    let provider = first.provider.address;
     if let Ok(v) = HeaderValue::from_str(&format!("{provider:#x}")) {
         headers.insert("x-tessera-provider", v);
     }
-    if let Ok(v) = HeaderValue::from_str(running.key()) {
+    if let Ok(v) = HeaderValue::from_str(first.key()) {
         headers.insert("x-tessera-job", v);
     }
     if common.stream {
         let include_usage = common.stream_options.is_some_and(|o| o.include_usage);
-        if let Ok(v) = HeaderValue::from_str(&running.held().to_string()) {
+        let held: u64 = running.iter().map(Running::held).sum();
+        if let Ok(v) = HeaderValue::from_str(&held.to_string()) {
             headers.insert("x-tessera-max-cost", v);
         }
         return (headers, stream(hub, running, frame, include_usage, _slot)).into_response();
     }
-    let mut running = running;
-    let outcome = running.drive(|_| true).await;
-    let price = running.price();
-    let key = running.key().to_owned();
-    let End::Finished(finish) = outcome.end.clone() else {
+    let outcomes = futures_util::future::join_all(
+        running.iter_mut().map(|r| r.drive(|_, _, _| true)),
+    )
+    .await;
+    if let Some(broken) = outcomes
+        .iter()
+        .find(|o| !matches!(o.end, End::Finished(_)))
+        .map(|o| o.end.clone())
+    {
         // The agent received nothing: nothing is charged (and a protocol violation is punished).
-        if matches!(outcome.end, End::Violation(_)) {
-            hub.conclude(running, &outcome).await;
-        } else {
-            hub.abandon(running).await;
+        for (r, outcome) in running.into_iter().zip(&outcomes) {
+            if matches!(outcome.end, End::Violation(_)) {
+                hub.conclude(r, outcome).await;
+            } else {
+                hub.abandon(r).await;
+            }
         }
         return ApiError::provider_failed(format!(
-            "The provider failed mid-generation ({:?}); nothing was charged.",
-            outcome.end
+            "The provider failed mid-generation ({broken:?}); nothing was charged."
         ))
         .into_response();
-    };
-    let charge = hub.conclude(running, &outcome).await;
-    if let Ok(v) = HeaderValue::from_str(&charge.cost.to_string()) {
+    }
+    let mut choices = Vec::with_capacity(outcomes.len());
+    let mut extensions = Vec::with_capacity(outcomes.len());
+    let (mut prompt, mut completion, mut cost) = (0, 0, 0);
+    let mut incomplete = false;
+    for (index, (r, outcome)) in running.into_iter().zip(&outcomes).enumerate() {
+        let (model, address, price, key) = (
+            r.model.clone(),
+            r.provider.address,
+            r.price(),
+            r.key().to_owned(),
+        );
+        let charge = hub.conclude(r, outcome).await;
+        let End::Finished(finish) = outcome.end else {
+            unreachable!("every outcome finished")
+        };
+        incomplete |= finish == Finish::Length;
+        let finish = finish_reason(Some(finish));
+        let logprobs = outcome.logprobs.as_deref().map_or(Value::Null, |lps| {
+            frame.logprobs(&model.vocab, &outcome.tokens, lps, 0)
+        });
+        choices.push(match kind {
+            Kind::Chat => {
+                json!({"index": index, "message": {"role": "assistant", "content": outcome.text, "refusal": null}, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": index, "text": outcome.text, "logprobs": logprobs, "finish_reason": finish})
+            }
+        });
+        prompt += outcome.billed_prompt_tokens;
+        completion += outcome.tokens.len() as u64;
+        cost += charge.cost;
+        extensions.push(extension(address, price, &key, &charge, &outcome.commitment));
+    }
+    if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
         headers.insert("x-tessera-cost", v);
     }
-    let finish = finish_reason(Some(finish));
-    let completion = outcome.tokens.len() as u64;
-    let choice = match kind {
-        Kind::Chat => {
-            json!({"index": 0, "message": {"role": "assistant", "content": outcome.text, "refusal": null}, "logprobs": null, "finish_reason": finish})
-        }
-        Kind::Completion => {
-            json!({"index": 0, "text": outcome.text, "logprobs": null, "finish_reason": finish})
-        }
-    };
+    if let Some(echo) = &frame.response {
+        let item = responses::message_item(&format!("msg-{}", frame.id), &outcomes[0].text, true);
+        let status = if incomplete { "incomplete" } else { "completed" };
+        let mut body = echo.object(status, vec![item], responses::usage(prompt, completion));
+        body["tessera"] = combined(extensions, cost);
+        return (headers, Json(body)).into_response();
+    }
     let body = json!({
         "id": frame.id,
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": frame.created,
         "model": frame.model,
         "system_fingerprint": frame.fingerprint,
-        "choices": [choice],
-        "usage": usage(outcome.billed_prompt_tokens, completion),
-        "tessera": extension(provider, price, &key, &charge, &outcome.commitment),
+        "choices": choices,
+        "usage": usage(prompt, completion),
+        "tessera": combined(extensions, cost),
     });
     (headers, Json(body)).into_response()
 }
 
+/// The `tessera` object of a response of several choices: the first choice's, with the total
+/// cost and every choice's own (each its own job, billed and verified on its own).
+fn combined(mut extensions: Vec<Value>, cost: u64) -> Value {
+    if extensions.len() == 1 {
+        return extensions.remove(0);
+    }
+    let mut first = extensions[0].clone();
+    first["cost"] = json!(cost);
+    first["choices"] = Value::Array(extensions);
+    first
+}
+
+/// What one streamed choice delivered.
+struct Streamed {
+    finished: bool,
+    prompt: u64,
+    completion: u64,
+}
+
 fn stream(
     hub: Arc<Hub>,
-    mut running: Running,
+    running: Vec<Running>,
     frame: Frame,
     include_usage: bool,
     slot: crate::api::limits::Slot,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let frame = Arc::new(frame);
+    let data = |v: Value| Event::default().data(v.to_string());
+    let tasks: Vec<_> = running
+        .into_iter()
+        .enumerate()
+        .map(|(index, running)| {
+            let (hub, tx, frame) = (hub.clone(), tx.clone(), frame.clone());
+            tokio::spawn(stream_choice(hub, running, frame, index, tx))
+        })
+        .collect();
     tokio::spawn(async move {
         let _slot = slot;
-        let data = |v: Value| Event::default().data(v.to_string());
-        if frame.kind == Kind::Chat {
-            let _ = tx.send(data(frame.chunk(Some(""), None, true)));
+        let mut all = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            all.push(t.await.unwrap_or(Streamed {
+                finished: false,
+                prompt: 0,
+                completion: 0,
+            }));
         }
-        let outcome = running
-            .drive(|text| tx.send(data(frame.chunk(Some(text), None, false))).is_ok())
-            .await;
-        let provider = running.provider.address;
-        let price = running.price();
-        let key = running.key().to_owned();
-        let completion = outcome.tokens.len() as u64;
-        let charge = hub.conclude(running, &outcome).await;
-        match &outcome.end {
-            End::Finished(finish) => {
-                let mut last = frame.chunk(None, Some(finish_reason(Some(*finish))), false);
-                if frame.kind == Kind::Chat {
-                    last["choices"][0]["delta"] = json!({});
-                }
-                last["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
-                let _ = tx.send(data(last));
-                if include_usage {
-                    let mut u = frame.chunk(None, None, false);
-                    u["choices"] = json!([]);
-                    u["usage"] = usage(outcome.billed_prompt_tokens, completion);
-                    let _ = tx.send(data(u));
-                }
-                let _ = tx.send(Event::default().data("[DONE]"));
-            }
-            end => {
-                let message = format!(
-                    "The provider failed mid-stream ({end:?}); you were charged {} for the {} tokens delivered.",
-                    charge.cost, completion
+        // A choice that broke off has sent its error object: the stream ends without `[DONE]`.
+        // A Responses API stream ends with its `response.completed` event instead.
+        if frame.response.is_none() && all.iter().all(|s| s.finished) {
+            if include_usage {
+                let mut u = frame.chunk(None, None, false);
+                u["choices"] = json!([]);
+                u["usage"] = usage(
+                    all.iter().map(|s| s.prompt).sum(),
+                    all.iter().map(|s| s.completion).sum(),
                 );
-                let mut body = ApiError::provider_failed(message).body();
-                body["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
-                let _ = tx.send(data(body));
+                let _ = tx.send(data(u));
             }
+            let _ = tx.send(Event::default().data("[DONE]"));
         }
     });
     let events =
@@ -581,6 +797,113 @@ fn stream(
             |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
         );
     Sse::new(events)
+}
+
+/// Streams one choice's chunks (each carrying its `index`), settles its job, and ends with its
+/// finishing chunk or, when it broke off, an error object.
+async fn stream_choice(
+    hub: Arc<Hub>,
+    mut running: Running,
+    frame: Arc<Frame>,
+    index: usize,
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
+) -> Streamed {
+    let send = |mut v: Value| {
+        if let Some(choice) = v["choices"].get_mut(0) {
+            choice["index"] = json!(index);
+        }
+        tx.send(Event::default().data(v.to_string())).is_ok()
+    };
+    // The Responses API's typed events, numbered in order.
+    let sequence = std::sync::atomic::AtomicU64::new(0);
+    let event = |kind: &str, mut v: Value| {
+        v["type"] = json!(kind);
+        v["sequence_number"] = json!(sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        tx.send(Event::default().event(kind).data(v.to_string()))
+            .is_ok()
+    };
+    let item_id = format!("msg-{}", frame.id);
+    let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": []});
+    let at = |mut v: Value| {
+        v["item_id"] = json!(item_id);
+        v["output_index"] = json!(0);
+        v["content_index"] = json!(0);
+        v
+    };
+    if let Some(echo) = &frame.response {
+        let object = echo.object("in_progress", vec![], Value::Null);
+        event("response.created", json!({"response": object}));
+        event("response.in_progress", json!({"response": object}));
+        let item = responses::message_item(&item_id, "", false);
+        event("response.output_item.added", json!({"output_index": 0, "item": item}));
+        event("response.content_part.added", at(json!({"part": part("")})));
+    } else if frame.kind == Kind::Chat {
+        send(frame.chunk(Some(""), None, true));
+    }
+    let model = running.model.clone();
+    let asked = running.request.logprobs.is_some();
+    let mut offset = 0;
+    let outcome = running
+        .drive(|text, tokens, lps| {
+            let listed = asked && logprobs::any_listed(&model.vocab, tokens, lps);
+            if text.is_empty() && !listed {
+                return true;
+            }
+            if frame.response.is_some() {
+                return event("response.output_text.delta", at(json!({"delta": text, "logprobs": []})));
+            }
+            let mut chunk = frame.chunk(Some(text), None, false);
+            if asked {
+                chunk["choices"][0]["logprobs"] = frame.logprobs(&model.vocab, tokens, lps, offset);
+            }
+            offset += text.len();
+            send(chunk)
+        })
+        .await;
+    let provider = running.provider.address;
+    let price = running.price();
+    let key = running.key().to_owned();
+    let completion = outcome.tokens.len() as u64;
+    let charge = hub.conclude(running, &outcome).await;
+    let finished = match (&outcome.end, &frame.response) {
+        (End::Finished(finish), Some(echo)) => {
+            let text = outcome.text.as_str();
+            event("response.output_text.done", at(json!({"text": text, "logprobs": []})));
+            event("response.content_part.done", at(json!({"part": part(text)})));
+            let item = responses::message_item(&item_id, text, true);
+            event("response.output_item.done", json!({"output_index": 0, "item": item.clone()}));
+            let status = if *finish == Finish::Length { "incomplete" } else { "completed" };
+            let usage = responses::usage(outcome.billed_prompt_tokens, completion);
+            let mut object = echo.object(status, vec![item], usage);
+            object["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
+            event(if status == "completed" { "response.completed" } else { "response.incomplete" }, json!({"response": object}));
+            true
+        }
+        (End::Finished(finish), None) => {
+            let mut last = frame.chunk(None, Some(finish_reason(Some(*finish))), false);
+            if frame.kind == Kind::Chat {
+                last["choices"][0]["delta"] = json!({});
+            }
+            last["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
+            send(last);
+            true
+        }
+        (end, _) => {
+            let message = format!(
+                "The provider failed mid-stream ({end:?}); you were charged {} for the {} tokens delivered.",
+                charge.cost, completion
+            );
+            let mut body = ApiError::provider_failed(message).body();
+            body["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
+            let _ = tx.send(Event::default().data(body.to_string()));
+            false
+        }
+    };
+    Streamed {
+        finished,
+        prompt: outcome.billed_prompt_tokens,
+        completion,
+    }
 }
 
 /// The model objects (<https://platform.openai.com/docs/api-reference/models/object>) of the

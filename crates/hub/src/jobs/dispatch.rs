@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_types::commitment::CommitmentBuilder;
-use tessera_types::{Commitment, FailureKind, Finish, JobRequest, JobSpec, TextDecoder};
+use tessera_types::{
+    Commitment, FailureKind, Finish, JobRequest, JobSpec, TextDecoder, TokenLogprobs,
+};
 use tokio::sync::mpsc;
 
 use crate::catalog::ModelEntry;
@@ -38,6 +40,8 @@ pub struct Running {
     events: mpsc::Receiver<JobEvent>,
     decoder: TextDecoder,
     builder: CommitmentBuilder,
+    /// The log-probabilities of the delivered tokens, when the job asked for them.
+    logprobs: Vec<TokenLogprobs>,
     token_timeout: Duration,
     finished: bool,
 }
@@ -70,6 +74,9 @@ pub struct Outcome {
     pub end: End,
     /// The commitment to the delivered tokens, built by the hub from the stream.
     pub commitment: Commitment,
+    /// The provider's log-probabilities of the delivered tokens (one per token), when the job
+    /// asked for them: reported to the agent and recomputed by a verifier.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 impl Outcome {
@@ -137,6 +144,7 @@ impl Hub {
                         provider,
                         decoder: TextDecoder::new(&request.stop),
                         builder: CommitmentBuilder::for_prompt_hash(&spec, String::new()),
+                        logprobs: Vec::new(),
                         model,
                         request: request.clone(),
                         prompt_bound,
@@ -221,10 +229,17 @@ impl Running {
         Some((ticket.close(), started))
     }
 
-    /// Consumes the job's events, passing each piece of decoded text to `on_text`; `on_text`
-    /// returning `false` (the agent went away) cancels the job on the provider.
-    pub async fn drive(&mut self, mut on_text: impl FnMut(&str) -> bool) -> Outcome {
+    /// Consumes the job's events, passing each piece of decoded text to `on_text` with the
+    /// tokens delivered since the previous piece and their log-probabilities (empty unless the
+    /// job asked for them); `on_text` returning `false` (the agent went away) cancels the job on
+    /// the provider.
+    pub async fn drive(
+        &mut self,
+        mut on_text: impl FnMut(&str, &[u32], &[TokenLogprobs]) -> bool,
+    ) -> Outcome {
         let mut prompt_tokens = None;
+        // Tokens delivered before the current piece of text.
+        let mut told = 0usize;
         let mut after_control = false;
         let end = loop {
             let event = match self.first.take() {
@@ -240,7 +255,7 @@ impl Running {
                 },
             };
             match event {
-                Some(JobEvent::Token(token, values)) => {
+                Some(JobEvent::Token(token, values, logprobs)) => {
                     if self.decoder.stopped() {
                         // Past a stop string: not delivered, not billed (an honest provider
                         // stops itself at the same token).
@@ -260,9 +275,23 @@ impl Running {
                         Err(e) => break End::Violation(e.to_string()),
                     };
                     after_control = self.model.vocab.control.get(token as usize) == Some(&true);
+                    match (self.request.logprobs, logprobs) {
+                        (None, _) => {}
+                        (Some(k), Some(lp)) if lp.top.len() == k as usize => self.logprobs.push(lp),
+                        (Some(k), _) => {
+                            break End::Violation(format!(
+                                "a token without the {k} alternatives' logprobs asked for"
+                            ))
+                        }
+                    }
                     self.builder.push_bits(token, values);
-                    if !text.is_empty() && !on_text(&text) {
-                        break End::ClientGone;
+                    if !text.is_empty() {
+                        let tokens = &self.builder.tokens()[told..];
+                        let logprobs = self.logprobs.get(told..).unwrap_or_default();
+                        told = self.builder.tokens().len();
+                        if !on_text(&text, tokens, logprobs) {
+                            break End::ClientGone;
+                        }
                     }
                 }
                 Some(JobEvent::Done {
@@ -291,8 +320,9 @@ impl Running {
         };
         if !matches!(end, End::ClientGone | End::Violation(_)) {
             let rest = self.decoder.finish();
-            if !rest.is_empty() {
-                on_text(&rest);
+            let tokens = &self.builder.tokens()[told.min(self.builder.tokens().len())..];
+            if !rest.is_empty() || !tokens.is_empty() {
+                on_text(&rest, tokens, self.logprobs.get(told..).unwrap_or_default());
             }
         }
         let finish = match &end {
@@ -305,6 +335,7 @@ impl Running {
             billed_prompt_tokens: u64::from(prompt_tokens.unwrap_or(0).min(self.prompt_bound)),
             prompt_tokens,
             commitment: self.builder.commitment(finish),
+            logprobs: self.request.logprobs.map(|_| self.logprobs.clone()),
             tokens,
             end,
         }

@@ -104,6 +104,7 @@ impl Hub {
             commitment: outcome.commitment.clone(),
             partial: outcome.partial(),
             prompt_tokens: outcome.prompt_tokens,
+            logprobs: outcome.logprobs.clone(),
         };
         if completion > 0 {
             self.offer_canary(&provider, &claimed, cost);

@@ -31,7 +31,7 @@ use rand::Rng;
 use tessera_ledger::SystemAccount;
 use tessera_protocol::Address;
 use tessera_types::commitment::hash_tokens;
-use tessera_types::{Commitment, JobRequest, Verdict};
+use tessera_types::{Commitment, JobRequest, TokenLogprobs, Verdict};
 use tessera_wire::HubMessage;
 
 use crate::jobs::Hold;
@@ -63,6 +63,8 @@ pub struct Claimed {
     pub partial: bool,
     /// Prompt tokens the provider claimed.
     pub prompt_tokens: Option<u32>,
+    /// The log-probabilities reported to the agent, when it asked for them.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 impl Claimed {
@@ -74,6 +76,7 @@ impl Claimed {
             commitment: self.commitment.clone(),
             partial: self.partial,
             prompt_tokens: self.prompt_tokens,
+            logprobs: self.logprobs.clone(),
         }
     }
 }
@@ -651,6 +654,7 @@ mod tests {
             max_tokens: 4,
             sampling: SamplingParams::greedy(),
             stop: vec![],
+            logprobs: None,
         };
         let spec = JobSpec {
             model_sha256: "sha".into(),
@@ -669,6 +673,7 @@ mod tests {
             commitment: b.finish(Finish::Length),
             partial: false,
             prompt_tokens: Some(1),
+            logprobs: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! a parameter that would change which tokens are chosen or what the response means is either
 //! implemented or refused with 400 `unsupported_parameter` naming it: never silently ignored.
 //! Parameters that change nothing here (`user`, `metadata`, `store: false`) are
-//! accepted. A parameter at its neutral value (`logprobs: false`, `presence_penalty: 0`,
+//! accepted. A parameter at its neutral value (`store: false`, `best_of: 1`,
 //! `response_format: {"type": "text"}`, `tools: []`, …) is accepted, since it asks for nothing.
 //! Names OpenAI does not define are refused as OpenAI refuses them (`unknown_parameter`).
 //! Limits come first, so `top_logprobs: 50` is told its range whether or not logprobs are served.
@@ -37,10 +37,6 @@ use Treatment::{Harmless, Honoured, NeutralOnly, Unsupported};
 
 fn is_false(v: &Value) -> bool {
     v == &Value::Bool(false)
-}
-
-fn is_zero(v: &Value) -> bool {
-    v.as_f64() == Some(0.0)
 }
 
 fn is_one(v: &Value) -> bool {
@@ -93,8 +89,8 @@ const COMMON: &[(&str, Treatment)] = &[
 const CHAT: &[(&str, Treatment)] = &[
     ("messages", Honoured),
     ("max_completion_tokens", Honoured),
-    ("logprobs", NeutralOnly(is_false)),
-    ("top_logprobs", NeutralOnly(is_zero)),
+    ("logprobs", Honoured),
+    ("top_logprobs", Honoured),
     ("response_format", Honoured),
     ("tools", NeutralOnly(is_empty)),
     ("functions", NeutralOnly(is_empty)),
@@ -112,7 +108,7 @@ const CHAT: &[(&str, Treatment)] = &[
 /// Parameters only legacy completions define.
 const COMPLETION: &[(&str, Treatment)] = &[
     ("prompt", Honoured),
-    ("logprobs", NeutralOnly(is_zero)),
+    ("logprobs", Honoured),
     ("echo", NeutralOnly(is_false)),
     ("best_of", NeutralOnly(is_one)),
     ("suffix", NeutralOnly(is_empty)),
@@ -345,7 +341,6 @@ mod tests {
     #[test]
     fn meaning_changing_parameters_are_refused_by_name() {
         for (key, value) in [
-            ("logprobs", json!(true)),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),
