@@ -1106,12 +1106,12 @@ fn a_slashed_providers_on_chain_stake_is_reduced_in_the_next_slash_epoch() -> Re
 
     // The verifiers catch it and the ledger slashes half its stake; the vault follows in the
     // next epoch, and the honest stakes (dev-staked, recorded too) stay whole.
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(150);
+    let deadline = Instant::now() + Duration::from_secs(150);
     while hub.get(&format!("/v1/accounts/{:#x}", cheater.address()))?.1["staked"] != 500_000 {
         anyhow::ensure!(Instant::now() < deadline, "never slashed:\n{}", hub.log());
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(100));
     }
+    let slashed = Instant::now();
     wait_vault_stake(
         &chain,
         &hub,
@@ -1120,8 +1120,8 @@ fn a_slashed_providers_on_chain_stake_is_reduced_in_the_next_slash_epoch() -> Re
         Duration::from_secs(10),
     )?;
     eprintln!(
-        "slash reflected on-chain {:?} after the ledger's",
-        started.elapsed()
+        "slash on-chain {:?} after the ledger's (epoch 2 s)",
+        slashed.elapsed()
     );
     for honest in [&honest_a, &honest_b] {
         assert_eq!(vault_stake(&chain, honest.address()), (1_000_000, 0));
@@ -1145,7 +1145,7 @@ fn a_large_withdrawal_waits_its_delay_then_is_paid_once() -> Result<()> {
             "--withdrawal-delay-above",
             "1000000",
             "--withdrawal-delay-secs",
-            "6",
+            "15",
         ]
         .map(String::from),
     );
@@ -1162,7 +1162,7 @@ fn a_large_withdrawal_waits_its_delay_then_is_paid_once() -> Result<()> {
     let started = Instant::now();
     let (status, large) = hub.withdraw(&agent, recipient, 2_000_000, 2)?;
     assert_eq!((status, large["state"].as_str()), (200, Some("delayed")), "{large}");
-    assert!(large["pay_after"].as_u64().is_some_and(|t| t >= now() + 5), "{large}");
+    assert!(large["pay_after"].as_u64().is_some_and(|t| t >= now() + 13), "{large}");
     assert_eq!(hub.balance(agent.address())?, 2_000_000);
     let id = large["id"].as_str().context("id")?.to_owned();
     let (status, v) = hub.get(&format!("/v1/withdrawals/{id}"))?;
@@ -1174,16 +1174,16 @@ fn a_large_withdrawal_waits_its_delay_then_is_paid_once() -> Result<()> {
     hub.crash_and_restart()?;
     std::thread::sleep(Duration::from_millis(500));
     anyhow::ensure!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(13),
         "the restart took too long to check the wait"
     );
     assert_eq!(chain.token_balance(recipient), 1_000_000, "paid before its delay");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while chain.token_balance(recipient) != 3_000_000 {
         assert!(Instant::now() < deadline, "never paid:\n{}", hub.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(started.elapsed() >= Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_secs(14), "{:?}", started.elapsed());
     let (status, v) = hub.get(&format!("/v1/withdrawals/{id}"))?;
     assert_eq!((status, v["state"].as_str()), (200, Some("paid")), "{v}");
     // The order again replays it as paid; nothing is paid twice.
