@@ -303,16 +303,37 @@ impl Chain {
         let vault = self.contracts.vault;
         let receipt = match kind {
             StakeMove::Stake => {
-                self.send(vault, TesseraVault::stakeCall { id, provider, amount })
-                    .await?
+                self.send(
+                    vault,
+                    TesseraVault::stakeCall {
+                        id,
+                        provider,
+                        amount,
+                    },
+                )
+                .await?
             }
             StakeMove::Unstake => {
-                self.send(vault, TesseraVault::unstakeCall { id, provider, amount })
-                    .await?
+                self.send(
+                    vault,
+                    TesseraVault::unstakeCall {
+                        id,
+                        provider,
+                        amount,
+                    },
+                )
+                .await?
             }
             StakeMove::Unbond => {
-                self.send(vault, TesseraVault::unbondCall { id, provider, amount })
-                    .await?
+                self.send(
+                    vault,
+                    TesseraVault::unbondCall {
+                        id,
+                        provider,
+                        amount,
+                    },
+                )
+                .await?
             }
         };
         Ok(Some(receipt.transaction_hash))
@@ -344,7 +365,10 @@ impl Chain {
     pub async fn stake_of(&self, provider: Address) -> Result<OnChainStake> {
         let vault = self.contracts.vault;
         Ok(OnChainStake {
-            staked: to_micro(self.view(vault, TesseraVault::stakeOfCall { provider }).await?)?,
+            staked: to_micro(
+                self.view(vault, TesseraVault::stakeOfCall { provider })
+                    .await?,
+            )?,
             unbonding: to_micro(
                 self.view(vault, TesseraVault::unbondingOfCall { provider })
                     .await?,
@@ -358,7 +382,10 @@ impl Chain {
         let vault = self.contracts.vault;
         Ok(OnChainStake {
             staked: to_micro(self.view(vault, TesseraVault::totalStakedCall {}).await?)?,
-            unbonding: to_micro(self.view(vault, TesseraVault::totalUnbondingCall {}).await?)?,
+            unbonding: to_micro(
+                self.view(vault, TesseraVault::totalUnbondingCall {})
+                    .await?,
+            )?,
         })
     }
 

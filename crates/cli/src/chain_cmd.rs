@@ -143,7 +143,11 @@ pub struct UnstakeArgs {
     #[command(flatten)]
     pub signer: SignerArgs,
     /// Micro-units to start unbonding.
-    #[arg(long, required_unless_present = "withdraw", conflicts_with = "withdraw")]
+    #[arg(
+        long,
+        required_unless_present = "withdraw",
+        conflicts_with = "withdraw"
+    )]
     pub amount: Option<u64>,
     /// Return every unbonding whose period has passed to the balance instead.
     #[arg(long)]
@@ -272,13 +276,13 @@ pub fn withdraw(args: WithdrawArgs) -> anyhow::Result<()> {
 
 /// Runs `tessera stake`.
 pub fn stake(args: StakeArgs) -> anyhow::Result<()> {
-    let order = StakeOrder {
-        action: StakeAction::Stake as u8,
-        amount: args.amount,
-        nonce: args.nonce.unwrap_or_else(rand_nonce),
-        expiry: expiry()?,
-    };
-    post_order(&args.hub, "/v1/stake", "stake order", &args.signer.wallet()?, order)
+    stake_order(
+        &args.hub,
+        &args.signer,
+        StakeAction::Stake,
+        args.amount,
+        args.nonce,
+    )
 }
 
 /// Runs `tessera unstake`.
@@ -288,13 +292,25 @@ pub fn unstake(args: UnstakeArgs) -> anyhow::Result<()> {
     } else {
         StakeAction::Unstake
     };
+    let amount = args.amount.unwrap_or(0);
+    stake_order(&args.hub, &args.signer, action, amount, args.nonce)
+}
+
+/// Signs and sends one `StakeOrder`.
+fn stake_order(
+    hub: &str,
+    signer: &SignerArgs,
+    action: StakeAction,
+    amount: u64,
+    nonce: Option<u64>,
+) -> anyhow::Result<()> {
     let order = StakeOrder {
         action: action as u8,
-        amount: args.amount.unwrap_or(0),
-        nonce: args.nonce.unwrap_or_else(rand_nonce),
+        amount,
+        nonce: nonce.unwrap_or_else(rand_nonce),
         expiry: expiry()?,
     };
-    post_order(&args.hub, "/v1/stake", "stake order", &args.signer.wallet()?, order)
+    post_order(hub, "/v1/stake", "stake order", &signer.wallet()?, order)
 }
 
 /// Ten minutes from now: how long a signed order stays valid.

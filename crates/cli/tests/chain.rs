@@ -933,7 +933,11 @@ fn stake_and_unstake_move_through_the_vault_and_reconcile() -> Result<()> {
     let key = key_file(chain.dir.path(), &provider)?;
 
     // Stake: the ledger bonds it and the vault records it; no token moves.
-    let staked = stake_cli(&hub, &key, &["stake", "--amount", "2000000", "--nonce", "1"])?;
+    let staked = stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "2000000", "--nonce", "1"],
+    )?;
     assert_eq!(
         (&staked["action"], &staked["staked"], &staked["replayed"]),
         (&json!("stake"), &json!(2_000_000), &json!(false)),
@@ -944,12 +948,20 @@ fn stake_and_unstake_move_through_the_vault_and_reconcile() -> Result<()> {
     assert_eq!(hub.balance(p)?, 1_000_000);
     assert_eq!(chain.vault_holdings(), 3_000_000);
     // The same order again: replayed, nothing recorded twice.
-    let again = stake_cli(&hub, &key, &["stake", "--amount", "2000000", "--nonce", "1"])?;
+    let again = stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "2000000", "--nonce", "1"],
+    )?;
     assert_eq!(again["replayed"], true, "{again}");
     assert_eq!(vault_stake(&chain, p), (2_000_000, 0));
     // More than the balance, or the nonce reused for another amount: refused, nothing moves.
-    let short = stake_cli(&hub, &key, &["stake", "--amount", "1000001", "--nonce", "2"])
-        .expect_err("staking more than the balance");
+    let short = stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "1000001", "--nonce", "2"],
+    )
+    .expect_err("staking more than the balance");
     assert!(format!("{short}").contains("429"), "{short}");
     let reused = stake_cli(&hub, &key, &["stake", "--amount", "5", "--nonce", "1"])
         .expect_err("a reused nonce");
@@ -960,7 +972,11 @@ fn stake_and_unstake_move_through_the_vault_and_reconcile() -> Result<()> {
     );
 
     // Unstake: the stake starts unbonding in the ledger and in the vault.
-    let unstaked = stake_cli(&hub, &key, &["unstake", "--amount", "500000", "--nonce", "3"])?;
+    let unstaked = stake_cli(
+        &hub,
+        &key,
+        &["unstake", "--amount", "500000", "--nonce", "3"],
+    )?;
     assert_eq!(unstaked["unbonding"]["amount"], 500_000, "{unstaked}");
     assert_eq!(vault_stake(&chain, p), (1_500_000, 500_000));
     let early = stake_cli(&hub, &key, &["unstake", "--withdraw", "--nonce", "4"])
@@ -1002,7 +1018,11 @@ fn stake_and_unstake_move_through_the_vault_and_reconcile() -> Result<()> {
     // The free balance can still leave; the stake stays in the vault.
     let recipient = Wallet::random().address();
     let (status, paid) = hub.withdraw(&provider, recipient, 1_400_000, 7)?;
-    assert_eq!((status, paid["state"].as_str()), (200, Some("paid")), "{paid}");
+    assert_eq!(
+        (status, paid["state"].as_str()),
+        (200, Some("paid")),
+        "{paid}"
+    );
     assert_eq!(chain.vault_holdings(), 1_600_000);
     let (status, v) = hub.get("/v1/chain")?;
     assert_eq!((status, &v["reconciled"]), (200, &json!(true)), "{v}");
@@ -1052,7 +1072,11 @@ fn a_slashed_providers_on_chain_stake_is_reduced_in_the_next_slash_epoch() -> Re
     chain.deposit(cheater.address(), 1_000_000)?;
     hub.wait_balance(cheater.address(), 1_000_000, Duration::from_secs(10))?;
     let key = key_file(chain.dir.path(), &cheater)?;
-    stake_cli(&hub, &key, &["stake", "--amount", "1000000", "--nonce", "1"])?;
+    stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "1000000", "--nonce", "1"],
+    )?;
     assert_eq!(vault_stake(&chain, cheater.address()), (1_000_000, 0));
     let (honest_a, honest_b) = (Wallet::random(), Wallet::random());
     let _a = node("honest-a", &honest_a, "10", &["--dev-stake"])?;
@@ -1068,7 +1092,10 @@ fn a_slashed_providers_on_chain_stake_is_reduced_in_the_next_slash_epoch() -> Re
         if connected == 3 {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "{connected} of 3 nodes connected");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{connected} of 3 nodes connected"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -1081,7 +1108,11 @@ fn a_slashed_providers_on_chain_stake_is_reduced_in_the_next_slash_epoch() -> Re
         .args(["key", "create", "--hub", &hub.url, "--private-key"])
         .arg(hex::encode(agent.signer().to_bytes()))
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let api_key = String::from_utf8(out.stdout)?.trim().to_owned();
     let mut r = http()
         .post(format!("{}/v1/chat/completions", hub.url))
@@ -1107,7 +1138,11 @@ fn a_slashed_providers_on_chain_stake_is_reduced_in_the_next_slash_epoch() -> Re
     // The verifiers catch it and the ledger slashes half its stake; the vault follows in the
     // next epoch, and the honest stakes (dev-staked, recorded too) stay whole.
     let deadline = Instant::now() + Duration::from_secs(150);
-    while hub.get(&format!("/v1/accounts/{:#x}", cheater.address()))?.1["staked"] != 500_000 {
+    while hub
+        .get(&format!("/v1/accounts/{:#x}", cheater.address()))?
+        .1["staked"]
+        != 500_000
+    {
         anyhow::ensure!(Instant::now() < deadline, "never slashed:\n{}", hub.log());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1157,18 +1192,33 @@ fn a_large_withdrawal_waits_its_delay_then_is_paid_once() -> Result<()> {
 
     // At the threshold: paid at once.
     let (status, small) = hub.withdraw(&agent, recipient, 1_000_000, 1)?;
-    assert_eq!((status, small["state"].as_str()), (200, Some("paid")), "{small}");
+    assert_eq!(
+        (status, small["state"].as_str()),
+        (200, Some("paid")),
+        "{small}"
+    );
     // Above it: debited now, visible as delayed, paid only once the delay has passed.
     let started = Instant::now();
     let (status, large) = hub.withdraw(&agent, recipient, 2_000_000, 2)?;
-    assert_eq!((status, large["state"].as_str()), (200, Some("delayed")), "{large}");
-    assert!(large["pay_after"].as_u64().is_some_and(|t| t >= now() + 13), "{large}");
+    assert_eq!(
+        (status, large["state"].as_str()),
+        (200, Some("delayed")),
+        "{large}"
+    );
+    assert!(
+        large["pay_after"].as_u64().is_some_and(|t| t >= now() + 13),
+        "{large}"
+    );
     assert_eq!(hub.balance(agent.address())?, 2_000_000);
     let id = large["id"].as_str().context("id")?.to_owned();
     let (status, v) = hub.get(&format!("/v1/withdrawals/{id}"))?;
     assert_eq!((status, v["state"].as_str()), (200, Some("delayed")), "{v}");
     let (status, v) = hub.get(&format!("/v1/withdrawals/0x{}", "ab".repeat(32)))?;
-    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_withdrawal")), "{v}");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("unknown_withdrawal")),
+        "{v}"
+    );
 
     // A crash during the delay changes nothing: still owed, still waiting.
     hub.crash_and_restart()?;
@@ -1177,18 +1227,30 @@ fn a_large_withdrawal_waits_its_delay_then_is_paid_once() -> Result<()> {
         started.elapsed() < Duration::from_secs(13),
         "the restart took too long to check the wait"
     );
-    assert_eq!(chain.token_balance(recipient), 1_000_000, "paid before its delay");
+    assert_eq!(
+        chain.token_balance(recipient),
+        1_000_000,
+        "paid before its delay"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while chain.token_balance(recipient) != 3_000_000 {
         assert!(Instant::now() < deadline, "never paid:\n{}", hub.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(started.elapsed() >= Duration::from_secs(14), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(14),
+        "{:?}",
+        started.elapsed()
+    );
     let (status, v) = hub.get(&format!("/v1/withdrawals/{id}"))?;
     assert_eq!((status, v["state"].as_str()), (200, Some("paid")), "{v}");
     // The order again replays it as paid; nothing is paid twice.
     let (status, again) = hub.withdraw(&agent, recipient, 2_000_000, 2)?;
-    assert_eq!((status, again["state"].as_str()), (200, Some("paid")), "{again}");
+    assert_eq!(
+        (status, again["state"].as_str()),
+        (200, Some("paid")),
+        "{again}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(chain.token_balance(recipient), 3_000_000);
     assert_eq!(hub.balance(agent.address())?, 2_000_000);

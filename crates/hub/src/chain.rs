@@ -65,7 +65,11 @@ pub struct ChainConfig {
     #[arg(long, env = "TESSERA_HUB_WITHDRAWAL_DELAY_ABOVE", requires = "rpc")]
     pub withdrawal_delay_above: Option<u64>,
     /// How long a large withdrawal waits, seconds.
-    #[arg(long, env = "TESSERA_HUB_WITHDRAWAL_DELAY_SECS", default_value_t = 3600)]
+    #[arg(
+        long,
+        env = "TESSERA_HUB_WITHDRAWAL_DELAY_SECS",
+        default_value_t = 3600
+    )]
     pub withdrawal_delay_secs: u64,
     /// Seconds between slash epochs: each epoch submits the slashes the ledger recorded since
     /// the last one to the vault in one transaction.

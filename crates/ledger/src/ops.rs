@@ -628,7 +628,8 @@ impl Ledger {
                     row.try_get(3)?,
                     row.try_get(4)?,
                 );
-                let corrupt = |what: &str| Error::Corrupt(format!("{kind} transaction {tx_id}: {what}"));
+                let corrupt =
+                    |what: &str| Error::Corrupt(format!("{kind} transaction {tx_id}: {what}"));
                 // Every stake operation's request starts with the provider's account id.
                 let provider = request
                     .split(':')
@@ -657,7 +658,10 @@ impl Ledger {
     /// Micro-units bonded as stake and unbonding, across every provider: what the audit's
     /// on-chain reconciliation compares with the vault's stake records.
     pub async fn stake_totals(&self) -> Result<(u64, u64)> {
-        let staked = self.balance(SystemAccount::Stake).await.or_else(zero_if_unknown)?;
+        let staked = self
+            .balance(SystemAccount::Stake)
+            .await
+            .or_else(zero_if_unknown)?;
         let unbonding = self
             .balance(SystemAccount::Unbonding)
             .await
