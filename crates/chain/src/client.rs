@@ -47,6 +47,27 @@ impl Deposit {
     }
 }
 
+/// A movement of stake the ledger made, as the vault records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StakeMove {
+    /// Balance bonded as stake (`stake`).
+    Stake,
+    /// Stake started unbonding (`unstake`).
+    Unstake,
+    /// Matured unbonding stake returned to the balance (`unbond`).
+    Unbond,
+}
+
+/// A provider's stake as the vault records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnChainStake {
+    /// Bonded stake.
+    pub staked: u64,
+    /// Stake unbonding, not yet returned to the balance.
+    pub unbonding: u64,
+}
+
 /// A connection to the chain with the contracts' addresses.
 #[derive(Clone)]
 pub struct Chain {
@@ -257,6 +278,115 @@ impl Chain {
                 .await?
                 .transaction_hash,
         ))
+    }
+
+    /// Whether the vault has applied stake movement or slash epoch `id`.
+    pub async fn applied(&self, id: B256) -> Result<bool> {
+        self.view(self.contracts.vault, TesseraVault::appliedCall { id })
+            .await
+    }
+
+    /// Records a stake movement of the ledger in the vault (operator only), unless movement
+    /// `id` is applied already: the vault applies each id once, so a retry after a crash never
+    /// counts twice. Returns the transaction's hash, or `None` when it was applied before.
+    pub async fn apply_stake_move(
+        &self,
+        id: B256,
+        kind: StakeMove,
+        provider: Address,
+        amount: u64,
+    ) -> Result<Option<B256>> {
+        if self.applied(id).await? {
+            return Ok(None);
+        }
+        let amount = U256::from(amount);
+        let vault = self.contracts.vault;
+        let receipt = match kind {
+            StakeMove::Stake => {
+                self.send(
+                    vault,
+                    TesseraVault::stakeCall {
+                        id,
+                        provider,
+                        amount,
+                    },
+                )
+                .await?
+            }
+            StakeMove::Unstake => {
+                self.send(
+                    vault,
+                    TesseraVault::unstakeCall {
+                        id,
+                        provider,
+                        amount,
+                    },
+                )
+                .await?
+            }
+            StakeMove::Unbond => {
+                self.send(
+                    vault,
+                    TesseraVault::unbondCall {
+                        id,
+                        provider,
+                        amount,
+                    },
+                )
+                .await?
+            }
+        };
+        Ok(Some(receipt.transaction_hash))
+    }
+
+    /// Applies one epoch's slashes (`(provider, amount)` pairs) to the vault's stake records,
+    /// once per `epoch` id; `None` when that epoch was applied before.
+    pub async fn apply_slashes(
+        &self,
+        epoch: B256,
+        slashes: &[(Address, u64)],
+    ) -> Result<Option<B256>> {
+        if self.applied(epoch).await? {
+            return Ok(None);
+        }
+        let call = TesseraVault::slashCall {
+            epoch,
+            providers: slashes.iter().map(|(p, _)| *p).collect(),
+            amounts: slashes.iter().map(|(_, a)| U256::from(*a)).collect(),
+        };
+        Ok(Some(
+            self.send(self.contracts.vault, call)
+                .await?
+                .transaction_hash,
+        ))
+    }
+
+    /// A provider's stake as the vault records it.
+    pub async fn stake_of(&self, provider: Address) -> Result<OnChainStake> {
+        let vault = self.contracts.vault;
+        Ok(OnChainStake {
+            staked: to_micro(
+                self.view(vault, TesseraVault::stakeOfCall { provider })
+                    .await?,
+            )?,
+            unbonding: to_micro(
+                self.view(vault, TesseraVault::unbondingOfCall { provider })
+                    .await?,
+            )?,
+        })
+    }
+
+    /// Every provider's stake together, as the vault records it: what the audit reconciles
+    /// with the ledger's stake and unbonding accounts.
+    pub async fn total_stake(&self) -> Result<OnChainStake> {
+        let vault = self.contracts.vault;
+        Ok(OnChainStake {
+            staked: to_micro(self.view(vault, TesseraVault::totalStakedCall {}).await?)?,
+            unbonding: to_micro(
+                self.view(vault, TesseraVault::totalUnbondingCall {})
+                    .await?,
+            )?,
+        })
     }
 
     /// Deposits `amount` of the sender's tokens for `account`: approves the vault, then calls

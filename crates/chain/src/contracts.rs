@@ -42,6 +42,19 @@ sol! {
         function deposit(address account, uint256 amount) external;
         function withdraw(bytes32 id, address to, uint256 amount) external;
         function holdings() external view returns (uint256);
+        event Staked(bytes32 indexed id, address indexed provider, uint256 amount);
+        event Unstaked(bytes32 indexed id, address indexed provider, uint256 amount);
+        event Unbonded(bytes32 indexed id, address indexed provider, uint256 amount);
+        event Slashed(bytes32 indexed epoch, address indexed provider, uint256 amount);
+        function applied(bytes32 id) external view returns (bool);
+        function stakeOf(address provider) external view returns (uint256);
+        function unbondingOf(address provider) external view returns (uint256);
+        function totalStaked() external view returns (uint256);
+        function totalUnbonding() external view returns (uint256);
+        function stake(bytes32 id, address provider, uint256 amount) external;
+        function unstake(bytes32 id, address provider, uint256 amount) external;
+        function unbond(bytes32 id, address provider, uint256 amount) external;
+        function slash(bytes32 epoch, address[] providers, uint256[] amounts) external;
     }
 
     /// The vault's constructor arguments.

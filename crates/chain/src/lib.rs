@@ -3,8 +3,9 @@
 //! Money exists on-chain as a stablecoin held by the `TesseraVault` contract
 //! (`contracts/TesseraVault.sol`). Deposits are `Deposited` events the hub credits after its
 //! confirmations ([`Chain::deposits`]); withdrawals are hub-submitted transfers the vault pays
-//! once per id ([`Chain::pay_withdrawal`]). For development and tests, [`Anvil`] runs a local
-//! chain and [`deploy`] puts a test stablecoin (`contracts/TestUsd.sol`, EIP-2612 and EIP-3009)
+//! once per id ([`Chain::pay_withdrawal`]). Stake movements and slashes the ledger made are
+//! recorded in the vault once per id ([`Chain::apply_stake_move`], [`Chain::apply_slashes`]).
+//! For development and tests, [`Anvil`] runs a local chain and [`deploy`] puts a test stablecoin (`contracts/TestUsd.sol`, EIP-2612 and EIP-3009)
 //! and a vault on it. This crate reads and writes the chain only; the hub moves the ledger.
 #![deny(missing_docs)]
 
@@ -16,7 +17,7 @@ pub mod x402;
 
 pub use alloy_signer_local::PrivateKeySigner;
 pub use anvil::{anvil_binary, install_dev_tools, Anvil, DevTools, ANVIL_ENV};
-pub use client::{deploy, Chain, Contracts, Deposit};
+pub use client::{deploy, Chain, Contracts, Deposit, OnChainStake, StakeMove};
 pub use error::{Error, Result};
 
 /// Reads an operator key file: one hex private key (`0x` optional), whitespace ignored.
@@ -30,7 +31,7 @@ pub fn read_key_file(path: &std::path::Path) -> Result<PrivateKeySigner> {
     })
 }
 
-/// The vault's id of a withdrawal: keccak256 of the ledger key that debited it.
+/// The vault's id of a withdrawal or stake movement: keccak256 of the ledger key that made it.
 pub fn withdrawal_id(ledger_key: &str) -> alloy_primitives::B256 {
     alloy_primitives::keccak256(ledger_key.as_bytes())
 }

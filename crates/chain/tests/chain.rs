@@ -1,11 +1,13 @@
 //! The contracts on a real anvil: deployment, deposits seen as events, withdrawals paid once,
-//! the operator check, and the committed artifacts matching a fresh solcjs compile.
+//! stake records and slash epochs applied once, the operator check, and the committed artifacts matching a fresh solcjs compile.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use alloy_primitives::{Address, B256};
-use tessera_chain::{deploy, install_dev_tools, Anvil, Chain, DevTools, Error};
+use tessera_chain::{
+    deploy, install_dev_tools, Anvil, Chain, DevTools, Error, OnChainStake, StakeMove,
+};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -42,6 +44,72 @@ async fn setup() -> Setup {
         operator,
         user,
     }
+}
+
+#[tokio::test]
+async fn stake_records_and_slash_epochs_apply_once_and_only_from_the_operator() {
+    let Setup {
+        anvil,
+        operator,
+        user,
+    } = setup().await;
+    let provider = Address::repeat_byte(0x51);
+    let stake = |staked, unbonding| OnChainStake { staked, unbonding };
+    let id = |n: u8| B256::repeat_byte(n);
+    assert!(operator
+        .apply_stake_move(id(1), StakeMove::Stake, provider, 1_000)
+        .await
+        .unwrap()
+        .is_some());
+    // The same id again records nothing.
+    assert_eq!(
+        operator
+            .apply_stake_move(id(1), StakeMove::Stake, provider, 1_000)
+            .await
+            .unwrap(),
+        None
+    );
+    operator
+        .apply_stake_move(id(2), StakeMove::Unstake, provider, 300)
+        .await
+        .unwrap();
+    assert_eq!(operator.stake_of(provider).await.unwrap(), stake(700, 300));
+    operator
+        .apply_stake_move(id(3), StakeMove::Unbond, provider, 300)
+        .await
+        .unwrap();
+    // Unstaking more than is recorded reverts (checked arithmetic) and changes nothing.
+    let over = operator
+        .apply_stake_move(id(4), StakeMove::Unstake, provider, 701)
+        .await;
+    assert!(over.is_err(), "{over:?}");
+    assert!(!operator.applied(id(4)).await.unwrap());
+
+    let epoch = id(9);
+    operator
+        .apply_slashes(epoch, &[(provider, 200)])
+        .await
+        .unwrap();
+    assert_eq!(
+        operator
+            .apply_slashes(epoch, &[(provider, 200)])
+            .await
+            .unwrap(),
+        None,
+        "an epoch applies once"
+    );
+    assert_eq!(operator.stake_of(provider).await.unwrap(), stake(500, 0));
+    assert_eq!(operator.total_stake().await.unwrap(), stake(500, 0));
+    // Only the operator records stake; none of it moves tokens.
+    let refused = user
+        .apply_stake_move(id(5), StakeMove::Stake, provider, 1)
+        .await;
+    assert!(
+        matches!(refused, Err(Error::Rpc(ref m)) if m.contains("not the operator")),
+        "{refused:?}"
+    );
+    assert_eq!(operator.vault_holdings().await.unwrap(), 0);
+    drop(anvil);
 }
 
 #[tokio::test]

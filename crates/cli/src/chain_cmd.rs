@@ -1,5 +1,5 @@
-//! `tessera chain up`, `tessera deposit`, `tessera withdraw`: a local chain for development, and
-//! money into and out of a hub's vault.
+//! `tessera chain up`, `tessera deposit`, `tessera withdraw`, `tessera stake`, `tessera unstake`:
+//! a local chain for development, money into and out of a hub's vault, and provider stake.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use serde_json::Value;
 use tessera_chain::{Anvil, Chain, Contracts, PrivateKeySigner};
-use tessera_protocol::{Address, WithdrawalOrder};
+use tessera_protocol::{Address, StakeAction, StakeOrder, WithdrawalOrder};
 
 use crate::wallet::WalletArgs;
 
@@ -71,6 +71,14 @@ impl SignerArgs {
             None => Ok(crate::wallet::load(&self.wallet)?.signer().clone()),
         }
     }
+
+    /// The signer as a wallet, for signing Tessera's EIP-712 messages.
+    fn wallet(&self) -> anyhow::Result<tessera_protocol::Wallet> {
+        let signer = self.signer()?;
+        Ok(tessera_protocol::Wallet::from_private_key_hex(
+            &hex::encode(signer.to_bytes()),
+        )?)
+    }
 }
 
 /// `tessera deposit`: tokens from the sender into the vault, for an account.
@@ -106,6 +114,45 @@ pub struct WithdrawArgs {
     #[arg(long)]
     pub to: Option<Address>,
     /// The order's nonce (default: random); resending an order with the same nonce pays once.
+    #[arg(long)]
+    pub nonce: Option<u64>,
+}
+
+/// `tessera stake`: a signed order to bond part of the balance as stake.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StakeArgs {
+    /// The hub's URL.
+    #[arg(long, env = "TESSERA_HUB_URL", default_value = "http://127.0.0.1:8080")]
+    pub hub: String,
+    #[command(flatten)]
+    pub signer: SignerArgs,
+    /// Micro-units to stake.
+    #[arg(long)]
+    pub amount: u64,
+    /// The order's nonce (default: random); resending an order with the same nonce stakes once.
+    #[arg(long)]
+    pub nonce: Option<u64>,
+}
+
+/// `tessera unstake`: start unbonding stake, or withdraw the matured unbondings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnstakeArgs {
+    /// The hub's URL.
+    #[arg(long, env = "TESSERA_HUB_URL", default_value = "http://127.0.0.1:8080")]
+    pub hub: String,
+    #[command(flatten)]
+    pub signer: SignerArgs,
+    /// Micro-units to start unbonding.
+    #[arg(
+        long,
+        required_unless_present = "withdraw",
+        conflicts_with = "withdraw"
+    )]
+    pub amount: Option<u64>,
+    /// Return every unbonding whose period has passed to the balance instead.
+    #[arg(long)]
+    pub withdraw: bool,
+    /// The order's nonce (default: random).
     #[arg(long)]
     pub nonce: Option<u64>,
 }
@@ -217,24 +264,77 @@ pub async fn deposit(args: DepositArgs) -> anyhow::Result<()> {
 
 /// Runs `tessera withdraw`.
 pub fn withdraw(args: WithdrawArgs) -> anyhow::Result<()> {
-    let signer = args.signer.signer()?;
-    let wallet = tessera_protocol::Wallet::from_private_key_hex(&hex::encode(signer.to_bytes()))?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let wallet = args.signer.wallet()?;
     let order = WithdrawalOrder {
         to: args.to.unwrap_or(wallet.address()),
         amount: args.amount,
         nonce: args.nonce.unwrap_or_else(rand_nonce),
-        expiry: now + 600,
+        expiry: expiry()?,
     };
-    let signed = wallet.sign(order, crate::client::domain(&args.hub)?)?;
+    post_order(&args.hub, "/v1/withdrawals", "withdrawal", &wallet, order)
+}
+
+/// Runs `tessera stake`.
+pub fn stake(args: StakeArgs) -> anyhow::Result<()> {
+    stake_order(
+        &args.hub,
+        &args.signer,
+        StakeAction::Stake,
+        args.amount,
+        args.nonce,
+    )
+}
+
+/// Runs `tessera unstake`.
+pub fn unstake(args: UnstakeArgs) -> anyhow::Result<()> {
+    let action = if args.withdraw {
+        StakeAction::Withdraw
+    } else {
+        StakeAction::Unstake
+    };
+    let amount = args.amount.unwrap_or(0);
+    stake_order(&args.hub, &args.signer, action, amount, args.nonce)
+}
+
+/// Signs and sends one `StakeOrder`.
+fn stake_order(
+    hub: &str,
+    signer: &SignerArgs,
+    action: StakeAction,
+    amount: u64,
+    nonce: Option<u64>,
+) -> anyhow::Result<()> {
+    let order = StakeOrder {
+        action: action as u8,
+        amount,
+        nonce: nonce.unwrap_or_else(rand_nonce),
+        expiry: expiry()?,
+    };
+    post_order(hub, "/v1/stake", "stake order", &signer.wallet()?, order)
+}
+
+/// Ten minutes from now: how long a signed order stays valid.
+fn expiry() -> anyhow::Result<u64> {
+    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 600)
+}
+
+/// Signs `order` for the hub's domain, posts it to `path` and prints the answer.
+fn post_order<M: tessera_protocol::TypedMessage + serde::Serialize>(
+    hub: &str,
+    path: &str,
+    what: &str,
+    wallet: &tessera_protocol::Wallet,
+    order: M,
+) -> anyhow::Result<()> {
+    let signed = wallet.sign(order, crate::client::domain(hub)?)?;
     let mut response = crate::client::http()
-        .post(format!("{}/v1/withdrawals", args.hub))
+        .post(format!("{hub}{path}"))
         .send_json(&signed)?;
     let status = response.status();
     let body: Value = response.body_mut().read_json()?;
     if status != 200 {
         bail!(
-            "the hub refused the withdrawal ({status}): {}",
+            "the hub refused the {what} ({status}): {}",
             body["error"]["message"].as_str().unwrap_or("no message")
         );
     }

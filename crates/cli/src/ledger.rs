@@ -16,7 +16,8 @@ pub enum LedgerCommand {
         #[arg(long)]
         json: bool,
         /// With a chain: also prove that the vault holds exactly what the ledger owes it
-        /// (deposits credited minus withdrawals debited). Needs `--vault` and `--token`.
+        /// (deposits credited minus withdrawals debited) and that its stake records equal the
+        /// ledger's stake and unbonding. Needs `--vault` and `--token`.
         #[arg(long, value_name = "URL", requires_all = ["vault", "token"])]
         rpc: Option<String>,
         /// The vault contract (with `--rpc`).
@@ -33,11 +34,25 @@ pub enum LedgerCommand {
 struct Reconciliation {
     vault_holdings: u64,
     ledger_liabilities: i64,
+    /// The vault's record of bonded and unbonding stake, all providers together.
+    vault_stake: tessera_chain::OnChainStake,
+    /// The ledger's stake and unbonding accounts.
+    ledger_staked: u64,
+    ledger_unbonding: u64,
 }
 
 impl Reconciliation {
-    fn is_clean(&self) -> bool {
+    fn holdings_match(&self) -> bool {
         i128::from(self.vault_holdings) == i128::from(self.ledger_liabilities)
+    }
+
+    fn stake_matches(&self) -> bool {
+        (self.vault_stake.staked, self.vault_stake.unbonding)
+            == (self.ledger_staked, self.ledger_unbonding)
+    }
+
+    fn is_clean(&self) -> bool {
+        self.holdings_match() && self.stake_matches()
     }
 }
 
@@ -69,10 +84,15 @@ pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
                     // surplus of the vault, never as a shortfall.
                     let vault_holdings =
                         chain.vault_holdings().await.context("reading the vault")?;
+                    let vault_stake = chain.total_stake().await.context("reading the vault")?;
                     let ledger_liabilities = ledger.chain_liabilities().await?;
+                    let (ledger_staked, ledger_unbonding) = ledger.stake_totals().await?;
                     Some(Reconciliation {
                         vault_holdings,
                         ledger_liabilities,
+                        vault_stake,
+                        ledger_staked,
+                        ledger_unbonding,
                     })
                 }
                 None => None,
@@ -85,16 +105,19 @@ pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
             } else {
                 print_audit(&report);
                 if let Some(r) = &reconciliation {
+                    let verdict = |ok: bool| if ok { "reconciled" } else { "MISMATCH" };
                     println!("vault holds   {}", r.vault_holdings);
                     println!("ledger owes   {}", r.ledger_liabilities);
+                    println!("on-chain      {}", verdict(r.holdings_match()));
                     println!(
-                        "on-chain      {}",
-                        if r.is_clean() {
-                            "reconciled"
-                        } else {
-                            "MISMATCH"
-                        }
+                        "vault stake   {} staked, {} unbonding",
+                        r.vault_stake.staked, r.vault_stake.unbonding
                     );
+                    println!(
+                        "ledger stake  {} staked, {} unbonding",
+                        r.ledger_staked, r.ledger_unbonding
+                    );
+                    println!("stake         {}", verdict(r.stake_matches()));
                 }
             }
             if !report.is_clean() {
@@ -105,9 +128,15 @@ pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
             }
             if let Some(r) = reconciliation.filter(|r| !r.is_clean()) {
                 bail!(
-                    "on-chain reconciliation failed: the vault holds {} but the ledger owes {}",
+                    "on-chain reconciliation failed: the vault holds {} and records {} staked, \
+                     {} unbonding; the ledger owes {} and has {} staked, {} unbonding \
+                     (a slash shows on-chain only from the hub's next slash epoch)",
                     r.vault_holdings,
-                    r.ledger_liabilities
+                    r.vault_stake.staked,
+                    r.vault_stake.unbonding,
+                    r.ledger_liabilities,
+                    r.ledger_staked,
+                    r.ledger_unbonding
                 );
             }
         }

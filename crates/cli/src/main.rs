@@ -85,6 +85,10 @@ enum Command {
     Deposit(chain_cmd::DepositArgs),
     /// Withdraw from the ledger to an on-chain address (the hub debits, then its vault pays).
     Withdraw(chain_cmd::WithdrawArgs),
+    /// Bond part of the account's balance as provider stake (recorded in the hub's vault).
+    Stake(chain_cmd::StakeArgs),
+    /// Start unbonding stake, or with --withdraw return every matured unbonding to the balance.
+    Unstake(chain_cmd::UnstakeArgs),
     /// Benchmarks; each prints a table, or JSON with --json.
     Bench {
         #[command(subcommand)]
@@ -225,6 +229,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chain { command } => block_on(chain_cmd::run(command)),
         Command::Deposit(args) => block_on(chain_cmd::deposit(args)),
         Command::Withdraw(args) => chain_cmd::withdraw(args),
+        Command::Stake(args) => chain_cmd::stake(args),
+        Command::Unstake(args) => chain_cmd::unstake(args),
         Command::Demo(args) => demo::run(args),
         Command::Synth(args) => synth_cmd::run(args),
         Command::Hub(mut config) => {

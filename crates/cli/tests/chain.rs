@@ -872,3 +872,389 @@ fn bad_x402_payments_are_refused_with_x402_errors_and_move_no_money() -> Result<
     assert!(audit.contains("reconciled"), "{audit}");
     Ok(())
 }
+
+/// Writes `wallet`'s key where the CLI's `--key-file` reads it.
+fn key_file(dir: &Path, wallet: &Wallet) -> Result<PathBuf> {
+    let path = dir.join(format!("{:#x}.key", wallet.address()));
+    std::fs::write(&path, hex::encode(wallet.signer().to_bytes()))?;
+    Ok(path)
+}
+
+/// `tessera stake|unstake … --hub URL --key-file KEY`: the hub's JSON answer, or the refusal.
+fn stake_cli(hub: &Hub, key: &Path, args: &[&str]) -> Result<Value> {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--hub", &hub.url, "--key-file"])
+        .arg(key)
+        .output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The vault's record of a provider's stake: (staked, unbonding).
+fn vault_stake(chain: &LocalChain, provider: Address) -> (u64, u64) {
+    let s = block_on(chain.chain().stake_of(provider)).expect("stakeOf");
+    (s.staked, s.unbonding)
+}
+
+fn wait_vault_stake(
+    chain: &LocalChain,
+    hub: &Hub,
+    provider: Address,
+    expected: (u64, u64),
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while vault_stake(chain, provider) != expected {
+        if Instant::now() > deadline {
+            bail!(
+                "the vault records {:?} for {provider}, expected {expected:?}:\n{}",
+                vault_stake(chain, provider),
+                hub.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn stake_and_unstake_move_through_the_vault_and_reconcile() -> Result<()> {
+    let chain = LocalChain::up()?;
+    let mut args = chain.flags();
+    args.extend(["--confirmations", "0", "--unbonding-secs", "2"].map(String::from));
+    let mut hub = Hub::start(args)?;
+    let provider = Wallet::random();
+    let p = provider.address();
+    chain.deposit(p, 3_000_000)?;
+    hub.wait_balance(p, 3_000_000, Duration::from_secs(10))?;
+    let key = key_file(chain.dir.path(), &provider)?;
+
+    // Stake: the ledger bonds it and the vault records it; no token moves.
+    let staked = stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "2000000", "--nonce", "1"],
+    )?;
+    assert_eq!(
+        (&staked["action"], &staked["staked"], &staked["replayed"]),
+        (&json!("stake"), &json!(2_000_000), &json!(false)),
+        "{staked}"
+    );
+    assert_eq!(staked["on_chain"]["staked"], 2_000_000, "{staked}");
+    assert_eq!(vault_stake(&chain, p), (2_000_000, 0));
+    assert_eq!(hub.balance(p)?, 1_000_000);
+    assert_eq!(chain.vault_holdings(), 3_000_000);
+    // The same order again: replayed, nothing recorded twice.
+    let again = stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "2000000", "--nonce", "1"],
+    )?;
+    assert_eq!(again["replayed"], true, "{again}");
+    assert_eq!(vault_stake(&chain, p), (2_000_000, 0));
+    // More than the balance, or the nonce reused for another amount: refused, nothing moves.
+    let short = stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "1000001", "--nonce", "2"],
+    )
+    .expect_err("staking more than the balance");
+    assert!(format!("{short}").contains("429"), "{short}");
+    let reused = stake_cli(&hub, &key, &["stake", "--amount", "5", "--nonce", "1"])
+        .expect_err("a reused nonce");
+    assert!(format!("{reused}").contains("409"), "{reused}");
+    assert_eq!(
+        (hub.balance(p)?, vault_stake(&chain, p)),
+        (1_000_000, (2_000_000, 0))
+    );
+
+    // Unstake: the stake starts unbonding in the ledger and in the vault.
+    let unstaked = stake_cli(
+        &hub,
+        &key,
+        &["unstake", "--amount", "500000", "--nonce", "3"],
+    )?;
+    assert_eq!(unstaked["unbonding"]["amount"], 500_000, "{unstaked}");
+    assert_eq!(vault_stake(&chain, p), (1_500_000, 500_000));
+    let early = stake_cli(&hub, &key, &["unstake", "--withdraw", "--nonce", "4"])
+        .expect_err("withdrawing before the unbonding period ends");
+    assert!(
+        format!("{early}").contains("finished its unbonding period"),
+        "{early}"
+    );
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("stake         reconciled"), "{audit}");
+
+    // After the unbonding period the matured stake returns to the balance, and to the vault's.
+    std::thread::sleep(Duration::from_millis(2_100));
+    let released = stake_cli(&hub, &key, &["unstake", "--withdraw", "--nonce", "5"])?;
+    assert_eq!(
+        (&released["action"], &released["amount"]),
+        (&json!("withdraw"), &json!(500_000)),
+        "{released}"
+    );
+    assert_eq!(vault_stake(&chain, p), (1_500_000, 0));
+    assert_eq!(hub.balance(p)?, 1_500_000);
+
+    // The chain refuses the operator's transaction (no gas) and the hub is killed: the stake is
+    // bonded in the ledger, and the restarted hub records it in the vault, once.
+    let operator = tessera_chain::read_key_file(&chain.operator_key)?.address();
+    let funds = chain.rpc("eth_getBalance", json!([operator.to_string(), "latest"]))?;
+    chain.rpc("anvil_setBalance", json!([operator.to_string(), "0x0"]))?;
+    let pending = stake_cli(&hub, &key, &["stake", "--amount", "100000", "--nonce", "6"])?;
+    assert_eq!(pending["staked"], 1_600_000, "{pending}");
+    assert!(pending.get("on_chain").is_none(), "{pending}");
+    assert_eq!(vault_stake(&chain, p), (1_500_000, 0));
+    hub.crash_and_restart()?;
+    chain.rpc("anvil_setBalance", json!([operator.to_string(), funds]))?;
+    wait_vault_stake(&chain, &hub, p, (1_600_000, 0), Duration::from_secs(10))?;
+    hub.crash_and_restart()?;
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(vault_stake(&chain, p), (1_600_000, 0));
+
+    // The free balance can still leave; the stake stays in the vault.
+    let recipient = Wallet::random().address();
+    let (status, paid) = hub.withdraw(&provider, recipient, 1_400_000, 7)?;
+    assert_eq!(
+        (status, paid["state"].as_str()),
+        (200, Some("paid")),
+        "{paid}"
+    );
+    assert_eq!(chain.vault_holdings(), 1_600_000);
+    let (status, v) = hub.get("/v1/chain")?;
+    assert_eq!((status, &v["reconciled"]), (200, &json!(true)), "{v}");
+    assert_eq!(v["vault_stake"]["staked"], 1_600_000, "{v}");
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("stake         reconciled"), "{audit}");
+    Ok(())
+}
+
+/// A cheating provider staked through the vault is caught and slashed; the next slash epoch
+/// takes the slash from its stake on-chain. Needs the node's cheats (`--features adversary`).
+#[cfg(feature = "adversary")]
+#[test]
+fn a_slashed_providers_on_chain_stake_is_reduced_in_the_next_slash_epoch() -> Result<()> {
+    let chain = LocalChain::up()?;
+    let mut args = chain.flags();
+    args.extend(
+        [
+            "--confirmations",
+            "0",
+            "--dev",
+            "--verify-probability",
+            "1",
+            "--slash-amount",
+            "500000",
+            "--slash-epoch-secs",
+            "2",
+        ]
+        .map(String::from),
+    );
+    let hub = Hub::start(args)?;
+    let node = |name: &str, wallet: &Wallet, price: &str, extra: &[&str]| -> Result<Proc> {
+        let log = std::fs::File::create(hub.dir.path().join(format!("{name}.log")))?;
+        Ok(Proc(
+            Command::new(BIN)
+                .args(["node", "--hub", &hub.url, "--private-key"])
+                .arg(hex::encode(wallet.signer().to_bytes()))
+                .args(["--price", price, "--capacity", "2", "--threads", "1"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()?,
+        ))
+    };
+    // The cheater's stake is real money: deposited on-chain, staked by a signed order.
+    let cheater = Wallet::random();
+    chain.deposit(cheater.address(), 1_000_000)?;
+    hub.wait_balance(cheater.address(), 1_000_000, Duration::from_secs(10))?;
+    let key = key_file(chain.dir.path(), &cheater)?;
+    stake_cli(
+        &hub,
+        &key,
+        &["stake", "--amount", "1000000", "--nonce", "1"],
+    )?;
+    assert_eq!(vault_stake(&chain, cheater.address()), (1_000_000, 0));
+    let (honest_a, honest_b) = (Wallet::random(), Wallet::random());
+    let _a = node("honest-a", &honest_a, "10", &["--dev-stake"])?;
+    let _b = node("honest-b", &honest_b, "12", &["--dev-stake"])?;
+    // It undercuts the honest providers, so it serves first.
+    let _cheater = node("cheater", &cheater, "5", &["--cheat", "requantized-q4-0"])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, v) = hub.get("/v1/providers")?;
+        let connected = v["providers"].as_array().map_or(0, |p| {
+            p.iter().filter(|p| p["connected"] == json!(true)).count()
+        });
+        if connected == 3 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{connected} of 3 nodes connected"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let agent = Wallet::random();
+    let r = http()
+        .post(format!("{}/v1/dev/faucet", hub.url))
+        .send_json(json!({"address": agent.address(), "amount": 1_000_000}))?;
+    assert_eq!(r.status(), 200);
+    let out = Command::new(BIN)
+        .args(["key", "create", "--hub", &hub.url, "--private-key"])
+        .arg(hex::encode(agent.signer().to_bytes()))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api_key = String::from_utf8(out.stdout)?.trim().to_owned();
+    let mut r = http()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .header("Authorization", &format!("Bearer {api_key}"))
+        .send_json(json!({
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }))?;
+    let served_by = r
+        .headers()
+        .get("x-tessera-provider")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let body: Value = r.body_mut().read_json()?;
+    assert_eq!(
+        served_by.map(|s| s.to_lowercase()),
+        Some(format!("{:#x}", cheater.address())),
+        "{body}"
+    );
+
+    // The verifiers catch it and the ledger slashes half its stake; the vault follows in the
+    // next epoch, and the honest stakes (dev-staked, recorded too) stay whole.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while hub
+        .get(&format!("/v1/accounts/{:#x}", cheater.address()))?
+        .1["staked"]
+        != 500_000
+    {
+        anyhow::ensure!(Instant::now() < deadline, "never slashed:\n{}", hub.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let slashed = Instant::now();
+    wait_vault_stake(
+        &chain,
+        &hub,
+        cheater.address(),
+        (500_000, 0),
+        Duration::from_secs(10),
+    )?;
+    eprintln!(
+        "slash on-chain {:?} after the ledger's (epoch 2 s)",
+        slashed.elapsed()
+    );
+    for honest in [&honest_a, &honest_b] {
+        assert_eq!(vault_stake(&chain, honest.address()), (1_000_000, 0));
+    }
+    assert!(hub.log().contains("slash epoch recorded in the vault"));
+    let (status, v) = hub.get("/v1/chain")?;
+    assert_eq!((status, &v["reconciled"]), (200, &json!(true)), "{v}");
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("stake         reconciled"), "{audit}");
+    Ok(())
+}
+
+#[test]
+fn a_large_withdrawal_waits_its_delay_then_is_paid_once() -> Result<()> {
+    let chain = LocalChain::up()?;
+    let mut args = chain.flags();
+    args.extend(
+        [
+            "--confirmations",
+            "0",
+            "--withdrawal-delay-above",
+            "1000000",
+            "--withdrawal-delay-secs",
+            "15",
+        ]
+        .map(String::from),
+    );
+    let mut hub = Hub::start(args)?;
+    let agent = Wallet::random();
+    chain.deposit(agent.address(), 5_000_000)?;
+    hub.wait_balance(agent.address(), 5_000_000, Duration::from_secs(10))?;
+    let recipient = Wallet::random().address();
+
+    // At the threshold: paid at once.
+    let (status, small) = hub.withdraw(&agent, recipient, 1_000_000, 1)?;
+    assert_eq!(
+        (status, small["state"].as_str()),
+        (200, Some("paid")),
+        "{small}"
+    );
+    // Above it: debited now, visible as delayed, paid only once the delay has passed.
+    let started = Instant::now();
+    let (status, large) = hub.withdraw(&agent, recipient, 2_000_000, 2)?;
+    assert_eq!(
+        (status, large["state"].as_str()),
+        (200, Some("delayed")),
+        "{large}"
+    );
+    assert!(
+        large["pay_after"].as_u64().is_some_and(|t| t >= now() + 13),
+        "{large}"
+    );
+    assert_eq!(hub.balance(agent.address())?, 2_000_000);
+    let id = large["id"].as_str().context("id")?.to_owned();
+    let (status, v) = hub.get(&format!("/v1/withdrawals/{id}"))?;
+    assert_eq!((status, v["state"].as_str()), (200, Some("delayed")), "{v}");
+    let (status, v) = hub.get(&format!("/v1/withdrawals/0x{}", "ab".repeat(32)))?;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("unknown_withdrawal")),
+        "{v}"
+    );
+
+    // A crash during the delay changes nothing: still owed, still waiting.
+    hub.crash_and_restart()?;
+    std::thread::sleep(Duration::from_millis(500));
+    anyhow::ensure!(
+        started.elapsed() < Duration::from_secs(13),
+        "the restart took too long to check the wait"
+    );
+    assert_eq!(
+        chain.token_balance(recipient),
+        1_000_000,
+        "paid before its delay"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while chain.token_balance(recipient) != 3_000_000 {
+        assert!(Instant::now() < deadline, "never paid:\n{}", hub.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(14),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, v) = hub.get(&format!("/v1/withdrawals/{id}"))?;
+    assert_eq!((status, v["state"].as_str()), (200, Some("paid")), "{v}");
+    // The order again replays it as paid; nothing is paid twice.
+    let (status, again) = hub.withdraw(&agent, recipient, 2_000_000, 2)?;
+    assert_eq!(
+        (status, again["state"].as_str()),
+        (200, Some("paid")),
+        "{again}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(chain.token_balance(recipient), 3_000_000);
+    assert_eq!(hub.balance(agent.address())?, 2_000_000);
+    let audit = hub.audit(&chain)?;
+    assert!(audit.contains("reconciled"), "{audit}");
+    Ok(())
+}

@@ -35,6 +35,9 @@ pub struct HubConfig {
     /// Stake a provider must hold to register, in micro-units.
     #[arg(long, env = "TESSERA_HUB_MIN_STAKE", default_value_t = 1_000_000)]
     pub min_stake: u64,
+    /// Seconds unstaked money waits before it can be withdrawn back to the balance.
+    #[arg(long, env = "TESSERA_HUB_UNBONDING_SECS", default_value_t = 7 * 24 * 3600)]
+    pub unbonding_secs: u64,
     /// Protocol fee on captured payments, in basis points.
     #[arg(long, env = "TESSERA_HUB_FEE_BPS", default_value_t = 500)]
     pub fee_bps: u32,
@@ -177,6 +180,7 @@ impl HubConfig {
             slash_amount: 1_000_000,
             min_stake: 1_000_000,
             fee_bps: 500,
+            unbonding_secs: 7 * 24 * 3600,
             dev: true,
             fast_settle: false,
             chain_id: tessera_protocol::DEFAULT_CHAIN_ID,

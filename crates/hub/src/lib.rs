@@ -90,6 +90,7 @@ impl Hub {
         let ledger_config = LedgerConfig {
             dev_mode: config.dev,
             fee_bps: config.fee_bps,
+            unbonding_secs: config.unbonding_secs,
             ..LedgerConfig::default()
         };
         let ledger = Ledger::open(&config.db, ledger_config).await?;

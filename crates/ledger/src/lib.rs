@@ -22,8 +22,8 @@ pub use batch::SettleRequest;
 pub use bench::{bench_settlements, BenchReport};
 pub use error::{Error, Result};
 pub use ops::{
-    Capture, Escrow, Faucet, Hold, Release, Settlement, Slash, Unbonding, CHAIN_DEPOSIT,
-    CHAIN_WITHDRAWAL,
+    Capture, Escrow, Faucet, Hold, Release, Settlement, Slash, StakeEntry, StakeKind, Unbonding,
+    CHAIN_DEPOSIT, CHAIN_WITHDRAWAL,
 };
 pub use store::{connect, Backend, BatchStats, Ledger, LedgerConfig, Receipt, SlashSplit};
 

@@ -76,6 +76,35 @@ pub struct Unbonding {
     pub release_at: u64,
 }
 
+/// What a [`StakeEntry`] did to a provider's stake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StakeKind {
+    /// Balance bonded as stake ([`Ledger::stake`]).
+    Stake,
+    /// Stake started unbonding ([`Ledger::unstake`]).
+    Unstake,
+    /// Matured unbondings returned to the balance ([`Ledger::withdraw`]).
+    Withdraw,
+    /// Stake taken by a slash ([`Ledger::slash`]).
+    Slash,
+}
+
+/// One committed stake movement, from [`Ledger::stake_journal`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StakeEntry {
+    /// The journal transaction's id.
+    pub tx_id: i64,
+    /// Its idempotency key.
+    pub key: String,
+    /// What it did.
+    pub kind: StakeKind,
+    /// Whose stake.
+    pub provider: Address,
+    /// Micro-units moved.
+    pub amount: u64,
+}
+
 /// Stake taken from a provider that failed verification, and where it went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slash {
@@ -579,6 +608,67 @@ impl Ledger {
         Ok(owed)
     }
 
+    /// The stake movements and slashes committed after transaction `after`, in journal order:
+    /// what the hub records in the vault. Each names its provider and the amount that actually
+    /// moved (a slash of more than was staked moved only the stake).
+    pub async fn stake_journal(&self, after: i64, limit: i64) -> Result<Vec<StakeEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, idem_key, kind, request, result FROM transactions              WHERE id > $1 AND kind IN ('stake', 'unstake', 'withdraw', 'slash') ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let (tx_id, key, kind, request, result): (i64, String, String, String, String) = (
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                    row.try_get(3)?,
+                    row.try_get(4)?,
+                );
+                let corrupt =
+                    |what: &str| Error::Corrupt(format!("{kind} transaction {tx_id}: {what}"));
+                // Every stake operation's request starts with the provider's account id.
+                let provider = request
+                    .split(':')
+                    .next()
+                    .and_then(|p| p.parse::<Address>().ok())
+                    .ok_or_else(|| corrupt("request names no provider"))?;
+                let result: serde_json::Value =
+                    serde_json::from_str(&result).map_err(|_| corrupt("result is not JSON"))?;
+                let (kind, amount) = match kind.as_str() {
+                    "stake" => (StakeKind::Stake, result.as_u64()),
+                    "unstake" => (StakeKind::Unstake, result["amount"].as_u64()),
+                    "withdraw" => (StakeKind::Withdraw, result.as_u64()),
+                    _ => (StakeKind::Slash, result["slashed"].as_u64()),
+                };
+                Ok(StakeEntry {
+                    tx_id,
+                    key,
+                    kind,
+                    provider,
+                    amount: amount.ok_or_else(|| corrupt("result has no amount"))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Micro-units bonded as stake and unbonding, across every provider: what the audit's
+    /// on-chain reconciliation compares with the vault's stake records.
+    pub async fn stake_totals(&self) -> Result<(u64, u64)> {
+        let staked = self
+            .balance(SystemAccount::Stake)
+            .await
+            .or_else(zero_if_unknown)?;
+        let unbonding = self
+            .balance(SystemAccount::Unbonding)
+            .await
+            .or_else(zero_if_unknown)?;
+        Ok((staked, unbonding))
+    }
+
     /// Mints new money; reachable only through [`Faucet`].
     async fn mint(&self, key: &str, to: AccountId, amount: u64) -> Result<Receipt<u64>> {
         self.issue(key, "mint", to, amount).await
@@ -667,6 +757,13 @@ impl Faucet {
         amount: u64,
     ) -> Result<Receipt<u64>> {
         self.ledger.mint(key, to.into(), amount).await
+    }
+}
+
+fn zero_if_unknown(e: Error) -> Result<u64> {
+    match e {
+        Error::UnknownAccount(_) => Ok(0),
+        e => Err(e),
     }
 }
 

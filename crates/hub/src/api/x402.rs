@@ -113,7 +113,12 @@ async fn pay(
     let link = hub.chain.as_ref().ok_or(Refusal::InvalidNetwork)?;
     let offer = link.offer.as_ref().ok_or(Refusal::InvalidNetwork)?;
     let verified = x402::verify(&link.chain, offer, required, payment, now_secs()).await?;
-    let tx = x402::settle(&link.chain, &verified).await?;
+    // The operator key sends one transaction at a time (withdrawals and stake records too): two
+    // at once would read the same account nonce.
+    let tx = {
+        let _sending = link.sending.lock().await;
+        x402::settle(&link.chain, &verified).await?
+    };
     hub.ledger
         .credit_deposit(&verified.ledger_key(), verified.payer, verified.value)
         .await

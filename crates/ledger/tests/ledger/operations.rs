@@ -290,6 +290,7 @@ pub async fn stake(url: String) {
     assert_eq!(ledger.staked(wallet(1)).await.unwrap(), 10_000);
     let unbonding = ledger.unstake("u", wallet(1), 3_000).await.unwrap().value;
     assert_eq!(unbonding.release_at, 1_100);
+    assert_eq!(ledger.stake_totals().await.unwrap(), (7_000, 3_000));
     assert!(matches!(
         ledger.withdraw("w", wallet(1)).await,
         Err(Error::NothingToWithdraw(_))
@@ -335,6 +336,29 @@ pub async fn stake(url: String) {
         5_000
     );
     assert_clean(&ledger).await;
+
+    // The stake journal the hub records in the vault: every movement in order, with the amount
+    // that moved (the second slash asked for 1,000,000 and took the 3,000 staked).
+    use tessera_ledger::StakeKind::{Slash, Stake, Unstake, Withdraw};
+    let journal = ledger.stake_journal(0, 100).await.unwrap();
+    let moves: Vec<_> = journal
+        .iter()
+        .map(|e| (e.kind, e.provider, e.amount, e.key.as_str()))
+        .collect();
+    let w = wallet(1);
+    assert_eq!(
+        moves,
+        [
+            (Stake, w, 10_000, "s"),
+            (Unstake, w, 3_000, "u"),
+            (Withdraw, w, 3_000, "w"),
+            (Slash, w, 4_000, "x"),
+            (Slash, w, 3_000, "y"),
+        ]
+    );
+    let rest = ledger.stake_journal(journal[2].tx_id, 1).await.unwrap();
+    assert_eq!((rest.len(), rest[0].key.as_str()), (1, "x"));
+    assert_eq!(ledger.stake_totals().await.unwrap(), (0, 0));
 }
 
 pub async fn nonces(url: String) {
