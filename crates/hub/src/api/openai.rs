@@ -410,6 +410,21 @@ async fn serve(
             Err(e) => return reject(&hub, e),
         },
     };
+    // A session key spends its owner's balance under the owner's policy.
+    let (agent, grant) = match hub.principal(agent).await {
+        Ok(p) => (p.payer, p.grant),
+        Err(e) => return reject(&hub, e),
+    };
+    let max_price = match &grant {
+        Some(g) => match g
+            .check_model(&hub, &model_key)
+            .and_then(|()| g.price_cap(max_price))
+        {
+            Ok(cap) => Some(cap),
+            Err(e) => return reject(&hub, e),
+        },
+        None => max_price,
+    };
     let _slot = match hub.limits.acquire(
         agent,
         hub.config.max_concurrent_per_agent,
@@ -421,7 +436,10 @@ async fn serve(
             return reject(&hub, e);
         }
     };
-    let admitted = match hub.admit(agent, &model_key, &job, max_price).await {
+    let admitted = match hub
+        .admit_under(agent, &model_key, &job, max_price, grant.as_ref())
+        .await
+    {
         Ok(x) => x,
         Err(e) => return reject(&hub, e),
     };
