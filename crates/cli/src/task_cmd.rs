@@ -402,7 +402,7 @@ pub struct AccountArgs {
 
 /// Runs `tessera account`.
 pub fn run_account(args: AccountArgs) -> anyhow::Result<()> {
-    let address = match (&args.address, &args.wallet) {
+    let who = match (&args.address, &args.wallet) {
         (Some(a), _) => a.clone(),
         (None, Some(path)) => format!(
             "{:#x}",
@@ -410,6 +410,6 @@ pub fn run_account(args: AccountArgs) -> anyhow::Result<()> {
         ),
         (None, None) => bail!("give an address or --wallet"),
     };
-    let account = reader(&args.hub, None).account_of(address(&address)?)?;
+    let account = reader(&args.hub, None).account_of(address(&who)?)?;
     print(&account)
 }

@@ -43,12 +43,11 @@ fn wait_no_holds(hub: &Hub) -> Result<()> {
     Ok(())
 }
 
-fn writing_spec(hub: &Hub) -> String {
+fn writing_spec() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let _ = hub;
     json!({"kind": "writing", "title": "one line", "deadline": now + 600, "worker_bond": 100,
            "review_secs": 600, "acceptance": {"by": "poster"}})
     .to_string()
@@ -126,7 +125,7 @@ fn spending_policies_refuse_every_limit_by_name_and_a_sponsors_budget_holds() ->
     for (limit, result) in refusals {
         assert_eq!(refused_by(result)?, limit);
     }
-    let spec = writing_spec(&hub);
+    let spec = writing_spec();
     let code_spec = spec.replace("\"writing\"", "\"code\"");
     assert_eq!(
         refused_by(session.post_task(&code_spec, 500, 0))?,
@@ -177,17 +176,17 @@ fn spending_policies_refuse_every_limit_by_name_and_a_sponsors_budget_holds() ->
     assert_eq!(revoked["revoked"], true);
     assert_eq!(refused_by(session.chat(&question(4)))?, "revoked");
     assert_eq!(refused_by(session.post_task(&spec, 100, 0))?, "revoked");
-    // Expiry: a key valid for a second.
+    // Expiry: a key valid for two seconds.
     let short_wallet = Wallet::random();
     owner.grant_policy(
         short_wallet.address(),
         &PolicyLimits {
-            valid_for_secs: 1,
+            valid_for_secs: 2,
             ..PolicyLimits::default()
         },
     )?;
     let short = Client::new(&hub.url, &short_wallet)?;
-    std::thread::sleep(Duration::from_millis(2_100));
+    std::thread::sleep(Duration::from_millis(3_100));
     assert_eq!(refused_by(short.chat(&question(4)))?, "validUntil");
     assert_eq!(
         hub.balance(&owner_wallet)?,
@@ -228,6 +227,49 @@ fn spending_policies_refuse_every_limit_by_name_and_a_sponsors_budget_holds() ->
     assert_eq!(hub.balance(&writer_wallet)?, 7_000);
     assert_eq!(sponsored.policy(sponsored_key.address())?.spent_total, paid);
 
+    wait_no_holds(&hub)?;
+    hub.audit()
+}
+
+#[path = "../../../examples/agents/roles.rs"]
+mod roles;
+
+/// The example agents' round (what `examples/agents/run.sh` prints): the curator pays the honest
+/// writer and keeps its row, rejects the junk; the lazy writer disputes, the network re-executes
+/// the reference, and the lazy writer's bond goes to the curator. Every balance is checked to
+/// the micro-unit where it is known (fees are 5 %), and the audit is clean.
+#[test]
+fn example_agents_hire_check_pay_and_the_lazy_writer_loses_its_bond() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 5, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (curator, writer, lazy) = (Wallet::random(), Wallet::random(), Wallet::random());
+    hub.fund(&curator, 100_000)?;
+    hub.fund(&writer, 10_000)?;
+    hub.fund(&lazy, 10_000)?;
+    let round = roles::run_market(&hub.url, &curator, &writer, &lazy, |line| eprintln!("{line}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(round.good.1, "accepted");
+    assert_eq!(round.bad.1, "poster_won");
+    assert_eq!(round.dataset.len(), 1, "{:?}", round.dataset);
+    let fee = |amount: u64| amount * 500 / 10_000;
+    assert_eq!(
+        hub.balance(&writer)?,
+        10_000 - round.writer_inference + roles::BOUNTY - fee(roles::BOUNTY),
+        "the bounty less the fee, the bond back, the inference paid"
+    );
+    assert_eq!(
+        hub.balance(&curator)?,
+        100_000 - roles::BOUNTY - round.curator_checks + roles::WORKER_BOND
+            - fee(roles::WORKER_BOND),
+        "one bounty paid, both poster bonds back, the lazy writer's bond won"
+    );
+    let lazy_after = hub.balance(&lazy)?;
+    assert!(
+        lazy_after < 10_000 - roles::WORKER_BOND && lazy_after > 10_000 - roles::WORKER_BOND - 2_000,
+        "the bond and the re-execution are gone: {lazy_after}"
+    );
     wait_no_holds(&hub)?;
     hub.audit()
 }

@@ -748,14 +748,14 @@ mod tests {
             "revoked"
         );
 
-        // Expiry: a key valid for a second is refused after it.
+        // Expiry: a key valid for two seconds is refused after it.
         let short = Wallet::random();
         let mut p = policy(short.address());
-        p.validUntil = now_secs() + 1;
+        p.validUntil = now_secs() + 2;
         hub.grant_policy(&sign(&hub, &owner, p))
             .await
             .expect("grant");
-        tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
         assert_eq!(
             limit(post(&hub, &short, "writing", 10).await.unwrap_err()),
             "validUntil"
