@@ -28,14 +28,20 @@ fn main() -> Result<(), roles::BoxError> {
     let balance = |w: &Wallet| -> Result<u64, roles::BoxError> {
         Ok(tessera_agent::Client::signer(&hub, w).balance()?)
     };
-    let before: Vec<u64> = agents.iter().map(|a| balance(&a.1)).collect::<Result<_, _>>()?;
+    let before: Vec<u64> = agents
+        .iter()
+        .map(|a| balance(&a.1))
+        .collect::<Result<_, _>>()?;
     let round = roles::run_market(&hub, &agents[0].1, &agents[1].1, &agents[2].1, |line| {
         println!("  {line}")
     })?;
     println!("\nmoney moved:");
     for ((name, wallet, _), before) in agents.iter().zip(before) {
         let after = balance(wallet)?;
-        println!("{name:12} {before:>8} -> {after:>8}  ({:+})", after as i64 - before as i64);
+        println!(
+            "{name:12} {before:>8} -> {after:>8}  ({:+})",
+            after as i64 - before as i64
+        );
     }
     println!("\ndataset ({} rows):", round.dataset.len());
     for row in &round.dataset {

@@ -104,7 +104,11 @@ pub fn write_junk(lazy: &Client, id: &str) -> Result<(), BoxError> {
 
 /// The curator checks a delivery by running the reference itself: accepts a match (keeping the
 /// row), rejects anything else. Returns whether it accepted and what the check cost.
-pub fn review(curator: &Client, id: &str, dataset: &mut Vec<Value>) -> Result<(bool, u64), BoxError> {
+pub fn review(
+    curator: &Client,
+    id: &str,
+    dataset: &mut Vec<Value>,
+) -> Result<(bool, u64), BoxError> {
     let task = curator.task(id)?;
     let expected = curator.chat(&reference_chat(&task)?)?;
     let delivered = task.delivery.clone().unwrap_or_default();
@@ -162,20 +166,36 @@ pub fn run_market(
         round.writer_inference
     ));
     write_junk(&l, &bad.id)?;
-    say(format!("lazy writer claimed {} (bond {WORKER_BOND}) and delivered junk", &bad.id[..10]));
+    say(format!(
+        "lazy writer claimed {} (bond {WORKER_BOND}) and delivered junk",
+        &bad.id[..10]
+    ));
     for id in [&good.id, &bad.id] {
         let (accepted, cost) = review(&c, id, &mut round.dataset)?;
         round.curator_checks += cost;
         say(format!(
             "curator re-ran {} for {cost}: {}",
             &id[..10],
-            if accepted { "it matches, accepted" } else { "junk, rejected" }
+            if accepted {
+                "it matches, accepted"
+            } else {
+                "junk, rejected"
+            }
         ));
     }
     l.dispute(&bad.id)?;
-    say(format!("lazy writer disputed {}; the network re-executes the reference", &bad.id[..10]));
-    round.good = (good.id.clone(), settled(&c, &good.id, Duration::from_secs(60))?);
-    round.bad = (bad.id.clone(), settled(&c, &bad.id, Duration::from_secs(90))?);
+    say(format!(
+        "lazy writer disputed {}; the network re-executes the reference",
+        &bad.id[..10]
+    ));
+    round.good = (
+        good.id.clone(),
+        settled(&c, &good.id, Duration::from_secs(60))?,
+    );
+    round.bad = (
+        bad.id.clone(),
+        settled(&c, &bad.id, Duration::from_secs(90))?,
+    );
     say(format!(
         "{} is {}; {} is {}",
         &good.id[..10],

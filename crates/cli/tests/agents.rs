@@ -248,8 +248,10 @@ fn example_agents_hire_check_pay_and_the_lazy_writer_loses_its_bond() -> Result<
     hub.fund(&curator, 100_000)?;
     hub.fund(&writer, 10_000)?;
     hub.fund(&lazy, 10_000)?;
-    let round = roles::run_market(&hub.url, &curator, &writer, &lazy, |line| eprintln!("{line}"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let round = roles::run_market(&hub.url, &curator, &writer, &lazy, |line| {
+        eprintln!("{line}")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(round.good.1, "accepted");
     assert_eq!(round.bad.1, "poster_won");
     assert_eq!(round.dataset.len(), 1, "{:?}", round.dataset);
@@ -267,7 +269,8 @@ fn example_agents_hire_check_pay_and_the_lazy_writer_loses_its_bond() -> Result<
     );
     let lazy_after = hub.balance(&lazy)?;
     assert!(
-        lazy_after < 10_000 - roles::WORKER_BOND && lazy_after > 10_000 - roles::WORKER_BOND - 2_000,
+        lazy_after < 10_000 - roles::WORKER_BOND
+            && lazy_after > 10_000 - roles::WORKER_BOND - 2_000,
         "the bond and the re-execution are gone: {lazy_after}"
     );
     wait_no_holds(&hub)?;
