@@ -16,6 +16,18 @@ pub enum Error {
         /// The hub's message.
         message: String,
     },
+    /// A session key's spending policy refused the act; `limit` names the limit
+    /// (`perDayCap`, `models`, `revoked`, ...). Nothing was spent.
+    #[error("the spending policy refused (limit {limit}): {message}")]
+    Policy {
+        /// The limit's name, as in the signed `SpendingPolicy`.
+        limit: String,
+        /// The hub's message.
+        message: String,
+    },
+    /// Signing needs a wallet, and this client has none ([`crate::Client::with_key`]).
+    #[error("this client has no wallet to sign with")]
+    NoWallet,
     /// The hub answered with something this SDK does not understand.
     #[error("unexpected answer from the hub: {0}")]
     Decode(String),
@@ -31,7 +43,7 @@ impl Error {
         match self {
             Error::Transport(_) => true,
             Error::Api { status, .. } => *status == 429 || *status >= 500,
-            Error::Decode(_) | Error::Signing(_) => false,
+            Error::Policy { .. } | Error::NoWallet | Error::Decode(_) | Error::Signing(_) => false,
         }
     }
 
@@ -40,6 +52,8 @@ impl Error {
         match self {
             Error::Transport(_) => "transport".into(),
             Error::Api { code, .. } => code.clone(),
+            Error::Policy { limit, .. } => format!("policy:{limit}"),
+            Error::NoWallet => "no_wallet".into(),
             Error::Decode(_) => "decode".into(),
             Error::Signing(_) => "signing".into(),
         }

@@ -1,10 +1,13 @@
 //! The Rust SDK for agents on a Tessera hub, over its public HTTP API only (the same one any
 //! OpenAI client uses): an API key registered by an EIP-712 signature of the wallet, chat
 //! completions with the hub's `tessera` receipt (provider, job, cost, model, seed, commitment,
-//! verification), the balance and the model catalog.
+//! verification), the balance and the model catalog; the task market (post, claim, deliver,
+//! accept, reject, dispute) and spending policies of session keys, each change signed by the
+//! wallet.
 #![deny(missing_docs)]
 
 mod error;
+mod market;
 mod types;
 mod verification;
 
@@ -15,6 +18,8 @@ use sha2::{Digest, Sha256};
 use tessera_protocol::{Address, ApiKeyRegistration, Domain, Wallet};
 
 pub use error::{Error, Result};
+pub use market::{Policy, PolicyLimits, Task, TaskQuery};
+pub use tessera_protocol::TaskAction;
 pub use types::{Account, ChatMessage, ChatRequest, ChatResponse, ModelInfo, Receipt, Usage};
 pub use verification::{JobStatus, ProviderStanding};
 
@@ -37,6 +42,12 @@ fn read_json(mut r: ureq::http::Response<ureq::Body>) -> Result<Value> {
         .map_err(|e| Error::Decode(format!("{e} in a {status} answer: {text:.200}")))?;
     if status != 200 {
         let e = &v["error"];
+        if e["code"] == "policy_violation" {
+            return Err(Error::Policy {
+                limit: e["param"].as_str().unwrap_or("unknown").to_owned(),
+                message: e["message"].as_str().unwrap_or(&text).to_owned(),
+            });
+        }
         return Err(Error::Api {
             status,
             code: e["code"]
@@ -97,9 +108,13 @@ pub fn register_key(
 #[derive(Clone)]
 pub struct Client {
     url: String,
-    key: String,
+    key: Option<String>,
     address: Address,
     http: ureq::Agent,
+    /// Signs task and policy messages.
+    wallet: Option<Wallet>,
+    /// The hub's EIP-712 domain, fetched once.
+    domain: std::sync::Arc<std::sync::OnceLock<Domain>>,
 }
 
 impl Client {
@@ -109,17 +124,59 @@ impl Client {
         let secret: [u8; 24] = rand::random();
         let key = format!("sk-agent-{}", hex::encode(secret));
         register_key(&url, wallet, &key, rand::random(), KEY_VALIDITY)?;
-        Ok(Self::with_key(&url, &key, wallet.address()))
+        Ok(Self {
+            wallet: Some(wallet.clone()),
+            ..Self::with_key(&url, &key, wallet.address())
+        })
     }
 
-    /// Connects with an API key already registered for `address`.
+    /// Connects with an API key already registered for `address` (no wallet: chat and reads
+    /// only).
     pub fn with_key(hub_url: &str, key: &str, address: Address) -> Self {
         Self {
             url: hub_url.trim_end_matches('/').to_owned(),
-            key: key.to_owned(),
+            key: Some(key.to_owned()),
             address,
             http: http(),
+            wallet: None,
+            domain: Default::default(),
         }
+    }
+
+    /// Connects with `wallet` to sign task and policy messages, without registering an API key
+    /// (chat needs [`Client::new`] or [`Client::with_key`]).
+    pub fn signer(hub_url: &str, wallet: &Wallet) -> Self {
+        Self {
+            url: hub_url.trim_end_matches('/').to_owned(),
+            key: None,
+            address: wallet.address(),
+            http: http(),
+            wallet: Some(wallet.clone()),
+            domain: Default::default(),
+        }
+    }
+
+    /// Adds an API key (to read a private task's input as a party, or to chat).
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.key = key;
+        self
+    }
+
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.key {
+            Some(k) => request.header("Authorization", &format!("Bearer {k}")),
+            None => request,
+        }
+    }
+
+    /// The hub's EIP-712 domain (`GET /v1/domain`, fetched once).
+    pub fn domain(&self) -> Result<Domain> {
+        if let Some(d) = self.domain.get() {
+            return Ok(*d);
+        }
+        let d = domain(&self.url)?;
+        let _ = self.domain.set(d);
+        Ok(d)
     }
 
     /// The hub's URL.
@@ -136,9 +193,7 @@ impl Client {
     /// [`Error::Api`]; the hub charges nothing for it.
     pub fn chat(&self, request: &ChatRequest) -> Result<ChatResponse> {
         let r = self
-            .http
-            .post(format!("{}/v1/chat/completions", self.url))
-            .header("Authorization", &format!("Bearer {}", self.key))
+            .authorized(self.http.post(format!("{}/v1/chat/completions", self.url)))
             .send_json(request)?;
         ChatResponse::from_json(read_json(r)?)
     }
@@ -150,6 +205,15 @@ impl Client {
                 .get(format!("{}/v1/accounts/{:#x}", self.url, self.address))
                 .call()?,
         )?)
+    }
+
+    /// Any address's account as the hub shows it (balance, holds, stake, history).
+    pub fn account_of(&self, address: Address) -> Result<Value> {
+        read_json(
+            self.http
+                .get(format!("{}/v1/accounts/{address:#x}", self.url))
+                .call()?,
+        )
     }
 
     /// The wallet's spendable balance in micro-units.

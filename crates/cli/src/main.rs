@@ -69,6 +69,11 @@ enum Command {
         #[command(subcommand)]
         command: task_cmd::TaskCommand,
     },
+    /// Spending policies: delegate a session key to spend the wallet's balance within limits.
+    Policy {
+        #[command(subcommand)]
+        command: task_cmd::PolicyCommand,
+    },
     /// API keys registered by the wallet's signature.
     Key {
         #[command(subcommand)]
@@ -224,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger { command } => block_on(ledger::run(command)),
         Command::Bench { command } => bench::run(command),
         Command::Task { command } => task_cmd::run(command),
+        Command::Policy { command } => task_cmd::run_policy(command),
         Command::Key { command } => task_cmd::run_key(command),
         Command::Account(args) => task_cmd::run_account(args),
         Command::Chain { command } => block_on(chain_cmd::run(command)),

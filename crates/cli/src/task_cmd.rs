@@ -1,18 +1,16 @@
-//! `tessera task`, `tessera key` and `tessera account`: the task market, API keys and balances
-//! through a hub's HTTP API, signed with the agent's wallet.
+//! `tessera task`, `tessera policy`, `tessera key` and `tessera account`: the task market,
+//! spending policies, API keys and balances through the agent SDK ([`tessera_agent`]), signed with
+//! the agent's wallet.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use tessera_protocol::{
-    TaskAction, TaskClaim, TaskDecision, TaskDelivery, TaskFeedback, TaskPosting, TypedMessage,
-    Wallet, B256,
-};
+use tessera_agent::{Client, PolicyLimits, Task, TaskAction, TaskQuery};
+use tessera_protocol::{Address, Wallet};
 
-use crate::client::{domain, http, register_key};
+use crate::client::register_key;
 
 /// Where the hub is and who signs.
 #[derive(clap::Args, Clone)]
@@ -154,75 +152,42 @@ pub struct Decision {
     id: String,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
-fn sha(bytes: &[u8]) -> B256 {
-    <[u8; 32]>::from(Sha256::digest(bytes)).into()
-}
-
-fn task_id(id: &str) -> anyhow::Result<B256> {
-    id.parse()
-        .with_context(|| format!("`{id}` is not a task id"))
-}
-
-/// A fresh nonce and a near expiry for a message signed now.
-pub fn fresh() -> (u64, u64) {
-    (rand::random::<u64>() >> 1, now() + 300)
-}
-
-fn sign<T: TypedMessage>(agent: &AgentArgs, message: T) -> anyhow::Result<Value> {
-    let wallet = agent.wallet()?;
-    Ok(serde_json::to_value(
-        wallet.sign(message, domain(&agent.hub)?)?,
-    )?)
-}
-
-fn call(method: &str, url: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-    let agent = http();
-    let mut response = match (method, body) {
-        ("GET", _) => agent.get(url).call()?,
-        (_, Some(b)) => agent.post(url).send_json(b)?,
-        _ => agent.post(url).send_empty()?,
-    };
-    let status = response.status();
-    let value: Value = response.body_mut().read_json().unwrap_or(Value::Null);
-    if status != 200 {
-        let message = value["error"]["message"].as_str().unwrap_or("no message");
-        bail!("the hub refused ({status}): {message}");
-    }
-    Ok(value)
-}
-
-fn print(v: &Value) -> anyhow::Result<()> {
+fn print(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
+fn address(text: &str) -> anyhow::Result<Address> {
+    text.parse()
+        .with_context(|| format!("`{text}` is not an address"))
+}
+
+/// A fresh nonce and a near expiry for a message signed now.
+pub fn fresh() -> (u64, u64) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    (rand::random::<u64>() >> 1, now + 300)
+}
+
+impl AgentArgs {
+    fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::signer(&self.hub, &self.wallet()?))
+    }
+}
+
+/// A client that only reads (no wallet, optionally a party's API key).
+fn reader(hub: &str, key: Option<String>) -> Client {
+    Client::with_key(hub, "", Address::ZERO).with_api_key(key)
+}
+
 /// Runs a `tessera task` command.
 pub fn run(command: TaskCommand) -> anyhow::Result<()> {
-    let decide = |d: &Decision, action: TaskAction| -> anyhow::Result<Value> {
-        let (nonce, expiry) = fresh();
-        let signed = sign(
-            &d.agent,
-            TaskDecision {
-                taskId: task_id(&d.id)?,
-                action: action as u8,
-                nonce,
-                expiry,
-            },
-        )?;
-        call(
-            "POST",
-            &format!("{}/v1/tasks/{}/decide", d.agent.hub, d.id),
-            Some(&signed),
-        )
+    let decide = |d: &Decision, action: TaskAction| -> anyhow::Result<Task> {
+        Ok(d.agent.client()?.decide(&d.id, action)?)
     };
-    let out = match command {
+    let task = match command {
         TaskCommand::Post {
             agent,
             spec,
@@ -234,22 +199,7 @@ pub fn run(command: TaskCommand) -> anyhow::Result<()> {
             // The hub checks the spec too; a local parse names the line of a typo.
             let _: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", spec.display()))?;
-            let (nonce, expiry) = fresh();
-            let posting = sign(
-                &agent,
-                TaskPosting {
-                    taskHash: sha(text.as_bytes()),
-                    reward: bounty,
-                    bond,
-                    nonce,
-                    expiry,
-                },
-            )?;
-            call(
-                "POST",
-                &format!("{}/v1/tasks", agent.hub),
-                Some(&json!({"spec": text, "posting": posting})),
-            )?
+            agent.client()?.post_task(&text, bounty, bond)?
         }
         TaskCommand::List {
             hub,
@@ -257,52 +207,17 @@ pub fn run(command: TaskCommand) -> anyhow::Result<()> {
             kind,
             min_bounty,
         } => {
-            let mut query = Vec::new();
-            if let Some(s) = state {
-                query.push(format!("state={s}"));
-            }
-            if let Some(k) = kind {
-                query.push(format!("kind={k}"));
-            }
-            if let Some(b) = min_bounty {
-                query.push(format!("min_bounty={b}"));
-            }
-            call("GET", &format!("{hub}/v1/tasks?{}", query.join("&")), None)?
+            let query = TaskQuery {
+                state,
+                kind,
+                min_bounty,
+                party: None,
+            };
+            let tasks = reader(&hub, None).tasks(&query)?;
+            return print(&json!({"object": "list", "data": tasks}));
         }
-        TaskCommand::Show { hub, id, key } => {
-            let url = format!("{hub}/v1/tasks/{id}");
-            let mut request = http().get(&url);
-            if let Some(k) = key {
-                request = request.header("authorization", &format!("Bearer {k}"));
-            }
-            let mut response = request.call()?;
-            let value: Value = response.body_mut().read_json()?;
-            if response.status() != 200 {
-                bail!("the hub refused: {}", value["error"]["message"]);
-            }
-            value
-        }
-        TaskCommand::Claim { agent, id } => {
-            let task = call("GET", &format!("{}/v1/tasks/{id}", agent.hub), None)?;
-            let bond = task["spec"]["worker_bond"]
-                .as_u64()
-                .context("the task names no worker bond")?;
-            let (nonce, expiry) = fresh();
-            let signed = sign(
-                &agent,
-                TaskClaim {
-                    taskId: task_id(&id)?,
-                    bond,
-                    nonce,
-                    expiry,
-                },
-            )?;
-            call(
-                "POST",
-                &format!("{}/v1/tasks/{id}/claim", agent.hub),
-                Some(&signed),
-            )?
-        }
+        TaskCommand::Show { hub, id, key } => reader(&hub, key).task(&id)?,
+        TaskCommand::Claim { agent, id } => agent.client()?.claim(&id)?,
         TaskCommand::Deliver {
             agent,
             id,
@@ -315,21 +230,7 @@ pub fn run(command: TaskCommand) -> anyhow::Result<()> {
                     .with_context(|| format!("reading {}", f.display()))?,
                 (None, None) => bail!("give --text or --file"),
             };
-            let (nonce, expiry) = fresh();
-            let signed = sign(
-                &agent,
-                TaskDelivery {
-                    taskId: task_id(&id)?,
-                    deliveryHash: sha(delivery.as_bytes()),
-                    nonce,
-                    expiry,
-                },
-            )?;
-            call(
-                "POST",
-                &format!("{}/v1/tasks/{id}/deliver", agent.hub),
-                Some(&json!({"delivery": delivery, "signed": signed})),
-            )?
+            agent.client()?.deliver(&id, &delivery)?
         }
         TaskCommand::Accept(d) => decide(&d, TaskAction::Accept)?,
         TaskCommand::Reject(d) => decide(&d, TaskAction::Reject)?,
@@ -340,38 +241,108 @@ pub fn run(command: TaskCommand) -> anyhow::Result<()> {
             id,
             score,
             tag,
-        } => {
-            let (nonce, expiry) = fresh();
-            let signed = sign(
-                &agent,
-                TaskFeedback {
-                    taskId: task_id(&id)?,
-                    score,
-                    tag,
-                    nonce,
-                    expiry,
-                },
-            )?;
-            call(
-                "POST",
-                &format!("{}/v1/tasks/{id}/feedback", agent.hub),
-                Some(&signed),
-            )?
-        }
+        } => return print(&agent.client()?.feedback(&id, score, &tag)?),
         TaskCommand::Reputation {
             hub,
-            address,
+            address: agent,
             author,
         } => {
-            let filter = author.map(|a| format!("?author={a}")).unwrap_or_default();
-            call(
-                "GET",
-                &format!("{hub}/v1/agents/{address}/reputation{filter}"),
-                None,
-            )?
+            let author = author.as_deref().map(address).transpose()?;
+            return print(&reader(&hub, None).reputation(address(&agent)?, author)?);
         }
     };
-    print(&out)
+    print(&task)
+}
+
+/// `tessera policy ...`
+#[derive(clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Delegate a session key to spend this wallet's balance within limits (a later grant to
+    /// the same key replaces it). Limits left out are unlimited.
+    Grant {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The session key's address.
+        session: String,
+        /// Most micro-units per generated token.
+        #[arg(long)]
+        max_price: Option<u64>,
+        /// Most micro-units one request may hold.
+        #[arg(long)]
+        per_request: Option<u64>,
+        /// Most micro-units per UTC day, cumulatively.
+        #[arg(long)]
+        per_day: Option<u64>,
+        /// Most micro-units over the policy's life (a sponsor's budget).
+        #[arg(long)]
+        total: Option<u64>,
+        /// Allowed models (repeat or comma-separate; none: any).
+        #[arg(long, value_delimiter = ',')]
+        model: Vec<String>,
+        /// Allowed providers (none: any).
+        #[arg(long, value_delimiter = ',')]
+        provider: Vec<String>,
+        /// Allowed task kinds (none: any).
+        #[arg(long, value_delimiter = ',')]
+        task_kind: Vec<String>,
+        /// How long the key may act, in hours.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+    },
+    /// Show a session key's policy and what it has spent.
+    Show {
+        /// The hub's base URL.
+        #[arg(long, env = "TESSERA_HUB", default_value = "http://127.0.0.1:8080")]
+        hub: String,
+        /// The session key's address.
+        session: String,
+    },
+    /// Revoke a session key this wallet granted.
+    Revoke {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The session key's address.
+        session: String,
+    },
+}
+
+/// Runs a `tessera policy` command.
+pub fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
+    let policy = match command {
+        PolicyCommand::Grant {
+            agent,
+            session,
+            max_price,
+            per_request,
+            per_day,
+            total,
+            model,
+            provider,
+            task_kind,
+            hours,
+        } => {
+            let unlimited = u64::MAX;
+            let limits = PolicyLimits {
+                max_price_per_token: max_price.unwrap_or(unlimited),
+                per_request_cap: per_request.unwrap_or(unlimited),
+                per_day_cap: per_day.unwrap_or(unlimited),
+                total_cap: total.unwrap_or(unlimited),
+                models: model,
+                providers: provider
+                    .iter()
+                    .map(|p| address(p))
+                    .collect::<anyhow::Result<_>>()?,
+                task_kinds: task_kind,
+                valid_for_secs: hours * 3600,
+            };
+            agent.client()?.grant_policy(address(&session)?, &limits)?
+        }
+        PolicyCommand::Show { hub, session } => reader(&hub, None).policy(address(&session)?)?,
+        PolicyCommand::Revoke { agent, session } => {
+            agent.client()?.revoke_policy(address(&session)?)?
+        }
+    };
+    print(&policy)
 }
 
 /// `tessera key ...`
@@ -431,7 +402,7 @@ pub struct AccountArgs {
 
 /// Runs `tessera account`.
 pub fn run_account(args: AccountArgs) -> anyhow::Result<()> {
-    let address = match (&args.address, &args.wallet) {
+    let who = match (&args.address, &args.wallet) {
         (Some(a), _) => a.clone(),
         (None, Some(path)) => format!(
             "{:#x}",
@@ -439,6 +410,6 @@ pub fn run_account(args: AccountArgs) -> anyhow::Result<()> {
         ),
         (None, None) => bail!("give an address or --wallet"),
     };
-    let account = call("GET", &format!("{}/v1/accounts/{address}", args.hub), None)?;
+    let account = reader(&args.hub, None).account_of(address(&who)?)?;
     print(&account)
 }

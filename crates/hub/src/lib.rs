@@ -19,6 +19,7 @@ pub mod connect;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 pub mod store;
 pub mod tasks;
@@ -74,6 +75,8 @@ pub struct Hub {
     pub limits: Arc<api::limits::Limits>,
     /// The task market's tables.
     pub tasks: tasks::TaskStore,
+    /// Spending policies of session keys.
+    pub policies: policy::PolicyStore,
     /// The chain holding the vault, when `--rpc` is set.
     pub chain: Option<chain::ChainLink>,
     api_keys: RwLock<HashMap<[u8; 32], (Address, u64, Instant)>>,
@@ -96,6 +99,7 @@ impl Hub {
         let ledger = Ledger::open(&config.db, ledger_config).await?;
         let store = store::Store::open(&config.db).await?;
         let task_store = tasks::TaskStore::open(store.pool()).await?;
+        let policies = policy::PolicyStore::open(store.pool()).await?;
         let registry = registry::Registry::default();
         for (address, record) in store.records().await? {
             registry.update(address, |r| *r = record);
@@ -123,6 +127,7 @@ impl Hub {
             canaries: Default::default(),
             limits: Default::default(),
             tasks: task_store,
+            policies,
             chain,
             api_keys: RwLock::default(),
             reservations: Default::default(),

@@ -667,7 +667,9 @@ impl Hub {
                 "The bounty must be positive.",
             ));
         }
-        let poster = self.check_signed(posting)?;
+        let signer = self.check_signed(posting)?;
+        let principal = self.principal(signer).await?;
+        let poster = principal.payer;
         let total = m
             .reward
             .checked_add(m.bond)
@@ -678,9 +680,38 @@ impl Hub {
                 "Posting holds the bounty and bond ({total}); the balance is {available}."
             )));
         }
-        let poster = self.spend_nonce(posting).await?;
+        let reservation = match &principal.grant {
+            Some(g) => {
+                g.check_kind(&spec.kind)?;
+                g.check_request(total, "Posting (bounty + bond)")?;
+                Some(self.policies.reserve(g, total).await?)
+            }
+            None => None,
+        };
+        let posted = self
+            .hold_posting(posting, signer, poster, spec, spec_text, now)
+            .await;
+        if let (Err(_), Some(r)) = (&posted, &reservation) {
+            self.policies.settle(r, 0).await;
+        }
+        posted
+    }
+
+    /// The money half of [`Hub::post_task`], once every check passed.
+    async fn hold_posting(
+        self: &Arc<Self>,
+        posting: &Signed<TaskPosting>,
+        signer: Address,
+        poster: Address,
+        spec: TaskSpec,
+        spec_text: &str,
+        now: u64,
+    ) -> Result<Task, ApiError> {
+        let m = &posting.message;
+        let total = m.reward + m.bond;
+        self.spend_nonce(posting).await?;
         let task = Task {
-            id: task_id(poster, &m.taskHash, m.nonce),
+            id: task_id(signer, &m.taskHash, m.nonce),
             poster,
             worker: None,
             spec_text: spec_text.to_owned(),
@@ -760,7 +791,9 @@ impl Hub {
         if id_bytes(id) != Some(claim.message.taskId) {
             return Err(ApiError::bad_signature("The claim names another task."));
         }
-        let worker = self.check_signed(claim)?;
+        let signer = self.check_signed(claim)?;
+        let principal = self.principal(signer).await?;
+        let worker = principal.payer;
         if worker == task.poster {
             return Err(ApiError::forbidden("A poster cannot claim its own task."));
         }
@@ -786,7 +819,30 @@ impl Hub {
                 task.spec.worker_bond
             )));
         }
-        let worker = self.spend_nonce(claim).await?;
+        let reservation = match &principal.grant {
+            Some(g) => {
+                g.check_kind(&task.spec.kind)?;
+                g.check_request(task.spec.worker_bond, "Claiming (the bond)")?;
+                Some(self.policies.reserve(g, task.spec.worker_bond).await?)
+            }
+            None => None,
+        };
+        let claimed = self.hold_claim(id, &task, claim, worker).await;
+        if let (Err(_), Some(r)) = (&claimed, &reservation) {
+            self.policies.settle(r, 0).await;
+        }
+        claimed
+    }
+
+    /// The money half of [`Hub::claim_task`], once every check passed.
+    async fn hold_claim(
+        self: &Arc<Self>,
+        id: &str,
+        task: &Task,
+        claim: &Signed<TaskClaim>,
+        worker: Address,
+    ) -> Result<Task, ApiError> {
+        self.spend_nonce(claim).await?;
         let set = Set {
             worker: Some(worker),
             ..Set::default()
@@ -857,6 +913,7 @@ impl Hub {
             ));
         }
         let signer = self.check_signed(delivery)?;
+        let signer = self.principal(signer).await?.payer;
         if Some(signer) != task.worker {
             return Err(ApiError::forbidden(
                 "Only the worker who claimed the task may deliver.",
@@ -916,6 +973,7 @@ impl Hub {
             .task_action()
             .map_err(|e| ApiError::invalid_param("action", e.to_string()))?;
         let signer = self.check_signed(decision)?;
+        let signer = self.principal(signer).await?.payer;
         let (from, to, who) = match action {
             TaskAction::Accept => (TaskState::Delivered, TaskState::Accepted, task.poster),
             TaskAction::Reject => (TaskState::Delivered, TaskState::Rejected, task.poster),
@@ -991,6 +1049,7 @@ impl Hub {
             ));
         }
         let author = self.check_signed(feedback)?;
+        let author = self.principal(author).await?.payer;
         let Some(worker) = task.worker else {
             return Err(conflict("Nobody worked on this task."));
         };

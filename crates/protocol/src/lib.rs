@@ -14,9 +14,9 @@ mod wallet;
 pub use alloy_primitives::{Address, B256};
 pub use error::{Error, Result};
 pub use messages::{
-    ApiKeyRegistration, ApiKeyRevocation, InferenceRequest, ProviderRegistration, StakeAction,
-    StakeOrder, TaskAction, TaskClaim, TaskDecision, TaskDelivery, TaskFeedback, TaskPosting,
-    TypedMessage, WithdrawalOrder,
+    ApiKeyRegistration, ApiKeyRevocation, InferenceRequest, PolicyRevocation, ProviderRegistration,
+    SpendingPolicy, StakeAction, StakeOrder, TaskAction, TaskClaim, TaskDecision, TaskDelivery,
+    TaskFeedback, TaskPosting, TypedMessage, WithdrawalOrder,
 };
 pub use signed::{
     Domain, MemoryNonceStore, NonceStore, Signed, Verifier, DEFAULT_CHAIN_ID,

@@ -133,6 +133,49 @@ sol! {
         uint64 expiry;
     }
 
+    /// An owner delegates a session key (another address) to spend its balance within limits
+    /// (after ERC-7715 permissions and session keys). The hub enforces every limit on inference,
+    /// task posting and claiming. A session key acts only for its owner, and a later grant to
+    /// the same session replaces the earlier one.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct SpendingPolicy {
+        /// The delegated address.
+        address session;
+        /// Most micro-units per generated token an inference may pay.
+        uint64 maxPricePerToken;
+        /// Most micro-units one request may hold: an inference's maximum cost, a posting's
+        /// bounty plus bond, a claim's bond.
+        uint64 perRequestCap;
+        /// Most micro-units held per UTC day, counted cumulatively (inference at its charged
+        /// cost, postings and claims at what they hold).
+        uint64 perDayCap;
+        /// Most micro-units over the policy's life (a sponsor's budget).
+        uint64 totalCap;
+        /// Model names or sha256s it may use; empty: any.
+        string[] models;
+        /// Providers it may be served by; empty: any.
+        address[] providers;
+        /// Task kinds it may post or claim; empty: any.
+        string[] taskKinds;
+        /// Unix seconds after which the session key may no longer act.
+        uint64 validUntil;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the grant is void.
+        uint64 expiry;
+    }
+
+    /// An owner revokes the policy of a session key it granted.
+    #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+    struct PolicyRevocation {
+        /// The delegated address.
+        address session;
+        /// Consumed once per signer and message type.
+        uint64 nonce;
+        /// Unix seconds after which the revocation is void.
+        uint64 expiry;
+    }
+
     /// A provider announces a model it serves, its price and its capacity.
     #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
     struct ProviderRegistration {
@@ -193,7 +236,9 @@ typed_message!(
     TaskDecision,
     TaskFeedback,
     ProviderRegistration,
-    WithdrawalOrder
+    WithdrawalOrder,
+    SpendingPolicy,
+    PolicyRevocation
 );
 
 /// What a [`StakeOrder`] asks for.

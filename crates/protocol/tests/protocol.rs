@@ -5,6 +5,7 @@ use tessera_protocol::{
     ProviderRegistration, Signed, StakeAction, StakeOrder, TaskAction, TaskClaim, TaskDecision,
     TaskDelivery, TaskFeedback, TaskPosting, TypedMessage, Verifier, Wallet, WithdrawalOrder, B256,
 };
+use tessera_protocol::{PolicyRevocation, SpendingPolicy};
 
 const NOW: u64 = 1_700_000_000;
 
@@ -80,6 +81,28 @@ fn task_feedback() -> TaskFeedback {
         expiry: NOW + 60,
     }
 }
+fn spending_policy() -> SpendingPolicy {
+    SpendingPolicy {
+        session: Address::repeat_byte(9),
+        maxPricePerToken: 10,
+        perRequestCap: 5_000,
+        perDayCap: 20_000,
+        totalCap: 100_000,
+        models: vec!["smollm2-135m".into()],
+        providers: vec![Address::repeat_byte(3)],
+        taskKinds: vec!["writing".into()],
+        validUntil: NOW + 3600,
+        nonce: 9,
+        expiry: NOW + 60,
+    }
+}
+fn policy_revocation() -> PolicyRevocation {
+    PolicyRevocation {
+        session: Address::repeat_byte(9),
+        nonce: 10,
+        expiry: NOW + 60,
+    }
+}
 fn provider_registration() -> ProviderRegistration {
     ProviderRegistration {
         model: hash(6),
@@ -150,6 +173,8 @@ per_type! {
     task_delivery: crate::task_delivery(), |m| m.deliveryHash = hash(8);
     task_decision: crate::task_decision(), |m| m.action = TaskAction::Accept as u8;
     task_feedback: crate::task_feedback(), |m| m.tag = "speed".into();
+    spending_policy: crate::spending_policy(), |m| m.models.push("other".into());
+    policy_revocation: crate::policy_revocation(), |m| m.session = Address::repeat_byte(8);
     provider_registration: crate::provider_registration(), |m| m.capacity += 1;
     withdrawal_order: crate::withdrawal_order(), |m| m.to = Address::repeat_byte(8);
 }

@@ -1,6 +1,6 @@
 //! The hub's HTTP API: the OpenAI-compatible endpoints ([`openai`]), payment and API keys
 //! ([`auth`]), accounts, providers and metrics ([`accounts`]), per-wallet limits ([`limits`]), the
-//! task market ([`tasks`]).
+//! task market ([`tasks`]), spending policies of session keys ([`policies`]).
 //! Every error, the router's own 404, 405 and 413 included, is in OpenAI's error shape.
 
 pub mod accounts;
@@ -9,6 +9,7 @@ pub mod chain;
 pub mod dashboard;
 pub mod limits;
 pub mod openai;
+pub mod policies;
 pub mod tasks;
 pub mod x402;
 
@@ -46,6 +47,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/metrics", get(accounts::metrics_text))
         .merge(tasks::routes())
         .merge(dashboard::routes())
+        .merge(policies::routes())
         .merge(chain::routes())
         .merge(x402::routes())
         .fallback(|| async {

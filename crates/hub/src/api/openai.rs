@@ -549,6 +549,21 @@ async fn serve(
             Err(e) => return reject(&hub, e),
         },
     };
+    // A session key spends its owner's balance under the owner's policy.
+    let (agent, grant) = match hub.principal(agent).await {
+        Ok(p) => (p.payer, p.grant),
+        Err(e) => return reject(&hub, e),
+    };
+    let max_price = match &grant {
+        Some(g) => match g
+            .check_model(&hub, &model_key)
+            .and_then(|()| g.price_cap(max_price))
+        {
+            Ok(cap) => Some(cap),
+            Err(e) => return reject(&hub, e),
+        },
+        None => max_price,
+    };
     let _slot = match hub.limits.acquire(
         agent,
         hub.config.max_concurrent_per_agent,
@@ -568,7 +583,10 @@ async fn serve(
     // refused whole, with nothing moved.
     let mut admitted = Vec::with_capacity(jobs.len());
     for job in &jobs {
-        match hub.admit_tier(agent, &model_key, job, max_price, tier).await {
+        match hub
+            .admit_under(agent, &model_key, job, max_price, grant.as_ref(), tier)
+            .await
+        {
             Ok(a) => {
                 if let Some(user) = &common.user {
                     // What the agent says the job is for (a synthetic-data run), for the dashboard.

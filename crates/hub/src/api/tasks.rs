@@ -43,7 +43,9 @@ async fn viewer(hub: &Hub, headers: &HeaderMap) -> Option<Address> {
         .ok()?
         .strip_prefix("Bearer ")?
         .trim();
-    hub.agent_for_key(key).await
+    let agent = hub.agent_for_key(key).await?;
+    // A session key reads what its owner may.
+    hub.principal(agent).await.ok().map(|p| p.payer)
 }
 
 fn answer(result: Result<crate::tasks::Task, ApiError>, viewer: Option<Address>) -> Response {

@@ -66,6 +66,8 @@ pub struct Hold {
     pub held: u64,
     /// Its tier (the price it pays).
     pub tier: Tier,
+    /// What a session key's spending policy counts for it, settled with the job.
+    pub policy: Option<crate::policy::Reservation>,
 }
 
 /// An admitted job: its escrow is held until the ticket is settled, or refunded when the ticket
@@ -155,7 +157,7 @@ impl Hub {
         request: &JobRequest,
         max_price: Option<u64>,
     ) -> Result<Admitted, ApiError> {
-        self.admit_tier(agent, model, request, max_price, Tier::Interactive)
+        self.admit_under(agent, model, request, max_price, None, Tier::Interactive)
             .await
     }
 
@@ -166,6 +168,21 @@ impl Hub {
         model: &str,
         request: &JobRequest,
         max_price: Option<u64>,
+        tier: Tier,
+    ) -> Result<Admitted, ApiError> {
+        self.admit_under(agent, model, request, max_price, None, tier)
+            .await
+    }
+
+    /// [`Hub::admit_tier`] for a session key's `grant`: only its providers, and its
+    /// per-request, per-day and total caps counted before anything is held.
+    pub async fn admit_under(
+        self: &Arc<Self>,
+        agent: Address,
+        model: &str,
+        request: &JobRequest,
+        max_price: Option<u64>,
+        grant: Option<&crate::policy::Grant>,
         tier: Tier,
     ) -> Result<Admitted, ApiError> {
         let Some(entry) = self.config.catalog.lookup(model) else {
@@ -211,6 +228,19 @@ impl Hub {
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             candidates = free(self);
+        }
+        if let Some(g) = grant {
+            let before = candidates.len();
+            candidates.retain(|c| g.allows_provider(c.address));
+            if before > 0 && candidates.is_empty() {
+                return Err(crate::policy::breach(
+                    "providers",
+                    format!(
+                        "The spending policy allows only the providers {:?}, and none of them serves `{model}` now.",
+                        g.policy.providers
+                    ),
+                ));
+            }
         }
         let messages = request.messages.len().max(1);
         let prompt_bound =
@@ -288,7 +318,22 @@ impl Hub {
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let escrow_id = self.hold_escrow(&key, agent, held).await?;
+        let reservation = match grant {
+            Some(g) => {
+                g.check_request(held, "This request's maximum cost")?;
+                Some(self.policies.reserve(g, held).await?)
+            }
+            None => None,
+        };
+        let escrow_id = match self.hold_escrow(&key, agent, held).await {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(r) = &reservation {
+                    self.policies.settle(r, 0).await;
+                }
+                return Err(e);
+            }
+        };
         let ticket = Ticket {
             hub: self.clone(),
             hold: Some(Hold {
@@ -297,6 +342,7 @@ impl Hub {
                 escrow_id,
                 held,
                 tier,
+                policy: reservation,
             }),
             started: Instant::now(),
         };
@@ -390,6 +436,9 @@ impl Hub {
 
     /// Returns a hold in full.
     pub async fn refund(&self, hold: &Hold) {
+        if let Some(r) = &hold.policy {
+            self.policies.settle(r, 0).await;
+        }
         let Some(escrow_id) = hold.escrow_id else {
             return self.unreserve(hold);
         };

@@ -80,6 +80,10 @@ impl Hub {
             )
             .unwrap_or(u64::MAX)
             .min(hold_ref.held);
+        // A session key's policy counts what was charged, not the maximum held at admission.
+        if let Some(r) = hold_ref.policy.take() {
+            self.policies.settle(&r, cost).await;
+        }
         self.metrics
             .completion_tokens
             .fetch_add(completion, std::sync::atomic::Ordering::Relaxed);
