@@ -198,7 +198,9 @@ fn bench_verify(
             .map(|t| {
                 let mut spec = t.spec(&verifier);
                 match k {
-                    0 => spec.sampling.grammar = Some(tessera_engine::sampling::Grammar::JsonObject),
+                    0 => {
+                        spec.sampling.grammar = Some(tessera_engine::sampling::Grammar::JsonObject)
+                    }
                     1 => {
                         spec.sampling.frequency_penalty = 0.8;
                         spec.sampling.presence_penalty = 0.4;

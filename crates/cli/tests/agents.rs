@@ -274,5 +274,65 @@ fn example_agents_hire_check_pay_and_the_lazy_writer_loses_its_bond() -> Result<
         "the bond and the re-execution are gone: {lazy_after}"
     );
     wait_no_holds(&hub)?;
+
+    // Acceptance by a judge model: one verified inference on a provider that is neither party,
+    // paid by the poster, decides the delivery; an unknown judge model is refused at posting.
+    let poster = Client::new(&hub.url, &curator)?;
+    let worker = Client::new(&hub.url, &writer)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let judged_spec = |model: &str| {
+        json!({"kind": "writing", "title": "a sentence about the sea", "deadline": now + 600,
+               "worker_bond": 100, "review_secs": 600,
+               "acceptance": {"by": "judge", "model": model,
+                              "rubric": "The delivery is one English sentence about the sea."}})
+        .to_string()
+    };
+    let before = hub.balance(&curator)?;
+    match poster.post_task(&judged_spec("no-such-model"), 500, 0) {
+        Err(Error::Api {
+            status: 400,
+            message,
+            ..
+        }) => {
+            assert!(message.contains("no-such-model"), "{message}")
+        }
+        other => bail!("an unknown judge model was not refused: {other:?}"),
+    }
+    assert_eq!(
+        hub.balance(&curator)?,
+        before,
+        "a refused posting moved money"
+    );
+    let task = poster.post_task(&judged_spec("smollm2-135m"), 500, 0)?;
+    worker.claim(&task.id)?;
+    worker.deliver(&task.id, "The sea is wide, deep and blue.")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let decided = loop {
+        let t = poster.task(&task.id)?;
+        if t.settled {
+            break t;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the judge never decided: {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        ["accepted", "refused"].contains(&decided.state.as_str()),
+        "{decided:?}"
+    );
+    let outcome = decided.outcome.clone().unwrap_or_default();
+    eprintln!("judged task: {} ({outcome})", decided.state);
+    assert!(
+        outcome.starts_with("judged ") && outcome.contains(&format!("{:#x}", provider.address())),
+        "decided by the judge on the independent provider: {outcome}"
+    );
+    assert!(
+        hub.balance(&curator)? < before,
+        "the poster paid the judge (and the bounty if it passed)"
+    );
+    wait_no_holds(&hub)?;
     hub.audit()
 }

@@ -868,6 +868,49 @@ fn bad_x402_payments_are_refused_with_x402_errors_and_move_no_money() -> Result<
         ),
         "{v}"
     );
+    // A keyed request whose account cannot cover it is told how to pay (402, not 429), and
+    // paying with the same wallet serves it.
+    let keyed = Wallet::random();
+    mint(&chain, keyed.address(), 5_000_000)?;
+    let out = Command::new(BIN)
+        .args(["key", "create", "--hub", &hub.url, "--private-key"])
+        .arg(hex::encode(keyed.signer().to_bytes()))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api_key = String::from_utf8(out.stdout)?.trim().to_owned();
+    let keyed_post = |payment: Option<String>| -> Result<(u16, ureq::http::HeaderMap, Value)> {
+        let mut request = http()
+            .post(format!("{}/v1/chat/completions", hub.url))
+            .header("Authorization", &format!("Bearer {api_key}"));
+        if let Some(p) = payment {
+            request = request.header("PAYMENT-SIGNATURE", p);
+        }
+        let mut r = request.send_json(&body)?;
+        let headers = r.headers().clone();
+        Ok((r.status().as_u16(), headers, r.body_mut().read_json()?))
+    };
+    let (status, headers, v) = keyed_post(None)?;
+    assert_eq!(status, 402, "{v}");
+    let required: PaymentRequired = decode_header(&headers, "payment-required")?;
+    assert!(
+        required.error.starts_with("insufficient_funds"),
+        "{}",
+        required.error
+    );
+    let keyed_req = required.accepts[0].clone();
+    let keyed_amount: u64 = keyed_req.amount.parse()?;
+    let paid = x402::sign_payment(keyed.signer(), &keyed_req, keyed_amount, valid, nonce(40))?;
+    let (status, _, v) = keyed_post(Some(header(&paid)))?;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        hub.balance(keyed.address())? < keyed_amount,
+        "the job was paid from the payment"
+    );
+
     let audit = hub.audit(&chain)?;
     assert!(audit.contains("reconciled"), "{audit}");
     Ok(())

@@ -2138,7 +2138,10 @@ fn issue_12_logprobs_through_the_openai_client_are_verified() -> Result<()> {
     let started = Instant::now();
     let report = run_openai_script(&hub, &key, "logprobs.py", &[])?;
     eprintln!("logprobs: {report} in {:?}", started.elapsed());
-    assert!(report["positions"].as_u64().is_some_and(|n| n >= 20), "{report}");
+    assert!(
+        report["positions"].as_u64().is_some_and(|n| n >= 20),
+        "{report}"
+    );
     // Six jobs with logprobs ran; each is checked by the other provider.
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -2162,7 +2165,11 @@ fn issue_12_logprobs_through_the_openai_client_are_verified() -> Result<()> {
     let (status, _, b) = hub.chat(&key, &body)?;
     assert_eq!(status, 400, "{b}");
     assert_eq!(b["error"]["param"], "top_logprobs", "{b}");
-    assert_eq!(hub.account(&agent)?.0, before, "a refused request moves no money");
+    assert_eq!(
+        hub.account(&agent)?.0,
+        before,
+        "a refused request moves no money"
+    );
     hub.audit()
 }
 
@@ -2198,7 +2205,11 @@ fn issue_12_a_provider_faking_logprobs_fails_verification() -> Result<()> {
         "the cheaper provider serves first"
     );
     let first = &answer["choices"][0]["logprobs"]["content"][0];
-    assert_eq!(first["logprob"], json!(-0.01), "the invented value: {first}");
+    assert_eq!(
+        first["logprob"],
+        json!(-0.01),
+        "the invented value: {first}"
+    );
     let deadline = Instant::now() + Duration::from_secs(150);
     while hub.provider(&cheater)?["quarantined"] != json!(true) {
         if Instant::now() > deadline {
@@ -2286,6 +2297,9 @@ fn issue_12_the_responses_api_through_the_openai_client() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(hub.account(&agent)?.0 < 1_000_000, "the answers were paid for");
+    assert!(
+        hub.account(&agent)?.0 < 1_000_000,
+        "the answers were paid for"
+    );
     hub.audit()
 }

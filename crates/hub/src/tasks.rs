@@ -85,6 +85,70 @@ pub enum Acceptance {
         /// The schema the delivery (JSON text) must satisfy.
         schema: Value,
     },
+    /// A judge model on the network decides, by the rubric: one verified inference on a
+    /// provider that is neither party, paid by the poster, whose answer (constrained to
+    /// `{"verdict": "pass" | "fail"}`) accepts or refuses the delivery.
+    Judge {
+        /// A model name or sha256 the hub serves.
+        model: String,
+        /// What a delivery must do to pass.
+        rubric: String,
+    },
+}
+
+/// The most bytes of a judge's rubric.
+pub const MAX_RUBRIC_BYTES: usize = 8 * 1024;
+
+/// The judge's answer must follow this schema (constrained decoding): nothing else to parse.
+const JUDGE_SCHEMA: &str = r#"{"type":"object","properties":{"verdict":{"type":"string","enum":["pass","fail"]}},"required":["verdict"],"additionalProperties":false}"#;
+
+/// The judge's job for `delivery` under `rubric`: greedy, seeded by the task, its output
+/// constrained to the verdict object.
+fn judge_request(task_id: &str, rubric: &str, delivery: &str) -> JobRequest {
+    use tessera_types::{Grammar, Message, Role, SamplingParams};
+    let seed = u64::from_le_bytes(
+        Sha256::digest(task_id.as_bytes())[..8]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    JobRequest {
+        messages: vec![
+            Message::new(
+                Role::System,
+                "You are a strict judge. Read the rubric and the delivery, then answer with the JSON object {\"verdict\": \"pass\"} if the delivery meets the rubric, or {\"verdict\": \"fail\"} if it does not.",
+            ),
+            Message::new(
+                Role::User,
+                format!("Rubric:\n{rubric}\n\nDelivery:\n{delivery}"),
+            ),
+        ],
+        prompt: None,
+        max_tokens: 24,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed,
+            grammar: Some(Grammar::JsonSchema {
+                schema: JUDGE_SCHEMA.to_owned(),
+            }),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+        },
+        stop: Vec::new(),
+        logprobs: None,
+    }
+}
+
+/// The verdict in a judge's answer: `Some(true)` pass, `Some(false)` fail, `None` unreadable.
+fn judge_verdict(answer: &str) -> Option<bool> {
+    let v: Value = serde_json::from_str(answer.trim()).ok()?;
+    match v["verdict"].as_str()? {
+        "pass" => Some(true),
+        "fail" => Some(false),
+        _ => None,
+    }
 }
 
 /// An inference on the network whose output is the expected delivery.
@@ -565,6 +629,20 @@ fn check_spec(spec: &TaskSpec, hub: &Hub, now: u64) -> Result<(), ApiError> {
             )
         })?;
     }
+    if let Acceptance::Judge { model, rubric } = &spec.acceptance {
+        if hub.config.catalog.lookup(model).is_none() {
+            return Err(ApiError::invalid_param(
+                "spec.acceptance.model",
+                format!("The hub serves no model `{model}`."),
+            ));
+        }
+        if rubric.trim().is_empty() || rubric.len() > MAX_RUBRIC_BYTES {
+            return Err(ApiError::invalid_param(
+                "spec.acceptance.rubric",
+                format!("The rubric must be 1 to {MAX_RUBRIC_BYTES} bytes."),
+            ));
+        }
+    }
     if let Some(r) = &spec.reference {
         if hub.config.catalog.lookup(&r.model).is_none() {
             return Err(ApiError::invalid_param(
@@ -955,7 +1033,60 @@ impl Hub {
             self.move_task(id, TaskState::Delivered, to, set).await?;
             self.settle_task(id).await;
         }
+        if let Acceptance::Judge { .. } = &task.spec.acceptance {
+            let (hub, id) = (self.clone(), id.to_owned());
+            tokio::spawn(async move { hub.judge_task(&id).await });
+        }
         self.task_or_404(id).await
+    }
+
+    /// Has the task's judge model decide its delivery. A judge that cannot run (the poster
+    /// cannot pay it, no independent provider, a broken answer) decides nothing: the review
+    /// window then lapses and silence accepts, as with a poster who does not answer.
+    async fn judge_task(self: &Arc<Self>, id: &str) {
+        let Ok(Some(task)) = self.tasks.get(id).await else {
+            return;
+        };
+        let (Acceptance::Judge { model, rubric }, Some(worker), TaskState::Delivered) =
+            (&task.spec.acceptance, task.worker, task.state)
+        else {
+            return;
+        };
+        let delivery = task.delivery.clone().unwrap_or_default();
+        let request = judge_request(id, rubric, &delivery);
+        let judged = match self
+            .rerun(model, &request, task.poster, &[task.poster, worker])
+            .await
+        {
+            Ok(judged) => judged,
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e.message, "the judge could not run; the review window decides");
+                return;
+            }
+        };
+        let Some(pass) = judge_verdict(&judged.text) else {
+            tracing::warn!(task = %id, answer = %judged.text, "the judge's answer is unreadable; the review window decides");
+            return;
+        };
+        let (to, verdict) = if pass {
+            (TaskState::Accepted, "pass")
+        } else {
+            (TaskState::Refused, "fail")
+        };
+        let set = Set {
+            outcome: Some(format!(
+                "judged {verdict} by {model} on {:#x} (job {})",
+                judged.provider, judged.job
+            )),
+            ..Set::default()
+        };
+        match self.move_task(id, TaskState::Delivered, to, set).await {
+            Ok(true) => self.settle_task(id).await,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(task = %id, error = %e.message, "recording the judge's verdict failed")
+            }
+        }
     }
 
     /// Applies a party's decision: accept, reject, cancel (the poster) or dispute (the worker).

@@ -17,8 +17,8 @@ use half::f16;
 use serde::{Deserialize, Serialize};
 use tessera_types::logprobs::logprobs_disagree;
 use tessera_types::sampling::{self, TokenMask};
-use tessera_types::TokenLogprobs;
 pub use tessera_types::Reason;
+use tessera_types::TokenLogprobs;
 
 use crate::commitment::{
     hash_stop, hash_tokens, position_values, Commitment, Finish, JobSpec, VALUES_PER_POSITION,
@@ -608,6 +608,9 @@ mod tests {
         let mut short = honest;
         short.pop();
         let v = check(&spec, &with(short), &c, &logits, VOCAB, &[], &t);
-        assert!(matches!(v.reason, Some(Reason::LogprobsMismatch { .. })), "{v:?}");
+        assert!(
+            matches!(v.reason, Some(Reason::LogprobsMismatch { .. })),
+            "{v:?}"
+        );
     }
 }

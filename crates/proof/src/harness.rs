@@ -166,7 +166,11 @@ pub fn serve_with_logits(engine: &Engine, specs: &[JobSpec]) -> Result<Vec<Serve
 
 /// The log-probabilities an honest provider reports for a served job (`top` alternatives per
 /// token), from the logits it generated with.
-pub fn logprobs_of(job: &Job, logits: &[Vec<f32>], top: usize) -> Vec<tessera_types::TokenLogprobs> {
+pub fn logprobs_of(
+    job: &Job,
+    logits: &[Vec<f32>],
+    top: usize,
+) -> Vec<tessera_types::TokenLogprobs> {
     let tokens = &job.claim.output_tokens;
     tokens
         .iter()

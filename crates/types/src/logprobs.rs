@@ -93,7 +93,9 @@ pub fn logprobs_disagree(
     let floor = recomputed.top.last().map_or(f32::NEG_INFINITY, |(_, v)| *v);
     for (i, &(id, v)) in reported.top.iter().enumerate() {
         if id as usize >= row.len() {
-            return Some(format!("alternative {i} is token {id}, outside the vocabulary"));
+            return Some(format!(
+                "alternative {i} is token {id}, outside the vocabulary"
+            ));
         }
         if i > 0 && v > reported.top[i - 1].1 {
             return Some("the alternatives are not sorted".into());
@@ -108,14 +110,18 @@ pub fn logprobs_disagree(
             ));
         }
         if actual < floor - slack {
-            return Some(format!("token {id} is reported among the most likely, but is not"));
+            return Some(format!(
+                "token {id} is reported among the most likely, but is not"
+            ));
         }
     }
     None
 }
 
 fn logits_value(row: &[f32], token: u32) -> f32 {
-    row.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY)
+    row.get(token as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY)
 }
 
 #[cfg(test)]
@@ -163,7 +169,10 @@ mod tests {
             .min_by(|a, b| logits[*a as usize].total_cmp(&logits[*b as usize]))
             .unwrap();
         let mut fake = honest.clone();
-        fake.top[4] = (outsider, honest.logprob + logits[outsider as usize] - logits[7]);
+        fake.top[4] = (
+            outsider,
+            honest.logprob + logits[outsider as usize] - logits[7],
+        );
         fake.top.sort_by(|a, b| b.1.total_cmp(&a.1));
         assert!(check(&fake).is_some(), "an outsider");
         let mut fake = honest;

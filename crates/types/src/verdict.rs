@@ -137,7 +137,10 @@ impl std::fmt::Display for Reason {
             }
             Reason::FalseFinish { detail } => write!(f, "false finish reason: {detail}"),
             Reason::LogprobsMismatch { index, detail } => {
-                write!(f, "the logprobs reported for output token {index} are not the model's: {detail}")
+                write!(
+                    f,
+                    "the logprobs reported for output token {index} are not the model's: {detail}"
+                )
             }
             Reason::GrammarViolation { index } => write!(
                 f,

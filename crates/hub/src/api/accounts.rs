@@ -73,29 +73,30 @@ pub async fn job(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Respons
         Ok(s) => s,
         Err(e) => return ApiError::internal(e).into_response(),
     };
-    let (verification, provider, refunded, compensation) =
-        match standing {
-            None => return ApiError::status(
+    let (verification, provider, refunded, compensation) = match standing {
+        None => {
+            return ApiError::status(
                 axum::http::StatusCode::NOT_FOUND,
                 "job_not_found",
                 format!(
                     "No job `{id}` was sampled for verification: its receipt's status is final."
                 ),
             )
-            .into_response(),
-            Some(JobStanding::Pending { provider, .. }) => ("pending", provider, false, 0),
-            Some(JobStanding::Decided {
-                provider,
-                verdict,
-                compensation,
-                ..
-            }) => (
-                verdict.as_str(),
-                Some(provider),
-                verdict == JobVerdict::Failed,
-                compensation,
-            ),
-        };
+            .into_response()
+        }
+        Some(JobStanding::Pending { provider, .. }) => ("pending", provider, false, 0),
+        Some(JobStanding::Decided {
+            provider,
+            verdict,
+            compensation,
+            ..
+        }) => (
+            verdict.as_str(),
+            Some(provider),
+            verdict == JobVerdict::Failed,
+            compensation,
+        ),
+    };
     let quarantined = provider.is_some_and(|p| hub.registry.quarantined(p));
     Json(json!({"id": id, "object": "tessera.job", "verification": verification, "refunded": refunded,
                 "compensation": compensation, "provider": provider, "provider_quarantined": quarantined}))

@@ -211,7 +211,10 @@ impl Common {
                     .and_then(|k| u8::try_from(k).ok())
                     .map(Some)
                     .ok_or_else(|| {
-                        ApiError::invalid_param("logprobs", "logprobs must be an integer from 0 to 5.")
+                        ApiError::invalid_param(
+                            "logprobs",
+                            "logprobs must be an integer from 0 to 5.",
+                        )
                     }),
             },
         }
@@ -332,7 +335,9 @@ pub async fn chat(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) 
     };
     let prepared = (|| {
         let request: ChatRequest = parse(&body, Kind::Chat, hub.config.max_n)?;
-        let job = request.common.job(Kind::Chat, messages(request.messages)?, None, 256)?;
+        let job = request
+            .common
+            .job(Kind::Chat, messages(request.messages)?, None, 256)?;
         let n = request.common.n.unwrap_or(1);
         Ok::<_, ApiError>((request.common, choices(job, n)))
     })();
@@ -360,14 +365,14 @@ pub async fn completions(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: 
                 ))
             }
         };
-        let job = request.common.job(Kind::Completion, Vec::new(), Some(prompt), 16)?;
+        let job = request
+            .common
+            .job(Kind::Completion, Vec::new(), Some(prompt), 16)?;
         let n = request.common.n.unwrap_or(1);
         Ok::<_, ApiError>((request.common, choices(job, n)))
     })();
     match prepared {
-        Ok((common, jobs)) => {
-            serve(hub, Kind::Completion, agent, &body, common, jobs, None).await
-        }
+        Ok((common, jobs)) => serve(hub, Kind::Completion, agent, &body, common, jobs, None).await,
         Err(e) => reject(&hub, e),
     }
 }
@@ -669,10 +674,8 @@ async fn serve(
         }
         return (headers, stream(hub, running, frame, include_usage, _slot)).into_response();
     }
-    let outcomes = futures_util::future::join_all(
-        running.iter_mut().map(|r| r.drive(|_, _, _| true)),
-    )
-    .await;
+    let outcomes =
+        futures_util::future::join_all(running.iter_mut().map(|r| r.drive(|_, _, _| true))).await;
     if let Some(broken) = outcomes
         .iter()
         .find(|o| !matches!(o.end, End::Finished(_)))
@@ -722,14 +725,24 @@ async fn serve(
         prompt += outcome.billed_prompt_tokens;
         completion += outcome.tokens.len() as u64;
         cost += charge.cost;
-        extensions.push(extension(address, price, &key, &charge, &outcome.commitment));
+        extensions.push(extension(
+            address,
+            price,
+            &key,
+            &charge,
+            &outcome.commitment,
+        ));
     }
     if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
         headers.insert("x-tessera-cost", v);
     }
     if let Some(echo) = &frame.response {
         let item = responses::message_item(&format!("msg-{}", frame.id), &outcomes[0].text, true);
-        let status = if incomplete { "incomplete" } else { "completed" };
+        let status = if incomplete {
+            "incomplete"
+        } else {
+            "completed"
+        };
         let mut body = echo.object(status, vec![item], responses::usage(prompt, completion));
         body["tessera"] = combined(extensions, cost);
         return (headers, Json(body)).into_response();
@@ -853,7 +866,10 @@ async fn stream_choice(
         event("response.created", json!({"response": object}));
         event("response.in_progress", json!({"response": object}));
         let item = responses::message_item(&item_id, "", false);
-        event("response.output_item.added", json!({"output_index": 0, "item": item}));
+        event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": item}),
+        );
         event("response.content_part.added", at(json!({"part": part("")})));
     } else if frame.kind == Kind::Chat {
         send(frame.chunk(Some(""), None, true));
@@ -868,7 +884,10 @@ async fn stream_choice(
                 return true;
             }
             if frame.response.is_some() {
-                return event("response.output_text.delta", at(json!({"delta": text, "logprobs": []})));
+                return event(
+                    "response.output_text.delta",
+                    at(json!({"delta": text, "logprobs": []})),
+                );
             }
             let mut chunk = frame.chunk(Some(text), None, false);
             if asked {
@@ -886,15 +905,35 @@ async fn stream_choice(
     let finished = match (&outcome.end, &frame.response) {
         (End::Finished(finish), Some(echo)) => {
             let text = outcome.text.as_str();
-            event("response.output_text.done", at(json!({"text": text, "logprobs": []})));
-            event("response.content_part.done", at(json!({"part": part(text)})));
+            event(
+                "response.output_text.done",
+                at(json!({"text": text, "logprobs": []})),
+            );
+            event(
+                "response.content_part.done",
+                at(json!({"part": part(text)})),
+            );
             let item = responses::message_item(&item_id, text, true);
-            event("response.output_item.done", json!({"output_index": 0, "item": item.clone()}));
-            let status = if *finish == Finish::Length { "incomplete" } else { "completed" };
+            event(
+                "response.output_item.done",
+                json!({"output_index": 0, "item": item.clone()}),
+            );
+            let status = if *finish == Finish::Length {
+                "incomplete"
+            } else {
+                "completed"
+            };
             let usage = responses::usage(outcome.billed_prompt_tokens, completion);
             let mut object = echo.object(status, vec![item], usage);
             object["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
-            event(if status == "completed" { "response.completed" } else { "response.incomplete" }, json!({"response": object}));
+            event(
+                if status == "completed" {
+                    "response.completed"
+                } else {
+                    "response.incomplete"
+                },
+                json!({"response": object}),
+            );
             true
         }
         (End::Finished(finish), None) => {

@@ -1,6 +1,7 @@
 //! x402 pay-per-request (<https://github.com/coinbase/x402>, v2; v1's `X-PAYMENT` accepted).
 //!
-//! A chat or completion request with no API key and no signature gets HTTP 402 with the
+//! A chat or completion request with no API key and no signature, or one whose account cannot
+//! cover its maximum cost (instead of OpenAI's 429 `insufficient_quota`), gets HTTP 402 with the
 //! payment requirements in `PAYMENT-REQUIRED` (and the body): the `exact` scheme on this hub's
 //! chain (`eip155:<chain id>`), the vault's stablecoin, the vault as `payTo`, and the request's
 //! maximum cost (its `max_tokens` and prompt bytes at `max_price`, else the default price cap).
@@ -158,9 +159,6 @@ pub async fn pay_per_request(
         .map(str::to_owned);
     let authenticated =
         headers.contains_key(header::AUTHORIZATION) || headers.contains_key(SIGNATURE_HEADER);
-    if payment_header.is_none() && authenticated {
-        return next.run(request).await;
-    }
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -179,6 +177,30 @@ pub async fn pay_per_request(
             .into_response()
         }
     };
+    if payment_header.is_none() && authenticated {
+        // A keyed (or signed) request is served from its account; one its balance cannot cover
+        // is told how to pay for it instead: 402 with the requirements, not a bare 429.
+        let amount = max_cost(&hub, &path, &body);
+        let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+        let Some(amount) = amount.filter(|_| response.status() == StatusCode::TOO_MANY_REQUESTS)
+        else {
+            return response;
+        };
+        let (head, answer) = response.into_parts();
+        let answer = axum::body::to_bytes(answer, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let out_of_balance = serde_json::from_slice::<Value>(&answer)
+            .is_ok_and(|v| v["error"]["code"] == "insufficient_quota");
+        if !out_of_balance {
+            return Response::from_parts(head, Body::from(answer));
+        }
+        return payment_required(
+            offer.requirements(amount),
+            url,
+            "insufficient_funds: the account's balance cannot cover this request; pay for it with PAYMENT-SIGNATURE".into(),
+        );
+    }
     let Some(amount) = max_cost(&hub, &path, &body) else {
         // Not a request whose cost can be bounded: the handler explains what is wrong with it.
         return next.run(Request::from_parts(parts, Body::from(body))).await;

@@ -252,8 +252,7 @@ impl Echo {
     /// The response object: `status` `in_progress`, `completed` or `incomplete` (the token budget
     /// ran out), with its output items and usage once known.
     pub fn object(&self, status: &str, output: Vec<Value>, usage: Value) -> Value {
-        let incomplete =
-            (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
+        let incomplete = (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
         json!({"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
                "error": null, "incomplete_details": incomplete, "instructions": self.instructions,
                "max_output_tokens": self.max_output_tokens, "model": self.model, "output": output,
@@ -309,7 +308,8 @@ mod tests {
         assert_eq!(e.code, "unknown_parameter");
         let e = chat(json!({"model": "m", "input": 3})).unwrap_err();
         assert_eq!(e.param, Some("input"));
-        let e = chat(json!({"model": "m", "input": [{"type": "function_call_output"}]})).unwrap_err();
+        let e =
+            chat(json!({"model": "m", "input": [{"type": "function_call_output"}]})).unwrap_err();
         assert_eq!(e.param, Some("input"));
     }
 }
