@@ -168,3 +168,66 @@ fn wallet_keystore_and_ledger_audit() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `tessera demo` as a user runs it: its report shows the cheater caught, slashed and
+/// quarantined, the honest providers paid, the synthetic dataset written and the audit clean.
+#[test]
+fn demo_runs_end_to_end_and_its_report_checks_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir_text = dir.path().to_string_lossy().into_owned();
+    let out = tessera(
+        &[
+            "demo",
+            "--requests",
+            "3",
+            "--max-tokens",
+            "16",
+            "--rows",
+            "2",
+            "--dir",
+            &dir_text,
+        ],
+        &[],
+    );
+    let report = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("dashboard  http://"), "{report}");
+    let row = |name: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(name) && l.split_whitespace().count() >= 8)
+            .unwrap_or_else(|| panic!("no report row for {name}:\n{report}"))
+            .to_owned()
+    };
+    let cheater = row("cheater");
+    assert!(cheater.contains("QUARANTINED"), "{cheater}");
+    let slashed: u64 = cheater
+        .split_whitespace()
+        .nth(5)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(slashed > 0, "the cheater was slashed: {cheater}");
+    let paid: u64 = ["honest-a", "honest-b"]
+        .iter()
+        .map(|n| {
+            row(n)
+                .split_whitespace()
+                .nth(6)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(paid > 0, "the honest providers were paid:\n{report}");
+    assert!(report.contains("2 rows in"), "{report}");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dataset/manifest.json")).expect("manifest"),
+    )
+    .expect("manifest json");
+    assert_eq!(manifest["rows"], 2);
+    assert!(dir.path().join("dataset/data.parquet").exists());
+    assert!(report.contains("ledger audit: clean"), "{report}");
+}
