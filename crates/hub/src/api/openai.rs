@@ -165,20 +165,9 @@ fn parse<T: serde::de::DeserializeOwned>(
     kind: Kind,
     max_n: u32,
 ) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid(
-            "invalid_json",
-            format!("We could not parse the JSON body of your request: {e}"),
-        )
-    })?;
-    let Some(fields) = value.as_object() else {
-        return Err(ApiError::invalid(
-            "invalid_request",
-            "The request body must be a JSON object.",
-        ));
-    };
-    params::check(fields, kind, max_n)?;
-    serde_json::from_value(value)
+    let fields = json_object(body)?;
+    params::check(&fields, kind, max_n)?;
+    serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::invalid("invalid_request", format!("Invalid request: {e}")))
 }
 
@@ -388,18 +377,7 @@ pub async fn create_response(
         Err(e) => return reject(&hub, e),
     };
     let prepared = (|| {
-        let value: Value = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::invalid(
-                "invalid_json",
-                format!("We could not parse the JSON body of your request: {e}"),
-            )
-        })?;
-        let Some(fields) = value.as_object() else {
-            return Err(ApiError::invalid(
-                "invalid_request",
-                "The request body must be a JSON object.",
-            ));
-        };
+        let fields = &json_object(&body)?;
         let chat = Bytes::from(responses::to_chat(fields)?.to_string());
         let request: ChatRequest = parse(&chat, Kind::Chat, 1)?;
         let job = request
@@ -488,6 +466,23 @@ impl Frame {
             }
             Kind::Completion => logprobs::completion(vocab, tokens, lps, offset),
         }
+    }
+}
+
+/// The request body as a JSON object, or OpenAI's error for a body that is not one.
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(
+            "invalid_json",
+            format!("We could not parse the JSON body of your request: {e}"),
+        )
+    })?;
+    match value {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::invalid(
+            "invalid_request",
+            "The request body must be a JSON object.",
+        )),
     }
 }
 

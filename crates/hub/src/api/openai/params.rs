@@ -22,7 +22,7 @@ pub const MAX_COMPLETION_LOGPROBS: u64 = 5;
 
 /// What this hub does with a parameter.
 #[derive(Debug, Clone, Copy)]
-enum Treatment {
+pub(super) enum Treatment {
     /// Read by the typed request and honoured.
     Honoured,
     /// Changes nothing here; accepted and not used.
@@ -35,7 +35,7 @@ enum Treatment {
 
 use Treatment::{Harmless, Honoured, NeutralOnly, Unsupported};
 
-fn is_false(v: &Value) -> bool {
+pub(super) fn is_false(v: &Value) -> bool {
     v == &Value::Bool(false)
 }
 

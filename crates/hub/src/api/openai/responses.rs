@@ -13,24 +13,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 
-/// What this hub does with a Responses API parameter.
-#[derive(Clone, Copy)]
-enum Treatment {
-    /// Translated into the chat request.
-    Honoured,
-    /// Changes nothing here.
-    Harmless,
-    /// Accepted only at its neutral value.
-    NeutralOnly(fn(&Value) -> bool),
-    /// Refused whatever its value (null aside).
-    Unsupported,
-}
-
+use super::params::{is_false, Treatment};
 use Treatment::{Harmless, Honoured, NeutralOnly, Unsupported};
-
-fn is_false(v: &Value) -> bool {
-    v == &Value::Bool(false)
-}
 
 fn is_empty(v: &Value) -> bool {
     v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(Map::is_empty)
