@@ -12,7 +12,7 @@ use tessera_protocol::{Address, Wallet};
 mod support {
     pub mod network;
 }
-use support::network::{start_hub, Hub};
+use support::network::start_hub;
 
 fn question(max_tokens: u32) -> ChatRequest {
     ChatRequest {
@@ -30,17 +30,6 @@ fn refused_by<T: std::fmt::Debug>(result: tessera_agent::Result<T>) -> Result<St
         Err(Error::Policy { limit, .. }) => Ok(limit),
         other => bail!("expected a policy refusal, got {other:?}"),
     }
-}
-
-fn wait_no_holds(hub: &Hub) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while hub.holds()? != (0, 0) {
-        if std::time::Instant::now() > deadline {
-            bail!("holds still open: {:?}", hub.holds()?);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
 }
 
 fn writing_spec() -> String {
@@ -97,7 +86,7 @@ fn spending_policies_refuse_every_limit_by_name_and_a_sponsors_budget_holds() ->
     let mut charged = answer.receipt.cost;
     assert_eq!(hub.balance(&owner_wallet)?, 100_000 - charged);
     assert_eq!(hub.balance(&session_wallet)?, 0);
-    wait_no_holds(&hub)?;
+    hub.wait_no_holds(Duration::from_secs(15))?;
     let shown = hub.cli(None, &["policy", "show", &session_hex])?;
     assert_eq!(
         shown["spent_today"], charged,
@@ -227,7 +216,7 @@ fn spending_policies_refuse_every_limit_by_name_and_a_sponsors_budget_holds() ->
     assert_eq!(hub.balance(&writer_wallet)?, 7_000);
     assert_eq!(sponsored.policy(sponsored_key.address())?.spent_total, paid);
 
-    wait_no_holds(&hub)?;
+    hub.wait_no_holds(Duration::from_secs(15))?;
     hub.audit()
 }
 
@@ -273,7 +262,7 @@ fn example_agents_hire_check_pay_and_the_lazy_writer_loses_its_bond() -> Result<
             && lazy_after > 10_000 - roles::WORKER_BOND - 2_000,
         "the bond and the re-execution are gone: {lazy_after}"
     );
-    wait_no_holds(&hub)?;
+    hub.wait_no_holds(Duration::from_secs(15))?;
 
     // Acceptance by a judge model: one verified inference on a provider that is neither party,
     // paid by the poster, decides the delivery; an unknown judge model is refused at posting.
@@ -333,6 +322,6 @@ fn example_agents_hire_check_pay_and_the_lazy_writer_loses_its_bond() -> Result<
         hub.balance(&curator)? < before,
         "the poster paid the judge (and the bounty if it passed)"
     );
-    wait_no_holds(&hub)?;
+    hub.wait_no_holds(Duration::from_secs(15))?;
     hub.audit()
 }

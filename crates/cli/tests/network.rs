@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -12,273 +12,10 @@ use sha2::{Digest, Sha256};
 use tessera_protocol::{ApiKeyRegistration, Domain, Wallet};
 
 mod support {
+    pub mod network;
     pub mod python;
 }
-
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
-
-/// A child process killed on drop, so a failing test leaves nothing running.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Hub {
-    proc: Proc,
-    args: Vec<String>,
-    url: String,
-    db: String,
-    _dir: tempfile::TempDir,
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(180)))
-        .build()
-        .into()
-}
-
-fn log_file(dir: &Path, name: &str) -> Stdio {
-    Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file"))
-}
-
-/// A hub for tests of one provider: `--allow-unverified` lets it schedule a provider that no
-/// other could verify. Trust tests use [`start_strict_hub`].
-fn start_hub(args: &[&str]) -> Result<Hub> {
-    let mut all = vec!["--allow-unverified"];
-    all.extend_from_slice(args);
-    start_strict_hub(&all)
-}
-
-/// A hub with the production rule: a provider is scheduled only if another could verify it.
-fn start_strict_hub(args: &[&str]) -> Result<Hub> {
-    let dir = tempfile::tempdir()?;
-    let db = format!("sqlite://{}", dir.path().join("hub.db").display());
-    let (proc, url) = spawn_hub(dir.path(), &db, "127.0.0.1:0", args)?;
-    Ok(Hub {
-        proc,
-        args: args.iter().map(|s| s.to_string()).collect(),
-        url,
-        db,
-        _dir: dir,
-    })
-}
-
-/// Starts a hub process and waits for it to announce its address.
-fn spawn_hub(dir: &Path, db: &str, listen: &str, args: &[&str]) -> Result<(Proc, String)> {
-    let addr_file = dir.join("addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let child = Command::new(BIN)
-        .args([
-            "hub",
-            "--db",
-            db,
-            "--listen",
-            listen,
-            "--dev",
-            "--addr-file",
-        ])
-        .arg(&addr_file)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(log_file(dir, &format!("hub-{}", listen.replace(':', "_"))))
-        .spawn()?;
-    let proc = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-            break addr;
-        }
-        if Instant::now() > deadline {
-            bail!("the hub did not announce its address");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Ok((proc, format!("http://{}", addr.trim())))
-}
-
-impl Hub {
-    fn dir(&self) -> &Path {
-        self._dir.path()
-    }
-
-    /// Kills the hub (SIGKILL: no shutdown) and starts it again on the same address and database.
-    fn crash_and_restart(&mut self) -> Result<()> {
-        self.proc.0.kill()?;
-        self.proc.0.wait()?;
-        let listen = self.url.trim_start_matches("http://").to_owned();
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let (proc, url) = spawn_hub(self._dir.path(), &self.db, &listen, &args)?;
-        assert_eq!(url, self.url);
-        self.proc = proc;
-        Ok(())
-    }
-
-    fn node(&self, name: &str, wallet: &Wallet, price: u64, extra: &[&str]) -> Result<Proc> {
-        let key = hex::encode(wallet.signer().to_bytes());
-        let child = Command::new(BIN)
-            .args([
-                "node",
-                "--hub",
-                &self.url,
-                "--private-key",
-                &key,
-                "--price",
-                &price.to_string(),
-                "--capacity",
-                "2",
-                "--threads",
-                "1",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log_file(self.dir(), name))
-            .spawn()?;
-        Ok(Proc(child))
-    }
-
-    fn get(&self, path: &str) -> Result<Value> {
-        Ok(http()
-            .get(format!("{}{path}", self.url))
-            .call()?
-            .body_mut()
-            .read_json()?)
-    }
-
-    fn providers(&self) -> Result<Vec<Value>> {
-        Ok(self.get("/v1/providers")?["providers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
-    }
-
-    fn provider(&self, wallet: &Wallet) -> Result<Value> {
-        let me = format!("{:#x}", wallet.address());
-        self.providers()?
-            .into_iter()
-            .find(|p| {
-                p["address"]
-                    .as_str()
-                    .is_some_and(|a| a.eq_ignore_ascii_case(&me))
-            })
-            .context("provider not listed")
-    }
-
-    /// Waits until `n` providers are connected.
-    fn wait_connected(&self, n: usize) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let connected = self
-                .providers()?
-                .iter()
-                .filter(|p| p["connected"] == json!(true))
-                .count();
-            if connected >= n {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "only {connected} of {n} providers connected; logs in {}",
-                    self.dir().display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn account(&self, wallet: &Wallet) -> Result<(u64, u64)> {
-        let a = self.get(&format!("/v1/accounts/{:#x}", wallet.address()))?;
-        Ok((
-            a["balance"].as_u64().context("balance")?,
-            a["staked"].as_u64().context("staked")?,
-        ))
-    }
-
-    /// A funded agent with a registered API key.
-    fn agent(&self, funds: u64) -> Result<(Wallet, String)> {
-        let wallet = Wallet::random();
-        if funds > 0 {
-            let r = http()
-                .post(format!("{}/v1/dev/faucet", self.url))
-                .send_json(json!({"address": wallet.address(), "amount": funds}))?;
-            assert_eq!(r.status(), 200);
-        }
-        let key = format!("sk-test-{}", hex::encode(wallet.address()));
-        let r = self.register_key(&wallet, &key, 1)?;
-        assert_eq!(r.0, 200, "{}", r.1);
-        Ok((wallet, key))
-    }
-
-    /// The EIP-712 domain this hub binds signatures to.
-    fn domain(&self) -> Result<Domain> {
-        let d = self.get("/v1/domain")?;
-        Ok(Domain::for_hub(
-            d["chainId"].as_u64().context("chainId")?,
-            d["verifyingContract"]
-                .as_str()
-                .context("verifyingContract")?
-                .parse()?,
-        ))
-    }
-
-    fn register_key(&self, wallet: &Wallet, key: &str, nonce: u64) -> Result<(u16, Value)> {
-        let signed = self.signed_key(wallet, key, nonce, 3600)?;
-        self.post_key(&signed)
-    }
-
-    fn signed_key(
-        &self,
-        wallet: &Wallet,
-        key: &str,
-        nonce: u64,
-        valid_for: u64,
-    ) -> Result<tessera_protocol::Signed<ApiKeyRegistration>> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let message = ApiKeyRegistration {
-            keyHash: <[u8; 32]>::from(Sha256::digest(key.as_bytes())).into(),
-            validUntil: now + valid_for,
-            nonce,
-            expiry: now + 600,
-        };
-        Ok(wallet.sign(message, self.domain()?)?)
-    }
-
-    fn post_key(&self, signed: &impl serde::Serialize) -> Result<(u16, Value)> {
-        let mut r = http()
-            .post(format!("{}/v1/keys", self.url))
-            .send_json(signed)?;
-        Ok((r.status().as_u16(), r.body_mut().read_json()?))
-    }
-
-    fn chat(&self, key: &str, body: &Value) -> Result<(u16, ureq::http::HeaderMap, Value)> {
-        let mut r = http()
-            .post(format!("{}/v1/chat/completions", self.url))
-            .header("Authorization", &format!("Bearer {key}"))
-            .send_json(body)?;
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        Ok((status, headers, r.body_mut().read_json()?))
-    }
-
-    fn audit(&self) -> Result<()> {
-        let out = Command::new(BIN)
-            .args(["ledger", "audit", "--url", &self.db])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "ledger audit failed:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-}
+use support::network::{http, start_hub, start_strict_hub, Hub, Proc, BIN};
 
 fn question(max_tokens: u32) -> Value {
     json!({
@@ -975,26 +712,6 @@ fn hub_reads_a_toml_config_file_below_flags() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Issue 10: regression tests named after its findings, through real hub and node processes.
 
-/// The escrow and in-memory reservation gauges: money held for jobs not yet settled.
-fn holds(hub: &Hub) -> Result<(u64, u64)> {
-    let metrics = http()
-        .get(format!("{}/metrics", hub.url))
-        .call()?
-        .body_mut()
-        .read_to_string()?;
-    let gauge = |name: &str| -> Result<u64> {
-        let v = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .with_context(|| format!("gauge {name}"))?;
-        Ok(v.trim().parse::<f64>()? as u64)
-    };
-    Ok((
-        gauge("tessera_balance_escrow_micro")?,
-        gauge("tessera_reserved_micro")?,
-    ))
-}
-
 /// Posts a chat body of `bytes` bytes the way a careful client does (`Expect: 100-continue`), so
 /// the hub's early 413 is read instead of racing the upload: a hub that closes the connection
 /// while a client still writes a large body gives that client a broken pipe, not the error.
@@ -1038,21 +755,6 @@ fn oversized_chat(hub: &Hub, key: &str, bytes: usize) -> Result<(u16, Value)> {
         .with_context(|| format!("no body in {text:?}"))?;
     let json_end = text.rfind('}').context("body end")?;
     Ok((status, serde_json::from_str(&text[json_start..=json_end])?))
-}
-
-/// Waits until no money is held for jobs in flight.
-fn wait_no_holds(hub: &Hub, within: Duration) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let h = holds(hub)?;
-        if h == (0, 0) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("holds still open: escrow {} reserved {}", h.0, h.1);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -1191,7 +893,7 @@ fn finding_3_tokens_beyond_what_was_generated_are_never_paid() -> Result<()> {
     assert_eq!(hub.account(&agent)?.0, 1_000_000, "nothing charged");
     assert_eq!(hub.account(&padder)?.0, 0, "nothing paid");
     assert_eq!(hub.provider(&padder)?["quarantined"], true);
-    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.wait_no_holds(Duration::from_secs(10))?;
     hub.audit()
 }
 
@@ -1255,7 +957,7 @@ fn finding_4_lazy_and_lying_verifiers_are_slashed_and_honest_providers_never() -
         let (status, _, body) = hub.chat(&key, &question(6))?;
         assert_eq!(status, 200, "{body}");
         requests += 1;
-        wait_no_holds(&hub, Duration::from_secs(60))?;
+        hub.wait_no_holds(Duration::from_secs(60))?;
     }
     for cheat in [&lazy, &liar] {
         let p = hub.provider(cheat)?;
@@ -1305,7 +1007,7 @@ fn finding_5_a_client_that_hangs_up_leaves_no_hold_open() -> Result<()> {
             .header("Authorization", &format!("Bearer {key}"))
             .send_json(json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": long}], "max_tokens": 64}));
         assert!(r.is_err(), "the client timed out");
-        wait_no_holds(&hub, Duration::from_secs(30))?;
+        hub.wait_no_holds(Duration::from_secs(30))?;
         assert_eq!(
             hub.account(&agent)?.0,
             1_000_000,
@@ -1330,7 +1032,7 @@ fn finding_5_a_client_that_hangs_up_leaves_no_hold_open() -> Result<()> {
             }
         }
         drop(lines);
-        wait_no_holds(&hub, Duration::from_secs(30))?;
+        hub.wait_no_holds(Duration::from_secs(30))?;
         let spent = 1_000_000 - hub.account(&agent)?.0;
         assert!(
             spent > 0 && spent < 400 * 10,
@@ -1433,7 +1135,7 @@ fn finding_9_per_wallet_limits_and_openai_error_shapes() -> Result<()> {
         "{body}"
     );
     drop(r);
-    wait_no_holds(&hub, Duration::from_secs(30))?;
+    hub.wait_no_holds(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
     let (status, _, body) = hub.chat(&key, &question(4))?;
     assert_eq!(status, 200, "{body}");
@@ -1466,7 +1168,7 @@ fn finding_9_per_wallet_limits_and_openai_error_shapes() -> Result<()> {
     assert_eq!(status, 413, "{v}");
     assert_eq!(v["error"]["code"], "request_too_large");
     assert!(hub.account(&agent)?.0 < 1_000_000);
-    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.wait_no_holds(Duration::from_secs(10))?;
     hub.audit()
 }
 
@@ -1690,7 +1392,7 @@ fn task_market_full_cycle_with_a_writer_using_network_inference() -> Result<()> 
     assert_eq!(reputation["feedback_count"], 1);
     assert_eq!(reputation["average_score"], 90.0);
     assert_eq!(reputation["tasks_accepted"], 1);
-    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.wait_no_holds(Duration::from_secs(10))?;
     hub.audit()
 }
 
@@ -1781,7 +1483,7 @@ fn task_dispute_is_decided_by_re_execution_and_the_loser_pays() -> Result<()> {
         &["reputation", &format!("{:#x}", lazy.address())],
     )?;
     assert_eq!(reputation["disputes_lost"], 1);
-    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.wait_no_holds(Duration::from_secs(10))?;
     hub.audit()
 }
 
@@ -1836,7 +1538,7 @@ fn task_review_window_lapse_pays_and_deadlines_refund() -> Result<()> {
         hub.account(&poster)?.0,
         100_000 - 5_000 + 1_000 - 1_000 * 500 / 10_000
     );
-    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.wait_no_holds(Duration::from_secs(10))?;
     hub.audit()
 }
 
@@ -1871,7 +1573,7 @@ fn task_escrows_survive_a_hub_crash_and_the_cycle_finishes_after_restart() -> Re
     task_cli(&hub, Some(&poster), &["accept", &id])?;
     assert_eq!(hub.account(&worker)?.0, 5_000 + 10_000 - 500);
     assert_eq!(hub.account(&poster)?.0, 40_000);
-    wait_no_holds(&hub, Duration::from_secs(10))?;
+    hub.wait_no_holds(Duration::from_secs(10))?;
     hub.audit()
 }
 

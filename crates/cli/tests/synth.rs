@@ -6,40 +6,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tessera_protocol::Wallet;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const PASSWORD: &str = "synth-test-password";
 
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+mod support {
+    pub mod network;
+    pub mod python;
 }
+use support::network::{http, start_hub, Hub, Proc, BIN};
 
-/// A hub with one provider and a funded agent whose keystore the synth command opens.
+/// A hub with providers and a funded agent whose keystore the synth command opens.
 struct Network {
-    url: String,
-    db: String,
-    dir: tempfile::TempDir,
+    hub: Hub,
     agent: Wallet,
     keystore: PathBuf,
     funds: u64,
-    _procs: Vec<Proc>,
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
+    _nodes: Vec<Proc>,
 }
 
 /// A provider node to start: its price and extra arguments.
@@ -70,115 +55,35 @@ impl Network {
     }
 
     fn with(funds: u64, hub_args: &[&str], nodes: &[NodeSpec]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let db = format!("sqlite://{}", dir.path().join("hub.db").display());
-        let addr_file = dir.path().join("addr");
-        let log = |name: &str| -> Result<Stdio> {
-            Ok(std::fs::File::create(dir.path().join(format!("{name}.log")))?.into())
-        };
-        let mut procs = vec![Proc(
-            Command::new(BIN)
-                .args([
-                    "hub",
-                    "--db",
-                    &db,
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--dev",
-                    "--allow-unverified",
-                ])
-                .args(hub_args)
-                .arg("--addr-file")
-                .arg(&addr_file)
-                .stdout(Stdio::null())
-                .stderr(log("hub")?)
-                .spawn()?,
-        )];
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let url = loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                break format!("http://{}", a.trim());
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the hub did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        for (i, node) in nodes.iter().enumerate() {
-            procs.push(Proc(
-                Command::new(BIN)
-                    .args(["node", "--hub", &url, "--price", &node.price.to_string()])
-                    .args(["--capacity", "2", "--threads", "1", "--dev-stake"])
-                    .args(node.args)
-                    .env(
-                        "TESSERA_PRIVATE_KEY",
-                        hex::encode(node.wallet.signer().to_bytes()),
-                    )
-                    .stdout(Stdio::null())
-                    .stderr(log(&format!("node{i}"))?)
-                    .spawn()?,
-            ));
-        }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let v: Value = http()
-                .get(format!("{url}/health"))
-                .call()?
-                .body_mut()
-                .read_json()?;
-            if v["providers"].as_u64() == Some(nodes.len() as u64) {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the nodes did not connect");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let hub = start_hub(hub_args)?;
+        let nodes_started = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let args = [&["--dev-stake"], node.args].concat();
+                hub.node(&format!("node{i}"), &node.wallet, node.price, &args)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        hub.wait_connected(nodes.len())?;
         let agent = Wallet::random();
-        let r = http()
-            .post(format!("{url}/v1/dev/faucet"))
-            .send_json(json!({"address": agent.address(), "amount": funds}))?;
-        anyhow::ensure!(r.status() == 200);
-        let keystore = agent.save_keystore(dir.path(), "agent.json", PASSWORD)?;
+        hub.fund(&agent, funds)?;
+        let keystore = agent.save_keystore(hub.dir(), "agent.json", PASSWORD)?;
         Ok(Self {
-            url,
-            db,
-            dir,
+            hub,
             agent,
             keystore,
             funds,
-            _procs: procs,
+            _nodes: nodes_started,
         })
     }
 
     fn balance(&self) -> Result<u64> {
-        let v: Value = http()
-            .get(format!(
-                "{}/v1/accounts/{:#x}",
-                self.url,
-                self.agent.address()
-            ))
-            .call()?
-            .body_mut()
-            .read_json()?;
-        v["balance"].as_u64().context("balance")
+        self.hub.balance(&self.agent)
     }
 
     /// The hub's view of a provider.
     fn provider(&self, wallet: &Wallet) -> Result<Value> {
-        let v: Value = http()
-            .get(format!("{}/v1/providers", self.url))
-            .call()?
-            .body_mut()
-            .read_json()?;
-        let me = format!("{:#x}", wallet.address());
-        v["providers"]
-            .as_array()
-            .and_then(|ps| {
-                ps.iter().find(|p| {
-                    p["address"]
-                        .as_str()
-                        .is_some_and(|a| a.eq_ignore_ascii_case(&me))
-                })
-            })
-            .cloned()
-            .context("provider not listed")
+        self.hub.provider(wallet)
     }
 
     /// What the agent has paid, from the ledger, once no escrow is open.
@@ -188,23 +93,8 @@ impl Network {
 
     /// The agent's balance once no escrow is open.
     fn settled_balance(&self) -> Result<u64> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let metrics = http()
-                .get(format!("{}/metrics", self.url))
-                .call()?
-                .body_mut()
-                .read_to_string()?;
-            let escrow = metrics
-                .lines()
-                .find_map(|l| l.strip_prefix("tessera_balance_escrow_micro "))
-                .context("escrow gauge")?;
-            if escrow.trim() == "0" {
-                return self.balance();
-            }
-            anyhow::ensure!(Instant::now() < deadline, "an escrow stayed open");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.hub.wait_no_holds(Duration::from_secs(30))?;
+        self.balance()
     }
 
     fn synth(&self, spec: &Path, out: &Path) -> Command {
@@ -213,7 +103,7 @@ impl Network {
             .arg(spec)
             .arg("--out")
             .arg(out)
-            .args(["--hub", &self.url, "--wallet"])
+            .args(["--hub", &self.hub.url, "--wallet"])
             .arg(&self.keystore)
             .env("TESSERA_WALLET_PASSWORD", PASSWORD)
             .env("RUST_LOG", "tessera=info,tessera_synth=debug");
@@ -221,16 +111,7 @@ impl Network {
     }
 
     fn audit(&self) -> Result<()> {
-        let out = Command::new(BIN)
-            .args(["ledger", "audit", "--url", &self.db])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "ledger audit failed:\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        Ok(())
+        self.hub.audit()
     }
 }
 
@@ -277,25 +158,11 @@ fn wait_stored(store: &Path, n: usize, run: &mut Child) -> Result<()> {
 
 /// A virtual environment with Hugging Face `datasets`, made once per target directory.
 fn datasets_python() -> Result<PathBuf> {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("datasets-venv");
-    let python = venv.join("bin").join("python");
-    let ready = Command::new(&python)
-        .args(["-c", "import datasets, yaml"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ready {
-        let status = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()?;
-        anyhow::ensure!(status.success(), "python3 -m venv failed");
-        let status = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "datasets", "pyyaml"])
-            .status()?;
-        anyhow::ensure!(status.success(), "pip install datasets failed");
-    }
-    Ok(python)
+    support::python::venv(
+        "datasets-venv",
+        "import datasets, yaml",
+        &["datasets", "pyyaml"],
+    )
 }
 
 const QA_SPEC: &str = r#"
@@ -336,8 +203,8 @@ near_threshold = 0.9
 fn synth_makes_a_multi_step_dataset_that_python_datasets_loads() -> Result<()> {
     let python = datasets_python()?;
     let net = Network::start(1_000_000)?;
-    let spec = write_spec(net.dir.path(), QA_SPEC)?;
-    let out = net.dir.path().join("out");
+    let spec = write_spec(net.hub.dir(), QA_SPEC)?;
+    let out = net.hub.dir().join("out");
     let run = net.synth(&spec, &out).output()?;
     assert!(run.status.success(), "{}", text(&run));
 
@@ -426,12 +293,12 @@ fn synth_killed_mid_run_resumes_without_paying_twice() -> Result<()> {
     let net = Network::start(1_000_000)?;
     // On the batch tier: the provider asks 10, the hub's batch discount halves it.
     let spec = write_spec(
-        net.dir.path(),
+        net.hub.dir(),
         &QA_SPEC
             .replace("rows = 3", "rows = 6\ntier = \"batch\"")
             .replace("[[steps]]\nname = \"answer\"\nsystem = \"You answer in one short sentence.\"\nprompt = \"{question}\"\n", ""),
     )?;
-    let out = net.dir.path().join("out");
+    let out = net.hub.dir().join("out");
     let mut first = net
         .synth(&spec, &out)
         .stdout(Stdio::null())
@@ -492,12 +359,12 @@ fn synth_drops_and_replaces_every_row_of_a_provider_caught_cheating() -> Result<
         &nodes,
     )?;
     let spec = write_spec(
-        net.dir.path(),
+        net.hub.dir(),
         &QA_SPEC
             .replace("rows = 3", "rows = 4\nverify_wait_secs = 150")
             .replace("[[steps]]\nname = \"answer\"\nsystem = \"You answer in one short sentence.\"\nprompt = \"{question}\"\n", ""),
     )?;
-    let out = net.dir.path().join("out");
+    let out = net.hub.dir().join("out");
     let run = net.synth(&spec, &out).output()?;
     assert!(run.status.success(), "{}", text(&run));
 
@@ -554,7 +421,7 @@ fn synth_drops_and_replaces_every_row_of_a_provider_caught_cheating() -> Result<
 #[test]
 fn synth_refuses_bad_specs_before_money_moves() -> Result<()> {
     let net = Network::start(1_000_000)?;
-    let dir = net.dir.path();
+    let dir = net.hub.dir();
     std::fs::write(dir.join("seeds.txt"), "one\ntwo\n")?;
     let cases = [
         (QA_SPEC.replace("prompt = \"{question}\"", "prompt = \"{questoin}\""), 29, "unknown variable `{questoin}`"),
@@ -592,13 +459,13 @@ fn synth_budget_cap_holds_under_concurrency() -> Result<()> {
     let net = Network::start(1_000_000)?;
     let cap = 2_000;
     let spec = write_spec(
-        net.dir.path(),
+        net.hub.dir(),
         &QA_SPEC
             .replace("rows = 3", "rows = 40")
             .replace("concurrency = 2", "concurrency = 4")
             .replace("max_spend = 200000", &format!("max_spend = {cap}")),
     )?;
-    let out = net.dir.path().join("out");
+    let out = net.hub.dir().join("out");
     let run = net.synth(&spec, &out).output()?;
     let said = text(&run);
     assert!(

@@ -6,11 +6,12 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tessera_protocol::Wallet;
+use sha2::{Digest, Sha256};
+use tessera_protocol::{ApiKeyRegistration, Domain, Wallet};
 
 /// The CLI binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_tessera");
@@ -29,6 +30,8 @@ impl Drop for Proc {
 pub struct Hub {
     /// The process.
     pub proc: Proc,
+    /// The arguments it was started with (beyond the database, address and `--dev`).
+    args: Vec<String>,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
     /// Its ledger's URL.
@@ -49,19 +52,39 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
     Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file"))
 }
 
-/// Starts `tessera hub --dev --allow-unverified ARGS` and waits for its address.
+/// A hub for tests of one provider: `--allow-unverified` lets it schedule a provider that no
+/// other could verify. Trust tests use [`start_strict_hub`].
 pub fn start_hub(args: &[&str]) -> Result<Hub> {
+    let mut all = vec!["--allow-unverified"];
+    all.extend_from_slice(args);
+    start_strict_hub(&all)
+}
+
+/// A `--dev` hub with the production rule: a provider is scheduled only if another could verify it.
+pub fn start_strict_hub(args: &[&str]) -> Result<Hub> {
     let dir = tempfile::tempdir()?;
     let db = format!("sqlite://{}", dir.path().join("hub.db").display());
-    let addr_file = dir.path().join("addr");
+    let (proc, url) = spawn_hub(dir.path(), &db, "127.0.0.1:0", args)?;
+    Ok(Hub {
+        proc,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        url,
+        db,
+        dir,
+    })
+}
+
+/// Starts `tessera hub --dev` on `listen` and waits for it to announce its address.
+pub fn spawn_hub(dir: &Path, db: &str, listen: &str, args: &[&str]) -> Result<(Proc, String)> {
+    let addr_file = dir.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
     let child = Command::new(BIN)
-        .args(["hub", "--db", &db, "--listen", "127.0.0.1:0", "--dev"])
-        .arg("--allow-unverified")
+        .args(["hub", "--db", db, "--listen", listen, "--dev"])
         .arg("--addr-file")
         .arg(&addr_file)
         .args(args)
         .stdout(Stdio::null())
-        .stderr(log_file(dir.path(), "hub"))
+        .stderr(log_file(dir, &format!("hub-{}", listen.replace(':', "_"))))
         .spawn()?;
     let proc = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -74,18 +97,25 @@ pub fn start_hub(args: &[&str]) -> Result<Hub> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Ok(Hub {
-        proc,
-        url: format!("http://{}", addr.trim()),
-        db,
-        dir,
-    })
+    Ok((proc, format!("http://{}", addr.trim())))
 }
 
 impl Hub {
     /// The hub's temporary directory (logs, specs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Kills the hub (SIGKILL: no shutdown) and starts it again on the same address and database.
+    pub fn crash_and_restart(&mut self) -> Result<()> {
+        self.proc.0.kill()?;
+        self.proc.0.wait()?;
+        let listen = self.url.trim_start_matches("http://").to_owned();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let (proc, url) = spawn_hub(self.dir.path(), &self.db, &listen, &args)?;
+        assert_eq!(url, self.url);
+        self.proc = proc;
+        Ok(())
     }
 
     /// Starts a node for `wallet` at `price` per token (`--dev-stake` among `extra` to stake).
@@ -117,15 +147,33 @@ impl Hub {
             .read_json()?)
     }
 
+    /// `GET /v1/providers`.
+    pub fn providers(&self) -> Result<Vec<Value>> {
+        Ok(self.get("/v1/providers")?["providers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// One provider's entry in `GET /v1/providers`.
+    pub fn provider(&self, wallet: &Wallet) -> Result<Value> {
+        let me = format!("{:#x}", wallet.address());
+        self.providers()?
+            .into_iter()
+            .find(|p| {
+                p["address"]
+                    .as_str()
+                    .is_some_and(|a| a.eq_ignore_ascii_case(&me))
+            })
+            .context("provider not listed")
+    }
+
     /// Waits until `n` providers are connected.
     pub fn wait_connected(&self, n: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let providers = self.get("/v1/providers")?["providers"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let connected = providers
+            let connected = self
+                .providers()?
                 .iter()
                 .filter(|p| p["connected"] == json!(true))
                 .count();
@@ -140,6 +188,82 @@ impl Hub {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// A wallet's balance and stake.
+    pub fn account(&self, wallet: &Wallet) -> Result<(u64, u64)> {
+        let a = self.get(&format!("/v1/accounts/{:#x}", wallet.address()))?;
+        Ok((
+            a["balance"].as_u64().context("balance")?,
+            a["staked"].as_u64().context("staked")?,
+        ))
+    }
+
+    /// A new agent, funded with `funds` by the faucet, with a registered API key.
+    pub fn agent(&self, funds: u64) -> Result<(Wallet, String)> {
+        let wallet = Wallet::random();
+        if funds > 0 {
+            self.fund(&wallet, funds)?;
+        }
+        let key = format!("sk-test-{}", hex::encode(wallet.address()));
+        let r = self.register_key(&wallet, &key, 1)?;
+        assert_eq!(r.0, 200, "{}", r.1);
+        Ok((wallet, key))
+    }
+
+    /// The EIP-712 domain this hub binds signatures to.
+    pub fn domain(&self) -> Result<Domain> {
+        let d = self.get("/v1/domain")?;
+        Ok(Domain::for_hub(
+            d["chainId"].as_u64().context("chainId")?,
+            d["verifyingContract"]
+                .as_str()
+                .context("verifyingContract")?
+                .parse()?,
+        ))
+    }
+
+    /// Registers `key` for `wallet` (valid for an hour).
+    pub fn register_key(&self, wallet: &Wallet, key: &str, nonce: u64) -> Result<(u16, Value)> {
+        let signed = self.signed_key(wallet, key, nonce, 3600)?;
+        self.post_key(&signed)
+    }
+
+    /// A signed registration of `key`, valid for `valid_for` seconds.
+    pub fn signed_key(
+        &self,
+        wallet: &Wallet,
+        key: &str,
+        nonce: u64,
+        valid_for: u64,
+    ) -> Result<tessera_protocol::Signed<ApiKeyRegistration>> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let message = ApiKeyRegistration {
+            keyHash: <[u8; 32]>::from(Sha256::digest(key.as_bytes())).into(),
+            validUntil: now + valid_for,
+            nonce,
+            expiry: now + 600,
+        };
+        Ok(wallet.sign(message, self.domain()?)?)
+    }
+
+    /// `POST /v1/keys`.
+    pub fn post_key(&self, signed: &impl serde::Serialize) -> Result<(u16, Value)> {
+        let mut r = http()
+            .post(format!("{}/v1/keys", self.url))
+            .send_json(signed)?;
+        Ok((r.status().as_u16(), r.body_mut().read_json()?))
+    }
+
+    /// `POST /v1/chat/completions` with an API key: status, headers and body.
+    pub fn chat(&self, key: &str, body: &Value) -> Result<(u16, ureq::http::HeaderMap, Value)> {
+        let mut r = http()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send_json(body)?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        Ok((status, headers, r.body_mut().read_json()?))
     }
 
     /// Mints `amount` to `wallet` with the dev faucet.
@@ -177,6 +301,21 @@ impl Hub {
             gauge("tessera_balance_escrow_micro")?,
             gauge("tessera_reserved_micro")?,
         ))
+    }
+
+    /// Waits until no money is held for jobs in flight.
+    pub fn wait_no_holds(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let h = self.holds()?;
+            if h == (0, 0) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("holds still open: escrow {} reserved {}", h.0, h.1);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `tessera ledger audit` on the hub's database.
