@@ -733,6 +733,22 @@ mod tests {
         assert!(hub.ledger.audit().await.expect("audit").is_clean());
     }
 
+    /// Verifies one honest job of `provider` and asserts that the network passed it.
+    async fn verify_honest_job(hub: &Arc<Hub>, agent: Address, provider: &Arc<Connection>) {
+        let hold = hold(hub, agent).await;
+        let key = hold.key.clone();
+        hub.clone()
+            .verify(hold, provider.clone(), claimed(&TRUTH), 40)
+            .await;
+        assert!(matches!(
+            hub.store.job_standing(&key).await.expect("standing"),
+            Some(crate::store::JobStanding::Decided {
+                verdict: JobVerdict::Passed,
+                ..
+            })
+        ));
+    }
+
     #[tokio::test]
     async fn finding_4_one_lying_voice_never_slashes_an_honest_provider() {
         let (hub, _dir, agent) = setup(0.0).await;
@@ -743,18 +759,7 @@ mod tests {
         let mut jobs = 0;
         while hub.registry.record(liar.address).verifications_done < 2 {
             assert!(jobs < 200, "the liar is never drawn");
-            let hold = hold(&hub, agent).await;
-            let key = hold.key.clone();
-            hub.clone()
-                .verify(hold, provider.clone(), claimed(&TRUTH), 40)
-                .await;
-            assert!(matches!(
-                hub.store.job_standing(&key).await.expect("standing"),
-                Some(crate::store::JobStanding::Decided {
-                    verdict: JobVerdict::Passed,
-                    ..
-                })
-            ));
+            verify_honest_job(&hub, agent, &provider).await;
             jobs += 1;
         }
         assert!(!hub.registry.record(provider.address).quarantined);
@@ -899,18 +904,7 @@ mod tests {
         let mut jobs = 0;
         while hub.registry.record(liar.address).verifications_done == 0 {
             assert!(jobs < 200, "the liar is never drawn");
-            let hold = hold(&hub, agent).await;
-            let key = hold.key.clone();
-            hub.clone()
-                .verify(hold, provider.clone(), claimed(&TRUTH), 40)
-                .await;
-            assert!(matches!(
-                hub.store.job_standing(&key).await.expect("standing"),
-                Some(crate::store::JobStanding::Decided {
-                    verdict: JobVerdict::Passed,
-                    ..
-                })
-            ));
+            verify_honest_job(&hub, agent, &provider).await;
             jobs += 1;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
