@@ -595,6 +595,8 @@ fn pay_by_x402(url: &str, bank: &Bank, providers: &[Named]) -> anyhow::Result<Va
         _ => bail!("the paid request was not served ({status}): {v}"),
     };
     let cost = v["tessera"]["cost"].as_u64().unwrap_or(0);
+    // The job's hold stays open until its verification; then the unused rest is the payer's.
+    wait_verifications(url, Duration::from_secs(120))?;
     let balance = account(url, payer.address())?["balance"]
         .as_u64()
         .unwrap_or(0);
@@ -604,7 +606,6 @@ fn pay_by_x402(url: &str, bank: &Bank, providers: &[Named]) -> anyhow::Result<Va
         find_name(providers, v["tessera"]["provider"].as_str().unwrap_or("?")).unwrap_or("?"),
         short_hash(&settlement.transaction),
     );
-    wait_verifications(url, Duration::from_secs(120))?;
     Ok(json!({
         "payer": payer.address(),
         "paid": amount,
