@@ -331,10 +331,11 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
         }
         None => {
             // Providers are staked by the dev faucet when they register (`--dev-stake`).
-            for (_, address, amount) in funding.iter().skip(providers.len()) {
-                http()
+            for (name, address, amount) in funding.iter().skip(providers.len()) {
+                let r = http()
                     .post(format!("{url}/v1/dev/faucet"))
                     .send_json(json!({"address": address, "amount": amount}))?;
+                anyhow::ensure!(r.status() == 200, "the dev faucet refused to fund {name}");
             }
         }
     }
@@ -417,16 +418,17 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
         Some(_) => Some(wait_reconciled(&url, Duration::from_secs(30))?),
         None => None,
     };
+    let mut books = agent_books(&client, &jobs, dataset.as_ref())?;
+    books["funding"] = json!(if bank.is_some() { "deposit" } else { "faucet" });
     let mut report = report(
         &url,
         &db,
         bank.as_ref(),
         &providers,
         &nodes.map(|(_, price, cheat)| (price, cheat.is_some())),
+        &books,
         reconciled_chain,
     )?;
-    report["agent"] = agent_books(&client, &jobs, dataset.as_ref())?;
-    report["agent"]["funding"] = json!(if bank.is_some() { "deposit" } else { "faucet" });
     report["x402"] = json!(paid);
     report["market"] = market_report;
     report["dataset"] = json!(dataset);
@@ -521,10 +523,6 @@ fn agent_books(
     }
     let balance = client.balance()?;
     let expected = (AGENT_FUNDS + compensation).checked_sub(spent);
-    println!(
-        "agent      balance {balance} = funded {AGENT_FUNDS} - spent {spent} + {compensation} from the cheater's slash ({refunded} refunded){}",
-        if expected == Some(balance) { "" } else { "  DOES NOT ADD UP" }
-    );
     Ok(
         json!({"address": client.address(), "funded": AGENT_FUNDS, "spent": spent,
               "refunded": refunded, "compensation": compensation, "balance": balance,
@@ -685,6 +683,7 @@ fn report(
     bank: Option<&Bank>,
     providers: &[Named],
     nodes: &[(u64, bool)],
+    agent: &Value,
     chain_status: Option<Value>,
 ) -> anyhow::Result<Value> {
     let standing = get_json(&format!("{url}/v1/providers"))?;
@@ -748,6 +747,20 @@ fn report(
         totals["verifications_failed"],
         totals["slashed"]
     );
+    println!(
+        "agent      balance {} = funded {} ({}) - spent {} + {} from the cheater's slash ({} refunded){}",
+        agent["balance"],
+        agent["funded"],
+        agent["funding"].as_str().unwrap_or("?"),
+        agent["spent"],
+        agent["compensation"],
+        agent["refunded"],
+        if agent["adds_up"] == json!(true) {
+            ""
+        } else {
+            "  DOES NOT ADD UP"
+        }
+    );
     let audit = audit(db, bank)?;
     println!(
         "ledger audit: {}",
@@ -788,6 +801,7 @@ fn report(
         "dashboard": format!("{url}/"),
         "hub": url,
         "providers": rows,
+        "agent": agent,
         "totals": totals,
         "audit": audit,
         "chain": chain,
@@ -867,7 +881,9 @@ fn synthesize(
         "  {} rows in {} (data.jsonl, data.parquet, manifest.json, README.md); rejected {}; spend {}; jobs by {}",
         manifest["rows"],
         out.display(),
-        manifest["rejected"],
+        manifest["rejected"]
+            .as_object()
+            .map_or(0, |r| r.values().filter_map(Value::as_u64).sum::<u64>()),
         manifest["spend"],
         served.join(", ")
     );
