@@ -67,6 +67,12 @@ const PROVIDER_STAKE: u64 = 1_000_000;
 const AGENT_FUNDS: u64 = 1_000_000;
 /// What the market's agents are funded with: the curator, the writer and the lazy writer.
 const MARKET_FUNDS: [u64; 3] = [100_000, 10_000, 10_000];
+/// The provider nodes: name, price per token, and the cheat of the one that cheats.
+const NODES: [(&str, u64, Option<&str>); 3] = [
+    ("honest-a", 10, None),
+    ("honest-b", 12, None),
+    ("cheater", 6, Some("requantized-q4-0")),
+];
 /// Blocks on top of a deposit before the hub credits it.
 const CONFIRMATIONS: u64 = 1;
 
@@ -155,7 +161,7 @@ impl Bank {
     }
 
     /// Mints test tokens to the development account and deposits `amount` into the vault for
-    /// each account (the `tessera deposit --mint` path); returns each deposit's block.
+    /// each account (the `tessera deposit --mint` path), then mines the confirmations.
     fn deposit(&self, deposits: &[(&str, Address, u64)]) -> anyhow::Result<()> {
         let sender = self.dev.sender().context("the dev account")?;
         let total = deposits.iter().map(|(_, _, a)| a).sum();
@@ -248,39 +254,13 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     };
 
     stage(started, "the hub");
-    let mut hub_args = vec![
-        "--verify-probability".to_owned(),
-        args.verify_probability.to_string(),
-    ];
-    match &bank {
-        Some(bank) => {
-            hub_args.extend(bank.chain.hub_flags());
-            hub_args.extend(
-                [
-                    "--confirmations",
-                    &CONFIRMATIONS.to_string(),
-                    "--chain-poll-ms",
-                    "200",
-                    // Slashes reach the vault within seconds, so the report can reconcile.
-                    "--slash-epoch-secs",
-                    "2",
-                ]
-                .map(String::from),
-            );
-        }
-        None => hub_args.push("--dev".into()),
-    }
+    let hub_args = hub_args(&args, bank.as_ref());
     let hub_args: Vec<&str> = hub_args.iter().map(String::as_str).collect();
     let (url, db) = local::start_hub(children, &dir, &hub_args)?;
     println!("hub        {url}   (logs and ledger in {})", dir.display());
     println!("dashboard  {url}/   (live: providers, jobs, verifications, slashes, tasks, runs)");
 
-    let nodes = [
-        ("honest-a", 10u64, None),
-        ("honest-b", 12, None),
-        ("cheater", 6, Some("requantized-q4-0")),
-    ];
-    let providers: Vec<Named> = nodes
+    let providers: Vec<Named> = NODES
         .iter()
         .map(|(name, _, _)| Named {
             name,
@@ -303,73 +283,11 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     for (m, amount) in market.iter().zip(MARKET_FUNDS) {
         funding.push((m.name, m.wallet.address(), amount));
     }
-    match &bank {
-        Some(bank) => {
-            stage(
-                started,
-                "money on-chain: deposits into the vault, credited by the hub's chain watcher",
-            );
-            bank.deposit(&funding)?;
-            wait_credited(&url, &funding)?;
-            println!(
-                "credited   all {} deposits after {CONFIRMATIONS} confirmation(s)",
-                funding.len()
-            );
-            for p in &providers {
-                let answer = crate::chain_cmd::send_stake_order(
-                    &url,
-                    &p.wallet,
-                    StakeAction::Stake,
-                    PROVIDER_STAKE,
-                    1,
-                )?;
-                println!(
-                    "stake      {:<9} {} by a signed StakeOrder; the vault records {}",
-                    p.name, answer["staked"], answer["on_chain"]["staked"]
-                );
-            }
-        }
-        None => {
-            // Providers are staked by the dev faucet when they register (`--dev-stake`).
-            for (name, address, amount) in funding.iter().skip(providers.len()) {
-                let r = http()
-                    .post(format!("{url}/v1/dev/faucet"))
-                    .send_json(json!({"address": address, "amount": amount}))?;
-                anyhow::ensure!(r.status() == 200, "the dev faucet refused to fund {name}");
-            }
-        }
-    }
+    fund(started, &url, bank.as_ref(), &funding, &providers)?;
 
     stage(started, "three provider nodes (one cheating)");
-    for ((name, price, cheat), p) in nodes.iter().zip(&providers) {
-        let mut extra: Vec<&str> = Vec::new();
-        if let Some(c) = cheat {
-            extra.extend(["--cheat", c]);
-        }
-        if bank.is_none() {
-            extra.push("--dev-stake");
-        }
-        local::start_node(
-            children,
-            &dir,
-            &url,
-            &local::NodeSpec {
-                name,
-                wallet: &p.wallet,
-                price: *price,
-                threads: args.threads,
-                extra: &extra,
-            },
-        )?;
-        println!(
-            "node       {name:<9} {:#x}  price {price}/token{}",
-            p.wallet.address(),
-            if cheat.is_some() {
-                "  (cheats: Q4_0 weights)"
-            } else {
-                ""
-            }
-        );
+    for (node, p) in NODES.iter().zip(&providers) {
+        start_node(children, &dir, &url, node, p, args.threads, bank.is_none())?;
     }
     local::wait_providers(&url, 3, Duration::from_secs(120), &dir)?;
 
@@ -425,13 +343,14 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
         &db,
         bank.as_ref(),
         &providers,
-        &nodes.map(|(_, price, cheat)| (price, cheat.is_some())),
+        &NODES.map(|(_, price, cheat)| (price, cheat.is_some())),
         &books,
         reconciled_chain,
     )?;
     report["x402"] = json!(paid);
     report["market"] = market_report;
     report["dataset"] = json!(dataset);
+    report["chain_left_out"] = json!(bank.is_none());
     if let Some(path) = &args.json_report {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -449,6 +368,120 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     if args.keep {
         keep(&url, &key, bank.as_ref(), &db, children);
     }
+    Ok(())
+}
+
+/// The hub's flags: attached to the chain when there is one (its deposits credited after
+/// [`CONFIRMATIONS`], slashes recorded in the vault every 2 s so the report can reconcile), else
+/// a dev hub with the faucet.
+fn hub_args(args: &DemoArgs, bank: Option<&Bank>) -> Vec<String> {
+    let mut hub_args = vec![
+        "--verify-probability".to_owned(),
+        args.verify_probability.to_string(),
+    ];
+    match bank {
+        Some(bank) => {
+            hub_args.extend(bank.chain.hub_flags());
+            hub_args.extend(
+                [
+                    "--confirmations",
+                    &CONFIRMATIONS.to_string(),
+                    "--chain-poll-ms",
+                    "200",
+                    "--slash-epoch-secs",
+                    "2",
+                ]
+                .map(String::from),
+            );
+        }
+        None => hub_args.push("--dev".into()),
+    }
+    hub_args
+}
+
+/// Funds every account: on-chain deposits the hub credits, and each provider's stake by a
+/// signed `StakeOrder` (recorded in the vault); without a chain, the dev faucet for the agents
+/// (the providers are staked by it when they register, `--dev-stake`).
+fn fund(
+    started: Instant,
+    url: &str,
+    bank: Option<&Bank>,
+    funding: &[(&str, Address, u64)],
+    providers: &[Named],
+) -> anyhow::Result<()> {
+    let Some(bank) = bank else {
+        for (name, address, amount) in funding.iter().skip(providers.len()) {
+            let r = http()
+                .post(format!("{url}/v1/dev/faucet"))
+                .send_json(json!({"address": address, "amount": amount}))?;
+            anyhow::ensure!(r.status() == 200, "the dev faucet refused to fund {name}");
+        }
+        return Ok(());
+    };
+    stage(
+        started,
+        "money on-chain: deposits into the vault, credited by the hub's chain watcher",
+    );
+    bank.deposit(funding)?;
+    wait_credited(url, funding)?;
+    println!(
+        "credited   all {} deposits after {CONFIRMATIONS} confirmation(s)",
+        funding.len()
+    );
+    for p in providers {
+        let answer = crate::chain_cmd::send_stake_order(
+            url,
+            &p.wallet,
+            StakeAction::Stake,
+            PROVIDER_STAKE,
+            1,
+        )?;
+        println!(
+            "stake      {:<9} {} by a signed StakeOrder; the vault records {}",
+            p.name, answer["staked"], answer["on_chain"]["staked"]
+        );
+    }
+    Ok(())
+}
+
+/// Starts one provider node of [`NODES`] with its wallet.
+fn start_node(
+    children: &Children,
+    dir: &Path,
+    url: &str,
+    (name, price, cheat): &(&str, u64, Option<&str>),
+    provider: &Named,
+    threads: usize,
+    dev_stake: bool,
+) -> anyhow::Result<()> {
+    let mut extra: Vec<&str> = Vec::new();
+    if let Some(c) = cheat {
+        extra.extend(["--cheat", c]);
+    }
+    if dev_stake {
+        extra.push("--dev-stake");
+    }
+    local::start_node(
+        children,
+        dir,
+        url,
+        &local::NodeSpec {
+            name,
+            wallet: &provider.wallet,
+            price: *price,
+            threads,
+            extra: &extra,
+        },
+    )?;
+    println!(
+        "node       {name:<9} {:#x}  price {price}/token{}",
+        provider.wallet.address(),
+        if cheat.is_some() {
+            "  (cheats: Q4_0 weights)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 
