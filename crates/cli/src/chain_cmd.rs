@@ -167,8 +167,8 @@ pub async fn run(cmd: ChainCommand) -> anyhow::Result<()> {
 async fn up(dir: Option<PathBuf>, chain_id: u64) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| crate::wallet::tessera_home().join("chain"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let anvil =
-        Anvil::start(chain_id).context("starting anvil (scripts/setup-chain.sh installs it)")?;
+    let anvil = Anvil::start_with(&anvil_or_install()?, chain_id, &[])
+        .context("starting anvil (scripts/setup-chain.sh installs it)")?;
     let [deployer, operator, funded, ..] = anvil.dev_keys() else {
         bail!("anvil printed fewer than three dev accounts");
     };
@@ -221,8 +221,42 @@ async fn up(dir: Option<PathBuf>, chain_id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The anvil binary: `$TESSERA_ANVIL` or `anvil` on the `PATH` when it runs; failing both, the
+/// one `scripts/setup-chain.sh` installs from npm into the cache (idempotent), when this binary
+/// was built from a checkout that has the script. So `tessera chain up` and `tessera demo` work
+/// on a fresh machine without a separate setup step.
+pub fn anvil_or_install() -> anyhow::Result<PathBuf> {
+    let named = tessera_chain::anvil_binary();
+    let runs = std::process::Command::new(&named)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if runs {
+        return Ok(named);
+    }
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/setup-chain.sh");
+    if !script.exists() {
+        bail!(
+            "no anvil ({}): install it with scripts/setup-chain.sh from a Tessera checkout and \
+             export {}",
+            named.display(),
+            tessera_chain::ANVIL_ENV
+        );
+    }
+    eprintln!(
+        "installing anvil with {} (once, into the cache)",
+        script.display()
+    );
+    Ok(tessera_chain::install_dev_tools(&script)
+        .with_context(|| format!("no anvil, and {} failed", script.display()))?
+        .anvil)
+}
+
 /// Writes a file only its owner can read.
-fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+pub fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -271,7 +305,13 @@ pub fn withdraw(args: WithdrawArgs) -> anyhow::Result<()> {
         nonce: args.nonce.unwrap_or_else(rand_nonce),
         expiry: expiry()?,
     };
-    post_order(&args.hub, "/v1/withdrawals", "withdrawal", &wallet, order)
+    print_answer(&post_order(
+        &args.hub,
+        "/v1/withdrawals",
+        "withdrawal",
+        &wallet,
+        order,
+    )?)
 }
 
 /// Runs `tessera stake`.
@@ -296,7 +336,7 @@ pub fn unstake(args: UnstakeArgs) -> anyhow::Result<()> {
     stake_order(&args.hub, &args.signer, action, amount, args.nonce)
 }
 
-/// Signs and sends one `StakeOrder`.
+/// Signs and sends one `StakeOrder`, printing the hub's answer.
 fn stake_order(
     hub: &str,
     signer: &SignerArgs,
@@ -304,13 +344,36 @@ fn stake_order(
     amount: u64,
     nonce: Option<u64>,
 ) -> anyhow::Result<()> {
+    print_answer(&send_stake_order(
+        hub,
+        &signer.wallet()?,
+        action,
+        amount,
+        nonce.unwrap_or_else(rand_nonce),
+    )?)
+}
+
+/// Signs a `StakeOrder` with `wallet` for the hub's domain and sends it to `POST /v1/stake`;
+/// returns the hub's answer (the stake, and what the vault recorded).
+pub fn send_stake_order(
+    hub: &str,
+    wallet: &tessera_protocol::Wallet,
+    action: StakeAction,
+    amount: u64,
+    nonce: u64,
+) -> anyhow::Result<Value> {
     let order = StakeOrder {
         action: action as u8,
         amount,
-        nonce: nonce.unwrap_or_else(rand_nonce),
+        nonce,
         expiry: expiry()?,
     };
-    post_order(hub, "/v1/stake", "stake order", &signer.wallet()?, order)
+    post_order(hub, "/v1/stake", "stake order", wallet, order)
+}
+
+fn print_answer(answer: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(answer)?);
+    Ok(())
 }
 
 /// Ten minutes from now: how long a signed order stays valid.
@@ -318,14 +381,14 @@ fn expiry() -> anyhow::Result<u64> {
     Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 600)
 }
 
-/// Signs `order` for the hub's domain, posts it to `path` and prints the answer.
+/// Signs `order` for the hub's domain, posts it to `path` and returns the answer.
 fn post_order<M: tessera_protocol::TypedMessage + serde::Serialize>(
     hub: &str,
     path: &str,
     what: &str,
     wallet: &tessera_protocol::Wallet,
     order: M,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Value> {
     let signed = wallet.sign(order, crate::client::domain(hub)?)?;
     let mut response = crate::client::http()
         .post(format!("{hub}{path}"))
@@ -338,8 +401,7 @@ fn post_order<M: tessera_protocol::TypedMessage + serde::Serialize>(
             body["error"]["message"].as_str().unwrap_or("no message")
         );
     }
-    println!("{}", serde_json::to_string_pretty(&body)?);
-    Ok(())
+    Ok(body)
 }
 
 fn rand_nonce() -> u64 {

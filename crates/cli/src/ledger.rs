@@ -100,7 +100,11 @@ pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
             ledger.close().await;
             if json {
                 let mut value = serde_json::to_value(&report)?;
+                value["clean"] = report.is_clean().into();
                 value["chain"] = serde_json::to_value(&reconciliation)?;
+                if let Some(r) = &reconciliation {
+                    value["chain"]["reconciled"] = r.is_clean().into();
+                }
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print_audit(&report);

@@ -140,8 +140,8 @@ pub fn log(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
     )?))
 }
 
-/// Starts `tessera hub` (dev mode, loopback, SQLite in `dir`) with `args`; returns its URL and
-/// database URL once it listens.
+/// Starts `tessera hub` (loopback, SQLite in `dir`) with `args` (`--dev` for the faucet and dev
+/// staking); returns its URL and database URL once it listens.
 pub fn start_hub(
     children: &Children,
     dir: &Path,
@@ -157,7 +157,6 @@ pub fn start_hub(
                 "hub",
                 "--drain-timeout-secs",
                 &CHILD_DRAIN_SECS.to_string(),
-                "--dev",
                 "--listen",
                 "127.0.0.1:0",
                 "--db",
@@ -194,11 +193,11 @@ pub struct NodeSpec<'a> {
     pub price: u64,
     /// Compute threads.
     pub threads: usize,
-    /// Further `tessera node` flags.
+    /// Further `tessera node` flags (`--dev-stake` to be staked by a dev hub's faucet).
     pub extra: &'a [&'a str],
 }
 
-/// Starts `tessera node` with a dev stake, connected to the hub at `url`.
+/// Starts `tessera node`, connected to the hub at `url`.
 pub fn start_node(
     children: &Children,
     dir: &Path,
@@ -214,7 +213,6 @@ pub fn start_node(
         &node.price.to_string(),
         "--threads",
         &node.threads.to_string(),
-        "--dev-stake",
         "--drain-timeout-secs",
         &CHILD_DRAIN_SECS.to_string(),
     ])
@@ -245,4 +243,86 @@ pub fn wait_providers(url: &str, n: u64, timeout: Duration, dir: &Path) -> anyho
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// A local chain `tessera chain up` runs (anvil with the test stablecoin and the vault).
+pub struct LocalChain {
+    /// The JSON-RPC URL.
+    pub rpc: String,
+    /// The contracts.
+    pub contracts: tessera_chain::Contracts,
+    /// The vault operator's key file (the hub's `--operator-key-file`).
+    pub operator_key_file: std::path::PathBuf,
+    /// A funded development account's key file (pays gas for deposits and mints test tokens).
+    pub dev_key_file: std::path::PathBuf,
+}
+
+impl LocalChain {
+    /// The hub's flags for this chain; the first six (RPC, vault, token) are also what
+    /// `tessera ledger audit` takes to reconcile the vault.
+    pub fn hub_flags(&self) -> Vec<String> {
+        [
+            ("--rpc", self.rpc.clone()),
+            ("--vault", self.contracts.vault.to_string()),
+            ("--token", self.contracts.token.to_string()),
+            (
+                "--operator-key-file",
+                self.operator_key_file.display().to_string(),
+            ),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect()
+    }
+}
+
+/// Starts `tessera chain up --dir DIR/chain` with `anvil` and returns the chain once the
+/// contracts are deployed (it writes `chain.env` then).
+pub fn start_chain(children: &Children, dir: &Path, anvil: &Path) -> anyhow::Result<LocalChain> {
+    let chain_dir = dir.join("chain");
+    std::fs::create_dir_all(&chain_dir)?;
+    let env_file = chain_dir.join("chain.env");
+    let _ = std::fs::remove_file(&env_file);
+    children.spawn(
+        Command::new(std::env::current_exe()?)
+            .args(["chain", "up", "--dir"])
+            .arg(&chain_dir)
+            .env(tessera_chain::ANVIL_ENV, anvil)
+            .stdout(Stdio::null())
+            .stderr(log(dir, "chain")?),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&env_file) {
+            if text.lines().count() >= 4 {
+                break text;
+            }
+        }
+        let log = std::fs::read_to_string(dir.join("chain.log")).unwrap_or_default();
+        if let Some(error) = log.lines().find(|l| l.starts_with("error:")) {
+            bail!("the local chain did not start: {error}");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the local chain did not start; see {}",
+                dir.join("chain.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("chain.env has no {name}"))
+    };
+    Ok(LocalChain {
+        rpc: field("TESSERA_HUB_RPC")?,
+        contracts: tessera_chain::Contracts {
+            vault: field("TESSERA_HUB_VAULT")?.parse()?,
+            token: field("TESSERA_HUB_TOKEN")?.parse()?,
+        },
+        operator_key_file: field("TESSERA_HUB_OPERATOR_KEY_FILE")?.into(),
+        dev_key_file: chain_dir.join("dev.key"),
+    })
 }

@@ -183,6 +183,7 @@ pub fn local_network(
 ) -> anyhow::Result<Client> {
     let nodes = network.nodes.max(1);
     let mut hub_args = vec![
+        "--dev".to_owned(),
         "--verify-probability".to_owned(),
         network.verify_probability.to_string(),
     ];
@@ -202,7 +203,7 @@ pub fn local_network(
                 wallet: &Wallet::random(),
                 price: network.price,
                 threads: network.threads,
-                extra: &["--capacity", "2"],
+                extra: &["--capacity", "2", "--dev-stake"],
             },
         )?;
     }

@@ -3,6 +3,8 @@
 
 use std::process::{Command, Output};
 
+use serde_json::json;
+
 fn tessera(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
     cmd.args(args).env("RUST_LOG", "warn");
@@ -169,65 +171,114 @@ fn wallet_keystore_and_ledger_audit() {
     );
 }
 
-/// `tessera demo` as a user runs it: its report shows the cheater caught, slashed and
-/// quarantined, the honest providers paid, the synthetic dataset written and the audit clean.
+/// `tessera demo` as a user runs it, on the local chain: its JSON report (`--json-report`, the
+/// same figures as the printed one) shows the cheater caught, slashed and quarantined, the
+/// honest providers paid, the synthetic dataset written, the lazy writer's dispute lost with its
+/// bond, the x402 request paid and settled on-chain, the agent funded by a deposit and its
+/// balance accounted for, the audit clean and the vault reconciled with the ledger.
 #[test]
 fn demo_runs_end_to_end_and_its_report_checks_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir_text = dir.path().to_string_lossy().into_owned();
+    let report_path = dir.path().join("report.json");
     let out = tessera(
         &[
             "demo",
             "--requests",
-            "3",
+            "2",
             "--max-tokens",
             "16",
             "--rows",
-            "2",
+            "1",
             "--dir",
             &dir_text,
+            "--json-report",
+            report_path.to_str().expect("utf-8 path"),
         ],
         &[],
     );
-    let report = stdout(&out);
+    let printed = stdout(&out);
     assert!(
         out.status.success(),
-        "{report}\n{}",
+        "{printed}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(report.contains("dashboard  http://"), "{report}");
-    let row = |name: &str| {
-        report
-            .lines()
-            .find(|l| l.starts_with(name) && l.split_whitespace().count() >= 8)
-            .unwrap_or_else(|| panic!("no report row for {name}:\n{report}"))
-            .to_owned()
+    assert!(printed.contains("dashboard  http://"), "{printed}");
+    assert!(printed.contains("ledger audit: clean"), "{printed}");
+    assert!(printed.contains("chain reconciliation: clean"), "{printed}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).expect("the JSON report"))
+            .expect("report json");
+    let context = format!("{printed}\n{report:#}");
+    let provider = |name: &str| {
+        report["providers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+            .unwrap_or_else(|| panic!("no provider {name}: {context}"))
+            .clone()
     };
-    let cheater = row("cheater");
-    assert!(cheater.contains("QUARANTINED"), "{cheater}");
-    let slashed: u64 = cheater
-        .split_whitespace()
-        .nth(5)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    assert!(slashed > 0, "the cheater was slashed: {cheater}");
-    let paid: u64 = ["honest-a", "honest-b"]
-        .iter()
-        .map(|n| {
-            row(n)
-                .split_whitespace()
-                .nth(6)
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum();
-    assert!(paid > 0, "the honest providers were paid:\n{report}");
-    assert!(report.contains("2 rows in"), "{report}");
+    let u64_of = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+
+    // The cheater: caught, its whole stake slashed, quarantined.
+    let cheater = provider("cheater");
+    assert_eq!(cheater["cheats"], true);
+    assert_eq!(cheater["quarantined"], true, "{context}");
+    assert!(u64_of(&cheater["slashed"]) >= 1_000_000, "{context}");
+    assert_eq!(cheater["staked"], 0, "{context}");
+    // The honest providers: staked on-chain, paid for their jobs and checks, never slashed.
+    for name in ["honest-a", "honest-b"] {
+        let p = provider(name);
+        assert_eq!(
+            (&p["quarantined"], &p["slashed"], &p["staked"]),
+            (&json!(false), &json!(0), &json!(1_000_000)),
+            "{name}: {context}"
+        );
+        assert!(u64_of(&p["earned"]) > 0, "{name} was paid: {context}");
+        assert!(u64_of(&p["balance"]) > 0, "{name} was paid: {context}");
+    }
+    assert!(u64_of(&report["totals"]["verifications_failed"]) >= 1);
+    assert!(u64_of(&report["totals"]["verifications_passed"]) >= 1);
+
+    // The agent: funded by an on-chain deposit; its balance is its spend, refunds and
+    // compensation to the micro-unit.
+    let agent = &report["agent"];
+    assert_eq!(agent["funding"], "deposit", "{context}");
+    assert_eq!(agent["adds_up"], true, "{context}");
+    assert!(u64_of(&agent["spent"]) > 0, "{context}");
+
+    // x402: one request paid by a signed authorization, settled on-chain, served.
+    let x402 = &report["x402"];
+    assert_eq!(
+        (&x402["settled"], &x402["status"]),
+        (&json!(true), &json!(200)),
+        "{context}"
+    );
+    let (paid, cost) = (u64_of(&x402["paid"]), u64_of(&x402["cost"]));
+    assert!(cost > 0 && cost <= paid, "{context}");
+    assert_eq!(u64_of(&x402["payer_balance"]), paid - cost, "{context}");
+    assert_eq!(x402["transaction"].as_str().map(str::len), Some(66));
+
+    // The market: the good delivery accepted, the lazy writer's dispute lost with its bond.
+    let market = &report["market"];
+    assert_eq!(market["good"]["state"], "accepted", "{context}");
+    assert_eq!(market["bad"]["state"], "poster_won", "{context}");
+    assert_eq!(market["bond_lost"], true, "{context}");
+    assert!(u64_of(&market["lazy_lost"]) >= u64_of(&market["worker_bond"]));
+
+    // The dataset.
+    assert_eq!(report["dataset"]["rows"], 1, "{context}");
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("dataset/manifest.json")).expect("manifest"),
     )
     .expect("manifest json");
-    assert_eq!(manifest["rows"], 2);
+    assert_eq!(manifest["rows"], 1);
     assert!(dir.path().join("dataset/data.parquet").exists());
-    assert!(report.contains("ledger audit: clean"), "{report}");
+
+    // The books: the audit clean, the vault holding what the ledger owes and recording its
+    // stake (the slash included).
+    assert_eq!(report["audit"]["clean"], true, "{context}");
+    let chain = &report["chain"];
+    assert_eq!(chain["reconciled"], true, "{context}");
+    assert_eq!(chain["vault_holdings"], chain["ledger_liabilities"]);
+    assert_eq!(chain["vault_stake"]["staked"], 2_000_000, "{context}");
 }

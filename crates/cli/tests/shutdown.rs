@@ -600,7 +600,16 @@ fn demo_interrupted_mid_run_leaves_no_child_process() -> Result<()> {
         }
     }
     let children = children_of(demo.pid());
-    assert_eq!(children.len(), 4, "a hub and three nodes: {children:?}");
+    assert_eq!(
+        children.len(),
+        5,
+        "the chain (`tessera chain up`), a hub and three nodes: {children:?}"
+    );
+    // Anvil runs under `tessera chain up`: it must go too.
+    let children: Vec<i32> = children
+        .iter()
+        .flat_map(|&c| std::iter::once(c).chain(children_of(c)))
+        .collect();
     demo.signal(libc::SIGINT);
     let (status, took) = demo.exits_within(Duration::from_secs(15), "the demo")?;
     let mut stderr = String::new();
