@@ -185,18 +185,21 @@ fn tools_section(tools: &[Tool]) -> Vec<Segment> {
          You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
             .into(),
     )];
+    let string = |s: &str| python_json(&serde_json::Value::String(s.to_owned()));
     for tool in tools {
-        let mut function = serde_json::Map::new();
-        function.insert("name".into(), tool.name.clone().into());
-        if let Some(d) = &tool.description {
-            function.insert("description".into(), d.clone().into());
-        }
+        // The keys in OpenAI's order, as the caller's `tools` list has them.
+        let description = tool
+            .description
+            .as_deref()
+            .map(|d| format!(", \"description\": {}", string(d)))
+            .unwrap_or_default();
         let parameters = serde_json::from_str(&tool.parameters)
-            .unwrap_or_else(|_| serde_json::Value::String(tool.parameters.clone()));
-        function.insert("parameters".into(), parameters);
-        let entry = serde_json::json!({"type": "function", "function": function});
+            .map_or_else(|_| string(&tool.parameters), |v| python_json(&v));
         out.push(Segment::Markup("\n".into()));
-        out.push(Segment::Content(python_json(&entry)));
+        out.push(Segment::Content(format!(
+            "{{\"type\": \"function\", \"function\": {{\"name\": {}{description}, \"parameters\": {parameters}}}}}",
+            string(&tool.name)
+        )));
     }
     out.push(Segment::Markup(
         "\n</tools>\n\nFor each function call, return a json object with function name and \
@@ -304,6 +307,77 @@ mod tests {
                 )
             }
         );
+    }
+
+    fn text(segs: &[Segment]) -> String {
+        segs.iter()
+            .map(|s| match s {
+                Segment::Markup(x) | Segment::Content(x) => x.as_str(),
+            })
+            .collect()
+    }
+
+    fn tool_conversation() -> (Vec<Message>, Vec<Tool>) {
+        let tools = vec![Tool {
+            name: "get_weather".into(),
+            description: Some("Weather in a city".into()),
+            parameters: r#"{"properties":{"city":{"type":"string"}},"type":"object"}"#.into(),
+        }];
+        let mut call = Message::new(Role::Assistant, "");
+        call.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        }];
+        let mut result = Message::new(Role::Tool, "sunny");
+        result.tool_call_id = Some("call_1".into());
+        let messages = vec![
+            Message::new(Role::User, "Weather in Paris?"),
+            call,
+            result,
+        ];
+        (messages, tools)
+    }
+
+    /// The text Qwen2.5's shipped Jinja template renders for this conversation (by hand from the
+    /// GGUF's `tokenizer.chat_template`).
+    #[test]
+    fn chatml_renders_tools_calls_and_results_as_qwens_template() {
+        let t = ChatTemplate::ChatMl {
+            default_system: Some("You are Qwen.".into()),
+        };
+        let (messages, tools) = tool_conversation();
+        let expected = "<|im_start|>system\nYou are Qwen.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+            You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n\
+            {\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city\", \"parameters\": {\"properties\": {\"city\": {\"type\": \"string\"}}, \"type\": \"object\"}}}\n\
+            </tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n\
+            <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n\
+            <|im_start|>user\nWeather in Paris?<|im_end|>\n\
+            <|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
+            <|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(text(&t.render_with_tools(&messages, &tools)), expected);
+        // The caller's system prompt replaces the default; without tools nothing changes.
+        let mut with_system = vec![Message::new(Role::System, "Be brief.")];
+        with_system.extend(messages.clone());
+        let rendered = text(&t.render_with_tools(&with_system, &tools));
+        assert!(rendered.starts_with("<|im_start|>system\nBe brief.\n\n# Tools"), "{rendered}");
+        assert_eq!(rendered.matches("<|im_start|>system").count(), 1);
+        let plain = [Message::new(Role::User, "Hi")];
+        assert_eq!(t.render_with_tools(&plain, &[]), t.render(&plain));
+    }
+
+    #[test]
+    fn gemma_renders_tools_in_the_first_user_turn() {
+        let t = ChatTemplate::Gemma;
+        let (messages, tools) = tool_conversation();
+        let rendered = text(&t.render_with_tools(&messages, &tools));
+        assert!(
+            rendered.starts_with("<bos><start_of_turn>user\n# Tools\n"),
+            "{rendered}"
+        );
+        assert!(rendered.contains("</tool_call>\n\nWeather in Paris?<end_of_turn>"), "{rendered}");
+        assert!(rendered.contains("<start_of_turn>model\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><end_of_turn>"), "{rendered}");
+        assert!(rendered.ends_with("<start_of_turn>user\n\n<tool_response>\nsunny\n</tool_response><end_of_turn>\n<start_of_turn>model\n"), "{rendered}");
     }
 
     #[test]
