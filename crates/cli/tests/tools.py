@@ -157,8 +157,8 @@ resp = client.responses.create(model=MODEL, tools=rtools, tool_choice="none", ma
                                       {"type": "function_call_output", "call_id": items[0].call_id, "output": result}])
 assert resp.output_text, resp
 events = [e.type for e in client.responses.create(model=MODEL, input=QUESTION[0]["content"], tools=rtools,
-                                                  tool_choice="required", max_output_tokens=60, temperature=0,
-                                                  stream=True)]
+                                                  tool_choice="required", parallel_tool_calls=False,
+                                                  max_output_tokens=60, temperature=0, stream=True)]
 assert "response.function_call_arguments.done" in events and events[-1] == "response.completed", events
 report["responses"] = json.loads(items[0].arguments)
 
