@@ -1663,7 +1663,18 @@ fn issue_12_parameters_are_honoured_or_refused_by_name_and_refusals_cost_nothing
 
 /// Runs a Python script with the official `openai` client against `hub` as `key`.
 fn run_openai_script(hub: &Hub, key: &str, script: &str, env: &[(&str, &str)]) -> Result<Value> {
-    let python = openai_python()?;
+    run_python_script(&openai_python()?, hub, key, script, env)
+}
+
+/// Runs a Python script from `tests/` with `python` against `hub` as `key`; its last line of
+/// output is a JSON report.
+fn run_python_script(
+    python: &Path,
+    hub: &Hub,
+    key: &str,
+    script: &str,
+    env: &[(&str, &str)],
+) -> Result<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join(script);
@@ -1716,6 +1727,69 @@ fn issue_12_structured_output_parses_and_validates_through_the_openai_client() -
         before,
         "a refused schema moves no money"
     );
+    hub.audit()
+}
+
+/// Issue 12: function calling through the official client on `model`, served by one node
+/// started with `node_args` (see `tools.py`: a named call's round trip, `required`, `none`,
+/// `auto`, streamed call deltas, the Responses API's function calls, and refused tool requests
+/// that move no money).
+fn run_tools_script(model: &str, node_args: &[&str]) -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let mut args = vec!["--dev-stake"];
+    args.extend_from_slice(node_args);
+    let _node = hub.node("node", &provider, 2, &args)?;
+    hub.wait_connected(1)?;
+    let (agent, key) = hub.agent(1_000_000)?;
+    let started = Instant::now();
+    let address = format!("{:#x}", agent.address());
+    let report = run_openai_script(
+        &hub,
+        &key,
+        "tools.py",
+        &[("TESSERA_MODEL", model), ("TESSERA_AGENT", &address)],
+    )?;
+    eprintln!("tools on {model}: {report} in {:?}", started.elapsed());
+    assert!(report["named"]["city"].is_string(), "{report}");
+    assert_eq!(report["refused"].as_array().map(Vec::len), Some(5), "{report}");
+    hub.audit()
+}
+
+/// Issue 12: tools on SmolLM2, whose template has no tool format (the generic rendering).
+#[test]
+fn issue_12_tools_round_trip_through_the_openai_client() -> Result<()> {
+    run_tools_script("smollm2-135m", &[])
+}
+
+/// Issue 12: tools on Qwen2.5, rendered as its own chat template renders them.
+#[test]
+fn issue_12_tools_round_trip_on_qwen_with_its_tool_template() -> Result<()> {
+    run_tools_script("qwen2.5-coder-0.5b", &["--model", "qwen2.5-coder-0.5b"])
+}
+
+/// Issue 12: LangChain's `with_structured_output`, by `response_format` (its default) and by
+/// function calling, returns a valid instance of the Pydantic model.
+#[test]
+fn issue_12_langchain_with_structured_output() -> Result<()> {
+    let hub = start_hub(&["--verify-probability", "0"])?;
+    let provider = Wallet::random();
+    let _node = hub.node("node", &provider, 2, &["--dev-stake"])?;
+    hub.wait_connected(1)?;
+    let (_, key) = hub.agent(1_000_000)?;
+    let python = support::python::venv(
+        "langchain-venv",
+        "import langchain_openai",
+        &["openai", "langchain-openai"],
+    )?;
+    let report = run_python_script(
+        &python,
+        &hub,
+        &key,
+        "langchain_structured.py",
+        &[("TESSERA_MODEL", "smollm2-135m")],
+    )?;
+    eprintln!("langchain: {report}");
     hub.audit()
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{ChatTemplate, Message, Segment};
+use crate::chat::{ChatTemplate, Message, Segment, Tool};
 use crate::device::{Compute, DeviceTransformer};
 use crate::error::{Error, Result};
 use crate::gguf::{sha256_file, GgufFile};
@@ -322,8 +322,13 @@ impl Engine {
 
     /// The prompt tokens of a conversation, ending with the assistant's turn opening.
     pub fn chat_prompt(&self, messages: &[Message]) -> Vec<u32> {
+        self.chat_prompt_with_tools(messages, &[])
+    }
+
+    /// [`Engine::chat_prompt`] with functions the model may call, rendered by the template.
+    pub fn chat_prompt_with_tools(&self, messages: &[Message], tools: &[Tool]) -> Vec<u32> {
         let mut tokens = Vec::new();
-        for seg in self.template.render(messages) {
+        for seg in self.template.render_with_tools(messages, tools) {
             match seg {
                 Segment::Markup(m) => tokens.extend(self.tokenizer.encode_with_special(&m)),
                 Segment::Content(c) => tokens.extend(self.tokenizer.encode(&c)),
@@ -345,9 +350,9 @@ impl Engine {
 
     /// [`Engine::chat_prompt`], refusing conversations whose text exceeds
     /// [`crate::tokenizer::MAX_TEXT_BYTES`] with [`Error::PromptTooLong`] before tokenizing any of it.
-    pub fn try_chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        crate::tokenizer::check_text_len(messages.iter().map(|m| m.content.len()).sum())?;
-        Ok(self.chat_prompt(messages))
+    pub fn try_chat_prompt(&self, request: &tessera_types::JobRequest) -> Result<Vec<u32>> {
+        crate::tokenizer::check_text_len(request.prompt_bytes())?;
+        Ok(self.chat_prompt_with_tools(&request.messages, &request.tools))
     }
 
     /// [`Engine::completion_prompt`], refusing texts over [`crate::tokenizer::MAX_TEXT_BYTES`].

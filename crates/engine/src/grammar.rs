@@ -85,18 +85,19 @@ impl GrammarCompiler {
                 text.len()
             )));
         }
-        let mut schema: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| Error::Grammar(format!("not JSON: {e}")))?;
-        let Some(object) = schema.as_object_mut() else {
-            return Err(Error::Grammar("a JSON Schema must be an object".into()));
+        let top = match grammar {
+            Grammar::ToolCalls {
+                functions,
+                required,
+                parallel,
+            } => TopLevelGrammar::from_lark(tool_calls_lark(functions, *required, *parallel)?),
+            Grammar::JsonObject | Grammar::JsonSchema { .. } => {
+                TopLevelGrammar::from_json_schema(fixed_layout(text)?)
+            }
         };
-        object.insert(
-            "x-guidance".into(),
-            serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
-        );
         let parser = self
             .factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
+            .create_parser(top)
             .map_err(|e| Error::Grammar(e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
@@ -125,6 +126,77 @@ impl GrammarCompiler {
         }
         Ok(masks)
     }
+}
+
+/// A JSON Schema's text with llguidance's layout options: no free whitespace, Python's
+/// separators.
+fn fixed_layout(text: &str) -> Result<serde_json::Value> {
+    let mut schema: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::Grammar(format!("not JSON: {e}")))?;
+    let Some(object) = schema.as_object_mut() else {
+        return Err(Error::Grammar("a JSON Schema must be an object".into()));
+    };
+    object.insert(
+        "x-guidance".into(),
+        serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+    );
+    Ok(schema)
+}
+
+/// The Lark grammar (llguidance's dialect,
+/// <https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md>) of
+/// [`Grammar::ToolCalls`]: Qwen2.5's (Hermes') call format with each function's name fixed and
+/// its arguments under its parameter schema (`%json`), in the fixed layout of
+/// [`fixed_layout`]. Without `required`, the alternative is free text that does not start with
+/// `<tool_call>`, so the first tokens decide which branch the output takes.
+pub fn tool_calls_lark(functions: &str, required: bool, parallel: bool) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Function {
+        name: String,
+        parameters: serde_json::Value,
+    }
+    let functions: Vec<Function> = serde_json::from_str(functions)
+        .map_err(|e| Error::Grammar(format!("the functions are not a JSON list: {e}")))?;
+    if functions.is_empty() {
+        return Err(Error::Grammar("no functions to call".into()));
+    }
+    let mut rules = Vec::new();
+    let mut alternatives = Vec::new();
+    for (i, f) in functions.iter().enumerate() {
+        let valid = !f.name.is_empty()
+            && f.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(Error::Grammar(format!(
+                "the function name `{}` is not letters, digits, `_` or `-`",
+                f.name
+            )));
+        }
+        let schema = fixed_layout(&f.parameters.to_string())?;
+        // Lark string literals take JSON's escapes: `\n` is the newline, `\"` a quote.
+        rules.push(format!(
+            r#"call_{i}: "<tool_call>\n{{\"name\": \"{name}\", \"arguments\": " args_{i} "}}\n</tool_call>""#,
+            name = f.name
+        ));
+        rules.push(format!("args_{i}: %json {schema}"));
+        alternatives.push(format!("call_{i}"));
+    }
+    let calls = if parallel {
+        r#"calls: call ("\n" call)*"#
+    } else {
+        "calls: call"
+    };
+    let start = if required {
+        "start: calls"
+    } else {
+        "start: TEXT | calls\nTEXT: /(?s:.+)/ & ~/(?s:<tool_call>.*)/"
+    };
+    Ok(format!(
+        "{start}\n{calls}\ncall: {}\n{}\n",
+        alternatives.join(" | "),
+        rules.join("\n")
+    ))
 }
 
 /// One generation's grammar state.

@@ -575,6 +575,7 @@ mod tests {
 
     fn request() -> tessera_types::JobRequest {
         tessera_types::JobRequest {
+            tools: Vec::new(),
             messages: vec![],
             prompt: None,
             max_tokens: 1,

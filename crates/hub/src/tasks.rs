@@ -112,6 +112,7 @@ fn judge_request(task_id: &str, rubric: &str, delivery: &str) -> JobRequest {
             .unwrap_or_default(),
     );
     JobRequest {
+        tools: Vec::new(),
         messages: vec![
             Message::new(
                 Role::System,

@@ -27,7 +27,7 @@ impl Node {
     fn prompt_tokens(&self, request: &JobRequest) -> tessera_engine::Result<Vec<u32>> {
         match &request.prompt {
             Some(text) => self.engine.try_completion_prompt(text),
-            None => self.engine.try_chat_prompt(&request.messages),
+            None => self.engine.try_chat_prompt(request),
         }
     }
 

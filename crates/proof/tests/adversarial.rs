@@ -210,6 +210,66 @@ fn constrained_jobs_pass_and_follow_their_schema() {
     assert!(engine.grammar().unwrap().compile(&bad).is_err());
 }
 
+/// Issue 12: a function call constrained by the tools' grammar is honest work that passes and
+/// is a well-formed call of a listed function; the same prompt answered without the grammar but
+/// claimed under it (a provider ignoring `tools`) fails at the first token the grammar forbids.
+#[test]
+fn tool_call_jobs_pass_and_ignoring_the_tool_grammar_is_caught() {
+    use tessera_engine::chat::{Message, Role, Tool};
+    use tessera_engine::sampling::Grammar;
+    let engine = smollm();
+    let parameters = r#"{"type":"object","properties":{"city":{"type":"string","maxLength":12}},"required":["city"],"additionalProperties":false}"#;
+    let tools = [Tool {
+        name: "get_weather".into(),
+        description: Some("Weather in a city".into()),
+        parameters: parameters.into(),
+    }];
+    let prompt = engine.chat_prompt_with_tools(
+        &[Message::new(Role::User, "What is the weather in Paris?")],
+        &tools,
+    );
+    let mut specs = Vec::new();
+    for (required, seed) in [(true, 1), (false, 2)] {
+        let mut sampling = SamplingParams::seeded(0.7, seed);
+        sampling.grammar = Some(Grammar::ToolCalls {
+            functions: format!(r#"[{{"name":"get_weather","parameters":{parameters}}}]"#),
+            required,
+            parallel: true,
+        });
+        specs.push(tessera_proof::JobSpec {
+            model_sha256: engine.info().sha256.clone(),
+            prompt_tokens: prompt.clone(),
+            sampling,
+            max_tokens: 48,
+            stop: Vec::new(),
+        });
+    }
+    let jobs = serve(engine, &specs).unwrap();
+    for job in &jobs {
+        let v = verify(engine, job, &Thresholds::default()).unwrap();
+        assert!(v.passed, "honest tool-call job flagged: {:?}", v.reason);
+    }
+    let call = &jobs[0].output_text;
+    let prefix = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"";
+    assert!(call.starts_with(prefix), "{call}");
+    if jobs[0].commitment.finish == tessera_proof::Finish::Eos {
+        assert!(call.ends_with("\"}}\n</tool_call>"), "{call}");
+    }
+    // Generated freely, claimed under the required-call grammar.
+    let mut free = specs[0].clone();
+    free.sampling.grammar = None;
+    let mut forged = serve(engine, &[free]).unwrap().remove(0);
+    assert!(!forged.output_text.starts_with(prefix), "{}", forged.output_text);
+    forged.spec.sampling.grammar = specs[0].sampling.grammar.clone();
+    forged.commitment.sampling.grammar = forged.spec.sampling.grammar.clone();
+    let v = verify(engine, &forged, &Thresholds::default()).unwrap();
+    assert!(
+        matches!(v.reason, Some(Reason::GrammarViolation { .. })),
+        "{:?}",
+        v.reason
+    );
+}
+
 /// Issue 12: presence and frequency penalties and logit biases are part of the verified rule:
 /// honest penalised and biased jobs pass; the same jobs generated without them but claimed with
 /// them fail wherever the output differs.

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::Message;
+use crate::chat::{Message, Tool};
 use crate::sampling::SamplingParams;
 
 /// What a job asks a provider to run. The prompt goes as messages (or raw text), not tokens: the
@@ -12,6 +12,10 @@ use crate::sampling::SamplingParams;
 pub struct JobRequest {
     /// The conversation (chat completions).
     pub messages: Vec<Message>,
+    /// Functions the template tells the model it may call (OpenAI's `tools`; empty when
+    /// `tool_choice` is `none`). The sampling rule's grammar says which calls it may make.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
     /// Raw prompt text (legacy completions); used instead of `messages` when set.
     #[serde(default)]
     pub prompt: Option<String>,
@@ -34,7 +38,27 @@ impl JobRequest {
     pub fn prompt_bytes(&self) -> usize {
         match &self.prompt {
             Some(p) => p.len(),
-            None => self.messages.iter().map(|m| m.content.len()).sum(),
+            None => {
+                let calls = |m: &Message| -> usize {
+                    m.tool_calls
+                        .iter()
+                        .map(|c| c.name.len() + c.arguments.len())
+                        .sum()
+                };
+                let tools: usize = self
+                    .tools
+                    .iter()
+                    .map(|t| {
+                        t.name.len() + t.description.as_ref().map_or(0, String::len) + t.parameters.len()
+                    })
+                    .sum();
+                tools
+                    + self
+                        .messages
+                        .iter()
+                        .map(|m| m.content.len() + calls(m))
+                        .sum::<usize>()
+            }
         }
     }
 }

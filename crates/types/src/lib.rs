@@ -14,7 +14,7 @@ pub mod vocab;
 
 mod chat;
 
-pub use chat::{Message, Role};
+pub use chat::{Message, Role, Tool, ToolCall};
 pub use commitment::{Commitment, CommitmentBuilder, Finish, JobSpec};
 pub use job::{FailureKind, JobRequest, VerificationStatus};
 pub use logprobs::TokenLogprobs;

@@ -62,14 +62,29 @@ pub enum Grammar {
         /// The schema, as compact JSON text.
         schema: String,
     },
+    /// Function calls (OpenAI's `tools` with `tool_choice` other than `none`): one or more
+    /// `<tool_call>\n{"name": …, "arguments": …}\n</tool_call>` blocks, each naming one of
+    /// `functions` with arguments valid under that function's parameter schema, or (unless
+    /// `required`) free text that does not start with a tool call.
+    ToolCalls {
+        /// The callable functions, as compact JSON text of `[{"name": …, "parameters": {…}}]`
+        /// (a named `tool_choice` leaves only that one).
+        functions: String,
+        /// A call must be made (`tool_choice` `required` or a named function).
+        required: bool,
+        /// More than one call may be made (`parallel_tool_calls`).
+        parallel: bool,
+    },
 }
 
 impl Grammar {
-    /// The JSON Schema the output follows (`{"type": "object"}` for [`Grammar::JsonObject`]).
+    /// The grammar's canonical text: the JSON Schema the output follows (`{"type": "object"}`
+    /// for [`Grammar::JsonObject`]), or the functions of [`Grammar::ToolCalls`].
     pub fn schema_text(&self) -> &str {
         match self {
             Grammar::JsonObject => r#"{"type":"object"}"#,
             Grammar::JsonSchema { schema } => schema,
+            Grammar::ToolCalls { functions, .. } => functions,
         }
     }
 
@@ -78,6 +93,14 @@ impl Grammar {
         let kind: &[u8] = match self {
             Grammar::JsonObject => b"json_object",
             Grammar::JsonSchema { .. } => b"json_schema",
+            Grammar::ToolCalls {
+                required, parallel, ..
+            } => match (required, parallel) {
+                (false, false) => b"tool_calls:auto",
+                (false, true) => b"tool_calls:auto:parallel",
+                (true, false) => b"tool_calls:required",
+                (true, true) => b"tool_calls:required:parallel",
+            },
         };
         let text = self.schema_text().as_bytes();
         let mut h = Sha256::new();

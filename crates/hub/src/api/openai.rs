@@ -29,7 +29,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tessera_protocol::Address;
-use tessera_types::{Finish, JobRequest, Message, Role, SamplingParams};
+use tessera_types::{Finish, Grammar, JobRequest, Message, Role, SamplingParams, ToolCall};
 
 use crate::api::auth::{authenticate, check_signed, consume_nonce, Auth};
 use crate::error::ApiError;
@@ -42,6 +42,7 @@ use crate::{now_secs, Hub};
 mod logprobs;
 mod params;
 mod responses;
+mod tools;
 
 /// Stop strings a request may give (as OpenAI).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -77,6 +78,26 @@ struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant message's calls.
+    #[serde(default)]
+    tool_calls: Option<Vec<InCall>>,
+    /// The call a tool message answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+/// A call in an earlier assistant message (`{"id", "type": "function", "function": {…}}`).
+#[derive(Debug, Deserialize)]
+struct InCall {
+    id: String,
+    function: InFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct InFunction {
+    name: String,
+    #[serde(default)]
+    arguments: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +150,13 @@ struct Common {
     /// Chat only: alternatives per token (0–20), with `logprobs: true`.
     #[serde(default)]
     top_logprobs: Option<u8>,
+    /// Chat only: functions the model may call (see [`tools`]).
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,8 +281,23 @@ impl Common {
                 format!("A stop sequence may be at most {MAX_STOP_BYTES} bytes."),
             ));
         }
+        let (tools, tool_grammar) = tools::parse(
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )?;
+        let grammar = match (params::grammar(self.response_format.as_ref())?, tool_grammar) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::unsupported_param(
+                    "response_format",
+                    "response_format cannot be combined with callable tools on this hub (set tool_choice to `none`, or drop one).",
+                ))
+            }
+            (format, calls) => format.or(calls),
+        };
         Ok(JobRequest {
             messages,
+            tools,
             prompt,
             max_tokens,
             // Without a seed the hub assigns one, so a verifier can replay the sampling.
@@ -263,7 +306,7 @@ impl Common {
                 top_k: self.top_k,
                 top_p: self.top_p,
                 seed: self.seed.unwrap_or_else(rand::random),
-                grammar: params::grammar(self.response_format.as_ref())?,
+                grammar,
                 presence_penalty: self.presence_penalty.unwrap_or(0.0),
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 logit_bias: params::logit_bias(self.logit_bias.as_ref()),
@@ -287,6 +330,7 @@ fn messages(raw: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
                 "system" | "developer" => Role::System,
                 "user" => Role::User,
                 "assistant" => Role::Assistant,
+                "tool" => Role::Tool,
                 other => {
                     return Err(ApiError::invalid_param(
                         "messages",
@@ -311,7 +355,33 @@ fn messages(raw: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
                     text
                 }
             };
-            Ok(Message::new(role, content))
+            let mut message = Message::new(role, content);
+            if let Some(calls) = m.tool_calls.filter(|c| !c.is_empty()) {
+                if role != Role::Assistant {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        "Only assistant messages may carry tool_calls.",
+                    ));
+                }
+                message.tool_calls = calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        id: c.id,
+                        name: c.function.name,
+                        arguments: c.function.arguments,
+                    })
+                    .collect();
+            }
+            if role == Role::Tool {
+                let Some(id) = m.tool_call_id else {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        "A tool message needs the tool_call_id of the call it answers.",
+                    ));
+                };
+                message.tool_call_id = Some(id);
+            }
+            Ok(message)
         })
         .collect()
 }
@@ -394,6 +464,11 @@ pub async fn create_response(
             temperature: given("temperature"),
             top_p: given("top_p"),
             metadata: fields.get("metadata").cloned().unwrap_or_else(|| json!({})),
+            tools: fields.get("tools").cloned().unwrap_or_else(|| json!([])),
+            tool_choice: fields
+                .get("tool_choice")
+                .cloned()
+                .unwrap_or_else(|| json!("auto")),
         };
         Ok::<_, ApiError>((request.common, choices(job, 1), echo))
     })();
@@ -417,6 +492,11 @@ fn finish_reason(finish: Option<Finish>) -> &'static str {
     }
 }
 
+/// Whether a job's output is read as function calls (its grammar is [`Grammar::ToolCalls`]).
+fn calls_tools(job: &JobRequest) -> bool {
+    matches!(job.sampling.grammar, Some(Grammar::ToolCalls { .. }))
+}
+
 struct Frame {
     kind: Kind,
     id: String,
@@ -429,6 +509,22 @@ struct Frame {
 }
 
 impl Frame {
+    /// A chat chunk carrying one piece of a streamed answer that may call tools.
+    fn delta_chunk(&self, delta: &tools::Delta) -> Value {
+        let delta = match delta {
+            tools::Delta::Text(text) => json!({"content": text}),
+            tools::Delta::Open { index, id, name } => {
+                json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]})
+            }
+            tools::Delta::Arguments { index, fragment } => {
+                json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+            }
+        };
+        let mut chunk = self.chunk(None, None, false);
+        chunk["choices"][0]["delta"] = delta;
+        chunk
+    }
+
     fn chunk(&self, text: Option<&str>, finish: Option<&str>, role: bool) -> Value {
         match self.kind {
             Kind::Chat => {
@@ -693,6 +789,7 @@ async fn serve(
     let mut extensions = Vec::with_capacity(outcomes.len());
     let (mut prompt, mut completion, mut cost) = (0, 0, 0);
     let mut incomplete = false;
+    let mut parsed = Vec::with_capacity(outcomes.len());
     for (index, (r, outcome)) in running.into_iter().zip(&outcomes).enumerate() {
         let (model, address, price, key) = (
             r.model.clone(),
@@ -700,23 +797,37 @@ async fn serve(
             r.price(),
             r.key().to_owned(),
         );
+        let calls = if kind == Kind::Chat && calls_tools(&r.request) {
+            tools::parse_output(&key, &outcome.text)
+        } else {
+            None
+        };
         let charge = hub.conclude(r, outcome).await;
         let End::Finished(finish) = outcome.end else {
             unreachable!("every outcome finished")
         };
         incomplete |= finish == Finish::Length;
-        let finish = finish_reason(Some(finish));
+        let finish = if calls.is_some() {
+            "tool_calls"
+        } else {
+            finish_reason(Some(finish))
+        };
         let logprobs = outcome.logprobs.as_deref().map_or(Value::Null, |lps| {
             frame.logprobs(&model.vocab, &outcome.tokens, lps, 0)
         });
-        choices.push(match kind {
-            Kind::Chat => {
+        choices.push(match (kind, &calls) {
+            (Kind::Chat, Some(calls)) => {
+                let calls: Vec<Value> = calls.iter().map(tools::Call::to_json).collect();
+                json!({"index": index, "message": {"role": "assistant", "content": null, "tool_calls": calls, "refusal": null}, "logprobs": logprobs, "finish_reason": finish})
+            }
+            (Kind::Chat, None) => {
                 json!({"index": index, "message": {"role": "assistant", "content": outcome.text, "refusal": null}, "logprobs": logprobs, "finish_reason": finish})
             }
-            Kind::Completion => {
+            (Kind::Completion, _) => {
                 json!({"index": index, "text": outcome.text, "logprobs": logprobs, "finish_reason": finish})
             }
         });
+        parsed.push(calls);
         prompt += outcome.billed_prompt_tokens;
         completion += outcome.tokens.len() as u64;
         cost += charge.cost;
@@ -732,13 +843,20 @@ async fn serve(
         headers.insert("x-tessera-cost", v);
     }
     if let Some(echo) = &frame.response {
-        let item = responses::message_item(&format!("msg-{}", frame.id), &outcomes[0].text, true);
+        let items = match &parsed[0] {
+            Some(calls) => calls.iter().map(responses::function_call_item).collect(),
+            None => vec![responses::message_item(
+                &format!("msg-{}", frame.id),
+                &outcomes[0].text,
+                true,
+            )],
+        };
         let status = if incomplete {
             "incomplete"
         } else {
             "completed"
         };
-        let mut body = echo.object(status, vec![item], responses::usage(prompt, completion));
+        let mut body = echo.object(status, items, responses::usage(prompt, completion));
         body["tessera"] = combined(extensions, cost);
         return (headers, Json(body)).into_response();
     }
@@ -856,24 +974,44 @@ async fn stream_choice(
         v["content_index"] = json!(0);
         v
     };
-    if let Some(echo) = &frame.response {
-        let object = echo.object("in_progress", vec![], Value::Null);
-        event("response.created", json!({"response": object}));
-        event("response.in_progress", json!({"response": object}));
+    let open_message = || {
         let item = responses::message_item(&item_id, "", false);
         event(
             "response.output_item.added",
             json!({"output_index": 0, "item": item}),
         );
         event("response.content_part.added", at(json!({"part": part("")})));
+    };
+    // A Responses stream that may call functions is sent whole at the end, once the output is
+    // known to be calls or a message.
+    let buffered = frame.response.is_some() && calls_tools(&running.request);
+    if let Some(echo) = &frame.response {
+        let object = echo.object("in_progress", vec![], Value::Null);
+        event("response.created", json!({"response": object}));
+        event("response.in_progress", json!({"response": object}));
+        if !buffered {
+            open_message();
+        }
     } else if frame.kind == Kind::Chat {
         send(frame.chunk(Some(""), None, true));
     }
     let model = running.model.clone();
     let asked = running.request.logprobs.is_some();
     let mut offset = 0;
+    // Output that may be function calls is sent as call deltas (without logprobs).
+    let mut calls = (frame.response.is_none() && calls_tools(&running.request))
+        .then(|| tools::CallStream::new(running.key()));
     let outcome = running
         .drive(|text, tokens, lps| {
+            if let Some(calls) = calls.as_mut() {
+                return calls
+                    .push(text)
+                    .iter()
+                    .all(|d| send(frame.delta_chunk(d)));
+            }
+            if buffered {
+                return true;
+            }
             let listed = asked && logprobs::any_listed(&model.vocab, tokens, lps);
             if text.is_empty() && !listed {
                 return true;
@@ -900,26 +1038,67 @@ async fn stream_choice(
     let finished = match (&outcome.end, &frame.response) {
         (End::Finished(finish), Some(echo)) => {
             let text = outcome.text.as_str();
-            event(
-                "response.output_text.done",
-                at(json!({"text": text, "logprobs": []})),
-            );
-            event(
-                "response.content_part.done",
-                at(json!({"part": part(text)})),
-            );
-            let item = responses::message_item(&item_id, text, true);
-            event(
-                "response.output_item.done",
-                json!({"output_index": 0, "item": item.clone()}),
-            );
+            let calls = buffered
+                .then(|| tools::parse_output(&key, text))
+                .flatten();
+            let items = match calls {
+                Some(calls) => calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, call)| {
+                        let item = responses::function_call_item(call);
+                        let mut open = item.clone();
+                        open["arguments"] = json!("");
+                        open["status"] = json!("in_progress");
+                        event(
+                            "response.output_item.added",
+                            json!({"output_index": i, "item": open}),
+                        );
+                        let on = json!({"item_id": item["id"], "output_index": i});
+                        let mut delta = on.clone();
+                        delta["delta"] = json!(call.arguments);
+                        event("response.function_call_arguments.delta", delta);
+                        let mut done = on;
+                        done["arguments"] = json!(call.arguments);
+                        event("response.function_call_arguments.done", done);
+                        event(
+                            "response.output_item.done",
+                            json!({"output_index": i, "item": item.clone()}),
+                        );
+                        item
+                    })
+                    .collect(),
+                None => {
+                    if buffered {
+                        open_message();
+                        event(
+                            "response.output_text.delta",
+                            at(json!({"delta": text, "logprobs": []})),
+                        );
+                    }
+                    event(
+                        "response.output_text.done",
+                        at(json!({"text": text, "logprobs": []})),
+                    );
+                    event(
+                        "response.content_part.done",
+                        at(json!({"part": part(text)})),
+                    );
+                    let item = responses::message_item(&item_id, text, true);
+                    event(
+                        "response.output_item.done",
+                        json!({"output_index": 0, "item": item.clone()}),
+                    );
+                    vec![item]
+                }
+            };
             let status = if *finish == Finish::Length {
                 "incomplete"
             } else {
                 "completed"
             };
             let usage = responses::usage(outcome.billed_prompt_tokens, completion);
-            let mut object = echo.object(status, vec![item], usage);
+            let mut object = echo.object(status, items, usage);
             object["tessera"] = extension(provider, price, &key, &charge, &outcome.commitment);
             event(
                 if status == "completed" {
@@ -932,7 +1111,17 @@ async fn stream_choice(
             true
         }
         (End::Finished(finish), None) => {
-            let mut last = frame.chunk(None, Some(finish_reason(Some(*finish))), false);
+            let mut reason = finish_reason(Some(*finish));
+            if let Some(calls) = calls.as_mut() {
+                let (rest, parsed) = calls.finish();
+                for d in &rest {
+                    send(frame.delta_chunk(d));
+                }
+                if parsed.is_some() {
+                    reason = "tool_calls";
+                }
+            }
+            let mut last = frame.chunk(None, Some(reason), false);
             if frame.kind == Kind::Chat {
                 last["choices"][0]["delta"] = json!({});
             }

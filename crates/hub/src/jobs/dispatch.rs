@@ -173,8 +173,12 @@ impl Hub {
                 })) => {
                     // Every provider compiles the same grammar the same way: no retry.
                     self.refund(&ticket.close()).await;
+                    let tools = matches!(
+                        request.sampling.grammar,
+                        Some(tessera_types::Grammar::ToolCalls { .. })
+                    );
                     return Err(ApiError {
-                        param: Some("response_format"),
+                        param: Some(if tools { "tools" } else { "response_format" }),
                         ..ApiError::invalid(
                             "invalid_json_schema",
                             format!(

@@ -649,6 +649,7 @@ mod tests {
 
     fn claimed(tokens: &[u32]) -> Claimed {
         let request = JobRequest {
+            tools: Vec::new(),
             messages: vec![],
             prompt: Some("x".into()),
             max_tokens: 4,

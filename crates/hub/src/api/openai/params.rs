@@ -92,12 +92,12 @@ const CHAT: &[(&str, Treatment)] = &[
     ("logprobs", Honoured),
     ("top_logprobs", Honoured),
     ("response_format", Honoured),
-    ("tools", NeutralOnly(is_empty)),
+    ("tools", Honoured),
+    ("tool_choice", Honoured),
+    ("parallel_tool_calls", Honoured),
+    // The deprecated forms of `tools` and `tool_choice`.
     ("functions", NeutralOnly(is_empty)),
-    ("tool_choice", NeutralOnly(is_none_choice)),
     ("function_call", NeutralOnly(is_none_choice)),
-    // Only meaningful with tools, which are refused above.
-    ("parallel_tool_calls", Harmless),
     ("modalities", NeutralOnly(is_text_only)),
     ("audio", Unsupported),
     ("prediction", Unsupported),
@@ -153,7 +153,8 @@ pub const MAX_SCHEMA_BYTES: usize = 16 * 1024;
 /// Deepest nesting of a JSON Schema accepted (objects and arrays).
 pub const MAX_SCHEMA_DEPTH: usize = 24;
 
-fn depth(v: &Value) -> usize {
+/// How deep objects and arrays nest in a JSON value.
+pub(super) fn depth(v: &Value) -> usize {
     match v {
         Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
         Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
@@ -342,10 +343,10 @@ mod tests {
     fn meaning_changing_parameters_are_refused_by_name() {
         for (key, value) in [
             (
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
+                "functions",
+                json!([{"name": "f"}]),
             ),
-            ("tool_choice", json!("required")),
+            ("function_call", json!("auto")),
             ("store", json!(true)),
             ("audio", json!({"voice": "alloy"})),
             ("reasoning_effort", json!("low")),

@@ -20,10 +20,6 @@ fn is_empty(v: &Value) -> bool {
     v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(Map::is_empty)
 }
 
-fn is_no_tool_choice(v: &Value) -> bool {
-    matches!(v.as_str(), Some("none" | "auto"))
-}
-
 fn is_disabled(v: &Value) -> bool {
     v.as_str() == Some("disabled")
 }
@@ -46,11 +42,10 @@ const PARAMS: &[(&str, Treatment)] = &[
     ("service_tier", Harmless),
     ("safety_identifier", Harmless),
     ("prompt_cache_key", Harmless),
-    // Without tools there is nothing to call, in parallel or not.
-    ("parallel_tool_calls", Harmless),
+    ("parallel_tool_calls", Honoured),
     ("store", NeutralOnly(is_false)),
-    ("tools", NeutralOnly(is_empty)),
-    ("tool_choice", NeutralOnly(is_no_tool_choice)),
+    ("tools", Honoured),
+    ("tool_choice", Honoured),
     ("include", NeutralOnly(is_empty)),
     ("truncation", NeutralOnly(is_disabled)),
     ("previous_response_id", Unsupported),
@@ -123,15 +118,34 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Value, ApiError> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for item in items {
-                if item
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| t != "message")
-                {
-                    return Err(ApiError::unsupported_param(
-                        "input",
-                        "Only message items are supported in `input`.",
-                    ));
+                let field = |k: &str| item.get(k).cloned().unwrap_or(Value::Null);
+                match item.get("type").and_then(Value::as_str) {
+                    None | Some("message") => {}
+                    Some("function_call") => {
+                        // The model's calls: consecutive ones are one assistant message.
+                        let call = json!({"id": field("call_id"), "type": "function",
+                            "function": {"name": field("name"), "arguments": field("arguments")}});
+                        match messages.last_mut() {
+                            Some(m) if m["role"] == "assistant" && m.get("tool_calls").is_some() => {
+                                m["tool_calls"].as_array_mut().expect("a list").push(call)
+                            }
+                            _ => messages.push(
+                                json!({"role": "assistant", "content": null, "tool_calls": [call]}),
+                            ),
+                        }
+                        continue;
+                    }
+                    Some("function_call_output") => {
+                        let output = text_of(item.get("output").unwrap_or(&Value::Null))?;
+                        messages.push(json!({"role": "tool", "tool_call_id": field("call_id"), "content": output}));
+                        continue;
+                    }
+                    Some(_) => {
+                        return Err(ApiError::unsupported_param(
+                            "input",
+                            "Only message, function_call and function_call_output items are supported in `input`.",
+                        ))
+                    }
                 }
                 let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
                 let content = text_of(item.get("content").unwrap_or(&Value::Null))?;
@@ -156,10 +170,21 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Value, ApiError> {
         ("seed", "seed"),
         ("top_k", "top_k"),
         ("max_price", "max_price"),
+        ("parallel_tool_calls", "parallel_tool_calls"),
     ] {
         if let Some(v) = body.get(from).filter(|v| !v.is_null()) {
             chat.insert(to.into(), v.clone());
         }
+    }
+    if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
+        chat.insert("tools".into(), chat_tools(tools)?);
+    }
+    if let Some(choice) = body.get("tool_choice").filter(|c| !c.is_null()) {
+        let choice = match choice.get("type").and_then(Value::as_str) {
+            Some("function") => json!({"type": "function", "function": {"name": choice.get("name")}}),
+            _ => choice.clone(),
+        };
+        chat.insert("tool_choice".into(), choice);
     }
     if let Some(format) = body
         .get("text")
@@ -181,6 +206,35 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Value, ApiError> {
         chat.insert("response_format".into(), format);
     }
     Ok(Value::Object(chat))
+}
+
+/// Responses function tools (`{"type": "function", "name", "description", "parameters"}`) in
+/// chat's shape (the function in a `function` object); other tool types are refused.
+fn chat_tools(tools: &Value) -> Result<Value, ApiError> {
+    let Some(list) = tools.as_array() else {
+        return Err(ApiError::invalid_param(
+            "tools",
+            "tools must be a list of function tools.",
+        ));
+    };
+    list.iter()
+        .map(|t| {
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(ApiError::unsupported_param(
+                    "tools",
+                    "Only tools of type `function` are supported.",
+                ));
+            }
+            let mut function = Map::new();
+            for key in ["name", "description", "parameters"] {
+                if let Some(v) = t.get(key) {
+                    function.insert(key.into(), v.clone());
+                }
+            }
+            Ok(json!({"type": "function", "function": function}))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Array)
 }
 
 /// The `text.format` a response echoes.
@@ -210,6 +264,12 @@ pub fn message_item(id: &str, text: &str, done: bool) -> Value {
            "role": "assistant", "content": content})
 }
 
+/// A `function_call` item of a response's `output`.
+pub fn function_call_item(call: &super::tools::Call) -> Value {
+    json!({"type": "function_call", "id": format!("fc_{}", &call.id["call_".len()..]), "call_id": call.id,
+           "name": call.name, "arguments": call.arguments, "status": "completed"})
+}
+
 /// What a response echoes of its request and its own identity.
 pub struct Echo {
     /// `resp_…`.
@@ -230,6 +290,10 @@ pub struct Echo {
     pub top_p: Value,
     /// `metadata`, as given.
     pub metadata: Value,
+    /// `tools`, as given (or `[]`).
+    pub tools: Value,
+    /// `tool_choice`, as given (or `auto`).
+    pub tool_choice: Value,
 }
 
 impl Echo {
@@ -242,7 +306,7 @@ impl Echo {
                "max_output_tokens": self.max_output_tokens, "model": self.model, "output": output,
                "parallel_tool_calls": true, "previous_response_id": null, "reasoning": {"effort": null, "summary": null},
                "store": false, "temperature": self.temperature, "text": {"format": self.format},
-               "tool_choice": "auto", "tools": [], "top_p": self.top_p, "truncation": "disabled",
+               "tool_choice": self.tool_choice, "tools": self.tools, "top_p": self.top_p, "truncation": "disabled",
                "usage": usage, "user": null, "metadata": self.metadata})
     }
 }
@@ -283,6 +347,7 @@ mod tests {
             ("store", json!(true)),
             ("background", json!(true)),
             ("tools", json!([{"type": "web_search"}])),
+            ("tools", json!([{"type": "file_search"}])),
         ] {
             let e = chat(json!({"model": "m", "input": "x", key: value})).unwrap_err();
             assert_eq!(e.code, "unsupported_parameter", "{key}");
@@ -292,8 +357,35 @@ mod tests {
         assert_eq!(e.code, "unknown_parameter");
         let e = chat(json!({"model": "m", "input": 3})).unwrap_err();
         assert_eq!(e.param, Some("input"));
-        let e =
-            chat(json!({"model": "m", "input": [{"type": "function_call_output"}]})).unwrap_err();
+        let e = chat(json!({"model": "m", "input": [{"type": "reasoning"}]})).unwrap_err();
         assert_eq!(e.param, Some("input"));
+    }
+
+    #[test]
+    fn function_tools_and_call_items_become_chat_tools_and_messages() {
+        let c = chat(json!({"model": "m", "tools": [{"type": "function", "name": "f", "description": "d",
+                "parameters": {"type": "object"}, "strict": true}],
+            "tool_choice": {"type": "function", "name": "f"}, "parallel_tool_calls": false,
+            "input": [{"role": "user", "content": "go"},
+                {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "call_2", "name": "f", "arguments": "{\"a\": 1}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]}))
+        .unwrap();
+        assert_eq!(
+            c["tools"],
+            json!([{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}])
+        );
+        assert_eq!(
+            c["tool_choice"],
+            json!({"type": "function", "function": {"name": "f"}})
+        );
+        assert_eq!(c["parallel_tool_calls"], false);
+        let m = &c["messages"];
+        assert_eq!(m[1]["role"], "assistant");
+        assert_eq!(m[1]["tool_calls"][1]["function"]["arguments"], "{\"a\": 1}");
+        assert_eq!(
+            m[2],
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "ok"})
+        );
     }
 }
