@@ -24,7 +24,9 @@ pub enum BenchCommand {
     /// Synthetic-data throughput: rows/s and cost per 1,000 rows with 1 and 2 local providers.
     Synth(crate::bench_synth::SynthBenchArgs),
     /// Engine throughput for each cached model: prompt processing, decode (batch 1 and 8),
-    /// teacher-forced scoring, time to first token, peak RSS.
+    /// teacher-forced scoring, time to first token, KV bytes per token, peak RSS. Above
+    /// 1,024 prompt tokens the batch-8 and scoring runs are skipped (eight long caches, and the
+    /// logits of every position, would measure memory rather than the engine).
     Engine {
         /// Compute threads (default: all cores).
         #[arg(long)]
@@ -47,6 +49,10 @@ pub enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// A folder holding llama.cpp's `llama-bench`: run it on the same GGUF files, threads and
+        /// token counts in the same run, and print its figures and the ratios beside ours.
+        #[arg(long, value_name = "DIR")]
+        compare_llama_cpp: Option<std::path::PathBuf>,
     },
     /// Ledger settlements per second (escrow hold + capture + release) on SQLite, and on
     /// PostgreSQL when a URL is given.
@@ -64,6 +70,9 @@ pub enum BenchCommand {
     /// Verification: detection rate per adversary, false positives on honest jobs across provider
     /// set-ups, commitment size, and the cost of a check relative to the generation it checks.
     Verify {
+        /// The model served and verified.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
         /// Honest jobs (spread over threads 1/2, batch 1/8, AVX2/AVX-512 kernels).
         #[arg(long, default_value_t = 1000)]
         honest: usize,
@@ -113,6 +122,7 @@ struct VerifyFigures {
 
 #[cfg(not(feature = "adversary"))]
 fn bench_verify(
+    _: &str,
     _: usize,
     _: usize,
     _: u32,
@@ -124,6 +134,7 @@ fn bench_verify(
 
 #[cfg(feature = "adversary")]
 fn bench_verify(
+    model: &str,
     honest_n: usize,
     per_adversary: usize,
     max_tokens: u32,
@@ -131,11 +142,12 @@ fn bench_verify(
     thresholds: Option<std::path::PathBuf>,
 ) -> anyhow::Result<VerifyFigures> {
     let thresholds = crate::verify_cmd::load_thresholds(thresholds.as_ref())?;
-    registry::fetch("smollm2-135m")?;
-    registry::fetch("gemma3-270m")?;
-    let verifier = Engine::load("smollm2-135m", None)?;
+    let other_name = tessera_proof::other_model(model);
+    registry::fetch(model)?;
+    registry::fetch(other_name)?;
+    let verifier = Engine::load(model, None)?;
     let one_thread = Engine::load_with(
-        "smollm2-135m",
+        model,
         &LoadOptions {
             threads: Some(1),
             ..Default::default()
@@ -233,9 +245,9 @@ fn bench_verify(
         honest_rules.push(row);
     }
 
-    let other = Engine::load("gemma3-270m", None)?;
+    let other = Engine::load(other_name, None)?;
     let requantized = Engine::load_with(
-        "smollm2-135m",
+        model,
         &LoadOptions {
             threads: None,
             variant: Variant::RequantizedQ4_0,
@@ -243,7 +255,7 @@ fn bench_verify(
         },
     )?;
     let skipped = Engine::load_with(
-        "smollm2-135m",
+        model,
         &LoadOptions {
             threads: None,
             variant: Variant::SkipLastLayers(2),
@@ -259,7 +271,10 @@ fn bench_verify(
     let mut adversaries = Vec::new();
     for (k, adversary) in Adversary::ALL.into_iter().enumerate() {
         let mut row = DetectionRow {
-            behaviour: adversary.name().into(),
+            behaviour: match adversary {
+                Adversary::OtherModel => format!("{} ({other_name})", adversary.name()),
+                _ => adversary.name().into(),
+            },
             jobs: 0,
             flagged: 0,
             rate: 0.0,
@@ -332,16 +347,84 @@ fn bench_verify(
 #[derive(Serialize)]
 struct EngineFigures {
     model: String,
+    /// The GGUF file (for llama.cpp).
+    #[serde(skip)]
+    path: std::path::PathBuf,
     device: String,
     formats: Vec<String>,
     threads: usize,
     prompt_tokens: usize,
     prompt_tok_per_s: f64,
     decode_tok_per_s_batch1: f64,
-    decode_tok_per_s_batch8: f64,
-    score_tok_per_s: f64,
+    /// `None` when skipped (long prompts).
+    decode_tok_per_s_batch8: Option<f64>,
+    /// `None` when skipped (long prompts).
+    score_tok_per_s: Option<f64>,
     time_to_first_token_ms: f64,
+    kv_bytes_per_token: usize,
     peak_rss_mib: f64,
+    /// llama.cpp's figures on the same file, threads and token counts, in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cpp: Option<LlamaCppFigures>,
+}
+
+/// `llama-bench` on the same model, and our figures relative to its (above 1: we are faster).
+#[derive(Serialize)]
+struct LlamaCppFigures {
+    prompt_tok_per_s: f64,
+    decode_tok_per_s: f64,
+    prompt_ratio: f64,
+    decode_ratio: f64,
+}
+
+/// Prompt tokens above which `bench engine` skips the batch-8 and scoring runs.
+const LONG_PROMPT: usize = 1024;
+
+/// Runs `DIR/llama-bench -m MODEL -p P -n G -r R -t T -o json` and reads its prompt (`n_gen` 0)
+/// and generation (`n_prompt` 0) rows: tokens per second, averaged over the repetitions.
+fn llama_bench(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    repeat: usize,
+    threads: usize,
+) -> anyhow::Result<(f64, f64)> {
+    use anyhow::Context;
+    let exe = dir.join("llama-bench");
+    let out = std::process::Command::new(&exe)
+        .arg("-m")
+        .arg(model)
+        .args(["-p", &prompt_tokens.to_string()])
+        .args(["-n", &gen_tokens.to_string()])
+        .args(["-r", &repeat.to_string()])
+        .args(["-t", &threads.to_string()])
+        .args(["-o", "json"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} exited with {}",
+        exe.display(),
+        out.status
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("reading llama-bench's JSON")?;
+    let rate = |prompt: bool| {
+        rows.iter()
+            .find(|r| {
+                let (p, g) = (r["n_prompt"].as_u64(), r["n_gen"].as_u64());
+                if prompt {
+                    p > Some(0) && g == Some(0)
+                } else {
+                    g > Some(0) && p == Some(0)
+                }
+            })
+            .and_then(|r| r["avg_ts"].as_f64())
+            .context("llama-bench gave no prompt or generation row")
+    };
+    Ok((rate(true)?, rate(false)?))
 }
 
 fn peak_rss_mib() -> f64 {
@@ -414,12 +497,13 @@ fn bench_engine(
         answer = g.tokens;
     }
 
+    let long = prompt_tokens > LONG_PROMPT;
     // Decode, batch 8: eight prompts of different lengths decoded together, after their first round.
     let requests: Vec<_> = (0..8)
         .map(|i| (prompt[..prompt.len() - i].to_vec(), opts(gen_tokens)))
         .collect();
     let mut decode8 = 0f64;
-    for _ in 0..repeat {
+    for _ in 0..if long { 0 } else { repeat } {
         let start = Instant::now();
         let mut first_round = None;
         let mut tokens = 0usize;
@@ -443,7 +527,7 @@ fn bench_engine(
             .take(2 * gen_tokens),
     );
     let mut score = 0f64;
-    for _ in 0..repeat {
+    for _ in 0..if long { 0 } else { repeat } {
         let start = Instant::now();
         engine.score(&seq)?;
         score = score.max(seq.len() as f64 / start.elapsed().as_secs_f64());
@@ -451,17 +535,61 @@ fn bench_engine(
 
     Ok(EngineFigures {
         model: name.into(),
+        path: engine.info().path.clone(),
         device: device.to_string(),
         formats: engine.info().formats.clone(),
         threads: engine.threads(),
         prompt_tokens: prompt.len(),
         prompt_tok_per_s: prompt.len() as f64 / ttft,
         decode_tok_per_s_batch1: decode1,
-        decode_tok_per_s_batch8: decode8,
-        score_tok_per_s: score,
+        decode_tok_per_s_batch8: (!long).then_some(decode8),
+        score_tok_per_s: (!long).then_some(score),
         time_to_first_token_ms: ttft * 1000.0,
+        kv_bytes_per_token: engine.info().kv_bytes_per_token,
         peak_rss_mib: peak_rss_mib(),
+        llama_cpp: None,
     })
+}
+
+/// The `bench engine` table; with llama.cpp's figures, its columns and the ratios too.
+fn print_engine_table(figures: &[EngineFigures], prompt_tokens: usize) {
+    let compare = figures.iter().any(|f| f.llama_cpp.is_some());
+    let optional = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
+    print!(
+        "| model | device | threads | prompt tok/s ({prompt_tokens}) | decode tok/s b=1 | decode tok/s b=8 | score tok/s | TTFT ms | KV bytes/token | peak RSS MiB |"
+    );
+    if compare {
+        print!(" llama.cpp pp | ratio | llama.cpp tg | ratio |");
+    }
+    println!();
+    println!(
+        "|---|---|---|---|---|---|---|---|---|---|{}",
+        if compare { "---|---|---|---|" } else { "" }
+    );
+    for f in figures {
+        print!(
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {:.1} | {} | {:.0} |",
+            f.model,
+            f.device,
+            f.threads,
+            f.prompt_tok_per_s,
+            f.decode_tok_per_s_batch1,
+            optional(f.decode_tok_per_s_batch8),
+            optional(f.score_tok_per_s),
+            f.time_to_first_token_ms,
+            f.kv_bytes_per_token,
+            f.peak_rss_mib
+        );
+        match &f.llama_cpp {
+            Some(l) => print!(
+                " {:.1} | {:.2}x | {:.1} | {:.2}x |",
+                l.prompt_tok_per_s, l.prompt_ratio, l.decode_tok_per_s, l.decode_ratio
+            ),
+            None if compare => print!(" – | – | – | – |"),
+            None => {}
+        }
+        println!();
+    }
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -478,6 +606,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             gen_tokens,
             repeat,
             json,
+            compare_llama_cpp,
         } => {
             let models: Vec<String> = if model.is_empty() {
                 registry::list_cached()
@@ -490,31 +619,26 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             if models.is_empty() {
                 anyhow::bail!("no model is cached; run `tessera model fetch smollm2-135m` first");
             }
-            let figures = models
-                .iter()
-                .map(|m| bench_engine(m, threads, device, prompt_tokens, gen_tokens, repeat.max(1)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let repeat = repeat.max(1);
+            let mut figures = Vec::new();
+            for m in &models {
+                let mut f = bench_engine(m, threads, device, prompt_tokens, gen_tokens, repeat)?;
+                if let Some(dir) = &compare_llama_cpp {
+                    let (pp, tg) =
+                        llama_bench(dir, &f.path, prompt_tokens, gen_tokens, repeat, f.threads)?;
+                    f.llama_cpp = Some(LlamaCppFigures {
+                        prompt_tok_per_s: pp,
+                        decode_tok_per_s: tg,
+                        prompt_ratio: f.prompt_tok_per_s / pp,
+                        decode_ratio: f.decode_tok_per_s_batch1 / tg,
+                    });
+                }
+                figures.push(f);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
-                println!(
-                    "| model | device | threads | prompt tok/s ({prompt_tokens}) | decode tok/s b=1 | decode tok/s b=8 | score tok/s | TTFT ms | peak RSS MiB |"
-                );
-                println!("|---|---|---|---|---|---|---|---|---|");
-                for f in &figures {
-                    println!(
-                        "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
-                        f.model,
-                        f.device,
-                        f.threads,
-                        f.prompt_tok_per_s,
-                        f.decode_tok_per_s_batch1,
-                        f.decode_tok_per_s_batch8,
-                        f.score_tok_per_s,
-                        f.time_to_first_token_ms,
-                        f.peak_rss_mib
-                    );
-                }
+                print_engine_table(&figures, prompt_tokens);
             }
         }
         BenchCommand::Ledger {
@@ -531,6 +655,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             ))?;
         }
         BenchCommand::Verify {
+            model,
             honest,
             per_adversary,
             max_tokens,
@@ -538,7 +663,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             thresholds,
             json,
         } => {
-            let f = bench_verify(honest, per_adversary, max_tokens, p, thresholds)?;
+            let f = bench_verify(&model, honest, per_adversary, max_tokens, p, thresholds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&f)?);
             } else {

@@ -161,8 +161,9 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
                             },
                         )
                     };
-                    registry::fetch("gemma3-270m").ok();
-                    let other = Engine::load("gemma3-270m", None)?;
+                    let other_name = tessera_proof::other_model(&model);
+                    registry::fetch(other_name).ok();
+                    let other = Engine::load(other_name, None)?;
                     let (requantized, skipped) = (
                         load(Variant::RequantizedQ4_0)?,
                         load(Variant::SkipLastLayers(2))?,

@@ -60,6 +60,8 @@ pub struct ModelInfo {
     pub layers: usize,
     /// Weight formats of the embedding and the blocks.
     pub formats: Vec<String>,
+    /// Bytes the KV cache holds per token of context (keys and values of every layer, f32).
+    pub kv_bytes_per_token: usize,
 }
 
 /// Options of one generation.
@@ -186,6 +188,9 @@ impl std::fmt::Debug for Engine {
 }
 
 /// Per-sequence state while decoding.
+/// The most prompt tokens of one sequence a forward pass takes (see [`Engine::step`]).
+pub const PREFILL_CHUNK: usize = 512;
+
 struct Live {
     cache: KvCache,
     prompt: Vec<u32>,
@@ -258,6 +263,7 @@ impl Engine {
             vocab_size: config.vocab_size,
             layers: config.layers,
             formats,
+            kv_bytes_per_token: config.layers * config.kv_dim() * 2 * std::mem::size_of::<f32>(),
         };
         let mut pool = rayon::ThreadPoolBuilder::new();
         if let Some(n) = threads {
@@ -449,6 +455,22 @@ impl Engine {
             .collect();
         if active.is_empty() {
             return Ok(());
+        }
+        // Long prompts go in pieces of PREFILL_CHUNK tokens, so that a pass's activations stay
+        // bounded whatever the prompt's length. Rows are computed independently of the batch
+        // and attend to the same cached keys either way, so the result is bitwise the same.
+        for &i in &active {
+            let l = &mut live[i];
+            while l.pending.len() > PREFILL_CHUNK {
+                let rest = l.pending.split_off(PREFILL_CHUNK);
+                let chunk = std::mem::replace(&mut l.pending, rest);
+                let mut piece = [SequenceStep {
+                    cache: &mut l.cache,
+                    tokens: &chunk,
+                    logits_from: None,
+                }];
+                self.pool.install(|| self.model.forward(&mut piece))?;
+            }
         }
         let logits = {
             let mut steps: Vec<SequenceStep<'_>> = Vec::with_capacity(active.len());

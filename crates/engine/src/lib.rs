@@ -30,7 +30,7 @@ pub use chat::{ChatTemplate, Message, Role};
 pub use device::Compute;
 pub use engine::{
     Engine, EngineService, Event, FinishReason, GenerateOptions, Generation, LoadOptions,
-    ModelInfo, Step, Variant,
+    ModelInfo, Step, Variant, PREFILL_CHUNK,
 };
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;

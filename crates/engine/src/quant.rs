@@ -8,12 +8,12 @@
 //! so that `vpdpbusd` multiplies two blocks per instruction and still yields the exact 16-bit
 //! products; AVX2 uses `vpmaddwd`, and a portable version runs anywhere.
 //!
-//! The formats of Gemma 3 and Qwen2 also stay in GGML's blocks: `Q5_0`, and the K-quants `Q4_K` and
-//! `Q6_K` (256-weight super-blocks with 6- or 8-bit sub-block scales), with kernels that take an exact
-//! integer product per (sub-)block and accumulate `d·sc·scale_a·product` in a fixed order (`Q5_0` also
-//! with AVX-512 VNNI, as `Q8_0`; the K-quants with AVX2 on VNNI machines too, and portable). `Q4_0` is repacked exactly into
-//! `Q4_1`; what is left (`Q5_K`, `F16`, ...) is widened to f32 at load time (see
-//! [`QMatrix::from_qtensor`]).
+//! The formats of Gemma 3 and Qwen2 also stay in GGML's blocks: `Q5_0`, and the K-quants `Q4_K`,
+//! `Q5_K` and `Q6_K` (256-weight super-blocks with 6- or 8-bit sub-block scales), with kernels that
+//! take an exact integer product per (sub-)block and accumulate `d·sc·scale_a·product` in a fixed
+//! order (AVX-512 VNNI on byte planes, AVX2 on words, and portable, as for the 32-weight formats).
+//! `Q4_0` is repacked exactly into `Q4_1`; what is left (`F16`, `Q2_K`, `Q3_K`, ...) is widened to
+//! f32 at load time (see [`QMatrix::from_qtensor`]).
 //!
 //! Determinism matters more than usual here, because verification compares a provider's logits with a
 //! verifier's: every output element is computed by the same sequence of operations whatever the batch
@@ -251,6 +251,19 @@ pub struct BlockQ4K {
     qs: [u8; 128],
 }
 
+/// A GGML `Q5_K` block, byte for byte (5.5 bits per weight): `Q4_K` with a fifth bit per weight,
+/// `w = d·sc·q − dmin·m`, `q` in 0..32. The low four bits sit in `qs` as in `Q4_K`; the fifth of
+/// element `l` of sub-block `j` is bit `j` of `qh[l]`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ5K {
+    d: f16,
+    dmin: f16,
+    scales: [u8; 12],
+    qh: [u8; 32],
+    qs: [u8; 128],
+}
+
 /// A GGML `Q6_K` block, byte for byte (6.5625 bits per weight): sixteen sub-blocks of 16 with
 /// signed 8-bit scales, `w = d·sc·(q − 32)`, `q` 6 bits (4 in `ql`, 2 in `qh`).
 #[derive(Debug, Clone, Copy)]
@@ -295,6 +308,37 @@ impl BlockQ4K {
             let shift = if j % 2 == 0 { 0 } else { 4 };
             for (o, q) in out[j * 32..j * 32 + 32].iter_mut().zip(q) {
                 *o = dj * ((q >> shift) & 0xF) as f32 - mj;
+            }
+        }
+    }
+}
+
+impl BlockQ5K {
+    fn from_bytes(b: &[u8]) -> Self {
+        Self {
+            d: f16_at(b, 0),
+            dmin: f16_at(b, 2),
+            scales: b[4..16].try_into().expect("12 bytes"),
+            qh: b[16..48].try_into().expect("32 bytes"),
+            qs: b[48..176].try_into().expect("128 bytes"),
+        }
+    }
+
+    /// Element `l` of sub-block `j`, in 0..32.
+    #[inline(always)]
+    fn q(&self, j: usize, l: usize) -> u8 {
+        let nibble = (self.qs[(j / 2) * 32 + l] >> (4 * (j % 2))) & 0xF;
+        nibble | (((self.qh[l] >> j) & 1) << 4)
+    }
+
+    /// The 256 weights, as candle (and GGML) dequantize them.
+    fn dequantize(&self, out: &mut [f32]) {
+        let (d, min) = (self.d.to_f32(), self.dmin.to_f32());
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &self.scales);
+            let (dj, mj) = (d * sc as f32, min * m as f32);
+            for (l, o) in out[j * 32..j * 32 + 32].iter_mut().enumerate() {
+                *o = dj * self.q(j, l) as f32 - mj;
             }
         }
     }
@@ -411,6 +455,17 @@ fn q4_1_block(row: &[Q4_1Slot], b: usize) -> BlockQ4_1 {
     }
 }
 
+/// Dequantizes row `r` of a K-quant matrix `cols` wide, one super-block at a time.
+fn k_row<B>(blocks: &[B], r: usize, cols: usize, out: &mut [f32], dequantize: fn(&B, &mut [f32])) {
+    let bpr = cols / K_BLOCK;
+    for (blk, out) in blocks[r * bpr..(r + 1) * bpr]
+        .iter()
+        .zip(out.chunks_exact_mut(K_BLOCK))
+    {
+        dequantize(blk, out);
+    }
+}
+
 /// Weights keep GGML's bytes per weight (one contiguous stream, f16 scales): decoding one token is
 /// bound by memory bandwidth, so every byte read per weight counts.
 enum Storage {
@@ -418,6 +473,7 @@ enum Storage {
     Q8_0(Vec<BlockQ8_0>),
     Q5_0(Vec<BlockQ5_0>),
     Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
     Q6K(Vec<BlockQ6K>),
     /// Plain f32, row-major.
     F32(Vec<f32>),
@@ -473,6 +529,17 @@ unsafe impl GgmlBytes for BlockQ4K {
     };
 }
 // SAFETY: as above.
+unsafe impl GgmlBytes for BlockQ5K {
+    const GGML_SIZE: usize = 176;
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        dmin: f16::ZERO,
+        scales: [0; 12],
+        qh: [0; 32],
+        qs: [0; 128],
+    };
+}
+// SAFETY: as above.
 unsafe impl GgmlBytes for BlockQ6K {
     const GGML_SIZE: usize = 210;
     const ZERO: Self = Self {
@@ -486,6 +553,7 @@ const _: () = assert!(
     std::mem::size_of::<BlockQ8_0>() == 34
         && std::mem::size_of::<BlockQ5_0>() == 22
         && std::mem::size_of::<BlockQ4K>() == 144
+        && std::mem::size_of::<BlockQ5K>() == 176
         && std::mem::size_of::<BlockQ6K>() == 210
 );
 
@@ -502,7 +570,7 @@ fn read_blocks<B: GgmlBytes>(file: &mut GgufFile, name: &str, n: usize) -> Resul
 
 impl QMatrix {
     /// Loads tensor `name` of a GGUF file. Formats kept in GGML's blocks (`Q8_0`, `Q5_0`, `Q4_K`,
-    /// `Q6_K`) are read from the file straight into place, so peak memory stays near the file's size;
+    /// `Q5_K`, `Q6_K`) are read from the file straight into place, so peak memory stays near the file's size;
     /// the others go through [`QMatrix::from_qtensor`].
     pub fn from_gguf(file: &mut GgufFile, name: &str) -> Result<Self> {
         let (dtype, dims) = file.tensor_info(name)?;
@@ -525,6 +593,9 @@ impl QMatrix {
             }
             GgmlDType::Q4K if cols % K_BLOCK == 0 => {
                 Storage::Q4K(read_blocks(file, name, rows * cols / K_BLOCK)?)
+            }
+            GgmlDType::Q5K if cols % K_BLOCK == 0 => {
+                Storage::Q5K(read_blocks(file, name, rows * cols / K_BLOCK)?)
             }
             GgmlDType::Q6K if cols % K_BLOCK == 0 => {
                 Storage::Q6K(read_blocks(file, name, rows * cols / K_BLOCK)?)
@@ -638,10 +709,14 @@ impl QMatrix {
                 )
             }
             // The K-quants in GGML's own blocks, on their own kernels (no widening).
-            GgmlDType::Q4K | GgmlDType::Q6K if cols % K_BLOCK == 0 => {
+            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K if cols % K_BLOCK == 0 => {
                 let bytes = tensor.data()?;
                 let (size, n) = (
-                    if dtype == GgmlDType::Q4K { 144 } else { 210 },
+                    match dtype {
+                        GgmlDType::Q4K => BlockQ4K::GGML_SIZE,
+                        GgmlDType::Q5K => BlockQ5K::GGML_SIZE,
+                        _ => BlockQ6K::GGML_SIZE,
+                    },
                     rows * cols / K_BLOCK,
                 );
                 if bytes.len() != n * size {
@@ -650,13 +725,14 @@ impl QMatrix {
                         reason: format!("{dtype:?} data has the wrong length"),
                     });
                 }
-                if dtype == GgmlDType::Q4K {
-                    Storage::Q4K(bytes.chunks_exact(144).map(BlockQ4K::from_bytes).collect())
-                } else {
-                    Storage::Q6K(bytes.chunks_exact(210).map(BlockQ6K::from_bytes).collect())
+                let blocks = bytes.chunks_exact(size);
+                match dtype {
+                    GgmlDType::Q4K => Storage::Q4K(blocks.map(BlockQ4K::from_bytes).collect()),
+                    GgmlDType::Q5K => Storage::Q5K(blocks.map(BlockQ5K::from_bytes).collect()),
+                    _ => Storage::Q6K(blocks.map(BlockQ6K::from_bytes).collect()),
                 }
             }
-            // Everything else (F16, Q5_K, ...) is widened to f32 once, exactly. candle's
+            // Everything else (F16, BF16, Q2_K, Q3_K, Q8_K, ...) is widened to f32 once, exactly. candle's
             // kernels for these quantize activations to 8 bits and take different paths for one row
             // and many, which made Gemma's incremental and teacher-forced logits differ by up to 2.1;
             // verification needs them to agree, so exactness wins over speed for these formats.
@@ -708,78 +784,33 @@ impl QMatrix {
     /// so one product replaces several. Returns `None` when the formats differ or are not ours.
     pub fn concat_rows(parts: Vec<QMatrix>) -> std::result::Result<QMatrix, Vec<QMatrix>> {
         let cols = parts[0].cols;
-        let same = parts.iter().all(|p| p.cols == cols)
-            && (parts.iter().all(|p| matches!(p.storage, Storage::Q4_1(_)))
-                || parts.iter().all(|p| matches!(p.storage, Storage::Q8_0(_)))
-                || parts.iter().all(|p| matches!(p.storage, Storage::Q5_0(_)))
-                || parts.iter().all(|p| matches!(p.storage, Storage::Q4K(_)))
-                || parts.iter().all(|p| matches!(p.storage, Storage::Q6K(_))));
+        let kind = std::mem::discriminant(&parts[0].storage);
+        let same = parts
+            .iter()
+            .all(|p| p.cols == cols && std::mem::discriminant(&p.storage) == kind)
+            && !matches!(parts[0].storage, Storage::F32(_));
         if !same {
             return Err(parts);
         }
         let rows = parts.iter().map(|p| p.rows).sum();
-        let storage = match parts[0].storage {
-            Storage::Q4_1(_) => Storage::Q4_1(
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let Storage::Q4_1(b) = p.storage {
-                            b
-                        } else {
-                            Vec::new()
-                        }
-                    })
-                    .collect(),
-            ),
-            Storage::Q5_0(_) => Storage::Q5_0(
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let Storage::Q5_0(b) = p.storage {
-                            b
-                        } else {
-                            Vec::new()
-                        }
-                    })
-                    .collect(),
-            ),
-            Storage::Q4K(_) => Storage::Q4K(
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let Storage::Q4K(b) = p.storage {
-                            b
-                        } else {
-                            Vec::new()
-                        }
-                    })
-                    .collect(),
-            ),
-            Storage::Q6K(_) => Storage::Q6K(
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let Storage::Q6K(b) = p.storage {
-                            b
-                        } else {
-                            Vec::new()
-                        }
-                    })
-                    .collect(),
-            ),
-            _ => Storage::Q8_0(
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        if let Storage::Q8_0(b) = p.storage {
-                            b
-                        } else {
-                            Vec::new()
-                        }
-                    })
-                    .collect(),
-            ),
-        };
+        /// The blocks of every part, stacked, in the variant they share.
+        macro_rules! stack {
+            ($($variant:ident),*) => {
+                match parts[0].storage {
+                    $(Storage::$variant(_) => Storage::$variant(
+                        parts
+                            .into_iter()
+                            .flat_map(|p| match p.storage {
+                                Storage::$variant(b) => b,
+                                _ => unreachable!("formats checked above"),
+                            })
+                            .collect(),
+                    ),)*
+                    Storage::F32(_) => unreachable!("F32 refused above"),
+                }
+            };
+        }
+        let storage = stack!(Q4_1, Q8_0, Q5_0, Q4K, Q5K, Q6K);
         Ok(QMatrix {
             rows,
             cols,
@@ -804,6 +835,7 @@ impl QMatrix {
             Storage::Q8_0(_) => "Q8_0",
             Storage::Q5_0(_) => "Q5_0",
             Storage::Q4K(_) => "Q4K",
+            Storage::Q5K(_) => "Q5K",
             Storage::Q6K(_) => "Q6K",
             Storage::F32(_) => "F32",
         }
@@ -840,24 +872,9 @@ impl QMatrix {
                     }
                 }
             }
-            Storage::Q4K(blocks) => {
-                let bpr = self.cols / K_BLOCK;
-                for (blk, out) in blocks[r * bpr..(r + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(K_BLOCK))
-                {
-                    blk.dequantize(out);
-                }
-            }
-            Storage::Q6K(blocks) => {
-                let bpr = self.cols / K_BLOCK;
-                for (blk, out) in blocks[r * bpr..(r + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(K_BLOCK))
-                {
-                    blk.dequantize(out);
-                }
-            }
+            Storage::Q4K(blocks) => k_row(blocks, r, self.cols, out, BlockQ4K::dequantize),
+            Storage::Q5K(blocks) => k_row(blocks, r, self.cols, out, BlockQ5K::dequantize),
+            Storage::Q6K(blocks) => k_row(blocks, r, self.cols, out, BlockQ6K::dequantize),
             Storage::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
         }
         Ok(())
@@ -902,6 +919,7 @@ impl QMatrix {
             Storage::Q8_0(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
             Storage::Q5_0(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
             Storage::Q4K(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
+            Storage::Q5K(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
             Storage::Q6K(blocks) => Ok(self.quantized_product(isa, blocks, x, n)),
         }
     }
@@ -1026,8 +1044,8 @@ mod kernels {
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
     use super::{
-        q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Layout, PairOrder,
-        Q4_1Slot, QuantizedActivations, Tile, BLOCK,
+        q4_1_block, scale_min_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, Layout,
+        PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK,
     };
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
@@ -1308,13 +1326,16 @@ mod kernels {
 
     /// `Q4_K`: per 32-weight sub-block, an exact integer dot product with one activation block,
     /// then `d·sc·scale_a·dot` accumulated in sub-block order (and `dmin·m·Σa` apart). The VNNI
-    /// build runs the AVX2 kernel (on 16-bit words) until a byte-plane kernel exists.
+    /// kernel reads byte planes with signed high bytes (the weights are unsigned), as `Q4_1`.
     impl KernelBlock for BlockQ4K {
         const WEIGHTS: usize = super::K_BLOCK;
-        const VNNI_LAYOUT: Layout = Layout::Words;
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
+            order: PairOrder::Natural,
+            unsigned_high: false,
+        };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
-            tile_kernel!(x86::q4_k_avx2, g)
+            tile_kernel!(x86::q4_k_vnni, g)
         }
         #[cfg(target_arch = "x86_64")]
         fn avx2(g: usize) -> TileKernel<Self> {
@@ -1340,14 +1361,49 @@ mod kernels {
         }
     }
 
-    /// `Q6_K`: per 16-weight sub-block an exact integer dot product, scaled by `d·sc·scale_a` in
-    /// element order. The VNNI build runs the AVX2 kernel, as for `Q4_K`.
-    impl KernelBlock for BlockQ6K {
+    /// `Q5_K`: as `Q4_K`, with weights in 0..32.
+    impl KernelBlock for BlockQ5K {
         const WEIGHTS: usize = super::K_BLOCK;
-        const VNNI_LAYOUT: Layout = Layout::Words;
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
+            order: PairOrder::Natural,
+            unsigned_high: false,
+        };
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
-            tile_kernel!(x86::q6_k_avx2, g)
+            tile_kernel!(x86::q5_k_vnni, g)
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn avx2(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q5_k_avx2, g)
+        }
+        fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
+            let (mut acc, mut mins) = (0f32, 0f32);
+            for (b, blk) in row.iter().enumerate() {
+                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                for j in 0..8 {
+                    let (sc, m) = scale_min_k4(j, &blk.scales);
+                    let (ad, asum, aq) = a.block(activation_row, b * 8 + j);
+                    let s: i32 = (0..32).map(|l| blk.q(j, l) as i32 * aq[l] as i32).sum();
+                    mins = (dmin * m as f32).mul_add(asum, mins);
+                    acc = ((d * sc as f32) * ad).mul_add(s as f32, acc);
+                }
+            }
+            acc - mins
+        }
+    }
+
+    /// `Q6_K`: per 16-weight sub-block an exact integer dot product, scaled by `d·sc·scale_a` in
+    /// element order. The VNNI kernel reads byte planes with unsigned high bytes (the weights are
+    /// signed), as `Q8_0`.
+    impl KernelBlock for BlockQ6K {
+        const WEIGHTS: usize = super::K_BLOCK;
+        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
+            order: PairOrder::Natural,
+            unsigned_high: true,
+        };
+        #[cfg(target_arch = "x86_64")]
+        fn vnni(g: usize) -> TileKernel<Self> {
+            tile_kernel!(x86::q6_k_vnni, g)
         }
         #[cfg(target_arch = "x86_64")]
         fn avx2(g: usize) -> TileKernel<Self> {
@@ -1417,7 +1473,7 @@ mod kernels {
         //! every `k < G`.
         use super::super::Q4_1_GROUP;
         use super::{
-            q4_1_block, scale_min_k4, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, Q4_1Slot,
+            q4_1_block, scale_min_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, Q4_1Slot,
             QuantizedActivations,
         };
         use std::arch::x86_64::*;
@@ -1596,77 +1652,156 @@ mod kernels {
             }
         }
 
-        /// `Q4_K`: as `q4_1_avx2`, per 32-weight sub-block, with the sub-block's scale `d·sc` and
-        /// minimum `dmin·m` (exact in f32) unpacked once per block for all `G` activation rows.
+        /// The unsigned weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q4_K` block (0..16).
+        #[inline]
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn q4_k_avx2<const G: usize>(
-            w: *const BlockQ4K,
-            bpr: usize,
-            a: &QuantizedActivations,
-            r0: usize,
-            out: *mut f32,
-            stride: usize,
-        ) {
-            let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
-            let abpr = bpr * 8;
-            let mut mins = [0f32; G];
-            let mut acc = [_mm256_setzero_ps(); G];
+        fn q4_k_pair(blk: &BlockQ4K, pair: usize) -> [__m256i; 2] {
             let mask = _mm256_set1_epi8(0x0F);
-            for b in 0..bpr {
-                // SAFETY: the kernel contract (block b is in the row).
-                let blk = unsafe { &*w.add(b) };
-                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
-                for pair in 0..4 {
-                    // SAFETY: 32 readable bytes of `qs`.
-                    let raw = unsafe {
-                        _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i)
-                    };
-                    let halves = [
-                        _mm256_and_si256(raw, mask),
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask),
-                    ];
-                    for (h, q) in halves.into_iter().enumerate() {
-                        let j = pair * 2 + h;
-                        let (sc, m) = scale_min_k4(j, &blk.scales);
-                        let (dj, mj) = (d * sc as f32, dmin * m as f32);
-                        let (w0, w1) = (
-                            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                            _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
-                        );
-                        for k in 0..G {
-                            let i = (r0 + k) * abpr + b * 8 + j;
-                            // SAFETY: the kernel contract.
-                            let (ad, s, x0, x1) = unsafe {
-                                let p = values.add(i * 32);
-                                (
-                                    *scales.add(i),
-                                    *sums.add(i),
-                                    _mm256_loadu_si256(p as *const __m256i),
-                                    _mm256_loadu_si256(p.add(16) as *const __m256i),
-                                )
-                            };
-                            mins[k] = mj.mul_add(s, mins[k]);
-                            let p = _mm256_add_epi32(
-                                _mm256_madd_epi16(w0, x0),
-                                _mm256_madd_epi16(w1, x1),
-                            );
-                            acc[k] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(dj * ad),
-                                _mm256_cvtepi32_ps(p),
-                                acc[k],
-                            );
-                        }
-                    }
-                }
-            }
-            for k in 0..G {
-                // SAFETY: the kernel contract.
-                unsafe { *out.add(k * stride) = hsum256(acc[k]) - mins[k] };
-            }
+            // SAFETY: 32 readable bytes of `qs` (`pair < 4`).
+            let raw =
+                unsafe { _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i) };
+            [
+                _mm256_and_si256(raw, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask),
+            ]
         }
 
-        /// `Q6_K`: the 6-bit weights of 32 elements rebuilt from `ql`/`qh` in one register, less 32,
-        /// then per 16-weight sub-block an exact `vpmaddwd` product scaled by `d·sc·scale_a`.
+        /// The unsigned weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q5_K` block (0..32):
+        /// the nibbles as for `Q4_K`, plus bit `j` of `qh[l]` as bit 4 of element `l` of sub-block `j`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn q5_k_pair(blk: &BlockQ5K, pair: usize) -> [__m256i; 2] {
+            let mask = _mm256_set1_epi8(0x0F);
+            let one = _mm256_set1_epi8(1);
+            // SAFETY: 32 readable bytes of `qs` (`pair < 4`) and the 32 of `qh`.
+            let (raw, qh) = unsafe {
+                (
+                    _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i),
+                    _mm256_loadu_si256(blk.qh.as_ptr() as *const __m256i),
+                )
+            };
+            // Shifting 16-bit lanes by at most 7 and keeping bit 0 of each byte never mixes bytes;
+            // the fifth bit (0 or 1) moved to bit 4 stays in its byte too.
+            let fifth = |j: usize| {
+                let bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32)), one);
+                _mm256_slli_epi16::<4>(bit)
+            };
+            [
+                _mm256_or_si256(_mm256_and_si256(raw, mask), fifth(2 * pair)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask),
+                    fifth(2 * pair + 1),
+                ),
+            ]
+        }
+
+        /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`): as `q4_1_avx2`, per 32-weight
+        /// sub-block, with the sub-block's scale `d·sc` and minimum `dmin·m` (exact in f32)
+        /// unpacked once per block for all `G` activation rows. `$pair` gives two sub-blocks'
+        /// unsigned weights.
+        macro_rules! k_min_avx2 {
+            ($name:ident, $block:ty, $pair:path) => {
+                #[target_feature(enable = "avx2,fma")]
+                pub unsafe fn $name<const G: usize>(
+                    w: *const $block,
+                    bpr: usize,
+                    a: &QuantizedActivations,
+                    r0: usize,
+                    out: *mut f32,
+                    stride: usize,
+                ) {
+                    let (scales, sums, values) =
+                        (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
+                    let abpr = bpr * 8;
+                    let mut mins = [0f32; G];
+                    let mut acc = [_mm256_setzero_ps(); G];
+                    for b in 0..bpr {
+                        // SAFETY: the kernel contract (block b is in the row).
+                        let blk = unsafe { &*w.add(b) };
+                        let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                        for pair in 0..4 {
+                            for (h, q) in $pair(blk, pair).into_iter().enumerate() {
+                                let j = pair * 2 + h;
+                                let (sc, m) = scale_min_k4(j, &blk.scales);
+                                let (dj, mj) = (d * sc as f32, dmin * m as f32);
+                                let (w0, w1) = (
+                                    _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+                                );
+                                for k in 0..G {
+                                    let i = (r0 + k) * abpr + b * 8 + j;
+                                    // SAFETY: the kernel contract.
+                                    let (ad, s, x0, x1) = unsafe {
+                                        let p = values.add(i * 32);
+                                        (
+                                            *scales.add(i),
+                                            *sums.add(i),
+                                            _mm256_loadu_si256(p as *const __m256i),
+                                            _mm256_loadu_si256(p.add(16) as *const __m256i),
+                                        )
+                                    };
+                                    mins[k] = mj.mul_add(s, mins[k]);
+                                    let p = _mm256_add_epi32(
+                                        _mm256_madd_epi16(w0, x0),
+                                        _mm256_madd_epi16(w1, x1),
+                                    );
+                                    acc[k] = _mm256_fmadd_ps(
+                                        _mm256_set1_ps(dj * ad),
+                                        _mm256_cvtepi32_ps(p),
+                                        acc[k],
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    for k in 0..G {
+                        // SAFETY: the kernel contract.
+                        unsafe { *out.add(k * stride) = hsum256(acc[k]) - mins[k] };
+                    }
+                }
+            };
+        }
+
+        k_min_avx2!(q4_k_avx2, BlockQ4K, q4_k_pair);
+        k_min_avx2!(q5_k_avx2, BlockQ5K, q5_k_pair);
+
+        /// The four quarters (32 elements each) of half `h` of a `Q6_K` block as signed bytes
+        /// `q − 32`: the 6-bit weights rebuilt from `ql`/`qh`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn q6_k_quarters(blk: &BlockQ6K, h: usize) -> [__m256i; 4] {
+            let (m4, m2, bias) = (
+                _mm256_set1_epi8(0x0F),
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(32),
+            );
+            // SAFETY: 64 bytes of `ql` and 32 of `qh` per half (`h < 2`).
+            let (l0, l1, hb) = unsafe {
+                let ql = blk.ql.as_ptr().add(64 * h);
+                (
+                    _mm256_loadu_si256(ql as *const __m256i),
+                    _mm256_loadu_si256(ql.add(32) as *const __m256i),
+                    _mm256_loadu_si256(blk.qh.as_ptr().add(32 * h) as *const __m256i),
+                )
+            };
+            // Bits 2t..2t+2 of `qh` are bits 4..6 of quarter t (shifts stay inside bytes after the masks).
+            let high = [
+                _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m2)),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(hb), m2)),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(hb), m2)),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(hb), m2)),
+            ];
+            [
+                _mm256_or_si256(_mm256_and_si256(l0, m4), high[0]),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), high[1]),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), high[2]),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), high[3]),
+            ]
+            .map(|q| _mm256_sub_epi8(q, bias))
+        }
+
+        /// `Q6_K`: the signed weights of 32 elements in one register ([`q6_k_quarters`]), then per
+        /// 16-weight sub-block an exact `vpmaddwd` product scaled by `d·sc·scale_a`.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn q6_k_avx2<const G: usize>(
             w: *const BlockQ6K,
@@ -1679,40 +1814,12 @@ mod kernels {
             let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
             let abpr = bpr * 8;
             let mut acc = [_mm256_setzero_ps(); G];
-            let (m4, m2, bias) = (
-                _mm256_set1_epi8(0x0F),
-                _mm256_set1_epi8(3),
-                _mm256_set1_epi8(32),
-            );
             for b in 0..bpr {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
                 let d = blk.d.to_f32();
                 for h in 0..2 {
-                    // SAFETY: 64 bytes of `ql` and 32 of `qh` per half.
-                    let (l0, l1, hb) = unsafe {
-                        let ql = blk.ql.as_ptr().add(64 * h);
-                        (
-                            _mm256_loadu_si256(ql as *const __m256i),
-                            _mm256_loadu_si256(ql.add(32) as *const __m256i),
-                            _mm256_loadu_si256(blk.qh.as_ptr().add(32 * h) as *const __m256i),
-                        )
-                    };
-                    // Bits 2t..2t+2 of `qh` are bits 4..6 of quarter t (shifts stay inside bytes after the masks).
-                    let high = [
-                        _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m2)),
-                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(hb), m2)),
-                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(hb), m2)),
-                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(hb), m2)),
-                    ];
-                    let quads = [
-                        _mm256_or_si256(_mm256_and_si256(l0, m4), high[0]),
-                        _mm256_or_si256(_mm256_and_si256(l1, m4), high[1]),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), high[2]),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), high[3]),
-                    ];
-                    for (t, q) in quads.into_iter().enumerate() {
-                        let q = _mm256_sub_epi8(q, bias);
+                    for (t, q) in q6_k_quarters(blk, h).into_iter().enumerate() {
                         let (w0, w1) = (
                             _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
                             _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
@@ -2033,6 +2140,154 @@ mod kernels {
             };
         }
 
+        /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`) against byte-plane activations
+        /// (high bytes signed, blocks in natural order): per pair of 32-weight sub-blocks, two
+        /// `vpdpbusd` give the exact 16-bit products (`256·(w·hi) + w·lo`, the weights unsigned and
+        /// below 32), then one conversion and one fused multiply-add apply both sub-blocks'
+        /// `d·sc·scale_a`; `dmin·m·Σa` is gathered apart. `$pair` gives two sub-blocks' weights.
+        macro_rules! k_min_vnni {
+            ($name:ident, $block:ty, $pair:path) => {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+                pub unsafe fn $name<const G: usize>(
+                    w: *const $block,
+                    bpr: usize,
+                    a: &QuantizedActivations,
+                    r0: usize,
+                    out: *mut f32,
+                    stride: usize,
+                ) {
+                    let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+                    let abpr = bpr * 8;
+                    let mut acc = [_mm512_setzero_ps(); G];
+                    // Odd lanes gather `dmin·m·Σa`; even lanes are unused.
+                    let mut mins = [_mm_setzero_ps(); G];
+                    let lanes = natural_pair_lanes();
+                    for b in 0..bpr {
+                        // SAFETY: the kernel contract (block b is in the row).
+                        let blk = unsafe { &*w.add(b) };
+                        let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                        for pair in 0..4 {
+                            let [q0, q1] = $pair(blk, pair);
+                            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1);
+                            let (s0, m0) = scale_min_k4(2 * pair, &blk.scales);
+                            let (s1, m1) = scale_min_k4(2 * pair + 1, &blk.scales);
+                            let heads = _mm_set_ps(
+                                dmin * m1 as f32,
+                                d * s1 as f32,
+                                dmin * m0 as f32,
+                                d * s0 as f32,
+                            );
+                            for k in 0..G {
+                                let i = (r0 + k) * abpr + b * 8 + 2 * pair;
+                                // SAFETY: the kernel contract: sub-blocks (i, i + 1) of row r0 + k
+                                // (`abpr` is even, so pairs never straddle rows).
+                                let (hi, lo, ss) = unsafe {
+                                    let p = planes.add(i * 64);
+                                    (
+                                        _mm512_loadu_si512(p as *const _),
+                                        _mm512_loadu_si512(p.add(64) as *const _),
+                                        _mm_loadu_ps(scale_sums.add(2 * i)),
+                                    )
+                                };
+                                let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
+                                let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                                let prod = _mm_mul_ps(heads, ss);
+                                mins[k] = _mm_add_ps(mins[k], prod);
+                                acc[k] = _mm512_fmadd_ps(
+                                    _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(prod)),
+                                    _mm512_cvtepi32_ps(t),
+                                    acc[k],
+                                );
+                            }
+                        }
+                    }
+                    for k in 0..G {
+                        let m = _mm_movehdup_ps(mins[k]);
+                        let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehl_ps(m, m)));
+                        // SAFETY: the kernel contract.
+                        unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) - m };
+                    }
+                }
+            };
+        }
+
+        k_min_vnni!(q4_k_vnni, BlockQ4K, q4_k_pair);
+        k_min_vnni!(q5_k_vnni, BlockQ5K, q5_k_pair);
+
+        /// `Q6_K` against byte-plane activations (high bytes stored +128, natural order): per pair
+        /// of 32-weight quarters, as `signed_byte_vnni` (less `128·Σw`), with a scale per group of
+        /// four lanes, since each 16-weight sub-block has its own.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        pub unsafe fn q6_k_vnni<const G: usize>(
+            w: *const BlockQ6K,
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+        ) {
+            let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+            let abpr = bpr * 8;
+            let mut acc = [_mm512_setzero_ps(); G];
+            let ones = _mm512_set1_epi8(1);
+            // Lanes 4s..4s + 4 (elements 16s..16s + 16 of the pair) take sub-block s's scale.
+            let lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+            for b in 0..bpr {
+                // SAFETY: the kernel contract (block b is in the row).
+                let blk = unsafe { &*w.add(b) };
+                let d = blk.d.to_f32();
+                for h in 0..2 {
+                    let quarters = q6_k_quarters(blk, h);
+                    for u in 0..2 {
+                        let q = _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(quarters[2 * u]),
+                            quarters[2 * u + 1],
+                        );
+                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            ones,
+                            q,
+                        ));
+                        let s = &blk.scales[8 * h + 4 * u..8 * h + 4 * u + 4];
+                        let sc = _mm_set_ps(
+                            d * s[3] as f32,
+                            d * s[2] as f32,
+                            d * s[1] as f32,
+                            d * s[0] as f32,
+                        );
+                        for k in 0..G {
+                            let i = (r0 + k) * abpr + b * 8 + h * 4 + 2 * u;
+                            // SAFETY: the kernel contract: blocks (i, i + 1) of row r0 + k.
+                            let (hi, lo, ss) = unsafe {
+                                let p = planes.add(i * 64);
+                                (
+                                    _mm512_loadu_si512(p as *const _),
+                                    _mm512_loadu_si512(p.add(64) as *const _),
+                                    _mm_loadu_ps(scale_sums.add(2 * i)),
+                                )
+                            };
+                            let t = _mm512_sub_epi32(
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q),
+                                bias,
+                            );
+                            let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
+                            // `[ad0, ad0, ad1, ad1]` from `[ad0, sum0, ad1, sum1]`.
+                            let ad = _mm_shuffle_ps::<0b10_10_00_00>(ss, ss);
+                            let scale = _mm512_permutexvar_ps(
+                                lanes,
+                                _mm512_castps128_ps512(_mm_mul_ps(sc, ad)),
+                            );
+                            acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
+                        }
+                    }
+                }
+            }
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) };
+            }
+        }
+
         /// The 32 weights of a `Q8_0` block.
         #[inline]
         #[target_feature(enable = "avx2,fma")]
@@ -2195,6 +2450,11 @@ mod tests {
     }
 
     #[test]
+    fn q5_k_matches_dequantized_product_and_is_batch_invariant() {
+        check_k_format(GgmlDType::Q5K, "Q5K");
+    }
+
+    #[test]
     fn q6_k_matches_dequantized_product_and_is_batch_invariant() {
         check_k_format(GgmlDType::Q6K, "Q6K");
     }
@@ -2275,6 +2535,7 @@ mod tests {
             GgmlDType::Q8_0,
             GgmlDType::Q5_0,
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q4_1,
         ];
@@ -2319,7 +2580,7 @@ mod tests {
 
     #[test]
     fn other_formats_match_dequantized_product() {
-        for dtype in [GgmlDType::Q5K] {
+        for dtype in [GgmlDType::F16] {
             let (rows, cols, n) = (8, 512, 3);
             let w = rand_vec(rows * cols, 1);
             let x = rand_vec(n * cols, 2);

@@ -339,3 +339,34 @@ fn smollm_tokenizer_matches_llama_cpp_on_the_corpus() {
 fn qwen_tokenizer_matches_llama_cpp_on_the_corpus() {
     tokenizer_matches_llama_cpp(qwen(), "qwen2.5-coder-0.5b");
 }
+
+/// A prompt longer than one prefill chunk goes through the model in pieces
+/// ([`tessera_engine::PREFILL_CHUNK`] tokens each); the logits it yields are bitwise those of a
+/// teacher-forced pass over the whole sequence at once.
+#[test]
+fn long_prompt_prefilled_in_chunks_matches_teacher_forced() {
+    let e = smollm();
+    let chunk = tessera_engine::PREFILL_CHUNK;
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(chunk / 8);
+    let prompt = e.chat_prompt(&[Message::new(Role::User, text)]);
+    assert!(
+        prompt.len() > chunk + 16,
+        "prompt of {} tokens",
+        prompt.len()
+    );
+    let mut seen: Vec<Vec<f32>> = Vec::new();
+    let out = e
+        .generate(&prompt, &greedy(4), |s| {
+            seen.push(s.logits.to_vec());
+            true
+        })
+        .unwrap();
+    let mut all = prompt.clone();
+    all.extend(&out.tokens);
+    let scored = e.score(&all).unwrap();
+    let v = e.vocab_size();
+    for (i, logits) in seen.iter().enumerate() {
+        let row = &scored[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
+        assert!(logits == row, "position {i} after the prompt differs");
+    }
+}

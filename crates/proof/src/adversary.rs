@@ -14,7 +14,8 @@ use crate::harness::{generate_runs, logprobs_of, mix, serve_with_logits, Job, Ru
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Adversary {
-    /// Another, cheaper model answers (Gemma 3 270M for SmolLM2, re-tokenized).
+    /// Another, cheaper model answers, re-tokenized ([`other_model`]: Gemma 3 270M for SmolLM2,
+    /// SmolLM2 for the others).
     OtherModel,
     /// The same model re-quantized to Q4_0.
     RequantizedQ4_0,
@@ -61,7 +62,7 @@ impl Adversary {
     /// A short name for tables.
     pub fn name(&self) -> &'static str {
         match self {
-            Adversary::OtherModel => "other model (gemma3-270m)",
+            Adversary::OtherModel => "other model",
             Adversary::RequantizedQ4_0 => "re-quantized to Q4_0",
             Adversary::SkippedLayers => "last 2 layers skipped",
             Adversary::EditedToken => "one edited token",
@@ -82,11 +83,22 @@ impl Adversary {
     }
 }
 
+/// The cheaper model an [`Adversary::OtherModel`] provider serves instead of `model`: Gemma 3
+/// 270M for SmolLM2 (the smallest model has no cheaper one, so a different one of similar cost),
+/// and SmolLM2 135M, the cheapest, for every other model (the Qwen2.5 models).
+pub fn other_model(model: &str) -> &'static str {
+    if model == "smollm2-135m" {
+        "gemma3-270m"
+    } else {
+        "smollm2-135m"
+    }
+}
+
 /// The engines a cheating provider runs besides the honest model.
 pub struct CheatEngines<'a> {
     /// The honest model (for behaviours that edit honest output).
     pub honest: &'a Engine,
-    /// Another model (Gemma 3).
+    /// Another model ([`other_model`]).
     pub other: &'a Engine,
     /// The honest model re-quantized to Q4_0.
     pub requantized: &'a Engine,

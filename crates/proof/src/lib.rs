@@ -41,7 +41,7 @@ pub mod error;
 pub mod harness;
 
 #[cfg(feature = "adversary")]
-pub use adversary::{cheat, Adversary, CheatEngines};
+pub use adversary::{cheat, other_model, Adversary, CheatEngines};
 pub use calibrate::{calibrate, Calibration};
 pub use check::{check, Claim, Reason, Thresholds, Verdict};
 pub use commitment::{Commitment, CommitmentBuilder, Finish, JobSpec};
