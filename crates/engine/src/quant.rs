@@ -1342,23 +1342,48 @@ mod kernels {
             tile_kernel!(x86::q4_k_avx2, g)
         }
         fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
-            let (mut acc, mut mins) = (0f32, 0f32);
-            for (b, blk) in row.iter().enumerate() {
-                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
-                for j in 0..8 {
-                    let (sc, m) = scale_min_k4(j, &blk.scales);
-                    let (ad, asum, aq) = a.block(activation_row, b * 8 + j);
-                    let q = &blk.qs[(j / 2) * 32..(j / 2) * 32 + 32];
-                    let shift = if j % 2 == 0 { 0 } else { 4 };
-                    let s: i32 = (0..32)
-                        .map(|i| ((q[i] >> shift) & 0xF) as i32 * aq[i] as i32)
-                        .sum();
-                    mins = (dmin * m as f32).mul_add(asum, mins);
-                    acc = ((d * sc as f32) * ad).mul_add(s as f32, acc);
-                }
-            }
-            acc - mins
+            k_quant_dot(
+                row,
+                a,
+                activation_row,
+                |blk| (blk.d, blk.dmin, &blk.scales),
+                |blk, j, i| {
+                    let q = blk.qs[(j / 2) * 32 + i];
+                    if j % 2 == 0 {
+                        q & 0xF
+                    } else {
+                        q >> 4
+                    }
+                },
+            )
         }
+    }
+
+    /// The portable `Q4_K`/`Q5_K` product: per 32-weight sub-block `j`, the exact integer product of
+    /// the weights (`weight(block, j, i)`) with the 16-bit activations, accumulated as
+    /// `d·sc·scale_a·product` minus `dmin·m·sum_a`, in a fixed order.
+    fn k_quant_dot<B>(
+        row: &[B],
+        a: &QuantizedActivations,
+        activation_row: usize,
+        header: impl Fn(&B) -> (half::f16, half::f16, &[u8; 12]),
+        weight: impl Fn(&B, usize, usize) -> u8,
+    ) -> f32 {
+        let (mut acc, mut mins) = (0f32, 0f32);
+        for (b, blk) in row.iter().enumerate() {
+            let (d, dmin, scales) = header(blk);
+            let (d, dmin) = (d.to_f32(), dmin.to_f32());
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, scales);
+                let (ad, asum, aq) = a.block(activation_row, b * 8 + j);
+                let s: i32 = (0..32)
+                    .map(|i| weight(blk, j, i) as i32 * aq[i] as i32)
+                    .sum();
+                mins = (dmin * m as f32).mul_add(asum, mins);
+                acc = ((d * sc as f32) * ad).mul_add(s as f32, acc);
+            }
+        }
+        acc - mins
     }
 
     /// `Q5_K`: as `Q4_K`, with weights in 0..32.
@@ -1377,18 +1402,13 @@ mod kernels {
             tile_kernel!(x86::q5_k_avx2, g)
         }
         fn portable_dot(row: &[Self], a: &QuantizedActivations, activation_row: usize) -> f32 {
-            let (mut acc, mut mins) = (0f32, 0f32);
-            for (b, blk) in row.iter().enumerate() {
-                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
-                for j in 0..8 {
-                    let (sc, m) = scale_min_k4(j, &blk.scales);
-                    let (ad, asum, aq) = a.block(activation_row, b * 8 + j);
-                    let s: i32 = (0..32).map(|l| blk.q(j, l) as i32 * aq[l] as i32).sum();
-                    mins = (dmin * m as f32).mul_add(asum, mins);
-                    acc = ((d * sc as f32) * ad).mul_add(s as f32, acc);
-                }
-            }
-            acc - mins
+            k_quant_dot(
+                row,
+                a,
+                activation_row,
+                |blk| (blk.d, blk.dmin, &blk.scales),
+                |blk, j, l| blk.q(j, l),
+            )
         }
     }
 
