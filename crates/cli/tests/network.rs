@@ -1590,8 +1590,8 @@ fn issue_12_parameters_are_honoured_or_refused_by_name_and_refusals_cost_nothing
 
     let refused = [
         (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+            "functions",
+            json!([{"name": "f", "parameters": {}}]),
             "unsupported_parameter",
         ),
         (
