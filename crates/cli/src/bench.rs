@@ -421,7 +421,17 @@ fn llama_bench(
                     g > Some(0) && p == Some(0)
                 }
             })
-            .and_then(|r| r["avg_ts"].as_f64())
+            // The best run, as ours is reported (`samples_ts` holds each run; older builds
+            // give only the mean).
+            .and_then(|r| {
+                let best = r["samples_ts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_f64())
+                    .reduce(f64::max);
+                best.or_else(|| r["avg_ts"].as_f64())
+            })
             .context("llama-bench gave no prompt or generation row")
     };
     Ok((rate(true)?, rate(false)?))

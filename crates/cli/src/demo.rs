@@ -73,6 +73,8 @@ const NODES: [(&str, u64, Option<&str>); 3] = [
     ("honest-b", 12, None),
     ("cheater", 6, Some("requantized-q4-0")),
 ];
+/// The model every demo node serves (a node's default), fetched first when it is not cached.
+const MODEL: &str = "smollm2-135m";
 /// Blocks on top of a deposit before the hub credits it.
 const CONFIRMATIONS: u64 = 1;
 
@@ -233,6 +235,11 @@ fn demo(args: DemoArgs, children: &Children) -> anyhow::Result<()> {
     let _stop = StopOnDrop(children.clone());
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(&dir)?;
+
+    stage(started, "the model");
+    let model = tessera_engine::registry::fetch(MODEL)
+        .with_context(|| format!("fetching {MODEL} for the demo"))?;
+    println!("model      {MODEL}  {}", model.display());
 
     let bank = if args.no_chain {
         println!("chain      left out (--no-chain): money from the dev faucet, no x402, no reconciliation");
@@ -502,7 +509,7 @@ fn chat(
     for i in 0..args.requests {
         let q = questions[i % questions.len()];
         let request = tessera_agent::ChatRequest {
-            model: "smollm2-135m".into(),
+            model: MODEL.into(),
             messages: vec![tessera_agent::ChatMessage::new("user", q)],
             max_tokens: Some(args.max_tokens),
             temperature: Some(0.0),
@@ -579,7 +586,7 @@ fn pay_by_x402(url: &str, bank: &Bank, providers: &[Named]) -> anyhow::Result<Va
         "payer      {:#x}  holds {minted} test tokens, no account at the hub",
         payer.address()
     );
-    let body = json!({"model": "smollm2-135m", "max_tokens": 8, "temperature": 0, "max_price": 20,
+    let body = json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "max_price": 20,
                       "messages": [{"role": "user", "content": "What is the capital of Italy?"}]});
     let chat_url = format!("{url}/v1/chat/completions");
     let mut r = http().post(&chat_url).send_json(&body)?;
