@@ -362,6 +362,13 @@ struct EngineFigures {
     score_tok_per_s: Option<f64>,
     time_to_first_token_ms: f64,
     kv_bytes_per_token: usize,
+    /// The GGUF file's size.
+    file_mib: f64,
+    /// Peak RSS while serving one sequence: loading, the prompt and the batch-1 decode (weights,
+    /// one KV cache, one row of logits), before the batch-8 and scoring runs.
+    serving_rss_mib: f64,
+    /// Peak RSS of the whole run, with 8 KV caches and the scoring pass's logits for every position
+    /// (`prompt + 2 × gen` rows of the vocabulary).
     peak_rss_mib: f64,
     /// llama.cpp's figures on the same file, threads and token counts, in the same run.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -381,7 +388,7 @@ struct LlamaCppFigures {
 const LONG_PROMPT: usize = 1024;
 
 /// Runs `DIR/llama-bench -m MODEL -p P -n G -r R -t T -o json` and reads its prompt (`n_gen` 0)
-/// and generation (`n_prompt` 0) rows: tokens per second, averaged over the repetitions.
+/// and generation (`n_prompt` 0) rows: tokens per second of the best repetition, as ours.
 fn llama_bench(
     dir: &std::path::Path,
     model: &std::path::Path,
@@ -506,6 +513,7 @@ fn bench_engine(
         decode1 = decode1.max((g.tokens.len() - 1) as f64 / (g.elapsed - g.time_to_first_token));
         answer = g.tokens;
     }
+    let serving_rss_mib = peak_rss_mib();
 
     let long = prompt_tokens > LONG_PROMPT;
     // Decode, batch 8: eight prompts of different lengths decoded together, after their first round.
@@ -556,6 +564,10 @@ fn bench_engine(
         score_tok_per_s: (!long).then_some(score),
         time_to_first_token_ms: ttft * 1000.0,
         kv_bytes_per_token: engine.info().kv_bytes_per_token,
+        file_mib: std::fs::metadata(&engine.info().path)
+            .map(|m| m.len() as f64 / (1024.0 * 1024.0))
+            .unwrap_or(0.0),
+        serving_rss_mib,
         peak_rss_mib: peak_rss_mib(),
         llama_cpp: None,
     })
@@ -566,19 +578,19 @@ fn print_engine_table(figures: &[EngineFigures], prompt_tokens: usize) {
     let compare = figures.iter().any(|f| f.llama_cpp.is_some());
     let optional = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
     print!(
-        "| model | device | threads | prompt tok/s ({prompt_tokens}) | decode tok/s b=1 | decode tok/s b=8 | score tok/s | TTFT ms | KV bytes/token | peak RSS MiB |"
+        "| model | device | threads | prompt tok/s ({prompt_tokens}) | decode tok/s b=1 | decode tok/s b=8 | score tok/s | TTFT ms | KV bytes/token | file MiB | RSS b=1 MiB | peak RSS MiB |"
     );
     if compare {
         print!(" llama.cpp pp | ratio | llama.cpp tg | ratio |");
     }
     println!();
     println!(
-        "|---|---|---|---|---|---|---|---|---|---|{}",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|{}",
         if compare { "---|---|---|---|" } else { "" }
     );
     for f in figures {
         print!(
-            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {:.1} | {} | {:.0} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {:.1} | {} | {:.0} | {:.0} | {:.0} |",
             f.model,
             f.device,
             f.threads,
@@ -588,6 +600,8 @@ fn print_engine_table(figures: &[EngineFigures], prompt_tokens: usize) {
             optional(f.score_tok_per_s),
             f.time_to_first_token_ms,
             f.kv_bytes_per_token,
+            f.file_mib,
+            f.serving_rss_mib,
             f.peak_rss_mib
         );
         match &f.llama_cpp {

@@ -1752,7 +1752,11 @@ fn run_tools_script(model: &str, node_args: &[&str]) -> Result<()> {
     )?;
     eprintln!("tools on {model}: {report} in {:?}", started.elapsed());
     assert!(report["named"]["city"].is_string(), "{report}");
-    assert_eq!(report["refused"].as_array().map(Vec::len), Some(5), "{report}");
+    assert_eq!(
+        report["refused"].as_array().map(Vec::len),
+        Some(5),
+        "{report}"
+    );
     hub.audit()
 }
 

@@ -331,11 +331,7 @@ mod tests {
         }];
         let mut result = Message::new(Role::Tool, "sunny");
         result.tool_call_id = Some("call_1".into());
-        let messages = vec![
-            Message::new(Role::User, "Weather in Paris?"),
-            call,
-            result,
-        ];
+        let messages = vec![Message::new(Role::User, "Weather in Paris?"), call, result];
         (messages, tools)
     }
 
@@ -360,7 +356,10 @@ mod tests {
         let mut with_system = vec![Message::new(Role::System, "Be brief.")];
         with_system.extend(messages.clone());
         let rendered = text(&t.render_with_tools(&with_system, &tools));
-        assert!(rendered.starts_with("<|im_start|>system\nBe brief.\n\n# Tools"), "{rendered}");
+        assert!(
+            rendered.starts_with("<|im_start|>system\nBe brief.\n\n# Tools"),
+            "{rendered}"
+        );
         assert_eq!(rendered.matches("<|im_start|>system").count(), 1);
         let plain = [Message::new(Role::User, "Hi")];
         assert_eq!(t.render_with_tools(&plain, &[]), t.render(&plain));
@@ -375,7 +374,10 @@ mod tests {
             rendered.starts_with("<bos><start_of_turn>user\n# Tools\n"),
             "{rendered}"
         );
-        assert!(rendered.contains("</tool_call>\n\nWeather in Paris?<end_of_turn>"), "{rendered}");
+        assert!(
+            rendered.contains("</tool_call>\n\nWeather in Paris?<end_of_turn>"),
+            "{rendered}"
+        );
         assert!(rendered.contains("<start_of_turn>model\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><end_of_turn>"), "{rendered}");
         assert!(rendered.ends_with("<start_of_turn>user\n\n<tool_response>\nsunny\n</tool_response><end_of_turn>\n<start_of_turn>model\n"), "{rendered}");
     }

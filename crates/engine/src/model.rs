@@ -478,21 +478,27 @@ impl Transformer {
             } else {
                 None
             };
+            // One task per row and key/value head (the query heads sharing it are contiguous), so
+            // a single decoded token's attention runs on every thread too. Each head's output is
+            // the same computation however the work is split.
             let mut attn = vec![0f32; n * qd];
-            attn.par_chunks_mut(qd).enumerate().for_each(|(r, out)| {
-                let (s, pos) = rows[r];
-                let cache = caches[s];
-                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                attend(
-                    c,
-                    &qkv[r * width..r * width + qd],
-                    &cache.keys[l],
-                    &cache.values[l],
-                    lo,
-                    pos + 1,
-                    out,
-                );
-            });
+            attn.par_chunks_mut(qd / c.kv_heads)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    let (r, kv_head) = (task / c.kv_heads, task % c.kv_heads);
+                    let (s, pos) = rows[r];
+                    let cache = caches[s];
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    attend(
+                        c,
+                        &qkv[r * width..r * width + qd],
+                        &cache.keys[l],
+                        &cache.values[l],
+                        lo..pos + 1,
+                        kv_head,
+                        out,
+                    );
+                });
             let mut o = block.attn_out.matmul(&attn, n)?;
             if let Some(w) = &block.post_attn_norm {
                 o = rms_norm_rows(&o, w, c.eps);
@@ -502,14 +508,20 @@ impl Transformer {
             let h = rms_norm_rows(&x, &block.ffn_norm, c.eps);
             let gu = block.gate_up.apply(&h, n)?;
             let mut act = vec![0f32; n * c.ffn];
+            // Elementwise, in pieces within a row too, so that one decoded token uses every thread.
             act.par_chunks_mut(c.ffn)
                 .zip(gu.par_chunks(2 * c.ffn))
                 .for_each(|(a, gu)| {
                     let (g, u) = gu.split_at(c.ffn);
-                    for i in 0..c.ffn {
-                        let gated = if gelu { gelu_tanh(g[i]) } else { silu(g[i]) };
-                        a[i] = gated * u[i];
-                    }
+                    a.par_chunks_mut(ACTIVATION_PIECE)
+                        .zip(g.par_chunks(ACTIVATION_PIECE))
+                        .zip(u.par_chunks(ACTIVATION_PIECE))
+                        .for_each(|((a, g), u)| {
+                            for i in 0..a.len() {
+                                let gated = if gelu { gelu_tanh(g[i]) } else { silu(g[i]) };
+                                a[i] = gated * u[i];
+                            }
+                        });
                 });
             let mut down = block.down.matmul(&act, n)?;
             if let Some(w) = &block.post_ffn_norm {
@@ -607,24 +619,28 @@ pub(crate) fn split_logits(
         .collect()
 }
 
-/// Scaled dot-product attention of one query row against cached positions `lo..hi`. The query
-/// heads that share a key/value head are handled together, so each cached key is read once.
-/// Common head sizes get a copy of the code with the size fixed, so that a head's running
+/// Values of the gated activation one task computes.
+const ACTIVATION_PIECE: usize = 512;
+
+/// Scaled dot-product attention of one query row's heads that share key/value head `kv_head`,
+/// against cached positions `span`; `out` is those query heads' output (`heads / kv_heads ×
+/// head_dim` values). The heads of a group are handled together, so each cached key is read
+/// once. Common head sizes get a copy of the code with the size fixed, so that a head's running
 /// output stays in registers.
 fn attend(
     c: &Config,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    lo: usize,
-    hi: usize,
+    span: std::ops::Range<usize>,
+    kv_head: usize,
     out: &mut [f32],
 ) {
     match c.head_dim {
-        64 => attend_sized::<64>(c, q, keys, values, lo, hi, out),
-        128 => attend_sized::<128>(c, q, keys, values, lo, hi, out),
-        256 => attend_sized::<256>(c, q, keys, values, lo, hi, out),
-        _ => attend_sized::<0>(c, q, keys, values, lo, hi, out),
+        64 => attend_sized::<64>(c, q, keys, values, span, kv_head, out),
+        128 => attend_sized::<128>(c, q, keys, values, span, kv_head, out),
+        256 => attend_sized::<256>(c, q, keys, values, span, kv_head, out),
+        _ => attend_sized::<0>(c, q, keys, values, span, kv_head, out),
     }
 }
 
@@ -634,42 +650,41 @@ fn attend_sized<const HD: usize>(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    lo: usize,
-    hi: usize,
+    span: std::ops::Range<usize>,
+    kvh: usize,
     out: &mut [f32],
 ) {
     let hd = if HD == 0 { c.head_dim } else { HD };
     let kvd = c.kv_dim();
     let group = c.heads / c.kv_heads;
+    let (lo, hi) = (span.start, span.end);
     let len = hi - lo;
     let mut scores = vec![0f32; group * len];
     // Only the any-size copy needs a heap buffer; the sized copies keep the output on the stack.
     let mut running = if HD == 0 { vec![0f32; hd] } else { Vec::new() };
-    for kvh in 0..c.kv_heads {
-        let heads = kvh * group..(kvh + 1) * group;
-        for (i, p) in (lo..hi).enumerate() {
-            let k = &keys[p * kvd + kvh * hd..][..hd];
-            for (g, h) in heads.clone().enumerate() {
-                scores[g * len + i] = dot_f32(&q[h * hd..][..hd], k) * c.attn_scale;
-            }
+    let heads = kvh * group..(kvh + 1) * group;
+    for (i, p) in (lo..hi).enumerate() {
+        let k = &keys[p * kvd + kvh * hd..][..hd];
+        for (g, h) in heads.clone().enumerate() {
+            scores[g * len + i] = dot_f32(&q[h * hd..][..hd], k) * c.attn_scale;
         }
-        for (g, h) in heads.enumerate() {
-            let s = &mut scores[g * len..(g + 1) * len];
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0f32;
-            for v in s.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            if HD == 0 {
-                running.fill(0.0);
-                weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut running);
-                out[h * hd..(h + 1) * hd].copy_from_slice(&running);
-            } else {
-                let mut o = [0f32; HD];
-                weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut o);
-                out[h * hd..(h + 1) * hd].copy_from_slice(&o);
-            }
+    }
+    for g in 0..group {
+        let s = &mut scores[g * len..(g + 1) * len];
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        if HD == 0 {
+            running.fill(0.0);
+            weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut running);
+            out[g * hd..(g + 1) * hd].copy_from_slice(&running);
+        } else {
+            let mut o = [0f32; HD];
+            weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut o);
+            out[g * hd..(g + 1) * hd].copy_from_slice(&o);
         }
     }
 }

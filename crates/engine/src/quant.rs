@@ -889,7 +889,13 @@ impl QMatrix {
     fn matmul_on(&self, isa: kernels::Isa, x: &[f32], n: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), n * self.cols);
         let cols = self.cols;
-        if std::env::var("TESSERA_EXACT_MATMUL").is_ok_and(|v| v == self.format() || v == "all") {
+        // Read once: a decode step runs hundreds of products, and the environment is locked to read.
+        static EXACT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let exact = EXACT.get_or_init(|| std::env::var("TESSERA_EXACT_MATMUL").ok());
+        if exact
+            .as_deref()
+            .is_some_and(|v| v == self.format() || v == "all")
+        {
             return Ok(self.run_tiles(n, |tile| {
                 let mut w = vec![0f32; cols];
                 for j in 0..tile.weight_rows {

@@ -259,7 +259,11 @@ fn tool_call_jobs_pass_and_ignoring_the_tool_grammar_is_caught() {
     let mut free = specs[0].clone();
     free.sampling.grammar = None;
     let mut forged = serve(engine, &[free]).unwrap().remove(0);
-    assert!(!forged.output_text.starts_with(prefix), "{}", forged.output_text);
+    assert!(
+        !forged.output_text.starts_with(prefix),
+        "{}",
+        forged.output_text
+    );
     forged.spec.sampling.grammar = specs[0].sampling.grammar.clone();
     forged.commitment.sampling.grammar = forged.spec.sampling.grammar.clone();
     let v = verify(engine, &forged, &Thresholds::default()).unwrap();

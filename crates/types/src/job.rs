@@ -49,7 +49,9 @@ impl JobRequest {
                     .tools
                     .iter()
                     .map(|t| {
-                        t.name.len() + t.description.as_ref().map_or(0, String::len) + t.parameters.len()
+                        t.name.len()
+                            + t.description.as_ref().map_or(0, String::len)
+                            + t.parameters.len()
                     })
                     .sum();
                 tools

@@ -1004,10 +1004,7 @@ async fn stream_choice(
     let outcome = running
         .drive(|text, tokens, lps| {
             if let Some(calls) = calls.as_mut() {
-                return calls
-                    .push(text)
-                    .iter()
-                    .all(|d| send(frame.delta_chunk(d)));
+                return calls.push(text).iter().all(|d| send(frame.delta_chunk(d)));
             }
             if buffered {
                 return true;
@@ -1038,9 +1035,7 @@ async fn stream_choice(
     let finished = match (&outcome.end, &frame.response) {
         (End::Finished(finish), Some(echo)) => {
             let text = outcome.text.as_str();
-            let calls = buffered
-                .then(|| tools::parse_output(&key, text))
-                .flatten();
+            let calls = buffered.then(|| tools::parse_output(&key, text)).flatten();
             let items = match calls {
                 Some(calls) => calls
                     .iter()

@@ -342,10 +342,7 @@ mod tests {
     #[test]
     fn meaning_changing_parameters_are_refused_by_name() {
         for (key, value) in [
-            (
-                "functions",
-                json!([{"name": "f"}]),
-            ),
+            ("functions", json!([{"name": "f"}])),
             ("function_call", json!("auto")),
             ("store", json!(true)),
             ("audio", json!({"voice": "alloy"})),

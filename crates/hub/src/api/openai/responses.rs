@@ -181,7 +181,9 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<Value, ApiError> {
     }
     if let Some(choice) = body.get("tool_choice").filter(|c| !c.is_null()) {
         let choice = match choice.get("type").and_then(Value::as_str) {
-            Some("function") => json!({"type": "function", "function": {"name": choice.get("name")}}),
+            Some("function") => {
+                json!({"type": "function", "function": {"name": choice.get("name")}})
+            }
             _ => choice.clone(),
         };
         chat.insert("tool_choice".into(), choice);

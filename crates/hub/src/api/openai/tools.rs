@@ -313,7 +313,10 @@ impl CallStream {
                 }
                 State::Name => {
                     let Some(end) = rest.find('"') else {
-                        if rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                        if rest
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                        {
                             return out;
                         }
                         self.diverge(&mut out);
@@ -421,7 +424,9 @@ impl CallStream {
                 });
             }
             State::Arguments(_) => {}
-            _ if self.at < self.text.len() => out.push(Delta::Text(self.text[self.at..].to_owned())),
+            _ if self.at < self.text.len() => {
+                out.push(Delta::Text(self.text[self.at..].to_owned()))
+            }
             _ => {}
         }
         (out, None)
@@ -494,16 +499,29 @@ mod tests {
         for _ in 0..30 {
             deep = json!({"type": "array", "items": deep});
         }
-        let f = |p: Value| json!([{"type": "function", "function": {"name": "f", "parameters": p}}]);
+        let f =
+            |p: Value| json!([{"type": "function", "function": {"name": "f", "parameters": p}}]);
         for (tools, choice, param) in [
             (json!(many), None, "tools"),
             (json!([{"type": "web_search"}]), None, "tools"),
-            (json!([{"type": "function", "function": {"name": "a b"}}]), None, "tools"),
+            (
+                json!([{"type": "function", "function": {"name": "a b"}}]),
+                None,
+                "tools",
+            ),
             (f(json!("object")), None, "tools"),
             (f(json!({"type": 5})), None, "tools"),
             (f(deep), None, "tools"),
-            (f(json!({"description": "x".repeat(MAX_SCHEMA_BYTES)})), None, "tools"),
-            (weather(), Some(json!({"type": "function", "function": {"name": "nope"}})), "tool_choice"),
+            (
+                f(json!({"description": "x".repeat(MAX_SCHEMA_BYTES)})),
+                None,
+                "tools",
+            ),
+            (
+                weather(),
+                Some(json!({"type": "function", "function": {"name": "nope"}})),
+                "tool_choice",
+            ),
             (weather(), Some(json!("sometimes")), "tool_choice"),
             (json!([]), Some(json!("required")), "tool_choice"),
         ] {
@@ -522,9 +540,14 @@ mod tests {
         assert_eq!(calls[0].arguments, r#"{"city": "Paris"}"#);
         assert_eq!(calls[0].id, call_id("j", 0));
         assert!(calls[0].id.starts_with("call_"));
-        let two = format!("{one}\n<tool_call>\n{{\"name\": \"get_time\", \"arguments\": {{}}}}\n</tool_call>");
+        let two = format!(
+            "{one}\n<tool_call>\n{{\"name\": \"get_time\", \"arguments\": {{}}}}\n</tool_call>"
+        );
         let calls = parse_output("j", &two).expect("two calls");
-        assert_eq!((calls[1].name.as_str(), calls[1].arguments.as_str()), ("get_time", "{}"));
+        assert_eq!(
+            (calls[1].name.as_str(), calls[1].arguments.as_str()),
+            ("get_time", "{}")
+        );
         // Malformed: cut short, trailing text, plain text, arguments that are not an object.
         for bad in [
             &one[..one.len() - 3],
