@@ -375,10 +375,12 @@ impl Transformer {
         })
     }
 
-    /// Replaces every `Q4_1` block matrix by a `Q4_0` re-quantization (a cheaper, lower-quality copy).
+    /// Replaces every quantized block matrix by a `Q4_0` re-quantization (a cheaper, lower-quality
+    /// copy). Every format counts: on a model without `Q4_1` matrices (Qwen's `Q5_0`/`Q4_K`/`Q6_K`)
+    /// a `Q4_1`-only swap changed nothing, and the "adversary" was an honest provider.
     pub fn requantize_q4_0(&mut self) -> Result<()> {
         fn requant(m: &mut QMatrix) -> Result<()> {
-            if m.format() == "Q4_1" {
+            if m.format() != "F32" {
                 *m = m.requantize_q4_0()?;
             }
             Ok(())
