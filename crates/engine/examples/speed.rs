@@ -20,10 +20,15 @@ fn main() -> anyhow::Result<()> {
     let threads = args.next().map(|t| t.parse()).transpose()?;
     registry::fetch(&name).ok();
     let e = Engine::load(&name, threads)?;
+    // PROMPT (default 128): prompt tokens, e.g. 8 to profile decoding alone.
+    let prompt: usize = std::env::var("PROMPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
     let p = e
         .tokenizer()
-        .encode(&"The history of science is the study of the development of science. ".repeat(12))
-        [..128]
+        .encode(&"The history of science is the study of the development of science. ".repeat(40))
+        [..prompt]
         .to_vec();
     let o = GenerateOptions {
         max_tokens: 64,
@@ -40,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             e.threads(),
             quant::kernel_isa(),
             e.info().formats,
-            128.0 / g.time_to_first_token,
+            prompt as f64 / g.time_to_first_token,
             63.0 / (t - g.time_to_first_token),
             peak_rss_mib()
         );

@@ -81,10 +81,22 @@ pub struct QuantizedActivations {
 }
 
 impl QuantizedActivations {
-    /// Quantizes `rows` rows of `cols` values each (`cols` a multiple of 32) into `layout`.
-    pub(crate) fn quantize(x: &[f32], rows: usize, cols: usize, layout: Layout) -> Self {
+    /// Quantizes `rows` rows of `cols` values each (`cols` a multiple of `span`) into `layout`,
+    /// with one scale per `span` values (32, or 256 for the K-quants), stored once per 32-block.
+    ///
+    /// A K-quant's 32-weight sub-blocks share one super-block scale `d`; quantizing the activations
+    /// with one scale per 256 values as well lets the AVX2 kernels sum a whole super-block's
+    /// products as exact integers before one float multiply. Every instruction set reads the same
+    /// integers, so they still differ only in the rounding of the float sums.
+    pub(crate) fn quantize(
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        layout: Layout,
+        span: usize,
+    ) -> Self {
         debug_assert_eq!(x.len(), rows * cols);
-        debug_assert_eq!(cols % BLOCK, 0);
+        debug_assert!(span % BLOCK == 0 && cols % span == 0);
         let bpr = cols / BLOCK;
         let n = rows * bpr;
         let mut scales = vec![0f32; n];
@@ -100,9 +112,14 @@ impl QuantizedActivations {
                             sums: &mut [f32],
                             words: &mut [i16],
                             planes: &mut [u8]| {
+            let mut d = 0f32;
             for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 32767.0;
+                if b % (span / BLOCK) == 0 {
+                    let amax = x[b * BLOCK..b * BLOCK + span]
+                        .iter()
+                        .fold(0f32, |m, v| m.max(v.abs()));
+                    d = amax / 32767.0;
+                }
                 let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
                 let q: [i16; BLOCK] = std::array::from_fn(|i| (block[i] * inv).round() as i16);
                 scales[b] = d;
@@ -286,6 +303,20 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
             (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
     }
+}
+
+/// All eight 6-bit scales and minimums of a `Q4_K`/`Q5_K` block at once (as [`scale_min_k4`] for
+/// `j` in 0..8), without branches.
+#[inline(always)]
+fn scales_mins_k4(q: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = q[j] & 63;
+        m[j] = q[j + 4] & 63;
+        sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
+        m[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+    }
+    (sc, m)
 }
 
 impl BlockQ4K {
@@ -939,7 +970,8 @@ impl QMatrix {
         x: &[f32],
         n: usize,
     ) -> Vec<f32> {
-        let a = QuantizedActivations::quantize(x, n, self.cols, kernels::layout::<B>(isa));
+        let a =
+            QuantizedActivations::quantize(x, n, self.cols, kernels::layout::<B>(isa), B::WEIGHTS);
         let bpr = self.cols / B::WEIGHTS;
         self.run_tiles(n, |tile| {
             kernels::tile(isa, &blocks[tile.first_weight_row * bpr..], bpr, &a, tile)
@@ -1050,8 +1082,8 @@ mod kernels {
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
     use super::{
-        q4_1_block, scale_min_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, Layout,
-        PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK,
+        q4_1_block, scale_min_k4, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K,
+        BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK,
     };
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
@@ -1499,8 +1531,8 @@ mod kernels {
         //! every `k < G`.
         use super::super::Q4_1_GROUP;
         use super::{
-            q4_1_block, scale_min_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, Q4_1Slot,
-            QuantizedActivations,
+            scale_min_k4, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0,
+            Q4_1Slot, QuantizedActivations,
         };
         use std::arch::x86_64::*;
 
@@ -1525,6 +1557,120 @@ mod kernels {
             )
         }
 
+        /// A block's 32 weights as 16-bit integers: elements 0..16, then 16..32.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn words(q: __m256i, signed: bool) -> [__m256i; 2] {
+            let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            if signed {
+                [_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)]
+            } else {
+                [_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)]
+            }
+        }
+
+        /// A 32-weight block's exact integer product with activation block `i`, in eight lanes.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn int_product(w: &[__m256i; 2], values: *const i16, i: usize) -> __m256i {
+            // SAFETY: the caller's kernel contract (block `i` of the activations exists).
+            let (x0, x1) = unsafe {
+                let p = values.add(i * 32);
+                (
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(16) as *const __m256i),
+                )
+            };
+            _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1))
+        }
+
+        /// [`int_product`] as floats.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn block_product(w: &[__m256i; 2], values: *const i16, i: usize) -> __m256 {
+            // SAFETY: the caller's kernel contract.
+            _mm256_cvtepi32_ps(unsafe { int_product(w, values, i) })
+        }
+
+        /// The kernels of the 32-weight formats (`Q4_1`, `Q8_0`, `Q5_0`): `decode(b)` gives block
+        /// `b`'s weights ([`words`]), scale `d` and minimum `m` (0 for formats without one). Blocks
+        /// go in pairs, each row adding `(d₀·a₀)·p₀ + (d₁·a₁)·p₁ (+ m₀·Σa₀ and m₁·Σa₁ in lanes 0
+        /// and 1)` to its accumulator: the same operations for every `G`, and one decoded row's
+        /// chain of float additions only one per two blocks long. An odd last block adds `(d·a)·p
+        /// (+ m·Σa)` alone.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn rows32<const G: usize, const MIN: bool>(
+            bpr: usize,
+            a: &QuantizedActivations,
+            r0: usize,
+            out: *mut f32,
+            stride: usize,
+            decode: impl Fn(usize) -> ([__m256i; 2], f32, f32),
+        ) {
+            let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); G];
+            let mut b = 0;
+            while b + 1 < bpr {
+                let ((w0, d0, m0), (w1, d1, m1)) = (decode(b), decode(b + 1));
+                let m = _mm256_setr_ps(m0, m1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract (blocks b and b + 1 of row r0 + k exist).
+                    let (p0, p1, ad0, ad1) = unsafe {
+                        (
+                            block_product(&w0, values, i),
+                            block_product(&w1, values, i + 1),
+                            *scales.add(i),
+                            *scales.add(i + 1),
+                        )
+                    };
+                    let mut t = _mm256_mul_ps(_mm256_set1_ps(d0 * ad0), p0);
+                    t = _mm256_fmadd_ps(_mm256_set1_ps(d1 * ad1), p1, t);
+                    if MIN {
+                        // SAFETY: as above; the upper lanes are zero.
+                        let s = unsafe {
+                            _mm_castsi128_ps(_mm_loadl_epi64(sums.add(i) as *const __m128i))
+                        };
+                        t = _mm256_fmadd_ps(m, _mm256_zextps128_ps256(s), t);
+                    }
+                    acc[k] = _mm256_add_ps(acc[k], t);
+                }
+                b += 2;
+            }
+            if b < bpr {
+                let (w, d, m) = decode(b);
+                let m = _mm256_setr_ps(m, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+                for k in 0..G {
+                    let i = (r0 + k) * bpr + b;
+                    // SAFETY: the kernel contract.
+                    let (p, ad) = unsafe { (block_product(&w, values, i), *scales.add(i)) };
+                    let mut t = _mm256_mul_ps(_mm256_set1_ps(d * ad), p);
+                    if MIN {
+                        // SAFETY: as above.
+                        let s = unsafe { _mm_load_ss(sums.add(i)) };
+                        t = _mm256_fmadd_ps(m, _mm256_zextps128_ps256(s), t);
+                    }
+                    acc[k] = _mm256_add_ps(acc[k], t);
+                }
+            }
+            for k in 0..G {
+                // SAFETY: the kernel contract.
+                unsafe { *out.add(k * stride) = hsum256(acc[k]) };
+            }
+        }
+
+        /// An f16 at `p`, widened.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn read_f16(p: *const u8) -> f32 {
+            // SAFETY: the caller passes two readable bytes.
+            half::f16::from_bits(unsafe { (p as *const u16).read_unaligned() }).to_f32()
+        }
+
+        /// `Q4_1` on its repacked rows ([`Q4_1Slot`]): a block in a full group of four has its
+        /// `(d, m)` at `4j` and its nibbles at `16 + 16j` of the group's 80 bytes; a block after
+        /// the last full group keeps GGML's 20 bytes.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn q4_1_avx2<const G: usize>(
             w: *const Q4_1Slot,
@@ -1534,40 +1680,28 @@ mod kernels {
             out: *mut f32,
             stride: usize,
         ) {
-            let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
-            // SAFETY: the kernel contract.
-            let row = unsafe { std::slice::from_raw_parts(w, bpr) };
-            let mut mins = [0f32; G];
-            let mut acc = [_mm256_setzero_ps(); G];
-            for b in 0..bpr {
-                let blk = &q4_1_block(row, b);
-                let q = unpack_q4(&blk.qs);
-                let (w0, w1) = (
-                    _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
-                );
-                let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
-                for k in 0..G {
-                    let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract.
-                    let (ad, s, x0, x1) = unsafe {
-                        let p = values.add(i * 32);
-                        (
-                            *scales.add(i),
-                            *sums.add(i),
-                            _mm256_loadu_si256(p as *const __m256i),
-                            _mm256_loadu_si256(p.add(16) as *const __m256i),
-                        )
-                    };
-                    mins[k] = m.mul_add(s, mins[k]);
-                    let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
+            let row = w as *const u8;
+            let full = bpr / Q4_1_GROUP * Q4_1_GROUP;
+            let decode = |b: usize| {
+                let (head, qs) = if b < full {
+                    let group = (b / Q4_1_GROUP) * 20 * Q4_1_GROUP;
+                    let j = b % Q4_1_GROUP;
+                    (group + 4 * j, group + 4 * Q4_1_GROUP + 16 * j)
+                } else {
+                    (b * 20, b * 20 + 4)
+                };
+                // SAFETY: the kernel contract (the row's `20 · bpr` bytes hold block b).
+                unsafe {
+                    let q = &*(row.add(qs) as *const [u8; 16]);
+                    (
+                        words(unpack_q4(q), false),
+                        read_f16(row.add(head)),
+                        read_f16(row.add(head + 2)),
+                    )
                 }
-            }
-            for k in 0..G {
-                // SAFETY: the kernel contract.
-                unsafe { *out.add(k * stride) = hsum256(acc[k]) + mins[k] };
-            }
+            };
+            // SAFETY: the kernel contract.
+            unsafe { rows32::<G, true>(bpr, a, r0, out, stride, decode) }
         }
 
         #[target_feature(enable = "avx2,fma")]
@@ -1579,36 +1713,14 @@ mod kernels {
             out: *mut f32,
             stride: usize,
         ) {
-            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
-            let mut acc = [_mm256_setzero_ps(); G];
-            for b in 0..bpr {
-                // SAFETY: the kernel contract; 32 readable bytes.
+            let decode = |b: usize| {
+                // SAFETY: the kernel contract (block b is in the row); 32 readable bytes.
                 let blk = unsafe { &*w.add(b) };
                 let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
-                let (w0, w1) = (
-                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                );
-                let d = blk.d.to_f32();
-                for k in 0..G {
-                    let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract.
-                    let (ad, x0, x1) = unsafe {
-                        let p = values.add(i * 32);
-                        (
-                            *scales.add(i),
-                            _mm256_loadu_si256(p as *const __m256i),
-                            _mm256_loadu_si256(p.add(16) as *const __m256i),
-                        )
-                    };
-                    let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
-                }
-            }
-            for k in 0..G {
-                // SAFETY: the kernel contract.
-                unsafe { *out.add(k * stride) = hsum256(acc[k]) };
-            }
+                (words(q, true), blk.d.to_f32(), 0.0)
+            };
+            // SAFETY: the kernel contract.
+            unsafe { rows32::<G, false>(bpr, a, r0, out, stride, decode) }
         }
 
         /// The 32 weights of a `Q5_0` block as signed bytes `q − 16`: nibbles unpacked as for
@@ -1646,36 +1758,13 @@ mod kernels {
             out: *mut f32,
             stride: usize,
         ) {
-            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
-            let mut acc = [_mm256_setzero_ps(); G];
-            for b in 0..bpr {
+            let decode = |b: usize| {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
-                let q = q5_0_bytes(blk);
-                let (w0, w1) = (
-                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                );
-                let d = blk.d.to_f32();
-                for k in 0..G {
-                    let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract.
-                    let (ad, x0, x1) = unsafe {
-                        let p = values.add(i * 32);
-                        (
-                            *scales.add(i),
-                            _mm256_loadu_si256(p as *const __m256i),
-                            _mm256_loadu_si256(p.add(16) as *const __m256i),
-                        )
-                    };
-                    let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad), _mm256_cvtepi32_ps(p), acc[k]);
-                }
-            }
-            for k in 0..G {
-                // SAFETY: the kernel contract.
-                unsafe { *out.add(k * stride) = hsum256(acc[k]) };
-            }
+                (words(q5_0_bytes(blk), true), blk.d.to_f32(), 0.0)
+            };
+            // SAFETY: the kernel contract.
+            unsafe { rows32::<G, false>(bpr, a, r0, out, stride, decode) }
         }
 
         /// The unsigned weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q4_K` block (0..16).
@@ -1721,10 +1810,13 @@ mod kernels {
             ]
         }
 
-        /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`): as `q4_1_avx2`, per 32-weight
-        /// sub-block, with the sub-block's scale `d·sc` and minimum `dmin·m` (exact in f32)
-        /// unpacked once per block for all `G` activation rows. `$pair` gives two sub-blocks'
-        /// unsigned weights.
+        /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`). The activations have one
+        /// scale per super-block (see [`QuantizedActivations::quantize`]), so each sub-block's
+        /// weights are multiplied by its 6-bit scale as 16-bit integers (at most 31·63, exact) and
+        /// all eight sub-blocks' products summed as exact 32-bit integers (at most
+        /// 32·31·63·32767 < 2³¹ per lane); then one `d·scale_a·sum` per super-block, and the
+        /// minimums `dmin·m·Σa` as a vector over the eight sub-blocks. `$pair` gives two
+        /// sub-blocks' unsigned weights. Weights are unpacked once per block for all `G` rows.
         macro_rules! k_min_avx2 {
             ($name:ident, $block:ty, $pair:path) => {
                 #[target_feature(enable = "avx2,fma")]
@@ -1739,50 +1831,57 @@ mod kernels {
                     let (scales, sums, values) =
                         (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
                     let abpr = bpr * 8;
-                    let mut mins = [0f32; G];
-                    let mut acc = [_mm256_setzero_ps(); G];
+                    let mut facc = [_mm256_setzero_ps(); G];
+                    let mut macc = [_mm256_setzero_ps(); G];
                     for b in 0..bpr {
                         // SAFETY: the kernel contract (block b is in the row).
                         let blk = unsafe { &*w.add(b) };
                         let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                        let (sc, m) = scales_mins_k4(&blk.scales);
+                        // SAFETY: eight readable bytes.
+                        let m = unsafe { _mm_loadl_epi64(m.as_ptr() as *const __m128i) };
+                        let mins = _mm256_mul_ps(
+                            _mm256_set1_ps(dmin),
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
+                        );
+                        let mut iacc = [_mm256_setzero_si256(); G];
                         for pair in 0..4 {
                             for (h, q) in $pair(blk, pair).into_iter().enumerate() {
                                 let j = pair * 2 + h;
-                                let (sc, m) = scale_min_k4(j, &blk.scales);
-                                let (dj, mj) = (d * sc as f32, dmin * m as f32);
+                                let scale = _mm256_set1_epi16(sc[j] as i16);
                                 let (w0, w1) = (
-                                    _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+                                    _mm256_mullo_epi16(
+                                        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                                        scale,
+                                    ),
+                                    _mm256_mullo_epi16(
+                                        _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+                                        scale,
+                                    ),
                                 );
                                 for k in 0..G {
                                     let i = (r0 + k) * abpr + b * 8 + j;
                                     // SAFETY: the kernel contract.
-                                    let (ad, s, x0, x1) = unsafe {
-                                        let p = values.add(i * 32);
-                                        (
-                                            *scales.add(i),
-                                            *sums.add(i),
-                                            _mm256_loadu_si256(p as *const __m256i),
-                                            _mm256_loadu_si256(p.add(16) as *const __m256i),
-                                        )
-                                    };
-                                    mins[k] = mj.mul_add(s, mins[k]);
-                                    let p = _mm256_add_epi32(
-                                        _mm256_madd_epi16(w0, x0),
-                                        _mm256_madd_epi16(w1, x1),
-                                    );
-                                    acc[k] = _mm256_fmadd_ps(
-                                        _mm256_set1_ps(dj * ad),
-                                        _mm256_cvtepi32_ps(p),
-                                        acc[k],
-                                    );
+                                    let p = unsafe { int_product(&[w0, w1], values, i) };
+                                    iacc[k] = _mm256_add_epi32(iacc[k], p);
                                 }
                             }
+                        }
+                        for k in 0..G {
+                            let i = (r0 + k) * abpr + b * 8;
+                            // SAFETY: the kernel contract (eight sub-blocks' scales and sums).
+                            let (ad, s) = unsafe { (*scales.add(i), _mm256_loadu_ps(sums.add(i))) };
+                            facc[k] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(d * ad),
+                                _mm256_cvtepi32_ps(iacc[k]),
+                                facc[k],
+                            );
+                            macc[k] = _mm256_fmadd_ps(mins, s, macc[k]);
                         }
                     }
                     for k in 0..G {
                         // SAFETY: the kernel contract.
-                        unsafe { *out.add(k * stride) = hsum256(acc[k]) - mins[k] };
+                        unsafe { *out.add(k * stride) = hsum256(facc[k]) - hsum256(macc[k]) };
                     }
                 }
             };
@@ -1826,8 +1925,11 @@ mod kernels {
             .map(|q| _mm256_sub_epi8(q, bias))
         }
 
-        /// `Q6_K`: the signed weights of 32 elements in one register ([`q6_k_quarters`]), then per
-        /// 16-weight sub-block an exact `vpmaddwd` product scaled by `d·sc·scale_a`.
+        /// `Q6_K`: the signed weights of 32 elements in one register ([`q6_k_quarters`]), each
+        /// 16-weight sub-block multiplied by its signed 8-bit scale as 16-bit integers (at most
+        /// 32·128, exact), and a half's 128 products summed as exact 32-bit integers (at most
+        /// 16·4096·32767 < 2³¹ per lane); then `d·scale_a·sum` once per half. The activations
+        /// have one scale per super-block.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn q6_k_avx2<const G: usize>(
             w: *const BlockQ6K,
@@ -1839,49 +1941,45 @@ mod kernels {
         ) {
             let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
             let abpr = bpr * 8;
-            let mut acc = [_mm256_setzero_ps(); G];
+            let mut facc = [_mm256_setzero_ps(); G];
             for b in 0..bpr {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
                 let d = blk.d.to_f32();
                 for h in 0..2 {
+                    let mut iacc = [_mm256_setzero_si256(); G];
                     for (t, q) in q6_k_quarters(blk, h).into_iter().enumerate() {
                         let (w0, w1) = (
-                            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                            _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                        );
-                        let (sa, sb) = (
-                            d * blk.scales[8 * h + 2 * t] as f32,
-                            d * blk.scales[8 * h + 2 * t + 1] as f32,
+                            _mm256_mullo_epi16(
+                                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                                _mm256_set1_epi16(blk.scales[8 * h + 2 * t] as i16),
+                            ),
+                            _mm256_mullo_epi16(
+                                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
+                                _mm256_set1_epi16(blk.scales[8 * h + 2 * t + 1] as i16),
+                            ),
                         );
                         for k in 0..G {
                             let i = (r0 + k) * abpr + b * 8 + h * 4 + t;
                             // SAFETY: the kernel contract.
-                            let (ad, x0, x1) = unsafe {
-                                let p = values.add(i * 32);
-                                (
-                                    *scales.add(i),
-                                    _mm256_loadu_si256(p as *const __m256i),
-                                    _mm256_loadu_si256(p.add(16) as *const __m256i),
-                                )
-                            };
-                            acc[k] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(sa * ad),
-                                _mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0)),
-                                acc[k],
-                            );
-                            acc[k] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(sb * ad),
-                                _mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1)),
-                                acc[k],
-                            );
+                            let p = unsafe { int_product(&[w0, w1], values, i) };
+                            iacc[k] = _mm256_add_epi32(iacc[k], p);
                         }
+                    }
+                    for k in 0..G {
+                        // SAFETY: the kernel contract.
+                        let ad = unsafe { *scales.add((r0 + k) * abpr + b * 8) };
+                        facc[k] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * ad),
+                            _mm256_cvtepi32_ps(iacc[k]),
+                            facc[k],
+                        );
                     }
                 }
             }
             for k in 0..G {
                 // SAFETY: the kernel contract.
-                unsafe { *out.add(k * stride) = hsum256(acc[k]) };
+                unsafe { *out.add(k * stride) = hsum256(facc[k]) };
             }
         }
 
@@ -2633,6 +2731,46 @@ mod tests {
                         "{dtype:?} {r} {o}: {exact} vs {}",
                         y[r * rows + o]
                     );
+                }
+            }
+        }
+    }
+
+    /// The K-quant kernels sum a super-block's products as 32-bit integers: at the largest weights,
+    /// scales and activations the formats allow, nothing overflows and every instruction set gives
+    /// the exact product.
+    #[test]
+    fn k_quant_integer_sums_hold_at_the_largest_weights_scales_and_activations() {
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        let one = f16::from_f32(1.0).to_le_bytes();
+        // Q4_K: d = 1, dmin = 0, every 6-bit scale 63 and minimum 0, every q 15 (w = 945).
+        let mut q4k = vec![one[0], one[1], 0, 0];
+        q4k.extend([0xFF; 4].iter().chain(&[0x00; 4]).chain(&[0x0F; 4]));
+        q4k.extend([0xFF; 128]);
+        // Q5_K: as Q4_K with every fifth bit set (q 31, w = 1953).
+        let mut q5k = q4k[..16].to_vec();
+        q5k.extend([0xFF; 32]);
+        q5k.extend([0xFF; 128]);
+        // Q6_K: every q 0 (q − 32 = −32) and every scale −128 (w = 4096).
+        let mut q6k = vec![0u8; 192];
+        q6k.extend([0x80; 16]);
+        q6k.extend(one);
+        for (dtype, block, w) in [
+            (GgmlDType::Q4K, q4k, 945f32),
+            (GgmlDType::Q5K, q5k, 1953.0),
+            (GgmlDType::Q6K, q6k, 4096.0),
+        ] {
+            let (rows, cols) = (2, 512);
+            let bytes = block.repeat(rows * cols / K_BLOCK);
+            let q = qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &Device::Cpu).unwrap();
+            let m = QMatrix::from_qtensor("w", q).unwrap();
+            for sign in [1f32, -1.0] {
+                let x = vec![sign; cols];
+                for isa in kernels::supported() {
+                    let y = m.matmul_on(isa, &x, 1).unwrap();
+                    for got in y {
+                        assert_eq!(got, sign * w * cols as f32, "{dtype:?} {isa:?}");
+                    }
                 }
             }
         }
