@@ -189,7 +189,7 @@ impl std::fmt::Debug for Engine {
 
 /// Per-sequence state while decoding.
 /// The most prompt tokens of one sequence a forward pass takes (see [`Engine::step`]).
-pub const PREFILL_CHUNK: usize = 512;
+pub const PREFILL_CHUNK: usize = 128;
 
 struct Live {
     cache: KvCache,
@@ -263,7 +263,14 @@ impl Engine {
             vocab_size: config.vocab_size,
             layers: config.layers,
             formats,
-            kv_bytes_per_token: config.layers * config.kv_dim() * 2 * std::mem::size_of::<f32>(),
+            // Native caches hold f16, the device backend's f32.
+            kv_bytes_per_token: config.layers
+                * config.kv_dim()
+                * 2
+                * match model {
+                    Model::Native(_) => std::mem::size_of::<half::f16>(),
+                    Model::Device(_) => std::mem::size_of::<f32>(),
+                },
         };
         let mut pool = rayon::ThreadPoolBuilder::new();
         if let Some(n) = threads {

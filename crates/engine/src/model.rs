@@ -16,6 +16,8 @@
 //! - Qwen2 (Yang et al. 2024) is Llama with biases on the Q, K and V projections, "neox" RoPE (GGUF
 //!   does not permute Qwen's Q/K), a RoPE base of 1e6, and the output head usually tied to the embedding.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::device::DeviceCache;
@@ -204,10 +206,13 @@ struct Block {
 ///
 /// A cache holds host vectors for the native forward pass ([`KvCache::new`]) or device tensors for
 /// the candle backend ([`crate::device`]); the engine makes the kind its model runs on.
+///
+/// Native caches hold keys and values as f16 (as llama.cpp does by default), half the memory of
+/// f32: attention reads them back widened, the same way in a KV-cached and a teacher-forced pass.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
     kv_dim: usize,
     len: usize,
     /// The tensors of a cache that belongs to a device-backend model.
@@ -471,8 +476,9 @@ impl Transformer {
             });
             for (r, &(s, _)) in rows.iter().enumerate() {
                 let row = &qkv[r * width..(r + 1) * width];
-                steps[s].cache.keys[l].extend_from_slice(&row[qd..qd + kvd]);
-                steps[s].cache.values[l].extend_from_slice(&row[qd + kvd..]);
+                let cache = &mut *steps[s].cache;
+                append_f16(&mut cache.keys[l], &row[qd..qd + kvd]);
+                append_f16(&mut cache.values[l], &row[qd + kvd..]);
             }
             let caches: Vec<&KvCache> = steps.iter().map(|s| &*s.cache).collect();
             let window = if c.is_sliding(l) {
@@ -632,8 +638,8 @@ const ACTIVATION_PIECE: usize = 512;
 fn attend(
     c: &Config,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     span: std::ops::Range<usize>,
     kv_head: usize,
     out: &mut [f32],
@@ -646,12 +652,19 @@ fn attend(
     }
 }
 
+/// Appends `x` to a cache vector, rounded to f16.
+fn append_f16(cache: &mut Vec<f16>, x: &[f32]) {
+    let start = cache.len();
+    cache.resize(start + x.len(), f16::ZERO);
+    cache[start..].convert_from_f32_slice(x);
+}
+
 /// [`attend`] for heads of `HD` values (0: any size, read from the config).
 fn attend_sized<const HD: usize>(
     c: &Config,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     span: std::ops::Range<usize>,
     kvh: usize,
     out: &mut [f32],
@@ -665,8 +678,15 @@ fn attend_sized<const HD: usize>(
     // Only the any-size copy needs a heap buffer; the sized copies keep the output on the stack.
     let mut running = if HD == 0 { vec![0f32; hd] } else { Vec::new() };
     let heads = kvh * group..(kvh + 1) * group;
+    let mut sized = [0f32; HD];
+    let mut any = if HD == 0 { vec![0f32; hd] } else { Vec::new() };
+    let k = if HD == 0 {
+        &mut any[..]
+    } else {
+        &mut sized[..]
+    };
     for (i, p) in (lo..hi).enumerate() {
-        let k = &keys[p * kvd + kvh * hd..][..hd];
+        keys[p * kvd + kvh * hd..][..hd].convert_to_f32_slice(k);
         for (g, h) in heads.clone().enumerate() {
             scores[g * len + i] = dot_f32(&q[h * hd..][..hd], k) * c.attn_scale;
         }
@@ -681,11 +701,11 @@ fn attend_sized<const HD: usize>(
         }
         if HD == 0 {
             running.fill(0.0);
-            weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut running);
+            weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut running, k);
             out[g * hd..(g + 1) * hd].copy_from_slice(&running);
         } else {
             let mut o = [0f32; HD];
-            weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut o);
+            weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut o, k);
             out[g * hd..(g + 1) * hd].copy_from_slice(&o);
         }
     }
@@ -696,17 +716,18 @@ fn attend_sized<const HD: usize>(
 fn weigh_values(
     weights: &[f32],
     sum: f32,
-    values: &[f32],
+    values: &[f16],
     lo: usize,
     kvd: usize,
     offset: usize,
     o: &mut [f32],
+    v: &mut [f32],
 ) {
     let hd = o.len();
     for (i, &e) in weights.iter().enumerate() {
         let w = e / sum;
-        let v = &values[(lo + i) * kvd + offset..][..hd];
-        for (a, b) in o.iter_mut().zip(v) {
+        values[(lo + i) * kvd + offset..][..hd].convert_to_f32_slice(v);
+        for (a, b) in o.iter_mut().zip(v.iter()) {
             *a = w.mul_add(*b, *a);
         }
     }
