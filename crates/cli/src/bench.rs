@@ -50,7 +50,8 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// A folder holding llama.cpp's `llama-bench`: run it on the same GGUF files, threads and
-        /// token counts in the same run, and print its figures and the ratios beside ours.
+        /// token counts in the same run (before and after ours, its best of both), and print its
+        /// figures and the ratios beside ours.
         #[arg(long, value_name = "DIR")]
         compare_llama_cpp: Option<std::path::PathBuf>,
     },
@@ -646,10 +647,27 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let repeat = repeat.max(1);
             let mut figures = Vec::new();
             for m in &models {
+                // llama.cpp runs both before and after ours, and its best of both counts: the VMs
+                // drift by 10-30% over minutes, and bracketing our runs keeps a slow spell from
+                // favouring either side (if anything, it favours llama.cpp, with twice the runs).
+                let threads_used = threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                let before = match &compare_llama_cpp {
+                    Some(dir) => Some(llama_bench(
+                        dir,
+                        &registry::resolve(m)?,
+                        prompt_tokens,
+                        gen_tokens,
+                        repeat,
+                        threads_used,
+                    )?),
+                    None => None,
+                };
                 let mut f = bench_engine(m, threads, device, prompt_tokens, gen_tokens, repeat)?;
-                if let Some(dir) = &compare_llama_cpp {
+                if let (Some(dir), Some((pp0, tg0))) = (&compare_llama_cpp, before) {
                     let (pp, tg) =
                         llama_bench(dir, &f.path, prompt_tokens, gen_tokens, repeat, f.threads)?;
+                    let (pp, tg) = (pp.max(pp0), tg.max(tg0));
                     f.llama_cpp = Some(LlamaCppFigures {
                         prompt_tok_per_s: pp,
                         decode_tok_per_s: tg,
