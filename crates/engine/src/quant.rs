@@ -466,23 +466,30 @@ fn slot_bytes(slots: &[Q4_1Slot]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(slots.as_ptr() as *const u8, slots.len() * 20) }
 }
 
+/// Where block `b` of a repacked `Q4_1` row of `bpr` blocks lives: the byte offsets of its
+/// `(d, m)` and of its 16 nibble bytes. A block in a full group of four has its `(d, m)` at `4j`
+/// and its nibbles at `16 + 16j` of the group's 80 bytes; a block after the last full group keeps
+/// GGML's 20 bytes.
+#[inline(always)]
+fn q4_1_place(bpr: usize, b: usize) -> (usize, usize) {
+    let full = bpr / Q4_1_GROUP * Q4_1_GROUP;
+    if b < full {
+        let group = (b / Q4_1_GROUP) * 20 * Q4_1_GROUP;
+        let j = b % Q4_1_GROUP;
+        (group + 4 * j, group + 4 * Q4_1_GROUP + 16 * j)
+    } else {
+        (b * 20, b * 20 + 4)
+    }
+}
+
 /// Block `b` of a repacked `Q4_1` row, in GGML's form.
 fn q4_1_block(row: &[Q4_1Slot], b: usize) -> BlockQ4_1 {
-    let full = row.len() / Q4_1_GROUP * Q4_1_GROUP;
-    let (bytes, d_at, qs_at) = if b < full {
-        let j = b % Q4_1_GROUP;
-        (
-            slot_bytes(&row[b - j..b - j + Q4_1_GROUP]),
-            j * 4,
-            16 + j * 16,
-        )
-    } else {
-        (slot_bytes(&row[b..b + 1]), 0, 4)
-    };
+    let bytes = slot_bytes(row);
+    let (head, qs) = q4_1_place(row.len(), b);
     BlockQ4_1 {
-        d: f16_at(bytes, d_at),
-        m: f16_at(bytes, d_at + 2),
-        qs: bytes[qs_at..qs_at + 16].try_into().expect("16 bytes"),
+        d: f16_at(bytes, head),
+        m: f16_at(bytes, head + 2),
+        qs: bytes[qs..qs + 16].try_into().expect("16 bytes"),
     }
 }
 
@@ -1082,8 +1089,8 @@ mod kernels {
     //! free to follow the batch: with few activation rows (decoding) a tile takes several weight rows,
     //! so that independent accumulation chains hide the latency of the fused multiply-adds.
     use super::{
-        q4_1_block, scale_min_k4, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K,
-        BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK,
+        q4_1_block, q4_1_place, scale_min_k4, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0,
+        BlockQ6K, BlockQ8_0, Layout, PairOrder, Q4_1Slot, QuantizedActivations, Tile, BLOCK,
     };
 
     /// An instruction set the kernels are written for. Values other than `Portable` are only
@@ -1531,8 +1538,8 @@ mod kernels {
         //! every `k < G`.
         use super::super::Q4_1_GROUP;
         use super::{
-            scale_min_k4, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0,
-            Q4_1Slot, QuantizedActivations,
+            q4_1_place, scale_min_k4, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K,
+            BlockQ8_0, Q4_1Slot, QuantizedActivations,
         };
         use std::arch::x86_64::*;
 
@@ -1668,9 +1675,7 @@ mod kernels {
             half::f16::from_bits(unsafe { (p as *const u16).read_unaligned() }).to_f32()
         }
 
-        /// `Q4_1` on its repacked rows ([`Q4_1Slot`]): a block in a full group of four has its
-        /// `(d, m)` at `4j` and its nibbles at `16 + 16j` of the group's 80 bytes; a block after
-        /// the last full group keeps GGML's 20 bytes.
+        /// `Q4_1` on its repacked rows ([`Q4_1Slot`], blocks found by [`q4_1_place`]).
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn q4_1_avx2<const G: usize>(
             w: *const Q4_1Slot,
@@ -1681,15 +1686,8 @@ mod kernels {
             stride: usize,
         ) {
             let row = w as *const u8;
-            let full = bpr / Q4_1_GROUP * Q4_1_GROUP;
             let decode = |b: usize| {
-                let (head, qs) = if b < full {
-                    let group = (b / Q4_1_GROUP) * 20 * Q4_1_GROUP;
-                    let j = b % Q4_1_GROUP;
-                    (group + 4 * j, group + 4 * Q4_1_GROUP + 16 * j)
-                } else {
-                    (b * 20, b * 20 + 4)
-                };
+                let (head, qs) = q4_1_place(bpr, b);
                 // SAFETY: the kernel contract (the row's `20 · bpr` bytes hold block b).
                 unsafe {
                     let q = &*(row.add(qs) as *const [u8; 16]);
