@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     // SmolLM2's layer shapes (fused QKV, gate, up, down, output), LAYERS layers (default 30) per
     // pass, so that the weights stream from memory as they do when decoding. THREADS, NS: threads
-    // and batch sizes.
+    // and batch sizes, REPS (default 5) timed passes (the best is kept).
     // FORMATS (default all) picks formats; the K-quants and Q5_0 run Qwen2.5-1.5B's shapes (their
     // inputs are multiples of 256), LAYERS (default 4) layers of them.
     let smollm = [
@@ -84,7 +84,11 @@ fn main() -> anyhow::Result<()> {
         {
             let xs: Vec<Vec<f32>> = mats.iter().map(|m| rand_vec(n * m.cols(), 5)).collect();
             let mut best = f64::MAX;
-            for _ in 0..5 {
+            let reps: usize = std::env::var("REPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(5);
+            for _ in 0..reps {
                 let t = Instant::now();
                 pool.install(|| -> anyhow::Result<()> {
                     for (m, x) in mats.iter().zip(&xs) {

@@ -1123,7 +1123,7 @@ mod kernels {
     ];
 
     /// Every target feature the AVX2 kernels enable.
-    pub const AVX2_FEATURES: &[&str] = &["avx2", "fma"];
+    pub const AVX2_FEATURES: &[&str] = &["avx2", "fma", "f16c"];
 
     /// Whether this CPU has a target feature named as in `#[target_feature(enable = …)]`.
     /// (`is_x86_feature_detected!` wants a literal, hence the match; an unknown name is `false`.)
@@ -1544,7 +1544,7 @@ mod kernels {
         use std::arch::x86_64::*;
 
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn hsum256(v: __m256) -> f32 {
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -1553,7 +1553,7 @@ mod kernels {
 
         /// The 32 weights of a `Q4_1` block as unsigned bytes, elements 0..16 in the low lane.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn unpack_q4(q: &[u8; 16]) -> __m256i {
             // SAFETY: 16 readable bytes.
             let raw = unsafe { _mm_loadu_si128(q.as_ptr() as *const __m128i) };
@@ -1566,7 +1566,7 @@ mod kernels {
 
         /// A block's 32 weights as 16-bit integers: elements 0..16, then 16..32.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn words(q: __m256i, signed: bool) -> [__m256i; 2] {
             let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
             if signed {
@@ -1578,7 +1578,7 @@ mod kernels {
 
         /// A 32-weight block's exact integer product with activation block `i`, in eight lanes.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn int_product(w: &[__m256i; 2], values: *const i16, i: usize) -> __m256i {
             // SAFETY: the caller's kernel contract (block `i` of the activations exists).
             let (x0, x1) = unsafe {
@@ -1591,74 +1591,128 @@ mod kernels {
             _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1))
         }
 
-        /// [`int_product`] as floats.
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn block_product(w: &[__m256i; 2], values: *const i16, i: usize) -> __m256 {
-            // SAFETY: the caller's kernel contract.
-            _mm256_cvtepi32_ps(unsafe { int_product(w, values, i) })
+        /// Eight blocks of a 32-weight format, decoded once for all the rows of a tile: their weights
+        /// as 16-bit integers ([`words`]), their scales `d` and (for `Q4_1`) minimums `m`. A last
+        /// group of fewer than eight blocks has zero weights and scales in its empty places.
+        struct Group32 {
+            weights: [[__m256i; 2]; 8],
+            d: __m256,
+            m: __m256,
         }
 
-        /// The kernels of the 32-weight formats (`Q4_1`, `Q8_0`, `Q5_0`): `decode(b)` gives block
-        /// `b`'s weights ([`words`]), scale `d` and minimum `m` (0 for formats without one). Blocks
-        /// go in pairs, each row adding `(d₀·a₀)·p₀ + (d₁·a₁)·p₁ (+ m₀·Σa₀ and m₁·Σa₁ in lanes 0
-        /// and 1)` to its accumulator: the same operations for every `G`, and one decoded row's
-        /// chain of float additions only one per two blocks long. An odd last block adds `(d·a)·p
-        /// (+ m·Σa)` alone.
+        /// Two blocks' integer products (eight lanes each) half summed: lanes `[a₀+a₂, b₀+b₂, a₁+a₃,
+        /// b₁+b₃]` in each 128-bit half. Unpacks and adds, not `vphaddd`, which costs two cycles
+        /// a time on Zen 3.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn pair_sums(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+        }
+
+        /// Four blocks' integer products, from [`pair_sums`] of blocks 0, 1 (`x`) and 2, 3 (`y`):
+        /// lane `j` of each 128-bit half is block `j`'s sum over half of its elements.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn quad_sums(x: __m256i, y: __m256i) -> __m256i {
+            _mm256_add_epi32(_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y))
+        }
+
+        /// Eight blocks' integer products from two [`quad_sums`] (blocks 0..4 in `low`, 4..8 in
+        /// `high`) as one vector whose lane `j` is block `j`'s whole product. All the additions are
+        /// exact integer ones, so their order is free.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn block_sums(low: __m256i, high: __m256i) -> __m256i {
+            _mm256_add_epi32(
+                _mm256_blend_epi32::<0xF0>(low, high),
+                _mm256_permute2x128_si256::<0x21>(low, high),
+            )
+        }
+
+        /// The kernels of the 32-weight formats (`Q4_1`, `Q8_0`, `Q5_0`), eight blocks at a time:
+        /// `decode(b, n)` gives blocks `b..b + n` (`n ≤ 8`, see [`Group32`]). Each row reduces the
+        /// eight blocks' exact integer products to one vector ([`block_sums`]) and adds
+        /// `(d·a)·p (+ m·Σa)` to its accumulator: one multiply and one or two FMAs per eight blocks,
+        /// where there were two per block, and the same operations for every `G`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn rows32<const G: usize, const MIN: bool>(
             bpr: usize,
             a: &QuantizedActivations,
             r0: usize,
             out: *mut f32,
             stride: usize,
-            decode: impl Fn(usize) -> ([__m256i; 2], f32, f32),
+            decode: impl Fn(usize, usize) -> Group32,
         ) {
             let (scales, sums, values) = (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             let mut acc = [_mm256_setzero_ps(); G];
-            let mut b = 0;
-            while b + 1 < bpr {
-                let ((w0, d0, m0), (w1, d1, m1)) = (decode(b), decode(b + 1));
-                let m = _mm256_setr_ps(m0, m1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-                for k in 0..G {
+            for b in (0..bpr).step_by(8) {
+                let n = (bpr - b).min(8);
+                let group = decode(b, n);
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+                // `(d·a)·p (+ m·Σa)` for row k, given its eight blocks' sums `p`.
+                let mut add = |k: usize, p: __m256i| {
                     let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract (blocks b and b + 1 of row r0 + k exist).
-                    let (p0, p1, ad0, ad1) = unsafe {
-                        (
-                            block_product(&w0, values, i),
-                            block_product(&w1, values, i + 1),
-                            *scales.add(i),
-                            *scales.add(i + 1),
-                        )
+                    // SAFETY: the kernel contract (row r0 + k's blocks b..b + n exist); lanes
+                    // past `n` are not read.
+                    let (ad, s) = unsafe {
+                        if n == 8 {
+                            (_mm256_loadu_ps(scales.add(i)), _mm256_loadu_ps(sums.add(i)))
+                        } else {
+                            (
+                                _mm256_maskload_ps(scales.add(i), mask),
+                                _mm256_maskload_ps(sums.add(i), mask),
+                            )
+                        }
                     };
-                    let mut t = _mm256_mul_ps(_mm256_set1_ps(d0 * ad0), p0);
-                    t = _mm256_fmadd_ps(_mm256_set1_ps(d1 * ad1), p1, t);
+                    let p = _mm256_cvtepi32_ps(p);
+                    acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(group.d, ad), p, acc[k]);
                     if MIN {
-                        // SAFETY: as above; the upper lanes are zero.
-                        let s = unsafe {
-                            _mm_castsi128_ps(_mm_loadl_epi64(sums.add(i) as *const __m128i))
-                        };
-                        t = _mm256_fmadd_ps(m, _mm256_zextps128_ps256(s), t);
+                        acc[k] = _mm256_fmadd_ps(group.m, s, acc[k]);
                     }
-                    acc[k] = _mm256_add_ps(acc[k], t);
-                }
-                b += 2;
-            }
-            if b < bpr {
-                let (w, d, m) = decode(b);
-                let m = _mm256_setr_ps(m, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-                for k in 0..G {
-                    let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract.
-                    let (p, ad) = unsafe { (block_product(&w, values, i), *scales.add(i)) };
-                    let mut t = _mm256_mul_ps(_mm256_set1_ps(d * ad), p);
-                    if MIN {
-                        // SAFETY: as above.
-                        let s = unsafe { _mm_load_ss(sums.add(i)) };
-                        t = _mm256_fmadd_ps(m, _mm256_zextps128_ps256(s), t);
+                };
+                // The integer sums, by one of two routes to the same exact values: with several
+                // rows, four blocks' weights at a time stay in registers across the rows; with one,
+                // the eight blocks run straight through.
+                if G > 1 && n == 8 {
+                    let mut low = [_mm256_setzero_si256(); G];
+                    for h in 0..2 {
+                        let w: [[__m256i; 2]; 4] =
+                            std::array::from_fn(|j| group.weights[4 * h + j]);
+                        for k in 0..G {
+                            let i = (r0 + k) * bpr + b + 4 * h;
+                            // SAFETY: the kernel contract (blocks b..b + 8 of row r0 + k exist).
+                            let p: [__m256i; 4] = std::array::from_fn(|j| unsafe {
+                                int_product(&w[j], values, i + j)
+                            });
+                            let quad = quad_sums(pair_sums(p[0], p[1]), pair_sums(p[2], p[3]));
+                            if h == 0 {
+                                low[k] = quad;
+                            } else {
+                                add(k, block_sums(low[k], quad));
+                            }
+                        }
                     }
-                    acc[k] = _mm256_add_ps(acc[k], t);
+                } else {
+                    for k in 0..G {
+                        let i = (r0 + k) * bpr + b;
+                        let p: [__m256i; 8] = std::array::from_fn(|j| {
+                            if j < n {
+                                // SAFETY: the kernel contract (block b + j of row r0 + k exists).
+                                unsafe { int_product(&group.weights[j], values, i + j) }
+                            } else {
+                                _mm256_setzero_si256()
+                            }
+                        });
+                        let quads = [0, 1].map(|h| {
+                            quad_sums(
+                                pair_sums(p[4 * h], p[4 * h + 1]),
+                                pair_sums(p[4 * h + 2], p[4 * h + 3]),
+                            )
+                        });
+                        add(k, block_sums(quads[0], quads[1]));
+                    }
                 }
             }
             for k in 0..G {
@@ -1667,16 +1721,53 @@ mod kernels {
             }
         }
 
-        /// An f16 at `p`, widened.
+        /// The f16 values at `at(j)` for `j < n` (`n ≤ 8`), widened into one vector with zeros
+        /// past `n`.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn read_f16(p: *const u8) -> f32 {
-            // SAFETY: the caller passes two readable bytes.
-            half::f16::from_bits(unsafe { (p as *const u16).read_unaligned() }).to_f32()
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn gather_f16(n: usize, at: impl Fn(usize) -> *const u8) -> __m256 {
+            let mut h = [0u16; 8];
+            for j in 0..n {
+                // SAFETY: the caller passes two readable bytes per place.
+                h[j] = unsafe { (at(j) as *const u16).read_unaligned() };
+            }
+            _mm256_cvtph_ps(_mm_setr_epi16(
+                h[0] as i16,
+                h[1] as i16,
+                h[2] as i16,
+                h[3] as i16,
+                h[4] as i16,
+                h[5] as i16,
+                h[6] as i16,
+                h[7] as i16,
+            ))
+        }
+
+        /// A [`Group32`] of a format stored as GGML's blocks `w` (`Q8_0`, `Q5_0`): block `b + j`'s
+        /// weights by `weights`, its scale `d` at the block's start.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn ggml_group<B>(
+            w: *const B,
+            b: usize,
+            n: usize,
+            weights: impl Fn(&B) -> [__m256i; 2],
+        ) -> Group32 {
+            let mut group = Group32 {
+                weights: [[_mm256_setzero_si256(); 2]; 8],
+                // SAFETY: the caller's kernel contract (blocks b..b + n are in the row).
+                d: unsafe { gather_f16(n, |j| w.add(b + j) as *const u8) },
+                m: _mm256_setzero_ps(),
+            };
+            for j in 0..n {
+                // SAFETY: as above.
+                group.weights[j] = weights(unsafe { &*w.add(b + j) });
+            }
+            group
         }
 
         /// `Q4_1` on its repacked rows ([`Q4_1Slot`], blocks found by [`q4_1_place`]).
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q4_1_avx2<const G: usize>(
             w: *const Q4_1Slot,
             bpr: usize,
@@ -1686,23 +1777,53 @@ mod kernels {
             stride: usize,
         ) {
             let row = w as *const u8;
-            let decode = |b: usize| {
-                let (head, qs) = q4_1_place(bpr, b);
-                // SAFETY: the kernel contract (the row's `20 · bpr` bytes hold block b).
-                unsafe {
-                    let q = &*(row.add(qs) as *const [u8; 16]);
-                    (
-                        words(unpack_q4(q), false),
-                        read_f16(row.add(head)),
-                        read_f16(row.add(head + 2)),
-                    )
+            let decode = |b: usize, n: usize| {
+                let mut group = Group32 {
+                    weights: [[_mm256_setzero_si256(); 2]; 8],
+                    d: _mm256_setzero_ps(),
+                    m: _mm256_setzero_ps(),
+                };
+                if n == 8 {
+                    // Two full groups of four ([`Q4_1Slot`]): `(d, m)` × 4 in 16 bytes, then the
+                    // four blocks' nibbles in 64; the scales put in order as `d₀..d₈`, `m₀..m₈`.
+                    let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+                    let mut heads = [_mm_setzero_si128(); 2];
+                    for half in 0..2 {
+                        let at = q4_1_place(bpr, b + 4 * half).0;
+                        // SAFETY: the kernel contract (blocks b..b + 8 fill two of the row's full
+                        // groups, 80 bytes each from `at`).
+                        unsafe {
+                            heads[half] = _mm_shuffle_epi8(
+                                _mm_loadu_si128(row.add(at) as *const __m128i),
+                                order,
+                            );
+                            for j in 0..4 {
+                                let q = &*(row.add(at + 16 + 16 * j) as *const [u8; 16]);
+                                group.weights[4 * half + j] = words(unpack_q4(q), false);
+                            }
+                        }
+                    }
+                    group.d = _mm256_cvtph_ps(_mm_unpacklo_epi64(heads[0], heads[1]));
+                    group.m = _mm256_cvtph_ps(_mm_unpackhi_epi64(heads[0], heads[1]));
+                } else {
+                    let at = |j: usize| q4_1_place(bpr, b + j);
+                    // SAFETY: the kernel contract (the row's `20 · bpr` bytes hold blocks b..b + n).
+                    unsafe {
+                        group.d = gather_f16(n, |j| row.add(at(j).0));
+                        group.m = gather_f16(n, |j| row.add(at(j).0 + 2));
+                        for j in 0..n {
+                            let q = &*(row.add(at(j).1) as *const [u8; 16]);
+                            group.weights[j] = words(unpack_q4(q), false);
+                        }
+                    }
                 }
+                group
             };
             // SAFETY: the kernel contract.
             unsafe { rows32::<G, true>(bpr, a, r0, out, stride, decode) }
         }
 
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q8_0_avx2<const G: usize>(
             w: *const BlockQ8_0,
             bpr: usize,
@@ -1711,11 +1832,14 @@ mod kernels {
             out: *mut f32,
             stride: usize,
         ) {
-            let decode = |b: usize| {
-                // SAFETY: the kernel contract (block b is in the row); 32 readable bytes.
-                let blk = unsafe { &*w.add(b) };
-                let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
-                (words(q, true), blk.d.to_f32(), 0.0)
+            let decode = |b: usize, n: usize| {
+                let weights = |blk: &BlockQ8_0| {
+                    // SAFETY: 32 readable bytes.
+                    let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
+                    words(q, true)
+                };
+                // SAFETY: the kernel contract (blocks b..b + n are in the row).
+                unsafe { ggml_group(w, b, n, weights) }
             };
             // SAFETY: the kernel contract.
             unsafe { rows32::<G, false>(bpr, a, r0, out, stride, decode) }
@@ -1725,7 +1849,7 @@ mod kernels {
         /// `Q4_1`, the fifth bits spread to bytes (bit `j` of `qh` to byte `j`, as llama.cpp's
         /// `bytes_from_bits_32`).
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn q5_0_bytes(blk: &BlockQ5_0) -> __m256i {
             let spread = _mm256_set_epi64x(
                 0x0303030303030303,
@@ -1747,7 +1871,7 @@ mod kernels {
         }
 
         /// `Q5_0`: the weights as signed bytes ([`q5_0_bytes`]), then as `q8_0_avx2`.
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q5_0_avx2<const G: usize>(
             w: *const BlockQ5_0,
             bpr: usize,
@@ -1756,10 +1880,9 @@ mod kernels {
             out: *mut f32,
             stride: usize,
         ) {
-            let decode = |b: usize| {
-                // SAFETY: the kernel contract (block b is in the row).
-                let blk = unsafe { &*w.add(b) };
-                (words(q5_0_bytes(blk), true), blk.d.to_f32(), 0.0)
+            let decode = |b: usize, n: usize| {
+                // SAFETY: the kernel contract (blocks b..b + n are in the row).
+                unsafe { ggml_group(w, b, n, |blk: &BlockQ5_0| words(q5_0_bytes(blk), true)) }
             };
             // SAFETY: the kernel contract.
             unsafe { rows32::<G, false>(bpr, a, r0, out, stride, decode) }
@@ -1767,7 +1890,7 @@ mod kernels {
 
         /// The unsigned weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q4_K` block (0..16).
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn q4_k_pair(blk: &BlockQ4K, pair: usize) -> [__m256i; 2] {
             let mask = _mm256_set1_epi8(0x0F);
             // SAFETY: 32 readable bytes of `qs` (`pair < 4`).
@@ -1782,7 +1905,7 @@ mod kernels {
         /// The unsigned weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q5_K` block (0..32):
         /// the nibbles as for `Q4_K`, plus bit `j` of `qh[l]` as bit 4 of element `l` of sub-block `j`.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn q5_k_pair(blk: &BlockQ5K, pair: usize) -> [__m256i; 2] {
             let mask = _mm256_set1_epi8(0x0F);
             let one = _mm256_set1_epi8(1);
@@ -1817,7 +1940,7 @@ mod kernels {
         /// sub-blocks' unsigned weights. Weights are unpacked once per block for all `G` rows.
         macro_rules! k_min_avx2 {
             ($name:ident, $block:ty, $pair:path) => {
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 pub unsafe fn $name<const G: usize>(
                     w: *const $block,
                     bpr: usize,
@@ -1891,7 +2014,7 @@ mod kernels {
         /// The four quarters (32 elements each) of half `h` of a `Q6_K` block as signed bytes
         /// `q − 32`: the 6-bit weights rebuilt from `ql`/`qh`.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn q6_k_quarters(blk: &BlockQ6K, h: usize) -> [__m256i; 4] {
             let (m4, m2, bias) = (
                 _mm256_set1_epi8(0x0F),
@@ -1928,7 +2051,7 @@ mod kernels {
         /// 32·128, exact), and a half's 128 products summed as exact 32-bit integers (at most
         /// 16·4096·32767 < 2³¹ per lane); then `d·scale_a·sum` once per half. The activations
         /// have one scale per super-block.
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q6_k_avx2<const G: usize>(
             w: *const BlockQ6K,
             bpr: usize,
@@ -2412,7 +2535,7 @@ mod kernels {
 
         /// The 32 weights of a `Q8_0` block.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn q8_0_bytes(blk: &BlockQ8_0) -> __m256i {
             // SAFETY: 32 readable bytes.
             unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) }
@@ -2452,9 +2575,16 @@ mod tests {
     }
 
     fn check_format(dtype: GgmlDType) {
-        // 96 columns: a pair of blocks and an odd one; 128: a repacked group of four; 224: a group,
-        // a pair and an odd one. 9 rows: a group of 8 activation rows and 1.
-        for (rows, cols, n) in [(37, 96, 5), (21, 128, 9), (13, 224, 3)] {
+        // 96 columns: three blocks; 128: a repacked group of four; 224: a group and three; 512:
+        // two groups of eight blocks (the AVX2 kernels' unit); 608: two and three more. 9 rows: a
+        // group of 8 activation rows and 1.
+        for (rows, cols, n) in [
+            (37, 96, 5),
+            (21, 128, 9),
+            (13, 224, 3),
+            (11, 512, 9),
+            (19, 608, 2),
+        ] {
             let w = rand_vec(rows * cols, 1);
             let x = rand_vec(n * cols, 2);
             let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
@@ -2519,8 +2649,11 @@ mod tests {
     fn q5_0_and_q4_0_match_dequantized_product_and_are_batch_invariant() {
         // Rows dequantize to exactly candle's values (`Q4_0` repacked as `Q4_1`), and the products
         // are batch-invariant.
-        for (dtype, format) in [(GgmlDType::Q5_0, "Q5_0"), (GgmlDType::Q4_0, "Q4_1")] {
-            let (rows, cols, n) = (19, 224, 9);
+        for ((dtype, format), (rows, cols, n)) in
+            [(GgmlDType::Q5_0, "Q5_0"), (GgmlDType::Q4_0, "Q4_1")]
+                .into_iter()
+                .flat_map(|d| [(19, 224, 9), (7, 608, 9)].map(|s| (d, s)))
+        {
             let w = rand_vec(rows * cols, 5);
             let x = rand_vec(n * cols, 6);
             let q = QTensor::quantize(
