@@ -1629,6 +1629,51 @@ mod kernels {
             )
         }
 
+        /// For each of the `G` activation rows `k`, the exact integer products of up to eight blocks
+        /// (`$n` of them, weights `$weights[j]`), one lane per block ([`block_sums`]), handed to
+        /// `$each(k, sums)`; `$product(weights, k, j)` is block j's product with row k in eight
+        /// lanes. Two routes to the same exact values: with several rows and eight blocks, four
+        /// blocks' weights at a time stay in registers across the rows; otherwise each row runs
+        /// through the blocks. A macro, so that both routes are inlined into every kernel.
+        macro_rules! block_products {
+            ($g:ident, $weights:expr, $n:expr, $product:expr, $each:expr) => {{
+                let (weights, n, product, mut each) = ($weights, $n, $product, $each);
+                if $g > 1 && n == 8 {
+                    let mut low = [_mm256_setzero_si256(); $g];
+                    for h in 0..2 {
+                        let w: [_; 4] = std::array::from_fn(|j| weights[4 * h + j]);
+                        for k in 0..$g {
+                            let p: [__m256i; 4] =
+                                std::array::from_fn(|j| product(&w[j], k, 4 * h + j));
+                            let quad = quad_sums(pair_sums(p[0], p[1]), pair_sums(p[2], p[3]));
+                            if h == 0 {
+                                low[k] = quad;
+                            } else {
+                                each(k, block_sums(low[k], quad));
+                            }
+                        }
+                    }
+                } else {
+                    for k in 0..$g {
+                        let p: [__m256i; 8] = std::array::from_fn(|j| {
+                            if j < n {
+                                product(&weights[j], k, j)
+                            } else {
+                                _mm256_setzero_si256()
+                            }
+                        });
+                        let quads = [0, 1].map(|h| {
+                            quad_sums(
+                                pair_sums(p[4 * h], p[4 * h + 1]),
+                                pair_sums(p[4 * h + 2], p[4 * h + 3]),
+                            )
+                        });
+                        each(k, block_sums(quads[0], quads[1]));
+                    }
+                }
+            }};
+        }
+
         /// The kernels of the 32-weight formats (`Q4_1`, `Q8_0`, `Q5_0`), eight blocks at a time:
         /// `decode(b, n)` gives blocks `b..b + n` (`n ≤ 8`, see [`Group32`]). Each row reduces the
         /// eight blocks' exact integer products to one vector ([`block_sums`]) and adds
@@ -1651,11 +1696,13 @@ mod kernels {
                 let n = (bpr - b).min(8);
                 let group = decode(b, n);
                 let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
-                // `(d·a)·p (+ m·Σa)` for row k, given its eight blocks' sums `p`.
-                let mut add = |k: usize, p: __m256i| {
+                // SAFETY (the products): the kernel contract (blocks b..b + n of row r0 + k exist).
+                let product = |w: &[__m256i; 2], k: usize, j: usize| unsafe {
+                    int_product(w, values, (r0 + k) * bpr + b + j)
+                };
+                block_products!(G, &group.weights, n, product, |k: usize, p: __m256i| {
                     let i = (r0 + k) * bpr + b;
-                    // SAFETY: the kernel contract (row r0 + k's blocks b..b + n exist); lanes
-                    // past `n` are not read.
+                    // SAFETY: as above; lanes past `n` are not read.
                     let (ad, s) = unsafe {
                         if n == 8 {
                             (_mm256_loadu_ps(scales.add(i)), _mm256_loadu_ps(sums.add(i)))
@@ -1671,49 +1718,7 @@ mod kernels {
                     if MIN {
                         acc[k] = _mm256_fmadd_ps(group.m, s, acc[k]);
                     }
-                };
-                // The integer sums, by one of two routes to the same exact values: with several
-                // rows, four blocks' weights at a time stay in registers across the rows; with one,
-                // the eight blocks run straight through.
-                if G > 1 && n == 8 {
-                    let mut low = [_mm256_setzero_si256(); G];
-                    for h in 0..2 {
-                        let w: [[__m256i; 2]; 4] =
-                            std::array::from_fn(|j| group.weights[4 * h + j]);
-                        for k in 0..G {
-                            let i = (r0 + k) * bpr + b + 4 * h;
-                            // SAFETY: the kernel contract (blocks b..b + 8 of row r0 + k exist).
-                            let p: [__m256i; 4] = std::array::from_fn(|j| unsafe {
-                                int_product(&w[j], values, i + j)
-                            });
-                            let quad = quad_sums(pair_sums(p[0], p[1]), pair_sums(p[2], p[3]));
-                            if h == 0 {
-                                low[k] = quad;
-                            } else {
-                                add(k, block_sums(low[k], quad));
-                            }
-                        }
-                    }
-                } else {
-                    for k in 0..G {
-                        let i = (r0 + k) * bpr + b;
-                        let p: [__m256i; 8] = std::array::from_fn(|j| {
-                            if j < n {
-                                // SAFETY: the kernel contract (block b + j of row r0 + k exists).
-                                unsafe { int_product(&group.weights[j], values, i + j) }
-                            } else {
-                                _mm256_setzero_si256()
-                            }
-                        });
-                        let quads = [0, 1].map(|h| {
-                            quad_sums(
-                                pair_sums(p[4 * h], p[4 * h + 1]),
-                                pair_sums(p[4 * h + 2], p[4 * h + 3]),
-                            )
-                        });
-                        add(k, block_sums(quads[0], quads[1]));
-                    }
-                }
+                });
             }
             for k in 0..G {
                 // SAFETY: the kernel contract.
@@ -1932,10 +1937,10 @@ mod kernels {
         }
 
         /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`). The activations have one
-        /// scale per super-block (see [`QuantizedActivations::quantize`]), so each sub-block's
-        /// weights are multiplied by its 6-bit scale as 16-bit integers (at most 31·63, exact) and
-        /// all eight sub-blocks' products summed as exact 32-bit integers (at most
-        /// 32·31·63·32767 < 2³¹ per lane); then one `d·scale_a·sum` per super-block, and the
+        /// scale per super-block (see [`QuantizedActivations::quantize`]). A super-block's eight
+        /// sub-blocks are a group of eight for [`block_products`]: their exact integer products
+        /// in one lane each, times their 6-bit scales as 32-bit integers (at most
+        /// 63·32·31·32767 < 2³¹, exact), then one `d·scale_a·Σ` FMA per super-block, and the
         /// minimums `dmin·m·Σa` as a vector over the eight sub-blocks. `$pair` gives two
         /// sub-blocks' unsigned weights. Weights are unpacked once per block for all `G` rows.
         macro_rules! k_min_avx2 {
@@ -1959,46 +1964,39 @@ mod kernels {
                         let blk = unsafe { &*w.add(b) };
                         let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
                         let (sc, m) = scales_mins_k4(&blk.scales);
-                        // SAFETY: eight readable bytes.
-                        let m = unsafe { _mm_loadl_epi64(m.as_ptr() as *const __m128i) };
+                        // SAFETY: eight readable bytes each.
+                        let (sc, m) = unsafe {
+                            (
+                                _mm_loadl_epi64(sc.as_ptr() as *const __m128i),
+                                _mm_loadl_epi64(m.as_ptr() as *const __m128i),
+                            )
+                        };
+                        let sc = _mm256_cvtepu8_epi32(sc);
                         let mins = _mm256_mul_ps(
                             _mm256_set1_ps(dmin),
                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
                         );
-                        let mut iacc = [_mm256_setzero_si256(); G];
+                        let mut weights = [[_mm256_setzero_si256(); 2]; 8];
                         for pair in 0..4 {
-                            for (h, q) in $pair(blk, pair).into_iter().enumerate() {
-                                let j = pair * 2 + h;
-                                let scale = _mm256_set1_epi16(sc[j] as i16);
-                                let (w0, w1) = (
-                                    _mm256_mullo_epi16(
-                                        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                                        scale,
-                                    ),
-                                    _mm256_mullo_epi16(
-                                        _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
-                                        scale,
-                                    ),
-                                );
-                                for k in 0..G {
-                                    let i = (r0 + k) * abpr + b * 8 + j;
-                                    // SAFETY: the kernel contract.
-                                    let p = unsafe { int_product(&[w0, w1], values, i) };
-                                    iacc[k] = _mm256_add_epi32(iacc[k], p);
-                                }
-                            }
+                            let [q0, q1] = $pair(blk, pair);
+                            weights[2 * pair] = words(q0, false);
+                            weights[2 * pair + 1] = words(q1, false);
                         }
-                        for k in 0..G {
+                        // SAFETY (the products): the kernel contract.
+                        let product = |w: &[__m256i; 2], k: usize, j: usize| unsafe {
+                            int_product(w, values, (r0 + k) * abpr + b * 8 + j)
+                        };
+                        block_products!(G, &weights, 8, product, |k: usize, p: __m256i| {
                             let i = (r0 + k) * abpr + b * 8;
                             // SAFETY: the kernel contract (eight sub-blocks' scales and sums).
                             let (ad, s) = unsafe { (*scales.add(i), _mm256_loadu_ps(sums.add(i))) };
                             facc[k] = _mm256_fmadd_ps(
                                 _mm256_set1_ps(d * ad),
-                                _mm256_cvtepi32_ps(iacc[k]),
+                                _mm256_cvtepi32_ps(_mm256_mullo_epi32(sc, p)),
                                 facc[k],
                             );
                             macc[k] = _mm256_fmadd_ps(mins, s, macc[k]);
-                        }
+                        });
                     }
                     for k in 0..G {
                         // SAFETY: the kernel contract.
