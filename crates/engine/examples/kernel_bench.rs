@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     // pass, so that the weights stream from memory as they do when decoding. THREADS, NS: threads
     // and batch sizes, REPS (default 5) timed passes (the best is kept).
     // FORMATS (default all) picks formats; the K-quants and Q5_0 run Qwen2.5-1.5B's shapes (their
-    // inputs are multiples of 256), LAYERS (default 4) layers of them.
+    // inputs are multiples of 256), LAYERS (default 4) layers of them. SHAPES overrides the shapes.
     let smollm = [
         (960, 576),
         (1536, 576),
@@ -53,7 +53,20 @@ fn main() -> anyhow::Result<()> {
         .filter(|d| formats.split(',').any(|f| f == format!("{d:?}")))
     {
         let big = !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0);
-        let shapes: &[(usize, usize)] = if big { &qwen } else { &smollm };
+        // SHAPES="ROWSxCOLS,..." replaces the model's shapes (to see how the input width matters).
+        let custom: Option<Vec<(usize, usize)>> = std::env::var("SHAPES").ok().map(|v| {
+            v.split(',')
+                .map(|rc| {
+                    let (r, c) = rc.split_once('x').expect("SHAPES: ROWSxCOLS,...");
+                    (r.parse().unwrap(), c.parse().unwrap())
+                })
+                .collect()
+        });
+        let shapes: &[(usize, usize)] = match &custom {
+            Some(s) => s,
+            None if big => &qwen,
+            None => &smollm,
+        };
         let layers: usize = std::env::var("LAYERS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -83,6 +96,13 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(vec![1, 8, 128])
         {
             let xs: Vec<Vec<f32>> = mats.iter().map(|m| rand_vec(n * m.cols(), 5)).collect();
+            // A hash of every output's bits: equal between two builds means bitwise-equal products.
+            let mut checksum = 0u64;
+            for (m, x) in mats.iter().zip(&xs) {
+                for v in pool.install(|| m.matmul(x, n))? {
+                    checksum = checksum.rotate_left(5) ^ u64::from(v.to_bits());
+                }
+            }
             let mut best = f64::MAX;
             let reps: usize = std::env::var("REPS")
                 .ok()
@@ -99,7 +119,7 @@ fn main() -> anyhow::Result<()> {
                 best = best.min(t.elapsed().as_secs_f64());
             }
             println!(
-                "{dtype:?} n={n:<4} {:.2} ms/pass  {:.1} Gweight-rows/s",
+                "{dtype:?} n={n:<4} {:.2} ms/pass  {:.1} Gweight-rows/s  checksum {checksum:016x}",
                 best * 1e3,
                 (weights * n) as f64 / best / 1e9
             );
