@@ -40,6 +40,15 @@ fn main() -> anyhow::Result<()> {
         (1536, 8960),
         (1536, 1536),
     ];
+    // SHAPES="ROWSxCOLS,..." replaces the model's shapes (to see how the input width matters).
+    let custom: Option<Vec<(usize, usize)>> = std::env::var("SHAPES").ok().map(|v| {
+        v.split(',')
+            .map(|rc| {
+                let (r, c) = rc.split_once('x').expect("SHAPES: ROWSxCOLS,...");
+                (r.parse().unwrap(), c.parse().unwrap())
+            })
+            .collect()
+    });
     let formats = std::env::var("FORMATS").unwrap_or_else(|_| "Q4_1,Q8_0,Q5_0,Q4K,Q6K".into());
     let all = [
         GgmlDType::Q4_1,
@@ -53,15 +62,6 @@ fn main() -> anyhow::Result<()> {
         .filter(|d| formats.split(',').any(|f| f == format!("{d:?}")))
     {
         let big = !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0);
-        // SHAPES="ROWSxCOLS,..." replaces the model's shapes (to see how the input width matters).
-        let custom: Option<Vec<(usize, usize)>> = std::env::var("SHAPES").ok().map(|v| {
-            v.split(',')
-                .map(|rc| {
-                    let (r, c) = rc.split_once('x').expect("SHAPES: ROWSxCOLS,...");
-                    (r.parse().unwrap(), c.parse().unwrap())
-                })
-                .collect()
-        });
         let shapes: &[(usize, usize)] = match &custom {
             Some(s) => s,
             None if big => &qwen,
