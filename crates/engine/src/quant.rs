@@ -1371,13 +1371,10 @@ mod kernels {
 
     /// `Q4_K`: per 32-weight sub-block, an exact integer dot product with one activation block,
     /// then `d·sc·scale_a·dot` accumulated in sub-block order (and `dmin·m·Σa` apart). The VNNI
-    /// kernel reads byte planes with signed high bytes (the weights are unsigned), as `Q4_1`.
+    /// kernel reads 16-bit activations, as AVX2 (`vpdpwssd` multiplies 32 weights at once).
     impl KernelBlock for BlockQ4K {
         const WEIGHTS: usize = super::K_BLOCK;
-        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
-            order: PairOrder::Natural,
-            unsigned_high: false,
-        };
+        const VNNI_LAYOUT: Layout = Layout::Words;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q4_k_vnni, g)
@@ -1434,10 +1431,7 @@ mod kernels {
     /// `Q5_K`: as `Q4_K`, with weights in 0..32.
     impl KernelBlock for BlockQ5K {
         const WEIGHTS: usize = super::K_BLOCK;
-        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
-            order: PairOrder::Natural,
-            unsigned_high: false,
-        };
+        const VNNI_LAYOUT: Layout = Layout::Words;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q5_k_vnni, g)
@@ -1458,14 +1452,10 @@ mod kernels {
     }
 
     /// `Q6_K`: per 16-weight sub-block an exact integer dot product, scaled by `d·sc·scale_a` in
-    /// element order. The VNNI kernel reads byte planes with unsigned high bytes (the weights are
-    /// signed), as `Q8_0`.
+    /// element order. The VNNI kernel reads 16-bit activations, as AVX2.
     impl KernelBlock for BlockQ6K {
         const WEIGHTS: usize = super::K_BLOCK;
-        const VNNI_LAYOUT: Layout = Layout::BytePlanes {
-            order: PairOrder::Natural,
-            unsigned_high: true,
-        };
+        const VNNI_LAYOUT: Layout = Layout::Words;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q6_k_vnni, g)
@@ -1538,8 +1528,8 @@ mod kernels {
         //! every `k < G`.
         use super::super::Q4_1_GROUP;
         use super::{
-            q4_1_place, scale_min_k4, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K,
-            BlockQ8_0, Q4_1Slot, QuantizedActivations,
+            q4_1_place, scales_mins_k4, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0,
+            Q4_1Slot, QuantizedActivations,
         };
         use std::arch::x86_64::*;
 
@@ -2383,11 +2373,14 @@ mod kernels {
             };
         }
 
-        /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`) against byte-plane activations
-        /// (high bytes signed, blocks in natural order): per pair of 32-weight sub-blocks, two
-        /// `vpdpbusd` give the exact 16-bit products (`256·(w·hi) + w·lo`, the weights unsigned and
-        /// below 32), then one conversion and one fused multiply-add apply both sub-blocks'
-        /// `d·sc·scale_a`; `dmin·m·Σa` is gathered apart. `$pair` gives two sub-blocks' weights.
+        /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`) against 16-bit activations
+        /// (the words layout, as on AVX2): each sub-block's 32 weights widened
+        /// to 16 bits and multiplied by its 6-bit scale (at most 63·31 = 1953, exact) once per block
+        /// for all `G` rows; then one `vpdpwssd` per sub-block and row adds a whole super-block's
+        /// products up as exact 32-bit integers (at most 8·2·1953·32767 < 2³¹ per lane), with no
+        /// float operation per sub-block. Per super-block and row, one `d·scale_a` FMA over the
+        /// lanes and one FMA of the eight sub-blocks' minimums `−dmin·m·Σa`. `$pair` gives two
+        /// sub-blocks' unsigned weights.
         macro_rules! k_min_vnni {
             ($name:ident, $block:ty, $pair:path) => {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -2399,56 +2392,59 @@ mod kernels {
                     out: *mut f32,
                     stride: usize,
                 ) {
-                    let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+                    let (scales, sums, values) =
+                        (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
                     let abpr = bpr * 8;
                     let mut acc = [_mm512_setzero_ps(); G];
-                    // Odd lanes gather `dmin·m·Σa`; even lanes are unused.
-                    let mut mins = [_mm_setzero_ps(); G];
-                    let lanes = natural_pair_lanes();
                     for b in 0..bpr {
                         // SAFETY: the kernel contract (block b is in the row).
                         let blk = unsafe { &*w.add(b) };
                         let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                        let (sc, m) = scales_mins_k4(&blk.scales);
+                        // SAFETY: eight readable bytes.
+                        let m = unsafe { _mm_loadl_epi64(m.as_ptr() as *const __m128i) };
+                        // `−dmin·m` of the eight sub-blocks in lanes 0..8, zeros above.
+                        let mins = _mm512_zextps256_ps512(_mm256_mul_ps(
+                            _mm256_set1_ps(-dmin),
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
+                        ));
+                        let mut weights = [_mm512_setzero_si512(); 8];
                         for pair in 0..4 {
-                            let [q0, q1] = $pair(blk, pair);
-                            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1);
-                            let (s0, m0) = scale_min_k4(2 * pair, &blk.scales);
-                            let (s1, m1) = scale_min_k4(2 * pair + 1, &blk.scales);
-                            let heads = _mm_set_ps(
-                                dmin * m1 as f32,
-                                d * s1 as f32,
-                                dmin * m0 as f32,
-                                d * s0 as f32,
-                            );
-                            for k in 0..G {
-                                let i = (r0 + k) * abpr + b * 8 + 2 * pair;
-                                // SAFETY: the kernel contract: sub-blocks (i, i + 1) of row r0 + k
-                                // (`abpr` is even, so pairs never straddle rows).
-                                let (hi, lo, ss) = unsafe {
-                                    let p = planes.add(i * 64);
-                                    (
-                                        _mm512_loadu_si512(p as *const _),
-                                        _mm512_loadu_si512(p.add(64) as *const _),
-                                        _mm_loadu_ps(scale_sums.add(2 * i)),
-                                    )
-                                };
-                                let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi);
-                                let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
-                                let prod = _mm_mul_ps(heads, ss);
-                                mins[k] = _mm_add_ps(mins[k], prod);
-                                acc[k] = _mm512_fmadd_ps(
-                                    _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(prod)),
-                                    _mm512_cvtepi32_ps(t),
-                                    acc[k],
+                            let q = $pair(blk, pair);
+                            for half in 0..2 {
+                                let j = 2 * pair + half;
+                                weights[j] = _mm512_mullo_epi16(
+                                    _mm512_cvtepu8_epi16(q[half]),
+                                    _mm512_set1_epi16(sc[j] as i16),
                                 );
                             }
                         }
+                        for k in 0..G {
+                            let i = (r0 + k) * abpr + b * 8;
+                            let mut lanes = _mm512_setzero_si512();
+                            for j in 0..8 {
+                                // SAFETY: the kernel contract (sub-block i + j of row r0 + k).
+                                let x = unsafe {
+                                    _mm512_loadu_si512(values.add((i + j) * 32) as *const _)
+                                };
+                                lanes = _mm512_dpwssd_epi32(lanes, weights[j], x);
+                            }
+                            // SAFETY: the kernel contract (eight sub-blocks' scales and sums; the
+                            // masked lanes are not read).
+                            let (ad, s) = unsafe {
+                                (*scales.add(i), _mm512_maskz_loadu_ps(0xFF, sums.add(i)))
+                            };
+                            acc[k] = _mm512_fmadd_ps(
+                                _mm512_set1_ps(d * ad),
+                                _mm512_cvtepi32_ps(lanes),
+                                acc[k],
+                            );
+                            acc[k] = _mm512_fmadd_ps(mins, s, acc[k]);
+                        }
                     }
                     for k in 0..G {
-                        let m = _mm_movehdup_ps(mins[k]);
-                        let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehl_ps(m, m)));
                         // SAFETY: the kernel contract.
-                        unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) - m };
+                        unsafe { *out.add(k * stride) = _mm512_reduce_add_ps(acc[k]) };
                     }
                 }
             };
@@ -2457,9 +2453,12 @@ mod kernels {
         k_min_vnni!(q4_k_vnni, BlockQ4K, q4_k_pair);
         k_min_vnni!(q5_k_vnni, BlockQ5K, q5_k_pair);
 
-        /// `Q6_K` against byte-plane activations (high bytes stored +128, natural order): per pair
-        /// of 32-weight quarters, as `signed_byte_vnni` (less `128·Σw`), with a scale per group of
-        /// four lanes, since each 16-weight sub-block has its own.
+        /// `Q6_K` against 16-bit activations (the words layout, as on AVX2): each 32-weight quarter's
+        /// signed weights `q − 32` widened to 16 bits and multiplied by its two sub-blocks' signed
+        /// 8-bit scales (at most 32·128 = 4096, exact) once per block for all `G` rows, then one
+        /// `vpdpwssd` per quarter and row adds the whole super-block's products up as exact 32-bit
+        /// integers (at most 8·2·4096·32767 = 2,147,418,112 < 2³¹ per lane); one `d·scale_a` FMA
+        /// per super-block and row.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         pub unsafe fn q6_k_vnni<const G: usize>(
             w: *const BlockQ6K,
@@ -2469,60 +2468,38 @@ mod kernels {
             out: *mut f32,
             stride: usize,
         ) {
-            let (planes, scale_sums) = (a.planes.as_ptr(), a.scale_sums.as_ptr());
+            let (scales, values) = (a.scales.as_ptr(), a.values.as_ptr());
             let abpr = bpr * 8;
             let mut acc = [_mm512_setzero_ps(); G];
-            let ones = _mm512_set1_epi8(1);
-            // Lanes 4s..4s + 4 (elements 16s..16s + 16 of the pair) take sub-block s's scale.
-            let lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
             for b in 0..bpr {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
                 let d = blk.d.to_f32();
+                let mut weights = [_mm512_setzero_si512(); 8];
                 for h in 0..2 {
-                    let quarters = q6_k_quarters(blk, h);
-                    for u in 0..2 {
-                        let q = _mm512_inserti64x4::<1>(
-                            _mm512_castsi256_si512(quarters[2 * u]),
-                            quarters[2 * u + 1],
+                    for (t, q) in q6_k_quarters(blk, h).into_iter().enumerate() {
+                        // Elements 0..16 take sub-block 2t's scale, 16..32 sub-block 2t + 1's.
+                        let s = &blk.scales[8 * h + 2 * t..8 * h + 2 * t + 2];
+                        let sc = _mm512_mask_blend_epi16(
+                            0xFFFF_0000,
+                            _mm512_set1_epi16(s[0] as i16),
+                            _mm512_set1_epi16(s[1] as i16),
                         );
-                        let bias = _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(
-                            _mm512_setzero_si512(),
-                            ones,
-                            q,
-                        ));
-                        let s = &blk.scales[8 * h + 4 * u..8 * h + 4 * u + 4];
-                        let sc = _mm_set_ps(
-                            d * s[3] as f32,
-                            d * s[2] as f32,
-                            d * s[1] as f32,
-                            d * s[0] as f32,
-                        );
-                        for k in 0..G {
-                            let i = (r0 + k) * abpr + b * 8 + h * 4 + 2 * u;
-                            // SAFETY: the kernel contract: blocks (i, i + 1) of row r0 + k.
-                            let (hi, lo, ss) = unsafe {
-                                let p = planes.add(i * 64);
-                                (
-                                    _mm512_loadu_si512(p as *const _),
-                                    _mm512_loadu_si512(p.add(64) as *const _),
-                                    _mm_loadu_ps(scale_sums.add(2 * i)),
-                                )
-                            };
-                            let t = _mm512_sub_epi32(
-                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, q),
-                                bias,
-                            );
-                            let t = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(t), lo, q);
-                            // `[ad0, ad0, ad1, ad1]` from `[ad0, sum0, ad1, sum1]`.
-                            let ad = _mm_shuffle_ps::<0b10_10_00_00>(ss, ss);
-                            let scale = _mm512_permutexvar_ps(
-                                lanes,
-                                _mm512_castps128_ps512(_mm_mul_ps(sc, ad)),
-                            );
-                            acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(t), acc[k]);
-                        }
+                        weights[4 * h + t] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(q), sc);
                     }
+                }
+                for k in 0..G {
+                    let i = (r0 + k) * abpr + b * 8;
+                    let mut lanes = _mm512_setzero_si512();
+                    for j in 0..8 {
+                        // SAFETY: the kernel contract (block i + j of row r0 + k).
+                        let x = unsafe { _mm512_loadu_si512(values.add((i + j) * 32) as *const _) };
+                        lanes = _mm512_dpwssd_epi32(lanes, weights[j], x);
+                    }
+                    // SAFETY: the kernel contract.
+                    let ad = unsafe { *scales.add(i) };
+                    acc[k] =
+                        _mm512_fmadd_ps(_mm512_set1_ps(d * ad), _mm512_cvtepi32_ps(lanes), acc[k]);
                 }
             }
             for k in 0..G {
