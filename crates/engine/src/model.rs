@@ -694,11 +694,9 @@ fn attend_sized<const HD: usize>(
     for g in 0..group {
         let s = &mut scores[g * len..(g + 1) * len];
         let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0f32;
-        for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
+        // The exponentials first (a loop the compiler vectorises), then the sum in element order.
+        s.iter_mut().for_each(|v| *v = exp_f32(*v - max));
+        let sum = s.iter().fold(0f32, |acc, &v| acc + v);
         if HD == 0 {
             running.fill(0.0);
             weigh_values(s, sum, values, lo, kvd, kvh * hd, &mut running, k);
@@ -788,11 +786,73 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+/// `e^x` from f32 multiplies, adds and bit operations only, so that loops of it vectorise and give
+/// the same bits on every machine (the C library's `expf` and `tanhf` differ between versions, and
+/// are called one value at a time). `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (`n` rounded by adding
+/// and subtracting 1.5·2²³, `ln 2` in two parts), then a degree-6 Taylor polynomial for `e^r`
+/// (error below 1.3e-7 relative) times `2ⁿ` built in the exponent bits. Inputs are clamped to
+/// [−87, 88], where `2ⁿ` stays a normal number: below, the result is at most 1.7e-38 instead of 0.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    // 355/512 (nine significant bits, so `n · LN2_HI` is exact for |n| ≤ 128), and the rest.
+    const LN2_HI: f32 = 355.0 / 512.0;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0).min(88.0);
+    let n = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_f32(-x))
+}
+
+/// GELU with the tanh approximation, `tanh(y) = 1 − 2 / (e^{2y} + 1)` by [`exp_f32`].
 fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    let y = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    0.5 * x * (2.0 - 2.0 / (exp_f32(2.0 * y) + 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{exp_f32, gelu_tanh, silu};
+
+    #[test]
+    fn exp_silu_and_gelu_are_accurate_over_the_range_that_matters() {
+        for i in -20_000..=20_000 {
+            let x = i as f32 * 0.0044; // −88 … 88
+            let exact = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if x > -87.0 {
+                assert!(
+                    ((got - exact) / exact).abs() < 3e-7,
+                    "exp({x}) = {got}, not {exact}"
+                );
+            } else {
+                assert!(got < 2e-38, "exp({x}) = {got}");
+            }
+        }
+        for i in -3_000..=3_000 {
+            let x = i as f32 * 0.01; // −30 … 30
+            let xd = x as f64;
+            let silu_exact = xd / (1.0 + (-xd).exp());
+            assert!((silu(x) as f64 - silu_exact).abs() < 1e-6 * (1.0 + silu_exact.abs()));
+            let y = 0.797_884_560_802_865_4 * (xd + 0.044_715 * xd * xd * xd);
+            let gelu_exact = 0.5 * xd * (1.0 + y.tanh());
+            assert!(
+                (gelu_tanh(x) as f64 - gelu_exact).abs() < 1e-6 * (1.0 + gelu_exact.abs()),
+                "gelu({x}) = {}, not {gelu_exact}",
+                gelu_tanh(x)
+            );
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), exp_f32(-87.0));
+        assert!(exp_f32(f32::INFINITY).is_finite());
+    }
 }
