@@ -2380,7 +2380,7 @@ mod kernels {
         /// products up as exact 32-bit integers (at most 8·2·1953·32767 < 2³¹ per lane), with no
         /// float operation per sub-block. Per super-block and row, one `d·scale_a` FMA over the
         /// lanes and one FMA of the eight sub-blocks' minimums `−dmin·m·Σa`. `$pair` gives two
-        /// sub-blocks' unsigned weights.
+        /// sub-blocks' unsigned weights as 16-bit integers.
         macro_rules! k_min_vnni {
             ($name:ident, $block:ty, $pair:path) => {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -2413,10 +2413,8 @@ mod kernels {
                             let q = $pair(blk, pair);
                             for half in 0..2 {
                                 let j = 2 * pair + half;
-                                weights[j] = _mm512_mullo_epi16(
-                                    _mm512_cvtepu8_epi16(q[half]),
-                                    _mm512_set1_epi16(sc[j] as i16),
-                                );
+                                weights[j] =
+                                    _mm512_mullo_epi16(q[half], _mm512_set1_epi16(sc[j] as i16));
                             }
                         }
                         for k in 0..G {
@@ -2450,8 +2448,31 @@ mod kernels {
             };
         }
 
-        k_min_vnni!(q4_k_vnni, BlockQ4K, q4_k_pair);
-        k_min_vnni!(q5_k_vnni, BlockQ5K, q5_k_pair);
+        /// The weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q4_K` block as 16-bit
+        /// integers: the 32 bytes widened first, so that each 16-bit lane holds one byte's two
+        /// nibbles and one mask and one shift split them.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        fn q4_k_pair_words(blk: &BlockQ4K, pair: usize) -> [__m512i; 2] {
+            // SAFETY: 32 readable bytes of `qs` (`pair < 4`).
+            let raw =
+                unsafe { _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i) };
+            let w = _mm512_cvtepu8_epi16(raw);
+            [
+                _mm512_and_si512(w, _mm512_set1_epi16(0x0F)),
+                _mm512_srli_epi16::<4>(w),
+            ]
+        }
+
+        /// [`q5_k_pair`]'s weights as 16-bit integers.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        fn q5_k_pair_words(blk: &BlockQ5K, pair: usize) -> [__m512i; 2] {
+            q5_k_pair(blk, pair).map(|q| _mm512_cvtepu8_epi16(q))
+        }
+
+        k_min_vnni!(q4_k_vnni, BlockQ4K, q4_k_pair_words);
+        k_min_vnni!(q5_k_vnni, BlockQ5K, q5_k_pair_words);
 
         /// `Q6_K` against 16-bit activations (the words layout, as on AVX2): each 32-weight quarter's
         /// signed weights `q − 32` widened to 16 bits and multiplied by its two sub-blocks' signed
