@@ -2373,6 +2373,28 @@ mod kernels {
             };
         }
 
+        /// A super-block's exact integer product with one activation row: `weights[j]` (32 scaled
+        /// 16-bit weights) against activation block `i + j` of the words layout, one `vpdpwssd`
+        /// each, summed in 16 lanes.
+        ///
+        /// # Safety
+        /// Activation blocks `i..i + 8` exist (32 values each from `values`).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn super_block_product(
+            weights: &[__m512i; 8],
+            values: *const i16,
+            i: usize,
+        ) -> __m512i {
+            let mut lanes = _mm512_setzero_si512();
+            for j in 0..8 {
+                // SAFETY: the caller's contract.
+                let x = unsafe { _mm512_loadu_si512(values.add((i + j) * 32) as *const _) };
+                lanes = _mm512_dpwssd_epi32(lanes, weights[j], x);
+            }
+            lanes
+        }
+
         /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`) against 16-bit activations
         /// (the words layout, as on AVX2): each sub-block's 32 weights widened
         /// to 16 bits and multiplied by its 6-bit scale (at most 63·31 = 1953, exact) once per block
@@ -2419,14 +2441,8 @@ mod kernels {
                         }
                         for k in 0..G {
                             let i = (r0 + k) * abpr + b * 8;
-                            let mut lanes = _mm512_setzero_si512();
-                            for j in 0..8 {
-                                // SAFETY: the kernel contract (sub-block i + j of row r0 + k).
-                                let x = unsafe {
-                                    _mm512_loadu_si512(values.add((i + j) * 32) as *const _)
-                                };
-                                lanes = _mm512_dpwssd_epi32(lanes, weights[j], x);
-                            }
+                            // SAFETY: the kernel contract (sub-blocks i..i + 8 of row r0 + k).
+                            let lanes = unsafe { super_block_product(&weights, values, i) };
                             // SAFETY: the kernel contract (eight sub-blocks' scales and sums; the
                             // masked lanes are not read).
                             let (ad, s) = unsafe {
@@ -2511,12 +2527,8 @@ mod kernels {
                 }
                 for k in 0..G {
                     let i = (r0 + k) * abpr + b * 8;
-                    let mut lanes = _mm512_setzero_si512();
-                    for j in 0..8 {
-                        // SAFETY: the kernel contract (block i + j of row r0 + k).
-                        let x = unsafe { _mm512_loadu_si512(values.add((i + j) * 32) as *const _) };
-                        lanes = _mm512_dpwssd_epi32(lanes, weights[j], x);
-                    }
+                    // SAFETY: the kernel contract (blocks i..i + 8 of row r0 + k).
+                    let lanes = unsafe { super_block_product(&weights, values, i) };
                     // SAFETY: the kernel contract.
                     let ad = unsafe { *scales.add(i) };
                     acc[k] =
