@@ -10,8 +10,10 @@
 //!
 //! The formats of Gemma 3 and Qwen2 also stay in GGML's blocks: `Q5_0`, and the K-quants `Q4_K`,
 //! `Q5_K` and `Q6_K` (256-weight super-blocks with 6- or 8-bit sub-block scales), with kernels that
-//! take an exact integer product per (sub-)block and accumulate `d·sc·scale_a·product` in a fixed
-//! order (AVX-512 VNNI on byte planes, AVX2 on words, and portable, as for the 32-weight formats).
+//! take exact integer products and accumulate `d·sc·scale_a·product` in a fixed order. The AVX-512
+//! VNNI and AVX2 kernels fold each sub-block's scale into its 16-bit weights once per block and add a
+//! whole super-block's products up as exact 32-bit integers before one float multiply per row; the
+//! portable version takes one product per sub-block.
 //! `Q4_0` is repacked exactly into `Q4_1`; what is left (`F16`, `Q2_K`, `Q3_K`, ...) is widened to
 //! f32 at load time (see [`QMatrix::from_qtensor`]).
 //!
@@ -306,17 +308,16 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 }
 
 /// All eight 6-bit scales and minimums of a `Q4_K`/`Q5_K` block at once (as [`scale_min_k4`] for
-/// `j` in 0..8), without branches.
+/// `j` in 0..8), four bytes at a time in 32-bit words: about a dozen integer operations.
 #[inline(always)]
 fn scales_mins_k4(q: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = q[j] & 63;
-        m[j] = q[j + 4] & 63;
-        sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
-        m[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
-    }
-    (sc, m)
+    let word = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let (low6, low4, top2) = (0x3F3F_3F3Fu32, 0x0F0F_0F0Fu32, 0x0303_0303u32);
+    let sc_high = (u2 & low4) | (((u0 >> 6) & top2) << 4);
+    let m_high = ((u2 >> 4) & low4) | (((u1 >> 6) & top2) << 4);
+    let join = |low: u32, high: u32| (u64::from(low) | (u64::from(high) << 32)).to_le_bytes();
+    (join(u0 & low6, sc_high), join(u1 & low6, m_high))
 }
 
 impl BlockQ4K {
@@ -1883,20 +1884,6 @@ mod kernels {
             unsafe { rows32::<G, false>(bpr, a, r0, out, stride, decode) }
         }
 
-        /// The unsigned weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q4_K` block (0..16).
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn q4_k_pair(blk: &BlockQ4K, pair: usize) -> [__m256i; 2] {
-            let mask = _mm256_set1_epi8(0x0F);
-            // SAFETY: 32 readable bytes of `qs` (`pair < 4`).
-            let raw =
-                unsafe { _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i) };
-            [
-                _mm256_and_si256(raw, mask),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask),
-            ]
-        }
-
         /// The unsigned weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q5_K` block (0..32):
         /// the nibbles as for `Q4_K`, plus bit `j` of `qh[l]` as bit 4 of element `l` of sub-block `j`.
         #[inline]
@@ -1926,13 +1913,55 @@ mod kernels {
             ]
         }
 
+        /// The weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q4_K` block as 16-bit integers,
+        /// elements 0..16 and 16..32 of each: the 32 bytes widened first, so that each 16-bit lane
+        /// holds one byte's two nibbles and one mask or one shift splits them.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn q4_k_pair_words16(blk: &BlockQ4K, pair: usize) -> [[__m256i; 2]; 2] {
+            // SAFETY: 32 readable bytes of `qs` (`pair < 4`).
+            let [w0, w1] = unsafe {
+                let q = blk.qs.as_ptr().add(pair * 32);
+                [
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(q as *const __m128i)),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(q.add(16) as *const __m128i)),
+                ]
+            };
+            let mask = _mm256_set1_epi16(0x0F);
+            [
+                [_mm256_and_si256(w0, mask), _mm256_and_si256(w1, mask)],
+                [_mm256_srli_epi16::<4>(w0), _mm256_srli_epi16::<4>(w1)],
+            ]
+        }
+
+        /// [`q5_k_pair`]'s weights as 16-bit integers, elements 0..16 and 16..32 of each.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn q5_k_pair_words16(blk: &BlockQ5K, pair: usize) -> [[__m256i; 2]; 2] {
+            q5_k_pair(blk, pair).map(|q| words(q, false))
+        }
+
+        /// Eight unsigned bytes (a K-quant block's sub-block scales), each broadcast to a vector of
+        /// sixteen 16-bit lanes by one in-lane byte shuffle, instead of a scalar move per scale.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn broadcast_scales_u8(sc: [u8; 8]) -> [__m256i; 8] {
+            let all = _mm256_set1_epi64x(i64::from_le_bytes(sc));
+            // Byte j into the low byte of every lane, zero (index bit 7 set) into the high one.
+            std::array::from_fn(|j| {
+                _mm256_shuffle_epi8(all, _mm256_set1_epi16((0x8000u16 | j as u16) as i16))
+            })
+        }
+
         /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`). The activations have one
-        /// scale per super-block (see [`QuantizedActivations::quantize`]). A super-block's eight
-        /// sub-blocks are a group of eight for [`block_products`]: their exact integer products
-        /// in one lane each, times their 6-bit scales as 32-bit integers (at most
-        /// 63·32·31·32767 < 2³¹, exact), then one `d·scale_a·Σ` FMA per super-block, and the
-        /// minimums `dmin·m·Σa` as a vector over the eight sub-blocks. `$pair` gives two
-        /// sub-blocks' unsigned weights. Weights are unpacked once per block for all `G` rows.
+        /// scale per super-block (see [`QuantizedActivations::quantize`]). Each sub-block's 32
+        /// weights are widened to 16 bits and multiplied by its 6-bit scale once per block for all
+        /// `G` rows (at most 63·31 = 1953, exact). Each row then adds a whole super-block's
+        /// products up as exact 32-bit integers in eight lanes, one `vpmaddwd` per 16 weights
+        /// (each lane sums 32 products, at most 32·1953·32767 < 2³¹), with no reduction across
+        /// lanes; per super-block and row, one `d·scale_a` FMA over the lanes and one FMA of the
+        /// eight sub-blocks' minimums `−dmin·m·Σa`. `$pair` gives two sub-blocks' unsigned
+        /// weights as bytes.
         macro_rules! k_min_avx2 {
             ($name:ident, $block:ty, $pair:path) => {
                 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1947,57 +1976,58 @@ mod kernels {
                     let (scales, sums, values) =
                         (a.scales.as_ptr(), a.sums.as_ptr(), a.values.as_ptr());
                     let abpr = bpr * 8;
-                    let mut facc = [_mm256_setzero_ps(); G];
-                    let mut macc = [_mm256_setzero_ps(); G];
+                    let mut acc = [_mm256_setzero_ps(); G];
                     for b in 0..bpr {
                         // SAFETY: the kernel contract (block b is in the row).
                         let blk = unsafe { &*w.add(b) };
                         let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
                         let (sc, m) = scales_mins_k4(&blk.scales);
-                        // SAFETY: eight readable bytes each.
-                        let (sc, m) = unsafe {
-                            (
-                                _mm_loadl_epi64(sc.as_ptr() as *const __m128i),
-                                _mm_loadl_epi64(m.as_ptr() as *const __m128i),
-                            )
-                        };
-                        let sc = _mm256_cvtepu8_epi32(sc);
+                        // SAFETY: eight readable bytes.
+                        let m = unsafe { _mm_loadl_epi64(m.as_ptr() as *const __m128i) };
                         let mins = _mm256_mul_ps(
-                            _mm256_set1_ps(dmin),
+                            _mm256_set1_ps(-dmin),
                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
                         );
                         let mut weights = [[_mm256_setzero_si256(); 2]; 8];
+                        let sc = broadcast_scales_u8(sc);
                         for pair in 0..4 {
-                            let [q0, q1] = $pair(blk, pair);
-                            weights[2 * pair] = words(q0, false);
-                            weights[2 * pair + 1] = words(q1, false);
+                            let q = $pair(blk, pair);
+                            for half in 0..2 {
+                                let j = 2 * pair + half;
+                                weights[j] = q[half].map(|v| _mm256_mullo_epi16(v, sc[j]));
+                            }
                         }
-                        // SAFETY (the products): the kernel contract.
-                        let product = |w: &[__m256i; 2], k: usize, j: usize| unsafe {
-                            int_product(w, values, (r0 + k) * abpr + b * 8 + j)
-                        };
-                        block_products!(G, &weights, 8, product, |k: usize, p: __m256i| {
+                        let mut lanes = [_mm256_setzero_si256(); G];
+                        for j in 0..8 {
+                            for k in 0..G {
+                                let i = (r0 + k) * abpr + b * 8 + j;
+                                // SAFETY: the kernel contract (sub-block i of row r0 + k).
+                                let p = unsafe { int_product(&weights[j], values, i) };
+                                lanes[k] = _mm256_add_epi32(lanes[k], p);
+                            }
+                        }
+                        for k in 0..G {
                             let i = (r0 + k) * abpr + b * 8;
                             // SAFETY: the kernel contract (eight sub-blocks' scales and sums).
                             let (ad, s) = unsafe { (*scales.add(i), _mm256_loadu_ps(sums.add(i))) };
-                            facc[k] = _mm256_fmadd_ps(
+                            acc[k] = _mm256_fmadd_ps(
                                 _mm256_set1_ps(d * ad),
-                                _mm256_cvtepi32_ps(_mm256_mullo_epi32(sc, p)),
-                                facc[k],
+                                _mm256_cvtepi32_ps(lanes[k]),
+                                acc[k],
                             );
-                            macc[k] = _mm256_fmadd_ps(mins, s, macc[k]);
-                        });
+                            acc[k] = _mm256_fmadd_ps(mins, s, acc[k]);
+                        }
                     }
                     for k in 0..G {
                         // SAFETY: the kernel contract.
-                        unsafe { *out.add(k * stride) = hsum256(facc[k]) - hsum256(macc[k]) };
+                        unsafe { *out.add(k * stride) = hsum256(acc[k]) };
                     }
                 }
             };
         }
 
-        k_min_avx2!(q4_k_avx2, BlockQ4K, q4_k_pair);
-        k_min_avx2!(q5_k_avx2, BlockQ5K, q5_k_pair);
+        k_min_avx2!(q4_k_avx2, BlockQ4K, q4_k_pair_words16);
+        k_min_avx2!(q5_k_avx2, BlockQ5K, q5_k_pair_words16);
 
         /// The four quarters (32 elements each) of half `h` of a `Q6_K` block as signed bytes
         /// `q − 32`: the 6-bit weights rebuilt from `ql`/`qh`.
@@ -2034,6 +2064,28 @@ mod kernels {
             .map(|q| _mm256_sub_epi8(q, bias))
         }
 
+        /// Sixteen signed bytes (a `Q6_K` block's sub-block scales), each sign-extended and
+        /// broadcast to a vector of sixteen 16-bit lanes: one widening, two lane copies and one
+        /// in-lane byte shuffle per scale, instead of a scalar move and a broadcast per scale.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn broadcast_scales_i8(sc: &[i8; 16]) -> [__m256i; 16] {
+            // SAFETY: 16 readable bytes.
+            let words =
+                _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc.as_ptr() as *const __m128i) });
+            let halves = [
+                _mm256_permute2x128_si256::<0x00>(words, words),
+                _mm256_permute2x128_si256::<0x11>(words, words),
+            ];
+            std::array::from_fn(|j| {
+                let at = 2 * (j % 8) as u16;
+                _mm256_shuffle_epi8(
+                    halves[j / 8],
+                    _mm256_set1_epi16(((at + 1) << 8 | at) as i16),
+                )
+            })
+        }
+
         /// `Q6_K`: the signed weights of 32 elements in one register ([`q6_k_quarters`]), each
         /// 16-weight sub-block multiplied by its signed 8-bit scale as 16-bit integers (at most
         /// 32·128, exact), and a half's 128 products summed as exact 32-bit integers (at most
@@ -2055,17 +2107,18 @@ mod kernels {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
                 let d = blk.d.to_f32();
+                let sc = broadcast_scales_i8(&blk.scales);
                 for h in 0..2 {
                     let mut iacc = [_mm256_setzero_si256(); G];
                     for (t, q) in q6_k_quarters(blk, h).into_iter().enumerate() {
                         let (w0, w1) = (
                             _mm256_mullo_epi16(
                                 _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                                _mm256_set1_epi16(blk.scales[8 * h + 2 * t] as i16),
+                                sc[8 * h + 2 * t],
                             ),
                             _mm256_mullo_epi16(
                                 _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                                _mm256_set1_epi16(blk.scales[8 * h + 2 * t + 1] as i16),
+                                sc[8 * h + 2 * t + 1],
                             ),
                         );
                         for k in 0..G {
@@ -2703,6 +2756,23 @@ mod tests {
                         &y[r * rows..(r + 1) * rows]
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn all_k4_scales_and_minimums_at_once_equal_ggmls_one_at_a_time() {
+        let mut s = 7u64;
+        for _ in 0..20_000 {
+            let q: [u8; 12] = std::array::from_fn(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 56) as u8
+            });
+            let (sc, m) = scales_mins_k4(&q);
+            for j in 0..8 {
+                assert_eq!((sc[j], m[j]), scale_min_k4(j, &q), "{q:?} sub-block {j}");
             }
         }
     }
