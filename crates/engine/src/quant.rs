@@ -1961,7 +1961,7 @@ mod kernels {
         /// (each lane sums 32 products, at most 32·1953·32767 < 2³¹), with no reduction across
         /// lanes; per super-block and row, one `d·scale_a` FMA over the lanes and one FMA of the
         /// eight sub-blocks' minimums `−dmin·m·Σa`. `$pair` gives two sub-blocks' unsigned
-        /// weights as bytes.
+        /// weights as 16-bit integers (elements 0..16 and 16..32 of each).
         macro_rules! k_min_avx2 {
             ($name:ident, $block:ty, $pair:path) => {
                 #[target_feature(enable = "avx2,fma,f16c")]
