@@ -42,6 +42,10 @@ pub const GROUP: usize = 8;
 pub(crate) enum Layout {
     /// Signed 16-bit values, 32 per block, in element order (the AVX2 and portable kernels).
     Words,
+    /// As [`Layout::Words`], each block's 16 even elements first, then its 16 odd ones: the AVX2
+    /// K-quant kernels take a block's weights as 16-bit lanes of two bytes each and split them
+    /// into even and odd elements with a mask and shifts, instead of widening bytes (a shuffle).
+    EvenOddWords,
     /// Each 16-bit value split into a high byte and a low byte, `x = 256·hi + lo`, so that the
     /// AVX-512 VNNI kernels multiply two blocks per `vpdpbusd` and still get the exact 16-bit
     /// product. Blocks go in pairs: 64 high bytes, then 64 low bytes (see [`PairOrder`]).
@@ -74,7 +78,7 @@ pub struct QuantizedActivations {
     scales: Vec<f32>,
     /// Per block: the sum of the original values (for formats with a minimum, `Q4_1`).
     sums: Vec<f32>,
-    /// [`Layout::Words`]: `rows * blocks_per_row * 32` values.
+    /// [`Layout::Words`] and [`Layout::EvenOddWords`]: `rows * blocks_per_row * 32` values.
     values: Vec<i16>,
     /// [`Layout::BytePlanes`]: `rows * blocks_per_row * 64` bytes.
     planes: Vec<u8>,
@@ -104,7 +108,7 @@ impl QuantizedActivations {
         let mut scales = vec![0f32; n];
         let mut sums = vec![0f32; n];
         let (words_len, planes_len) = match layout {
-            Layout::Words => (n * BLOCK, 0),
+            Layout::Words | Layout::EvenOddWords => (n * BLOCK, 0),
             Layout::BytePlanes { .. } => (0, n * 64),
         };
         let mut words = vec![0i16; words_len];
@@ -128,6 +132,12 @@ impl QuantizedActivations {
                 sums[b] = dot_f32(block, &[1.0; BLOCK]);
                 match layout {
                     Layout::Words => words[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&q),
+                    Layout::EvenOddWords => {
+                        let (even, odd) = words[b * BLOCK..(b + 1) * BLOCK].split_at_mut(BLOCK / 2);
+                        for m in 0..BLOCK / 2 {
+                            (even[m], odd[m]) = (q[2 * m], q[2 * m + 1]);
+                        }
+                    }
                     Layout::BytePlanes {
                         order,
                         unsigned_high,
@@ -179,7 +189,7 @@ impl QuantizedActivations {
                 .for_each(|(x, s, m, w, p)| quantize_row(x, s, m, w, p));
         }
         let scale_sums = match layout {
-            Layout::Words => Vec::new(),
+            Layout::Words | Layout::EvenOddWords => Vec::new(),
             Layout::BytePlanes { .. } => scales
                 .iter()
                 .zip(&sums)
@@ -1209,7 +1219,8 @@ mod kernels {
     pub fn layout<B: KernelBlock>(isa: Isa) -> Layout {
         match isa {
             Isa::Avx512Vnni => B::VNNI_LAYOUT,
-            Isa::Avx2 | Isa::Portable => Layout::Words,
+            Isa::Avx2 => B::AVX2_LAYOUT,
+            Isa::Portable => Layout::Words,
         }
     }
 
@@ -1257,7 +1268,7 @@ mod kernels {
             "activations out of range"
         );
         assert!(match a.layout {
-            Layout::Words => a.values.len() == a.scales.len() * BLOCK,
+            Layout::Words | Layout::EvenOddWords => a.values.len() == a.scales.len() * BLOCK,
             Layout::BytePlanes { .. } =>
                 a.planes.len() == a.scales.len() * 64 && a.scale_sums.len() == a.scales.len() * 2,
         });
@@ -1284,6 +1295,8 @@ mod kernels {
         const WEIGHTS: usize = BLOCK;
         /// The activation layout its AVX-512 VNNI kernel reads.
         const VNNI_LAYOUT: Layout;
+        /// The activation layout its AVX2 kernel reads.
+        const AVX2_LAYOUT: Layout = Layout::Words;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self>;
         #[cfg(target_arch = "x86_64")]
@@ -1376,6 +1389,7 @@ mod kernels {
     impl KernelBlock for BlockQ4K {
         const WEIGHTS: usize = super::K_BLOCK;
         const VNNI_LAYOUT: Layout = Layout::Words;
+        const AVX2_LAYOUT: Layout = Layout::EvenOddWords;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q4_k_vnni, g)
@@ -1433,6 +1447,7 @@ mod kernels {
     impl KernelBlock for BlockQ5K {
         const WEIGHTS: usize = super::K_BLOCK;
         const VNNI_LAYOUT: Layout = Layout::Words;
+        const AVX2_LAYOUT: Layout = Layout::EvenOddWords;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q5_k_vnni, g)
@@ -1457,6 +1472,7 @@ mod kernels {
     impl KernelBlock for BlockQ6K {
         const WEIGHTS: usize = super::K_BLOCK;
         const VNNI_LAYOUT: Layout = Layout::Words;
+        const AVX2_LAYOUT: Layout = Layout::EvenOddWords;
         #[cfg(target_arch = "x86_64")]
         fn vnni(g: usize) -> TileKernel<Self> {
             tile_kernel!(x86::q6_k_vnni, g)
@@ -1914,31 +1930,44 @@ mod kernels {
         }
 
         /// The weights of sub-blocks `2·pair` and `2·pair + 1` of a `Q4_K` block as 16-bit integers,
-        /// elements 0..16 and 16..32 of each: the 32 bytes widened first, so that each 16-bit lane
-        /// holds one byte's two nibbles and one mask or one shift splits them.
+        /// the even elements and the odd ones of each ([`Layout::EvenOddWords`]): the 32 bytes read
+        /// as 16-bit lanes of two bytes, whose four nibbles a mask and shifts take apart.
+        ///
+        /// [`Layout::EvenOddWords`]: super::super::Layout::EvenOddWords
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn q4_k_pair_words16(blk: &BlockQ4K, pair: usize) -> [[__m256i; 2]; 2] {
             // SAFETY: 32 readable bytes of `qs` (`pair < 4`).
-            let [w0, w1] = unsafe {
-                let q = blk.qs.as_ptr().add(pair * 32);
-                [
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(q as *const __m128i)),
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(q.add(16) as *const __m128i)),
-                ]
-            };
+            let raw =
+                unsafe { _mm256_loadu_si256(blk.qs.as_ptr().add(pair * 32) as *const __m256i) };
             let mask = _mm256_set1_epi16(0x0F);
             [
-                [_mm256_and_si256(w0, mask), _mm256_and_si256(w1, mask)],
-                [_mm256_srli_epi16::<4>(w0), _mm256_srli_epi16::<4>(w1)],
+                [
+                    _mm256_and_si256(raw, mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<8>(raw), mask),
+                ],
+                [
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask),
+                    _mm256_srli_epi16::<12>(raw),
+                ],
             ]
         }
 
-        /// [`q5_k_pair`]'s weights as 16-bit integers, elements 0..16 and 16..32 of each.
+        /// [`q5_k_pair`]'s weights as 16-bit integers, the even elements and the odd ones of each.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn q5_k_pair_words16(blk: &BlockQ5K, pair: usize) -> [[__m256i; 2]; 2] {
-            q5_k_pair(blk, pair).map(|q| words(q, false))
+            q5_k_pair(blk, pair).map(|q| even_odd_u8(q))
+        }
+
+        /// 32 unsigned bytes as 16-bit integers: the even elements, then the odd ones.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn even_odd_u8(q: __m256i) -> [__m256i; 2] {
+            [
+                _mm256_and_si256(q, _mm256_set1_epi16(0xFF)),
+                _mm256_srli_epi16::<8>(q),
+            ]
         }
 
         /// Eight unsigned bytes (a K-quant block's sub-block scales), each broadcast to a vector of
@@ -1953,6 +1982,18 @@ mod kernels {
             })
         }
 
+        /// Eight unsigned bytes, each broadcast to a vector of eight 32-bit lanes (one in-lane
+        /// byte shuffle per scale).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn broadcast_scales_u32(sc: [u8; 8]) -> [__m256i; 8] {
+            let all = _mm256_set1_epi64x(i64::from_le_bytes(sc));
+            // Byte j into the low byte of every lane, zeros (index bit 7 set) above it.
+            std::array::from_fn(|j| {
+                _mm256_shuffle_epi8(all, _mm256_set1_epi32((0x8080_8000u32 | j as u32) as i32))
+            })
+        }
+
         /// A kernel for the K-quants with a minimum (`Q4_K`, `Q5_K`). The activations have one
         /// scale per super-block (see [`QuantizedActivations::quantize`]). Each sub-block's 32
         /// weights are widened to 16 bits and multiplied by its 6-bit scale once per block for all
@@ -1960,8 +2001,12 @@ mod kernels {
         /// products up as exact 32-bit integers in eight lanes, one `vpmaddwd` per 16 weights
         /// (each lane sums 32 products, at most 32·1953·32767 < 2³¹), with no reduction across
         /// lanes; per super-block and row, one `d·scale_a` FMA over the lanes and one FMA of the
-        /// eight sub-blocks' minimums `−dmin·m·Σa`. `$pair` gives two sub-blocks' unsigned
-        /// weights as 16-bit integers (elements 0..16 and 16..32 of each).
+        /// eight sub-blocks' minimums `−dmin·m·Σa`. With one row there is nothing to share the
+        /// scaled weights with, so each sub-block's products are scaled afterwards instead (the same
+        /// integers in the same lanes). `$pair` gives two sub-blocks' unsigned weights as 16-bit
+        /// integers, even elements and odd ones (the activations are [`Layout::EvenOddWords`]).
+        ///
+        /// [`Layout::EvenOddWords`]: super::super::Layout::EvenOddWords
         macro_rules! k_min_avx2 {
             ($name:ident, $block:ty, $pair:path) => {
                 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1988,22 +2033,40 @@ mod kernels {
                             _mm256_set1_ps(-dmin),
                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
                         );
-                        let mut weights = [[_mm256_setzero_si256(); 2]; 8];
-                        let sc = broadcast_scales_u8(sc);
-                        for pair in 0..4 {
-                            let q = $pair(blk, pair);
-                            for half in 0..2 {
-                                let j = 2 * pair + half;
-                                weights[j] = q[half].map(|v| _mm256_mullo_epi16(v, sc[j]));
-                            }
-                        }
                         let mut lanes = [_mm256_setzero_si256(); G];
-                        for j in 0..8 {
-                            for k in 0..G {
-                                let i = (r0 + k) * abpr + b * 8 + j;
-                                // SAFETY: the kernel contract (sub-block i of row r0 + k).
-                                let p = unsafe { int_product(&weights[j], values, i) };
-                                lanes[k] = _mm256_add_epi32(lanes[k], p);
+                        if G == 1 {
+                            // One row: each sub-block's products first, then its scale once on
+                            // the eight 32-bit lanes (`sc·Σqa` = `Σ(sc·q)a`, the same integers
+                            // in the same lanes), eight multiplies per super-block fewer.
+                            let sc = broadcast_scales_u32(sc);
+                            for pair in 0..4 {
+                                let q = $pair(blk, pair);
+                                for half in 0..2 {
+                                    let j = 2 * pair + half;
+                                    let i = r0 * abpr + b * 8 + j;
+                                    // SAFETY: the kernel contract (sub-block i of row r0).
+                                    let p = unsafe { int_product(&q[half], values, i) };
+                                    lanes[0] =
+                                        _mm256_add_epi32(lanes[0], _mm256_mullo_epi32(p, sc[j]));
+                                }
+                            }
+                        } else {
+                            let mut weights = [[_mm256_setzero_si256(); 2]; 8];
+                            let sc = broadcast_scales_u8(sc);
+                            for pair in 0..4 {
+                                let q = $pair(blk, pair);
+                                for half in 0..2 {
+                                    let j = 2 * pair + half;
+                                    weights[j] = q[half].map(|v| _mm256_mullo_epi16(v, sc[j]));
+                                }
+                            }
+                            for j in 0..8 {
+                                for k in 0..G {
+                                    let i = (r0 + k) * abpr + b * 8 + j;
+                                    // SAFETY: the kernel contract (sub-block i of row r0 + k).
+                                    let p = unsafe { int_product(&weights[j], values, i) };
+                                    lanes[k] = _mm256_add_epi32(lanes[k], p);
+                                }
                             }
                         }
                         for k in 0..G {
@@ -2064,12 +2127,12 @@ mod kernels {
             .map(|q| _mm256_sub_epi8(q, bias))
         }
 
-        /// Sixteen signed bytes (a `Q6_K` block's sub-block scales), each sign-extended and
-        /// broadcast to a vector of sixteen 16-bit lanes: one widening, two lane copies and one
-        /// in-lane byte shuffle per scale, instead of a scalar move and a broadcast per scale.
+        /// Sixteen signed bytes (a `Q6_K` block's sub-block scales), sign-extended to 16 bits, as
+        /// one vector per quarter `q`: scale `2q` in the eight low lanes, `2q + 1` in the eight
+        /// high ones. One widening, two lane copies and one byte shuffle per quarter.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn broadcast_scales_i8(sc: &[i8; 16]) -> [__m256i; 16] {
+        fn quarter_scales_i8(sc: &[i8; 16]) -> [__m256i; 8] {
             // SAFETY: 16 readable bytes.
             let words =
                 _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc.as_ptr() as *const __m128i) });
@@ -2077,20 +2140,25 @@ mod kernels {
                 _mm256_permute2x128_si256::<0x00>(words, words),
                 _mm256_permute2x128_si256::<0x11>(words, words),
             ];
-            std::array::from_fn(|j| {
-                let at = 2 * (j % 8) as u16;
+            // The byte pair of word `w` of a lane, in every 16-bit lane.
+            let pick = |w: u16| _mm_set1_epi16(((2 * w + 1) << 8 | 2 * w) as i16);
+            std::array::from_fn(|q| {
+                let t = (q % 4) as u16;
                 _mm256_shuffle_epi8(
-                    halves[j / 8],
-                    _mm256_set1_epi16(((at + 1) << 8 | at) as i16),
+                    halves[q / 4],
+                    _mm256_set_m128i(pick(2 * t + 1), pick(2 * t)),
                 )
             })
         }
 
-        /// `Q6_K`: the signed weights of 32 elements in one register ([`q6_k_quarters`]), each
-        /// 16-weight sub-block multiplied by its signed 8-bit scale as 16-bit integers (at most
-        /// 32·128, exact), and a half's 128 products summed as exact 32-bit integers (at most
-        /// 16·4096·32767 < 2³¹ per lane); then `d·scale_a·sum` once per half. The activations
+        /// `Q6_K`: the signed weights of 32 elements in one register ([`q6_k_quarters`]), split into
+        /// even and odd elements as 16-bit integers by shifts (the activations are
+        /// [`Layout::EvenOddWords`]), each 16-weight sub-block multiplied by its signed 8-bit scale
+        /// (at most 32·128, exact), and a half's 128 products summed as exact 32-bit integers (at
+        /// most 16·4096·32767 < 2³¹ per lane); then `d·scale_a·sum` once per half. The activations
         /// have one scale per super-block.
+        ///
+        /// [`Layout::EvenOddWords`]: super::super::Layout::EvenOddWords
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q6_k_avx2<const G: usize>(
             w: *const BlockQ6K,
@@ -2107,19 +2175,19 @@ mod kernels {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
                 let d = blk.d.to_f32();
-                let sc = broadcast_scales_i8(&blk.scales);
+                let sc = quarter_scales_i8(&blk.scales);
                 for h in 0..2 {
                     let mut iacc = [_mm256_setzero_si256(); G];
                     for (t, q) in q6_k_quarters(blk, h).into_iter().enumerate() {
+                        // Even and odd elements, sign-extended by shifts: elements 0..16 (sub-block
+                        // 2t) in the low 128 bits of each, 16..32 (2t + 1) in the high ones.
+                        let (even, odd) = (
+                            _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(q)),
+                            _mm256_srai_epi16::<8>(q),
+                        );
                         let (w0, w1) = (
-                            _mm256_mullo_epi16(
-                                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                                sc[8 * h + 2 * t],
-                            ),
-                            _mm256_mullo_epi16(
-                                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                                sc[8 * h + 2 * t + 1],
-                            ),
+                            _mm256_mullo_epi16(even, sc[4 * h + t]),
+                            _mm256_mullo_epi16(odd, sc[4 * h + t]),
                         );
                         for k in 0..G {
                             let i = (r0 + k) * abpr + b * 8 + h * 4 + t;
