@@ -2151,6 +2151,26 @@ mod kernels {
             })
         }
 
+        /// [`quarter_scales_i8`] as 32-bit lanes: per quarter `q`, scale `2q` in the four low lanes
+        /// and `2q + 1` in the four high ones. Two widenings and one lane permutation per quarter.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn quarter_scales_i32(sc: &[i8; 16]) -> [__m256i; 8] {
+            // SAFETY: 16 readable bytes.
+            let bytes = unsafe { _mm_loadu_si128(sc.as_ptr() as *const __m128i) };
+            let halves = [
+                _mm256_cvtepi8_epi32(bytes),
+                _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes)),
+            ];
+            std::array::from_fn(|q| {
+                let t = 2 * (q % 4) as i32;
+                _mm256_permutevar8x32_epi32(
+                    halves[q / 4],
+                    _mm256_setr_epi32(t, t, t, t, t + 1, t + 1, t + 1, t + 1),
+                )
+            })
+        }
+
         /// `Q6_K`: the signed weights of 32 elements in one register ([`q6_k_quarters`]), split into
         /// even and odd elements as 16-bit integers by shifts (the activations are
         /// [`Layout::EvenOddWords`]), each 16-weight sub-block multiplied by its signed 8-bit scale
@@ -2175,7 +2195,13 @@ mod kernels {
                 // SAFETY: the kernel contract (block b is in the row).
                 let blk = unsafe { &*w.add(b) };
                 let d = blk.d.to_f32();
-                let sc = quarter_scales_i8(&blk.scales);
+                // With one row, each quarter's products are scaled afterwards, as 32-bit lanes:
+                // the same integers in the same lanes, two multiplies per quarter fewer.
+                let (sc, sc32) = if G == 1 {
+                    ([_mm256_setzero_si256(); 8], quarter_scales_i32(&blk.scales))
+                } else {
+                    (quarter_scales_i8(&blk.scales), [_mm256_setzero_si256(); 8])
+                };
                 for h in 0..2 {
                     let mut iacc = [_mm256_setzero_si256(); G];
                     for (t, q) in q6_k_quarters(blk, h).into_iter().enumerate() {
@@ -2185,6 +2211,14 @@ mod kernels {
                             _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(q)),
                             _mm256_srai_epi16::<8>(q),
                         );
+                        if G == 1 {
+                            let i = r0 * abpr + b * 8 + h * 4 + t;
+                            // SAFETY: the kernel contract.
+                            let p = unsafe { int_product(&[even, odd], values, i) };
+                            iacc[0] =
+                                _mm256_add_epi32(iacc[0], _mm256_mullo_epi32(p, sc32[4 * h + t]));
+                            continue;
+                        }
                         let (w0, w1) = (
                             _mm256_mullo_epi16(even, sc[4 * h + t]),
                             _mm256_mullo_epi16(odd, sc[4 * h + t]),
